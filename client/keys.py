@@ -1,0 +1,66 @@
+"""Namespace ids and block keys: the hash chain that makes prefixes findable.
+
+Primitives: `namespace_id(...) -> bytes`, `block_keys(namespace_id, tokens, block_tokens)`,
+`chunk_key(namespace_id, tokens)`.
+
+`key_i = H(namespace, key_{i-1}, tokens_i)`: a block's key names its whole prefix, so the
+longest cached prefix of a token list is the longest run of leading keys the daemon holds.
+The client and the daemon compute keys with this same module. BLAKE2b is in the standard
+library (no extra dependency for the client) and keyed hashing binds every key to its
+namespace, so equal token runs in two namespaces never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+KEY_BYTES = 16
+_ROOT_PARENT = bytes(KEY_BYTES)
+
+
+def namespace_id(
+    tenant: str,
+    model: str,
+    layout: Sequence[int | str],
+    extra_keys: Iterable[str] = (),
+) -> bytes:
+    """A stable 16-byte id for (tenant, model fingerprint, KV layout, extra keys)."""
+    canonical = json.dumps(
+        {"tenant": tenant, "model": model, "layout": list(layout), "extra": list(extra_keys)},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=b"tierd-ns-v1").digest()
+
+
+def _token_bytes(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError("tokens must be one-dimensional")
+    return arr.astype("<i8", copy=False)
+
+
+def block_keys(
+    ns_id: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int
+) -> list[bytes]:
+    """Keys of every full block of `tokens`, in order (a partial tail block has no key)."""
+    arr = _token_bytes(tokens)
+    keys: list[bytes] = []
+    parent = _ROOT_PARENT
+    for start in range(0, len(arr) - block_tokens + 1, block_tokens):
+        h = hashlib.blake2b(parent, digest_size=KEY_BYTES, key=ns_id)
+        h.update(arr[start : start + block_tokens].tobytes())
+        parent = h.digest()
+        keys.append(parent)
+    return keys
+
+
+def chunk_key(ns_id: bytes, tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Key of a position-independent chunk: its tokens alone, no parent."""
+    h = hashlib.blake2b(b"chunk", digest_size=KEY_BYTES, key=ns_id)
+    h.update(_token_bytes(tokens).tobytes())
+    return h.digest()

@@ -1,0 +1,78 @@
+"""`tierd` command line: `serve` runs the daemon, `check-config` validates a file.
+
+Flags override the config file, which overrides the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tierd.config import Config, load_config
+from tierd.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierd", description="KV-cache tiering daemon")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--listen", action="append", metavar="ADDR",
+                       help="unix:PATH or HOST:PORT (repeatable)")
+    serve.add_argument("--data-dir", type=Path, help="catalog, NVMe tier and default socket")
+    serve.add_argument("--host-capacity", metavar="SIZE", help="host tier size, e.g. 8GiB")
+    serve.add_argument("--nvme-capacity", metavar="SIZE", help="NVMe tier size, e.g. 200GiB")
+    serve.add_argument("--nvme-path", type=Path, help="directory of the NVMe tier's data file")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    check = sub.add_parser("check-config", help="validate a config file, print the result")
+    check.add_argument("file", type=Path)
+    return p
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        "server.listen": args.listen,
+        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "host.capacity": args.host_capacity,
+        "nvme.capacity": args.nvme_capacity,
+        "nvme.path": str(args.nvme_path) if args.nvme_path else None,
+    }
+    return load_config(args.config, overrides).resolved()
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            cfg = load_config(args.file).resolved()
+            print(json.dumps(_jsonable(cfg), indent=2))
+            return 0
+        logging.basicConfig(
+            level=args.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        cfg = _config_from_args(args)
+        from tierd.server.app import serve  # grpc and the tiers load only to serve
+
+        return serve(cfg)
+    except ConfigError as e:
+        print(f"tierd: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""In-memory index: namespaces and block entries, the core's view of what is where.
+
+Primitives: `NamespaceInfo`, `BlockEntry`, `Index.get/add/remove/namespace`.
+
+The catalog (SQLite) is the durable copy; this is the one every call reads, guarded by the
+core's lock. An entry may have a host copy, an NVMe copy, or both (a block promoted from
+NVMe keeps its NVMe copy, so demoting it again costs no write).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from tierd_client.layout import KVLayout
+
+
+def layout_to_list(layout: KVLayout) -> list[int | str]:
+    """The layout as the catalog stores it and as namespace ids hash it."""
+    return [layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype,
+            layout.block_tokens]
+
+
+def layout_from_list(values: list[int | str]) -> KVLayout:
+    layers, heads, dim, dtype, tokens = values
+    return KVLayout(int(layers), int(heads), int(dim), str(dtype), int(tokens))
+
+
+@dataclass(frozen=True)
+class NamespaceInfo:
+    id: bytes
+    tenant: str
+    model: str
+    layout: KVLayout
+    extra_keys: tuple[str, ...]
+
+    @property
+    def block_bytes(self) -> int:
+        return self.layout.block_bytes
+
+
+@dataclass(eq=False)
+class BlockEntry:
+    ns: NamespaceInfo
+    key: bytes
+    nbytes: int
+    checksum: int
+    host_off: int | None = None
+    nvme_off: int | None = None
+    pinned: bool = False
+    last_access: float = 0.0
+    hits: int = 0
+    readers: int = 0  # get leases holding the host copy
+    moving: bool = False  # a demotion is writing the host copy out
+    deleted: bool = False  # removed from the index; space freed when readers reach 0
+    host_verified: bool = True  # False for host copies adopted after a restart
+    loading: Future[bool] | None = field(default=None, repr=False)  # promotion in flight
+
+    @property
+    def tier(self) -> str:
+        return "host" if self.host_off is not None else "nvme"
+
+    @property
+    def movable(self) -> bool:
+        return self.readers == 0 and not self.moving and self.loading is None and not self.deleted
+
+
+class Index:
+    def __init__(self) -> None:
+        self.namespaces: dict[bytes, NamespaceInfo] = {}
+        self._blocks: dict[tuple[bytes, bytes], BlockEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def get(self, ns_id: bytes, key: bytes) -> BlockEntry | None:
+        return self._blocks.get((ns_id, key))
+
+    def add(self, entry: BlockEntry) -> None:
+        self._blocks[(entry.ns.id, entry.key)] = entry
+
+    def remove(self, entry: BlockEntry) -> None:
+        self._blocks.pop((entry.ns.id, entry.key), None)
+
+    def entries(self) -> list[BlockEntry]:
+        return list(self._blocks.values())

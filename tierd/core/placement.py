@@ -1,0 +1,319 @@
+"""Placement: where blocks live. Demotion host -> NVMe, promotion NVMe -> host, eviction.
+
+Primitives: `Placer(service)`, `start()`, `stop()`, `kick()`,
+`allocate_host(tenant, n)` (caller holds the core lock), `make_resident(entries)` (caller
+holds reader references, not the lock).
+
+Writes land in host. A background thread keeps host occupancy under the high watermark by
+demoting the blocks the eviction policy ranks lowest until occupancy is under the low
+watermark; a block that already has an NVMe copy (it was promoted earlier) just drops its
+host copy. NVMe makes room by evicting its lowest-ranked blocks. Pinned blocks are never
+evicted, only moved; blocks with readers, or already moving, are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING
+
+from tierd.core.index import BlockEntry
+from tierd.errors import ResourceExhausted
+
+if TYPE_CHECKING:
+    from tierd.core.service import CacheService
+
+log = logging.getLogger("tierd.placement")
+
+# How long a put waits for demotion to make room before answering RESOURCE_EXHAUSTED.
+ROOM_WAIT_SECONDS = 10.0
+# Idle period of the placement thread; it is woken early whenever work appears.
+IDLE_SECONDS = 0.25
+
+
+class Placer:
+    def __init__(self, service: CacheService) -> None:
+        self.svc = service
+        self.cond = service.cond
+        self._wanted = 0  # bytes that callers are waiting for in host
+        self._passes = 0
+        self._last_pass_freed = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="tierd-placement", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def kick(self) -> None:
+        """Wake the thread if host is above its high watermark (caller holds the lock)."""
+        host = self.svc.host
+        if host.used_bytes > host.capacity * self.svc.config.host.high_watermark:
+            self.cond.notify_all()
+
+    # -- host space -----------------------------------------------------------------------
+
+    def allocate_host(self, tenant: str, nbytes: int) -> int | None:
+        """A host extent, waiting for demotion if host is full; None if nothing can move."""
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        while True:
+            offset = self.svc.host.allocate(tenant, nbytes)
+            if offset is not None or time.monotonic() >= deadline or self._stop:
+                return offset
+            self._wanted += nbytes
+            self.cond.notify_all()
+            passes = self._passes
+            while self._passes == passes and not self._stop and time.monotonic() < deadline:
+                self.cond.wait(deadline - time.monotonic())
+            self._wanted -= nbytes
+            if self._passes != passes and self._last_pass_freed == 0 and not self._any_moving():
+                return self.svc.host.allocate(tenant, nbytes)  # a pass could free nothing
+
+    def _any_moving(self) -> bool:
+        return any(e.moving for e in self.svc.index.entries())
+
+    def make_resident(self, entries: list[BlockEntry]) -> None:
+        """Bring NVMe-only blocks into host and verify host copies adopted after a restart.
+
+        Blocks whose bytes fail their checksum lose that copy (a counted corrupt read);
+        the caller then sees them without a host copy and reports a miss.
+        """
+        mine: list[tuple[BlockEntry, int | None]] = []  # (entry, staging host offset)
+        theirs: list[Future[bool]] = []
+        with self.cond:
+            for entry in entries:
+                if entry.loading is not None:
+                    theirs.append(entry.loading)
+                elif entry.host_off is None and entry.nvme_off is not None:
+                    staging = self.allocate_host(entry.ns.tenant, entry.nbytes)
+                    if staging is None:
+                        for e, off in mine:  # undo what this call started
+                            self._finish_load(e, off, ok=False, corrupt=False)
+                        raise ResourceExhausted(
+                            "host tier full: cannot stage blocks from NVMe", field="keys"
+                        )
+                    entry.loading = Future()
+                    mine.append((entry, staging))
+                elif entry.host_off is not None and not entry.host_verified:
+                    entry.loading = Future()
+                    mine.append((entry, None))
+        results = [self._load(entry, staging) for entry, staging in mine]
+        oks = [f.result() for f in results]
+        with self.cond:
+            for (entry, staging), ok in zip(mine, oks):
+                self._finish_load(entry, staging, ok=ok, corrupt=not ok)
+        for fut in theirs:
+            fut.result()
+
+    def _load(self, entry: BlockEntry, staging: int | None) -> Future[bool]:
+        """Read (or just check) a block's bytes; resolves True when the checksum matches."""
+        from tierd.core.service import checksum
+
+        svc = self.svc
+        done: Future[bool] = Future()
+        if staging is None:
+            view = svc.host.view(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
+            done.set_result(checksum(view) == entry.checksum)
+            return done
+        view = svc.host.view(entry.ns.tenant, staging, entry.nbytes)
+        io = svc.nvme.read_async(entry.nvme_off or 0, view)
+
+        def verify(f: Future[None]) -> None:
+            try:
+                f.result()
+                done.set_result(checksum(view) == entry.checksum)
+            except OSError as e:
+                log.error("NVMe read of a block failed: %s", e)
+                done.set_result(False)
+
+        io.add_done_callback(verify)
+        return done
+
+    def _finish_load(self, entry: BlockEntry, staging: int | None, *, ok: bool, corrupt: bool) -> None:
+        svc = self.svc
+        moved = False
+        if staging is None:  # verification of an adopted host copy
+            if ok:
+                entry.host_verified = True
+            else:
+                svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
+                entry.host_off = None
+                moved = True
+        elif ok and not entry.deleted:
+            entry.host_off = staging
+            entry.host_verified = True
+            svc.counters.promotions += 1
+            moved = True
+        else:
+            svc.host.free(entry.ns.tenant, staging, entry.nbytes)
+            if corrupt and entry.nvme_off is not None:
+                svc.nvme.free(entry.nvme_off, entry.nbytes)
+                entry.nvme_off = None
+                moved = True
+        if corrupt:
+            svc.counters.corrupt_reads += 1
+            log.warning("block failed its checksum; dropped that copy")
+        if moved and not entry.deleted:
+            if entry.host_off is None and entry.nvme_off is None:
+                svc.index.remove(entry)
+                entry.deleted = True
+                svc.catalog.delete_blocks([(entry.ns.id, entry.key)])
+            else:
+                svc.catalog.update_locations(
+                    [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
+                )
+        fut, entry.loading = entry.loading, None
+        if fut is not None:
+            fut.set_result(ok)
+        self.cond.notify_all()
+
+    # -- the background pass --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                if self._stop:
+                    return
+                self._reap_leases()
+                writes = self._plan_demotion()
+                if not writes:
+                    self._passes += 1
+                    self.cond.notify_all()
+                    if self._wanted == 0 or self._last_pass_freed == 0:
+                        self.cond.wait(IDLE_SECONDS)
+                    continue
+            try:
+                self._demote(writes)
+            except Exception:  # keep the daemon alive; the blocks simply stay in host
+                log.exception("demotion pass failed")
+
+    def _reap_leases(self) -> None:
+        for lease in self.svc.leases.expired():
+            log.info("lease %d expired; releasing what it held", lease.id)
+            self.svc.end_lease(lease)
+
+    def _host_goal(self) -> int:
+        """Bytes to move out of host now (0 when occupancy is fine and nobody waits)."""
+        host, cfg = self.svc.host, self.svc.config.host
+        used = host.used_bytes
+        if used <= host.capacity * cfg.high_watermark and self._wanted == 0:
+            return 0
+        return max(0, int(used - host.capacity * cfg.low_watermark) + self._wanted)
+
+    def _host_victims(self, goal: int) -> list[BlockEntry]:
+        candidates = [e for e in self.svc.index.entries() if e.host_off is not None and e.movable]
+        candidates.sort(key=self.svc.policy.priority)
+        picked, total = [], 0
+        for entry in candidates:
+            if total >= goal:
+                break
+            picked.append(entry)
+            total += entry.nbytes
+        return picked
+
+    def _plan_demotion(self) -> list[tuple[BlockEntry, int]]:
+        """Under the lock: free clean host copies now, reserve NVMe space for the rest."""
+        svc = self.svc
+        self._last_pass_freed = 0
+        goal = self._host_goal()
+        if goal == 0:
+            return []
+        writes: list[tuple[BlockEntry, int]] = []
+        moved: list[tuple[bytes, bytes, int | None, int | None]] = []
+        for entry in self._host_victims(goal):
+            if entry.nvme_off is not None:  # clean: NVMe already has these bytes
+                svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
+                entry.host_off = None
+                svc.counters.demotions += 1
+                self._last_pass_freed += entry.nbytes
+                moved.append((entry.ns.id, entry.key, None, entry.nvme_off))
+                continue
+            offset = self._allocate_nvme(entry.nbytes)
+            if offset is None:
+                if not entry.pinned:  # nowhere to demote: evict it from the cache
+                    self._evict(entry, tier="host")
+                    self._last_pass_freed += entry.nbytes
+                continue
+            entry.moving = True
+            writes.append((entry, offset))
+        svc.catalog.update_locations(moved)
+        if moved:
+            self.cond.notify_all()
+        return writes
+
+    def _demote(self, writes: list[tuple[BlockEntry, int]]) -> None:
+        svc = self.svc
+        futures = [
+            svc.nvme.write_async(offset, svc.host.view(e.ns.tenant, e.host_off or 0, e.nbytes))
+            for e, offset in writes
+        ]
+        wait(futures)
+        with self.cond:
+            moved: list[tuple[bytes, bytes, int | None, int | None]] = []
+            for (entry, offset), fut in zip(writes, futures):
+                entry.moving = False
+                if fut.exception() is not None:
+                    log.error("NVMe write failed during demotion: %s", fut.exception())
+                    svc.nvme.free(offset, entry.nbytes)
+                    continue
+                entry.nvme_off = offset
+                svc.counters.nvme.bytes_written += entry.nbytes
+                if entry.deleted:
+                    if entry.movable:
+                        svc.free_space(entry)
+                    continue
+                if entry.readers == 0:
+                    svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
+                    entry.host_off = None
+                    svc.counters.demotions += 1
+                    self._last_pass_freed += entry.nbytes
+                moved.append((entry.ns.id, entry.key, entry.host_off, entry.nvme_off))
+            svc.catalog.update_locations(moved)
+            self._passes += 1
+            self.cond.notify_all()
+
+    # -- NVMe space -----------------------------------------------------------------------
+
+    def _allocate_nvme(self, nbytes: int) -> int | None:
+        nvme = self.svc.nvme
+        offset = nvme.allocate(nbytes)
+        if offset is not None:
+            return offset
+        # Evict a batch (a few percent of the tier) so each eviction pass amortises the sort.
+        goal = max(nbytes, nvme.capacity // 32)
+        candidates = [
+            e for e in self.svc.index.entries()
+            if e.nvme_off is not None and e.movable and not (e.pinned and e.host_off is None)
+        ]  # fmt: skip
+        candidates.sort(key=self.svc.policy.priority)
+        freed = 0
+        for entry in candidates:
+            if freed >= goal:
+                break
+            freed += entry.nbytes
+            self._evict(entry, tier="nvme")
+        return nvme.allocate(nbytes)
+
+    def _evict(self, entry: BlockEntry, *, tier: str) -> None:
+        """Drop one copy; a block left with no copy leaves the cache."""
+        svc = self.svc
+        svc.counters.tier(tier).evictions += 1
+        if tier == "nvme" and entry.host_off is not None:
+            svc.nvme.free(entry.nvme_off or 0, entry.nbytes)
+            entry.nvme_off = None
+            svc.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, None)])
+            return
+        svc.index.remove(entry)
+        entry.deleted = True
+        svc.free_space(entry)
+        svc.catalog.delete_blocks([(entry.ns.id, entry.key)])

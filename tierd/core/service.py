@@ -1,0 +1,460 @@
+"""CacheService: the core. It decides; tiers store; the servicer only translates.
+
+Primitives (bookkeeping apart from data movement, as a protocol):
+  open_namespace -> lookup -> prepare_put -> (client copies) -> commit_put
+                           -> prepare_get -> (client reads)  -> release
+  put_inband / view (the in-band forms), delete, pin, unpin, stats, start, close.
+
+One condition variable guards the index, the leases and tier space; bytes move outside it
+(NVMe reads and writes, checksums), with the entries concerned marked `loading` or
+`moving` so nobody frees what is being read. Placement (demotion, NVMe eviction, lease
+reaping) runs in `tierd.core.placement` on its own thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from tierd.config import Config
+from tierd.core import validate
+from tierd.core.catalog import BlockRow, Catalog, NamespaceRow
+from tierd.core.eviction import make_policy
+from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_from_list, layout_to_list
+from tierd.core.leases import GetLease, LeaseTable, PutLease, PutSlotLease
+from tierd.core.placement import Placer
+from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
+from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.tiers.host import HostArena
+from tierd.tiers.io_backend import select_backend
+from tierd.tiers.nvme import NvmeStore
+from tierd_client.hostinfo import host_id
+from tierd_client.keys import block_keys, namespace_id
+from tierd_client.layout import KVLayout
+
+log = logging.getLogger("tierd.core")
+
+
+def checksum(buf: memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(buf)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    path: str
+    size: int
+    host_id: str
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    cached_tokens: int
+    blocks: list[tuple[bytes, str]]  # (key, tier) of each cached block, prefix order
+
+
+@dataclass(frozen=True)
+class PutSlot:
+    state: str  # "leased" | "already_present"
+    offset: int
+
+
+@dataclass(frozen=True)
+class PreparedPut:
+    lease_id: int
+    slots: list[PutSlot]
+    segment: SegmentInfo
+
+
+@dataclass(frozen=True)
+class GetSlot:
+    found: bool
+    offset: int
+    tier: str
+
+
+@dataclass(frozen=True)
+class PreparedGet:
+    lease_id: int
+    slots: list[GetSlot]
+    segment: SegmentInfo
+
+
+class InbandPut:
+    """Routes a stream of bytes (blocks in key order) into the leased host slots."""
+
+    def __init__(self, svc: CacheService, ns: NamespaceInfo, prepared: PreparedPut) -> None:
+        self._svc, self._ns, self._prepared = svc, ns, prepared
+        self._expected = len(prepared.slots) * ns.block_bytes
+        self._filled = 0
+
+    def write(self, chunk: bytes) -> None:
+        view, bb = memoryview(chunk), self._ns.block_bytes
+        if self._filled + len(view) > self._expected:
+            raise InvalidArgument(
+                f"more data than {len(self._prepared.slots)} blocks of {bb} bytes", field="data"
+            )
+        while view:
+            index, within = divmod(self._filled, bb)
+            n = min(len(view), bb - within)
+            slot = self._prepared.slots[index]
+            if slot.state == "leased":
+                dst = self._svc.host.view(self._ns.tenant, slot.offset + within, n)
+                dst[:] = view[:n]
+            view = view[n:]
+            self._filled += n
+
+    def finish(self) -> list[str]:
+        if self._filled != self._expected:
+            raise InvalidArgument(
+                f"expected {self._expected} bytes ({len(self._prepared.slots)} blocks of "
+                f"{self._ns.block_bytes}), got {self._filled}", field="data",
+            )
+        if self._prepared.lease_id:
+            self._svc.commit_put(self._prepared.lease_id)
+        return ["already_present" if s.state == "already_present" else "stored"
+                for s in self._prepared.slots]  # fmt: skip
+
+    def abort(self) -> None:
+        self._svc.release(self._prepared.lease_id)
+
+
+class CacheService:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tag = hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
+        self.catalog = Catalog(data_dir / "index.sqlite3")
+        self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
+        backend = select_backend(config.nvme.backend, direct=config.nvme.direct_io)
+        self.nvme = NvmeStore(
+            config.nvme_path,
+            config.nvme.capacity_bytes,
+            backend=backend,
+            io_threads=config.nvme.io_threads,
+            chunk_bytes=config.nvme.chunk_bytes,
+        )
+        self.index = Index()
+        self.leases = LeaseTable()
+        self.counters = Counters()
+        self.cond = threading.Condition()
+        self.policy = make_policy("lru")
+        self._host_id = host_id()
+        self._recover()
+        self.placer = Placer(self)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.placer.start()
+
+    def close(self) -> None:
+        self.placer.stop()
+        self.nvme.close()
+        self.catalog.close()
+        self.host.close()
+
+    def _recover(self) -> None:
+        """Rebuild the index from the catalog; adopt host copies whose segment survived."""
+        for row in self.catalog.namespaces():
+            layout = layout_from_list(row.layout)
+            self.index.namespaces[row.ns_id] = NamespaceInfo(
+                row.ns_id, row.tenant, row.model, layout, tuple(row.extra)
+            )
+        surviving = {ns.tenant for ns in self.index.namespaces.values()
+                     if self.host.existing_segment(ns.tenant)}
+        dropped: list[tuple[bytes, bytes]] = []
+        moved: list[tuple[bytes, bytes, int | None, int | None]] = []
+        for row in self.catalog.blocks():
+            ns = self.index.namespaces.get(row.ns_id)
+            if ns is None:
+                dropped.append((row.ns_id, row.key))
+                continue
+            host_off = row.host_off
+            if host_off is not None and not (
+                ns.tenant in surviving and self.host.reserve(ns.tenant, host_off, row.nbytes)
+            ):
+                host_off = None
+            nvme_off = row.nvme_off
+            if nvme_off is not None:
+                try:
+                    self.nvme.reserve(nvme_off, row.nbytes)
+                except ValueError:
+                    nvme_off = None
+            if host_off is None and nvme_off is None:
+                dropped.append((row.ns_id, row.key))
+                continue
+            if (host_off, nvme_off) != (row.host_off, row.nvme_off):
+                moved.append((row.ns_id, row.key, host_off, nvme_off))
+            self.index.add(BlockEntry(
+                ns, row.key, row.nbytes, row.checksum, host_off, nvme_off, row.pinned,
+                row.last_access, host_verified=host_off is None,
+            ))  # fmt: skip
+        self.catalog.delete_blocks(dropped)
+        self.catalog.update_locations(moved)
+        self.host.release_unused()
+        log.info("recovered %d blocks (%d dropped)", len(self.index), len(dropped))
+
+    # -- namespaces and lookup ------------------------------------------------------------
+
+    def open_namespace(
+        self, tenant: str, model: str, layout: KVLayout, extra_keys: Sequence[str] = ()
+    ) -> tuple[NamespaceInfo, SegmentInfo]:
+        if not tenant:
+            raise InvalidArgument("a tenant name is required", field="namespace.tenant")
+        if not model:
+            raise InvalidArgument("a model fingerprint is required", field="namespace.model")
+        if layout.block_bytes > self.host.capacity:
+            raise ResourceExhausted(
+                f"one block is {layout.block_bytes} bytes; the host tier holds "
+                f"{self.host.capacity}", field="namespace.layout",
+            )
+        ns_id = namespace_id(tenant, model, layout_to_list(layout), extra_keys)
+        with self.cond:
+            ns = self.index.namespaces.get(ns_id)
+            if ns is None:
+                ns = NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys))
+                self.catalog.upsert_namespace(
+                    NamespaceRow(ns_id, tenant, model, layout_to_list(layout), list(extra_keys))
+                )
+                self.index.namespaces[ns_id] = ns
+        return ns, self.segment_info(ns)
+
+    def namespace(self, ns_id: bytes) -> NamespaceInfo:
+        ns = self.index.namespaces.get(ns_id)
+        if ns is None:
+            raise InvalidArgument("unknown namespace; call OpenNamespace first",
+                                  field="namespace_id")
+        return ns
+
+    def segment_info(self, ns: NamespaceInfo) -> SegmentInfo:
+        seg = self.host.segment(ns.tenant)
+        return SegmentInfo(str(seg.path), seg.size, self._host_id)
+
+    def lookup(self, ns_id: bytes, tokens: Sequence[int] | np.ndarray) -> LookupResult:
+        ns = self.namespace(ns_id)
+        arr = validate.check_tokens(tokens)
+        keys = block_keys(ns.id, arr, ns.layout.block_tokens)
+        found: list[tuple[bytes, str]] = []
+        now = time.time()
+        with self.cond:
+            self.counters.lookups += 1
+            for key in keys:
+                entry = self.index.get(ns.id, key)
+                if entry is None:
+                    break
+                entry.last_access = now
+                found.append((key, entry.tier))
+            if len(found) < len(keys):
+                self.counters.misses += 1
+        return LookupResult(len(found) * ns.layout.block_tokens, found)
+
+    # -- put ------------------------------------------------------------------------------
+
+    def prepare_put(
+        self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str,
+        ttl_ms: int = 0,
+    ) -> PreparedPut:
+        ns = self.namespace(ns_id)
+        validate.check_keys(keys, self.config.leases.max_keys_per_call, unique=True)
+        validate.check_shape(ns, dims, dtype)
+        ttl = validate.check_ttl(ttl_ms, self.config.leases)
+        slots: list[PutSlot] = []
+        leased: list[PutSlotLease] = []
+        with self.cond:
+            for key in keys:
+                if self.index.get(ns.id, key) is not None:
+                    slots.append(PutSlot("already_present", 0))
+                    continue
+                offset = self.placer.allocate_host(ns.tenant, ns.block_bytes)
+                if offset is None:
+                    for slot in leased:
+                        self.host.free(ns.tenant, slot.offset, ns.block_bytes)
+                    self.cond.notify_all()
+                    raise ResourceExhausted(
+                        f"host tier full: no room for {len(keys)} blocks of {ns.block_bytes} "
+                        "bytes and nothing can be demoted", field="keys",
+                    )
+                leased.append(PutSlotLease(key, offset))
+                slots.append(PutSlot("leased", offset))
+            lease_id = 0
+            if leased:
+                lease_id = self.leases.next_id()
+                self.leases.add(PutLease(lease_id, ns, leased, time.monotonic() + ttl))
+        return PreparedPut(lease_id, slots, self.segment_info(ns))
+
+    def commit_put(self, lease_id: int) -> int:
+        with self.cond:
+            lease = self.leases.get(lease_id)
+            if not isinstance(lease, PutLease) or lease.committing:
+                raise FailedPrecondition(
+                    "no put lease with this id (expired, released or committed)", field="lease_id"
+                )
+            lease.committing = True
+        ns = lease.ns
+        sums = [checksum(self.host.view(ns.tenant, s.offset, ns.block_bytes)) for s in lease.slots]
+        now = time.time()
+        with self.cond:
+            self.leases.pop(lease_id)
+            rows: list[BlockRow] = []
+            for slot, digest in zip(lease.slots, sums):
+                if self.index.get(ns.id, slot.key) is not None:  # another client won the race
+                    self.host.free(ns.tenant, slot.offset, ns.block_bytes)
+                    continue
+                self.index.add(BlockEntry(ns, slot.key, ns.block_bytes, digest,
+                                          host_off=slot.offset, last_access=now))
+                rows.append(BlockRow(ns.id, slot.key, ns.block_bytes, digest, slot.offset, None,
+                                     False, now))
+            self.catalog.insert_blocks(rows)
+            self.counters.host.bytes_written += len(rows) * ns.block_bytes
+            self.placer.kick()
+        return len(rows)
+
+    def begin_inband_put(
+        self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str
+    ) -> InbandPut:
+        """A put whose bytes arrive in chunks; each chunk is copied straight into its slot."""
+        ns = self.namespace(ns_id)
+        return InbandPut(self, ns, self.prepare_put(ns_id, keys, dims, dtype))
+
+    # -- get ------------------------------------------------------------------------------
+
+    def prepare_get(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> PreparedGet:
+        ns = self.namespace(ns_id)
+        validate.check_keys(keys, self.config.leases.max_keys_per_call)
+        ttl = validate.check_ttl(ttl_ms, self.config.leases)
+        held: list[BlockEntry | None] = []
+        tiers: list[str] = []
+        with self.cond:
+            for key in keys:
+                entry = self.index.get(ns.id, key)
+                if entry is not None:
+                    entry.readers += 1  # from here on nothing moves or frees it
+                held.append(entry)
+                tiers.append(entry.tier if entry else "")
+        try:
+            self.placer.make_resident([e for e in held if e is not None])
+        except BaseException:
+            with self.cond:
+                for entry in held:
+                    if entry is not None:
+                        self._drop_reader(entry)
+            raise
+        slots: list[GetSlot] = []
+        now = time.time()
+        with self.cond:
+            lease = GetLease(self.leases.next_id(), ns, deadline=time.monotonic() + ttl)
+            for entry, tier in zip(held, tiers):
+                if entry is None or entry.host_off is None or entry.deleted:
+                    if entry is not None:
+                        self._drop_reader(entry)
+                    slots.append(GetSlot(False, 0, ""))
+                    self.counters.misses += 1
+                    continue
+                entry.last_access = now
+                entry.hits += 1
+                self.counters.tier(tier).hits += 1
+                self.counters.tier(tier).bytes_read += entry.nbytes
+                lease.entries.append(entry)
+                slots.append(GetSlot(True, entry.host_off, tier))
+            if lease.entries:
+                self.leases.add(lease)
+        return PreparedGet(lease.id if lease.entries else 0, slots, self.segment_info(ns))
+
+    def view(self, ns: NamespaceInfo, offset: int) -> memoryview:
+        """The bytes of a block a get lease holds (in-band gets stream from here)."""
+        return self.host.view(ns.tenant, offset, ns.block_bytes)
+
+    def release(self, lease_id: int) -> None:
+        """End a get lease, or abort an uncommitted put lease. Unknown ids are a no-op."""
+        if lease_id == 0:
+            return
+        with self.cond:
+            lease = self.leases.get(lease_id)
+            if lease is None or (isinstance(lease, PutLease) and lease.committing):
+                return
+            self.leases.pop(lease_id)
+            self.end_lease(lease)
+
+    def end_lease(self, lease: PutLease | GetLease) -> None:
+        """Undo what a lease holds; the caller holds `cond`."""
+        if isinstance(lease, PutLease):
+            for slot in lease.slots:
+                self.host.free(lease.ns.tenant, slot.offset, lease.ns.block_bytes)
+        else:
+            for entry in lease.entries:
+                self._drop_reader(entry)
+        self.cond.notify_all()
+
+    def _drop_reader(self, entry: BlockEntry) -> None:
+        entry.readers -= 1
+        if entry.deleted and entry.movable:
+            self.free_space(entry)
+
+    def free_space(self, entry: BlockEntry) -> None:
+        """Return both copies' space; the entry is already out of the index."""
+        if entry.host_off is not None:
+            self.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
+            entry.host_off = None
+        if entry.nvme_off is not None:
+            self.nvme.free(entry.nvme_off, entry.nbytes)
+            entry.nvme_off = None
+
+    # -- management -----------------------------------------------------------------------
+
+    def delete(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
+        ns = self.namespace(ns_id)
+        validate.check_keys(keys, self.config.leases.max_keys_per_call)
+        gone: list[tuple[bytes, bytes]] = []
+        with self.cond:
+            for key in keys:
+                entry = self.index.get(ns.id, key)
+                if entry is None:
+                    continue
+                self.index.remove(entry)
+                entry.deleted = True
+                if entry.movable:
+                    self.free_space(entry)
+                gone.append((ns.id, key))
+            self.catalog.delete_blocks(gone)
+            self.cond.notify_all()
+        return len(gone)
+
+    def set_pinned(self, ns_id: bytes, keys: Sequence[bytes], pinned: bool) -> int:
+        ns = self.namespace(ns_id)
+        validate.check_keys(keys, self.config.leases.max_keys_per_call)
+        changed: list[tuple[bytes, bytes]] = []
+        with self.cond:
+            for key in keys:
+                entry = self.index.get(ns.id, key)
+                if entry is not None and entry.pinned != pinned:
+                    entry.pinned = pinned
+                    changed.append((ns.id, key))
+            self.catalog.set_pinned(changed, pinned)
+        return len(changed)
+
+    def stats(self) -> StatsSnapshot:
+        with self.cond:
+            entries = self.index.entries()
+            host_blocks = sum(1 for e in entries if e.host_off is not None)
+            nvme_blocks = sum(1 for e in entries if e.nvme_off is not None)
+            c = self.counters
+            return StatsSnapshot(
+                tiers=[
+                    TierSnapshot("host", self.host.capacity, self.host.used_bytes, host_blocks,
+                                 c.host, "shm"),
+                    TierSnapshot("nvme", self.nvme.capacity, self.nvme.used_bytes, nvme_blocks,
+                                 c.nvme, self.nvme.backend_name),
+                ],
+                lookups=c.lookups, misses=c.misses, demotions=c.demotions,
+                promotions=c.promotions, corrupt_reads=c.corrupt_reads,
+                active_leases=len(self.leases), namespaces=len(self.index.namespaces),
+            )  # fmt: skip
+

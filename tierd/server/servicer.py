@@ -1,0 +1,169 @@
+"""The gRPC servicer: translates messages to core calls and results back. Nothing else.
+
+Every method is wrapped by `translate_errors`, so a domain error becomes its status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from tierd.core.service import CacheService, SegmentInfo
+from tierd.core.stats import TierSnapshot
+from tierd.errors import InvalidArgument
+from tierd.server.status import translate_errors
+from tierd_client._proto import tierd_pb2 as pb
+from tierd_client._proto import tierd_pb2_grpc as pb_grpc
+from tierd_client.layout import KVLayout, dtype_from_proto
+
+# In-band gets stream blocks in chunks of at most this size (well under the message cap).
+STREAM_CHUNK_BYTES = 4 << 20
+
+_TIER = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "": pb.TIER_UNSPECIFIED}
+
+
+def _segment(seg: SegmentInfo) -> pb.ShmSegment:
+    return pb.ShmSegment(path=seg.path, size=seg.size, host_id=seg.host_id)
+
+
+def _shape(msg: pb.BlockShape, field: str) -> tuple[list[int], str]:
+    if not msg.dims:
+        raise InvalidArgument("the blocks' shape and dtype are required", field=field)
+    try:
+        dtype = dtype_from_proto(msg.dtype)
+    except ValueError as e:
+        raise InvalidArgument(str(e), field=f"{field}.dtype") from None
+    return list(msg.dims), dtype
+
+
+def _layout(msg: pb.KVLayout) -> KVLayout:
+    try:
+        return KVLayout.from_proto(msg)
+    except ValueError as e:
+        raise InvalidArgument(str(e), field="namespace.layout") from None
+
+
+def _tier_stats(t: TierSnapshot) -> pb.TierStats:
+    return pb.TierStats(
+        tier=_TIER[t.name], capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
+        blocks=t.blocks, hits=t.counters.hits, bytes_read=t.counters.bytes_read,
+        bytes_written=t.counters.bytes_written, evictions=t.counters.evictions,
+        backend=t.backend,
+    )  # fmt: skip
+
+
+class TierdServicer(pb_grpc.TierdServicer):
+    def __init__(self, service: CacheService) -> None:
+        self.svc = service
+
+    @translate_errors
+    def OpenNamespace(self, request: pb.OpenNamespaceRequest, context: grpc.ServicerContext):
+        n = request.namespace
+        ns, seg = self.svc.open_namespace(n.tenant, n.model, _layout(n.layout), list(n.extra_keys))
+        return pb.OpenNamespaceResponse(
+            namespace_id=ns.id, block_bytes=ns.block_bytes, segment=_segment(seg)
+        )
+
+    @translate_errors
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext):
+        result = self.svc.lookup(request.namespace_id, request.tokens)
+        return pb.LookupResponse(
+            cached_tokens=result.cached_tokens,
+            blocks=[pb.BlockLocation(key=k, tier=_TIER[t]) for k, t in result.blocks],
+        )
+
+    @translate_errors
+    def PreparePut(self, request: pb.PreparePutRequest, context: grpc.ServicerContext):
+        dims, dtype = _shape(request.shape, "shape")
+        prepared = self.svc.prepare_put(
+            request.namespace_id, list(request.keys), dims, dtype, request.lease_ttl_ms
+        )
+        states = {"leased": pb.SLOT_STATE_LEASED, "already_present": pb.SLOT_STATE_ALREADY_PRESENT}
+        return pb.PreparePutResponse(
+            lease_id=prepared.lease_id,
+            slots=[pb.PutSlot(state=states[s.state], offset=s.offset) for s in prepared.slots],
+            segment=_segment(prepared.segment),
+        )
+
+    @translate_errors
+    def CommitPut(self, request: pb.CommitPutRequest, context: grpc.ServicerContext):
+        return pb.CommitPutResponse(stored=self.svc.commit_put(request.lease_id))
+
+    @translate_errors
+    def PrepareGet(self, request: pb.PrepareGetRequest, context: grpc.ServicerContext):
+        prepared = self.svc.prepare_get(
+            request.namespace_id, list(request.keys), request.lease_ttl_ms
+        )
+        return pb.PrepareGetResponse(
+            lease_id=prepared.lease_id,
+            slots=[pb.GetSlot(found=s.found, offset=s.offset, tier=_TIER[s.tier])
+                   for s in prepared.slots],
+            segment=_segment(prepared.segment),
+        )  # fmt: skip
+
+    @translate_errors
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        self.svc.release(request.lease_id)
+        return pb.ReleaseResponse()
+
+    @translate_errors
+    def Put(self, request_iterator: Iterator[pb.PutChunk], context: grpc.ServicerContext):
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("the first chunk must carry the header", field="header")
+        header = first.header
+        dims, dtype = _shape(header.shape, "header.shape")
+        writer = self.svc.begin_inband_put(header.namespace_id, list(header.keys), dims, dtype)
+        try:
+            writer.write(first.data)
+            for chunk in request_iterator:
+                if chunk.HasField("header"):
+                    raise InvalidArgument("only the first chunk may carry a header",
+                                          field="header")
+                writer.write(chunk.data)
+            results = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        codes = {"stored": pb.PUT_RESULT_STORED, "already_present": pb.PUT_RESULT_ALREADY_PRESENT}
+        return pb.PutResponse(results=[codes[r] for r in results])
+
+    @translate_errors
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext):
+        prepared = self.svc.prepare_get(request.namespace_id, list(request.keys))
+        try:
+            ns = self.svc.namespace(request.namespace_id)
+            yield pb.GetChunk(found=[s.found for s in prepared.slots], block_bytes=ns.block_bytes)
+            for slot in prepared.slots:
+                if not slot.found:
+                    continue
+                view = self.svc.view(ns, slot.offset)
+                for start in range(0, len(view), STREAM_CHUNK_BYTES):
+                    yield pb.GetChunk(data=bytes(view[start : start + STREAM_CHUNK_BYTES]))
+        finally:
+            self.svc.release(prepared.lease_id)
+
+    @translate_errors
+    def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        return pb.DeleteResponse(deleted=self.svc.delete(request.namespace_id, list(request.keys)))
+
+    @translate_errors
+    def Pin(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        changed = self.svc.set_pinned(request.namespace_id, list(request.keys), True)
+        return pb.PinResponse(changed=changed)
+
+    @translate_errors
+    def Unpin(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        changed = self.svc.set_pinned(request.namespace_id, list(request.keys), False)
+        return pb.PinResponse(changed=changed)
+
+    @translate_errors
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext):
+        s = self.svc.stats()
+        return pb.StatsResponse(
+            tiers=[_tier_stats(t) for t in s.tiers], lookups=s.lookups, misses=s.misses,
+            demotions=s.demotions, promotions=s.promotions, corrupt_reads=s.corrupt_reads,
+            active_leases=s.active_leases, namespaces=s.namespaces,
+        )  # fmt: skip
+

@@ -1,0 +1,176 @@
+"""Host tier: a shared-memory arena, one segment per tenant, bounded by one budget.
+
+Primitives: `HostArena(capacity, tag)`, `segment(tenant)`, `allocate(tenant, n) -> off | None`,
+`free(tenant, off, n)`, `reserve(tenant, off, n)`, `view(tenant, off, n) -> memoryview`,
+`release_unused()`, `used_bytes`, `capacity`, `close()`.
+
+Each tenant's segment is a file under /dev/shm with owner-only permissions, so a local
+client maps it and copies blocks in and out with one memcpy; no payload crosses gRPC. The
+files outlive the daemon process: after a crash or restart, the committed blocks the
+catalog names are still there. Segments are sparse; what counts against the budget is
+memory that holds blocks plus freed extents kept warm for reuse. When the budget is hit,
+warm extents of any tenant are released to the kernel (MADV_REMOVE) before giving up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tierd.tiers.extents import ExtentAllocator, align_up
+
+SHM_DIR = Path("/dev/shm")
+# Address space per segment, as a multiple of the budget: slack so fragmentation between
+# block sizes never makes an allocation fail while the budget still has room.
+_ADDRESS_SLACK = 2
+_SEGMENT_ALIGN = 2 << 20
+
+
+@dataclass
+class Segment:
+    tenant: str
+    path: Path
+    size: int
+    mm: mmap.mmap
+    alloc: ExtentAllocator
+
+
+def segment_name(tag: str, tenant: str) -> str:
+    tenant_hash = hashlib.blake2b(tenant.encode(), digest_size=6).hexdigest()
+    return f"tierd.{tag}.{tenant_hash}"
+
+
+class HostArena:
+    def __init__(self, capacity: int, tag: str, *, shm_dir: Path = SHM_DIR, pin: bool = False):
+        self.capacity = capacity
+        self.tag = tag
+        self._dir = shm_dir
+        self._pin = pin
+        self._segments: dict[str, Segment] = {}
+        self._lock = threading.Lock()
+
+    # -- segments ---------------------------------------------------------------------
+
+    def segment(self, tenant: str) -> Segment:
+        with self._lock:
+            seg = self._segments.get(tenant)
+            if seg is None:
+                seg = self._open_segment(tenant)
+                self._segments[tenant] = seg
+            return seg
+
+    def _open_segment(self, tenant: str) -> Segment:
+        path = self._dir / segment_name(self.tag, tenant)
+        want = align_up(max(self.capacity * _ADDRESS_SLACK, _SEGMENT_ALIGN), _SEGMENT_ALIGN)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            size = max(os.fstat(fd).st_size, want)
+            os.ftruncate(fd, size)  # sparse: no memory is used until written
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        if self._pin:
+            _cuda_host_register(mm, size)
+        return Segment(tenant, path, size, mm, ExtentAllocator(size))
+
+    def segments(self) -> list[Segment]:
+        with self._lock:
+            return list(self._segments.values())
+
+    # -- space ------------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes holding blocks (what occupancy and watermarks are measured on)."""
+        return sum(s.alloc.used_bytes for s in self.segments())
+
+    def _resident_bytes(self) -> int:
+        return sum(s.alloc.used_bytes + s.alloc.cached_free_bytes for s in self._segments.values())
+
+    def can_allocate(self, nbytes: int) -> bool:
+        return self.used_bytes + align_up(nbytes, 4096) <= self.capacity
+
+    def allocate(self, tenant: str, nbytes: int) -> int | None:
+        seg = self.segment(tenant)
+        with self._lock:
+            size = seg.alloc.extent_bytes(nbytes)
+            if sum(s.alloc.used_bytes for s in self._segments.values()) + size > self.capacity:
+                return None
+            if self._resident_bytes() + size > self.capacity:
+                self._release_warm(size, keep=seg)
+            return seg.alloc.allocate(nbytes)
+
+    def _release_warm(self, need: int, keep: Segment) -> None:
+        # Other tenants' warm extents go first; this tenant's may be reused as they are.
+        for seg in sorted(self._segments.values(), key=lambda s: s is keep):
+            if self._resident_bytes() + need <= self.capacity:
+                return
+            for off, length in seg.alloc.drain_cached():
+                seg.mm.madvise(mmap.MADV_REMOVE, off, length)
+
+    def free(self, tenant: str, offset: int, nbytes: int) -> None:
+        seg = self.segment(tenant)
+        with self._lock:
+            seg.alloc.free(offset, nbytes)
+
+    def reserve(self, tenant: str, offset: int, nbytes: int) -> bool:
+        """Re-adopt a block found in a surviving segment; False if it cannot be there."""
+        seg = self.segment(tenant)
+        with self._lock:
+            if offset + nbytes > seg.size:
+                return False
+            try:
+                seg.alloc.reserve(offset, nbytes)
+            except ValueError:
+                return False
+            return True
+
+    def release_unused(self) -> None:
+        """Give back the pages of every free extent (left over from an earlier process)."""
+        with self._lock:
+            for seg in self._segments.values():
+                for off, length in seg.alloc.free_extents():
+                    seg.mm.madvise(mmap.MADV_REMOVE, off, length)
+
+    def existing_segment(self, tenant: str) -> bool:
+        return (self._dir / segment_name(self.tag, tenant)).exists()
+
+    def view(self, tenant: str, offset: int, nbytes: int) -> memoryview:
+        seg = self.segment(tenant)
+        return memoryview(seg.mm)[offset : offset + nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            for seg in self._segments.values():
+                try:
+                    seg.mm.close()
+                except BufferError:
+                    pass  # a view is still exported; the mapping goes with the process
+            self._segments.clear()
+
+    def destroy(self) -> None:
+        """Remove the segment files (tests, and `tierd` data wipes)."""
+        paths = [s.path for s in self.segments()]
+        self.close()
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+
+def _cuda_host_register(mm: mmap.mmap, size: int) -> None:
+    """Page-lock the segment for fast H2D/D2H copies where CUDA exists; no-op elsewhere."""
+    try:
+        import ctypes
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        torch.cuda.cudart().cudaHostRegister(addr, size, 0)
+    except Exception:  # pinning is an optimisation; an unpinned arena still works
+        return
