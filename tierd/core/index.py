@@ -61,8 +61,13 @@ class BlockEntry:
         return "host" if self.host_off is not None else "nvme"
 
     @property
+    def idle(self) -> bool:
+        """Nobody reads, writes or loads its bytes: its space may be freed."""
+        return self.readers == 0 and not self.moving and self.loading is None
+
+    @property
     def movable(self) -> bool:
-        return self.readers == 0 and not self.moving and self.loading is None and not self.deleted
+        return self.idle and not self.deleted
 
 
 class Index:

@@ -55,6 +55,14 @@ class Placer:
         if self._thread.is_alive():
             self._thread.join()
 
+    def settle(self, timeout: float) -> bool:
+        """Wait until host is under its watermarks and nothing is moving (drain, tests)."""
+        with self.cond:
+            self.cond.notify_all()
+            return self.cond.wait_for(
+                lambda: self._host_goal() == 0 and not self._any_moving(), timeout
+            )
+
     def kick(self) -> None:
         """Wake the thread if host is above its high watermark (caller holds the lock)."""
         host = self.svc.host
@@ -197,8 +205,8 @@ class Placer:
             except Exception:  # keep the daemon alive; the blocks simply stay in host
                 log.exception("demotion pass failed")
 
-    def _reap_leases(self) -> None:
-        for lease in self.svc.leases.expired():
+    def _reap_leases(self, now: float | None = None) -> None:
+        for lease in self.svc.leases.expired(now):
             log.info("lease %d expired; releasing what it held", lease.id)
             self.svc.end_lease(lease)
 
@@ -269,7 +277,7 @@ class Placer:
                 entry.nvme_off = offset
                 svc.counters.nvme.bytes_written += entry.nbytes
                 if entry.deleted:
-                    if entry.movable:
+                    if entry.idle:
                         svc.free_space(entry)
                     continue
                 if entry.readers == 0:

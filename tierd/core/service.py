@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import xxhash
@@ -395,7 +395,7 @@ class CacheService:
 
     def _drop_reader(self, entry: BlockEntry) -> None:
         entry.readers -= 1
-        if entry.deleted and entry.movable:
+        if entry.deleted and entry.idle:
             self.free_space(entry)
 
     def free_space(self, entry: BlockEntry) -> None:
@@ -420,7 +420,7 @@ class CacheService:
                     continue
                 self.index.remove(entry)
                 entry.deleted = True
-                if entry.movable:
+                if entry.idle:
                     self.free_space(entry)
                 gone.append((ns.id, key))
             self.catalog.delete_blocks(gone)
@@ -449,9 +449,9 @@ class CacheService:
             return StatsSnapshot(
                 tiers=[
                     TierSnapshot("host", self.host.capacity, self.host.used_bytes, host_blocks,
-                                 c.host, "shm"),
+                                 replace(c.host), "shm"),
                     TierSnapshot("nvme", self.nvme.capacity, self.nvme.used_bytes, nvme_blocks,
-                                 c.nvme, self.nvme.backend_name),
+                                 replace(c.nvme), self.nvme.backend_name),
                 ],
                 lookups=c.lookups, misses=c.misses, demotions=c.demotions,
                 promotions=c.promotions, corrupt_reads=c.corrupt_reads,
