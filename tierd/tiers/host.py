@@ -51,6 +51,7 @@ class HostArena:
         self._dir = shm_dir
         self._pin = pin
         self._segments: dict[str, Segment] = {}
+        self._paths: set[Path] = set()  # every segment file opened, for destroy()
         self._lock = threading.Lock()
 
     # -- segments ---------------------------------------------------------------------
@@ -61,6 +62,7 @@ class HostArena:
             if seg is None:
                 seg = self._open_segment(tenant)
                 self._segments[tenant] = seg
+                self._paths.add(seg.path)
             return seg
 
     def _open_segment(self, tenant: str) -> Segment:
@@ -155,9 +157,8 @@ class HostArena:
 
     def destroy(self) -> None:
         """Remove the segment files (tests, and `tierd` data wipes)."""
-        paths = [s.path for s in self.segments()]
         self.close()
-        for p in paths:
+        for p in self._paths:
             p.unlink(missing_ok=True)
 
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment (.venv) and install what it needs.
+# Sourced by tools/run.sh and tools/test.sh; safe to run again (a stamp skips the install
+# when pyproject.toml has not changed).
+set -euo pipefail
+
+TIERD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$TIERD_ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.tierd-installed"
+want="$(sha256sum "$TIERD_ROOT/pyproject.toml" | cut -d' ' -f1)-${1:-run}"
+if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
+  # torch first and pinned: an unpinned torch pulls the CUDA build (several GB).
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
+  extras="."
+  [ "${1:-run}" = "test" ] && extras=".[dev]"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$TIERD_ROOT/$extras" \
+    2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -c "import tierd, tierd_client" >/dev/null
+  echo "$want" >> "$stamp"
+fi
