@@ -328,3 +328,95 @@ class StatsResponse(_message.Message):
     active_leases: int
     namespaces: int
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookups: _Optional[int] = ..., misses: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt_reads: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OpenSequenceRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "ttl_ms")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_ms: int
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class OpenSequenceResponse(_message.Message):
+    __slots__ = ("sequence_id", "cached_tokens")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    cached_tokens: int
+    def __init__(self, sequence_id: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class CloseSequenceRequest(_message.Message):
+    __slots__ = ("sequence_id",)
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    def __init__(self, sequence_id: _Optional[int] = ...) -> None: ...
+
+class CloseSequenceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttendItem(_message.Message):
+    __slots__ = ("sequence_id", "layer", "q", "k_new", "v_new", "new_tokens", "scale")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    K_NEW_FIELD_NUMBER: _ClassVar[int]
+    V_NEW_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    layer: int
+    q: Tensor
+    k_new: Tensor
+    v_new: Tensor
+    new_tokens: _containers.RepeatedScalarFieldContainer[int]
+    scale: float
+    def __init__(self, sequence_id: _Optional[int] = ..., layer: _Optional[int] = ..., q: _Optional[_Union[Tensor, _Mapping]] = ..., k_new: _Optional[_Union[Tensor, _Mapping]] = ..., v_new: _Optional[_Union[Tensor, _Mapping]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class AttendRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[AttendItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[AttendItem, _Mapping]]] = ...) -> None: ...
+
+class AttendResult(_message.Message):
+    __slots__ = ("out", "lse")
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    LSE_FIELD_NUMBER: _ClassVar[int]
+    out: Tensor
+    lse: Tensor
+    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AttendResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AttendResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AttendResult, _Mapping]]] = ...) -> None: ...
+
+class MoveRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "tier")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    tier: Tier
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+
+class MoveResponse(_message.Message):
+    __slots__ = ("moved",)
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    moved: int
+    def __init__(self, moved: _Optional[int] = ...) -> None: ...

@@ -94,6 +94,31 @@ class TierdStub:
                 request_serializer=tierd_dot_v1_dot_tierd__pb2.StatsRequest.SerializeToString,
                 response_deserializer=tierd_dot_v1_dot_tierd__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.OpenSequence = channel.unary_unary(
+                '/tierd.v1.Tierd/OpenSequence',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.OpenSequenceRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.OpenSequenceResponse.FromString,
+                _registered_method=True)
+        self.CloseSequence = channel.unary_unary(
+                '/tierd.v1.Tierd/CloseSequence',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.CloseSequenceRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.CloseSequenceResponse.FromString,
+                _registered_method=True)
+        self.Attend = channel.unary_unary(
+                '/tierd.v1.Tierd/Attend',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.AttendRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.AttendResponse.FromString,
+                _registered_method=True)
+        self.AttendStream = channel.stream_stream(
+                '/tierd.v1.Tierd/AttendStream',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.AttendRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.AttendResponse.FromString,
+                _registered_method=True)
+        self.Move = channel.unary_unary(
+                '/tierd.v1.Tierd/Move',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.MoveRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.MoveResponse.FromString,
+                _registered_method=True)
 
 
 class TierdServicer:
@@ -171,6 +196,37 @@ class TierdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSequence(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSequence(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttendStream(self, request_iterator, context):
+        """One request in, one response out, in order: per-step overhead of a unary call saved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Move(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TierdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +289,31 @@ def add_TierdServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=tierd_dot_v1_dot_tierd__pb2.StatsRequest.FromString,
                     response_serializer=tierd_dot_v1_dot_tierd__pb2.StatsResponse.SerializeToString,
+            ),
+            'OpenSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSequence,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.OpenSequenceRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.OpenSequenceResponse.SerializeToString,
+            ),
+            'CloseSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSequence,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.CloseSequenceRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.CloseSequenceResponse.SerializeToString,
+            ),
+            'Attend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attend,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.AttendRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.AttendResponse.SerializeToString,
+            ),
+            'AttendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttendStream,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.AttendRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.AttendResponse.SerializeToString,
+            ),
+            'Move': grpc.unary_unary_rpc_method_handler(
+                    servicer.Move,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.MoveRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.MoveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +640,141 @@ class Tierd:
             '/tierd.v1.Tierd/Stats',
             tierd_dot_v1_dot_tierd__pb2.StatsRequest.SerializeToString,
             tierd_dot_v1_dot_tierd__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/OpenSequence',
+            tierd_dot_v1_dot_tierd__pb2.OpenSequenceRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.OpenSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/CloseSequence',
+            tierd_dot_v1_dot_tierd__pb2.CloseSequenceRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.CloseSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/Attend',
+            tierd_dot_v1_dot_tierd__pb2.AttendRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.AttendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tierd.v1.Tierd/AttendStream',
+            tierd_dot_v1_dot_tierd__pb2.AttendRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.AttendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Move(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/Move',
+            tierd_dot_v1_dot_tierd__pb2.MoveRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.MoveResponse.FromString,
             options,
             channel_credentials,
             insecure,
