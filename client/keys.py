@@ -44,17 +44,22 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype("<i8", copy=False)
 
 
-def block_keys(
-    ns_id: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int
-) -> list[bytes]:
+def next_block_key(
+    ns_id: bytes, parent: bytes | None, tokens: Sequence[int] | np.ndarray
+) -> bytes:
+    """Key of the block holding `tokens` right after the block keyed `parent` (None: first)."""
+    h = hashlib.blake2b(parent or _ROOT_PARENT, digest_size=KEY_BYTES, key=ns_id)
+    h.update(_token_bytes(tokens).tobytes())
+    return h.digest()
+
+
+def block_keys(ns_id: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int) -> list[bytes]:
     """Keys of every full block of `tokens`, in order (a partial tail block has no key)."""
     arr = _token_bytes(tokens)
     keys: list[bytes] = []
-    parent = _ROOT_PARENT
+    parent: bytes | None = None
     for start in range(0, len(arr) - block_tokens + 1, block_tokens):
-        h = hashlib.blake2b(parent, digest_size=KEY_BYTES, key=ns_id)
-        h.update(arr[start : start + block_tokens].tobytes())
-        parent = h.digest()
+        parent = next_block_key(ns_id, parent, arr[start : start + block_tokens])
         keys.append(parent)
     return keys
 

@@ -172,8 +172,7 @@ def test_expired_leases_return_their_memory(harness: Harness) -> None:
     svc.prepare_put(ns, keys_for(ns, 4, seed=2), LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
     held = svc.prepare_get(ns, keys_for(ns, 2, seed=1), ttl_ms=1)
     assert svc.host.used_bytes == used + 4 * BB
-    with svc.cond:
-        svc.placer._reap_leases(now=float("inf"))
+    svc.reap(now=float("inf"))
     assert svc.host.used_bytes == used
     assert all(e.readers == 0 for e in svc.index.entries())
     with pytest.raises(FailedPrecondition):

@@ -47,6 +47,7 @@ class BlockEntry:
     checksum: int
     host_off: int | None = None
     nvme_off: int | None = None
+    csd: str | None = None  # name of the CSD worker holding a copy
     pinned: bool = False
     last_access: float = 0.0
     hits: int = 0
@@ -58,7 +59,9 @@ class BlockEntry:
 
     @property
     def tier(self) -> str:
-        return "host" if self.host_off is not None else "nvme"
+        if self.host_off is not None:
+            return "host"
+        return "nvme" if self.nvme_off is not None else "csd"
 
     @property
     def idle(self) -> bool:

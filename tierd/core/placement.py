@@ -90,8 +90,10 @@ class Placer:
     def _any_moving(self) -> bool:
         return any(e.moving for e in self.svc.index.entries())
 
-    def make_resident(self, entries: list[BlockEntry]) -> None:
+    def make_resident(self, entries: list[BlockEntry], *, promote: bool = True) -> None:
         """Bring NVMe-only blocks into host and verify host copies adopted after a restart.
+
+        With promote=False only the verification happens (attend reads NVMe in place).
 
         Blocks whose bytes fail their checksum lose that copy (a counted corrupt read);
         the caller then sees them without a host copy and reports a miss.
@@ -102,7 +104,7 @@ class Placer:
             for entry in entries:
                 if entry.loading is not None:
                     theirs.append(entry.loading)
-                elif entry.host_off is None and entry.nvme_off is not None:
+                elif promote and entry.host_off is None and entry.nvme_off is not None:
                     staging = self.allocate_host(entry.ns.tenant, entry.nbytes)
                     if staging is None:
                         for e, off in mine:  # undo what this call started
@@ -189,10 +191,10 @@ class Placer:
 
     def _run(self) -> None:
         while True:
+            self.svc.reap()
             with self.cond:
                 if self._stop:
                     return
-                self._reap_leases()
                 writes = self._plan_demotion()
                 if not writes:
                     self._passes += 1
@@ -204,11 +206,6 @@ class Placer:
                 self._demote(writes)
             except Exception:  # keep the daemon alive; the blocks simply stay in host
                 log.exception("demotion pass failed")
-
-    def _reap_leases(self, now: float | None = None) -> None:
-        for lease in self.svc.leases.expired(now):
-            log.info("lease %d expired; releasing what it held", lease.id)
-            self.svc.end_lease(lease)
 
     def _host_goal(self) -> int:
         """Bytes to move out of host now (0 when occupancy is fine and nobody waits)."""

@@ -18,111 +18,45 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
+from tierd_client.hostinfo import host_id
+from tierd_client.keys import block_keys, namespace_id
+from tierd_client.layout import KVLayout
 
 from tierd.config import Config
 from tierd.core import validate
 from tierd.core.catalog import BlockRow, Catalog, NamespaceRow
 from tierd.core.eviction import make_policy
+from tierd.core.inband import InbandPut
 from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_from_list, layout_to_list
 from tierd.core.leases import GetLease, LeaseTable, PutLease, PutSlotLease
 from tierd.core.placement import Placer
+from tierd.core.results import (
+    GetSlot,
+    LookupResult,
+    PreparedGet,
+    PreparedPut,
+    PutSlot,
+    SegmentInfo,
+)
 from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from tierd.tiers.host import HostArena
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
-from tierd_client.hostinfo import host_id
-from tierd_client.keys import block_keys, namespace_id
-from tierd_client.layout import KVLayout
+
+if TYPE_CHECKING:
+    from tierd.attention.attend import AttendService
 
 log = logging.getLogger("tierd.core")
 
 
 def checksum(buf: memoryview) -> int:
     return xxhash.xxh3_64_intdigest(buf)
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    path: str
-    size: int
-    host_id: str
-
-
-@dataclass(frozen=True)
-class LookupResult:
-    cached_tokens: int
-    blocks: list[tuple[bytes, str]]  # (key, tier) of each cached block, prefix order
-
-
-@dataclass(frozen=True)
-class PutSlot:
-    state: str  # "leased" | "already_present"
-    offset: int
-
-
-@dataclass(frozen=True)
-class PreparedPut:
-    lease_id: int
-    slots: list[PutSlot]
-    segment: SegmentInfo
-
-
-@dataclass(frozen=True)
-class GetSlot:
-    found: bool
-    offset: int
-    tier: str
-
-
-@dataclass(frozen=True)
-class PreparedGet:
-    lease_id: int
-    slots: list[GetSlot]
-    segment: SegmentInfo
-
-
-class InbandPut:
-    """Routes a stream of bytes (blocks in key order) into the leased host slots."""
-
-    def __init__(self, svc: CacheService, ns: NamespaceInfo, prepared: PreparedPut) -> None:
-        self._svc, self._ns, self._prepared = svc, ns, prepared
-        self._expected = len(prepared.slots) * ns.block_bytes
-        self._filled = 0
-
-    def write(self, chunk: bytes) -> None:
-        view, bb = memoryview(chunk), self._ns.block_bytes
-        if self._filled + len(view) > self._expected:
-            raise InvalidArgument(
-                f"more data than {len(self._prepared.slots)} blocks of {bb} bytes", field="data"
-            )
-        while view:
-            index, within = divmod(self._filled, bb)
-            n = min(len(view), bb - within)
-            slot = self._prepared.slots[index]
-            if slot.state == "leased":
-                dst = self._svc.host.view(self._ns.tenant, slot.offset + within, n)
-                dst[:] = view[:n]
-            view = view[n:]
-            self._filled += n
-
-    def finish(self) -> list[str]:
-        if self._filled != self._expected:
-            raise InvalidArgument(
-                f"expected {self._expected} bytes ({len(self._prepared.slots)} blocks of "
-                f"{self._ns.block_bytes}), got {self._filled}", field="data",
-            )
-        if self._prepared.lease_id:
-            self._svc.commit_put(self._prepared.lease_id)
-        return ["already_present" if s.state == "already_present" else "stored"
-                for s in self._prepared.slots]  # fmt: skip
-
-    def abort(self) -> None:
-        self._svc.release(self._prepared.lease_id)
 
 
 class CacheService:
@@ -147,15 +81,30 @@ class CacheService:
         self.cond = threading.Condition()
         self.policy = make_policy("lru")
         self._host_id = host_id()
+        self.csd = None  # CsdPool when workers are configured
         self._recover()
         self.placer = Placer(self)
+        self._attend: AttendService | None = None
+        self._attend_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
         self.placer.start()
 
+    @property
+    def attend(self) -> AttendService:
+        """Sequences and attention; built on first use, since it needs torch (slow import)."""
+        with self._attend_lock:
+            if self._attend is None:
+                from tierd.attention.attend import AttendService
+
+                self._attend = AttendService(self)
+            return self._attend
+
     def close(self) -> None:
+        if self._attend is not None:
+            self._attend.close()
         self.placer.stop()
         self.nvme.close()
         self.catalog.close()
@@ -317,6 +266,40 @@ class CacheService:
             self.placer.kick()
         return len(rows)
 
+    def store_block(self, ns: NamespaceInfo, key: bytes, data: memoryview) -> BlockEntry | None:
+        """Cache one block made inside the daemon (a sealed tail), held for the caller.
+
+        Returns the entry with a reader reference taken, or None when host has no room.
+        """
+        digest = checksum(data)
+        now = time.time()
+        with self.cond:
+            entry = self.index.get(ns.id, key)
+            if entry is None:
+                offset = self.placer.allocate_host(ns.tenant, ns.block_bytes)
+                if offset is None:
+                    return None
+                self.host.view(ns.tenant, offset, ns.block_bytes)[:] = data
+                entry = BlockEntry(ns, key, ns.block_bytes, digest, host_off=offset,
+                                   last_access=now)
+                self.index.add(entry)
+                self.catalog.insert_blocks(
+                    [BlockRow(ns.id, key, ns.block_bytes, digest, offset, None, False, now)]
+                )
+                self.placer.kick()
+            entry.readers += 1
+            return entry
+
+    def reap(self, now: float | None = None) -> None:
+        """Expire leases and idle sequences (the placement thread calls this each pass)."""
+        now = time.monotonic() if now is None else now
+        with self.cond:
+            for lease in self.leases.expired(now):
+                log.info("lease %d expired; releasing what it held", lease.id)
+                self.end_lease(lease)
+        if self._attend is not None:
+            self._attend.reap(now)
+
     def begin_inband_put(
         self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str
     ) -> InbandPut:
@@ -345,7 +328,7 @@ class CacheService:
             with self.cond:
                 for entry in held:
                     if entry is not None:
-                        self._drop_reader(entry)
+                        self.drop_reader(entry)
             raise
         slots: list[GetSlot] = []
         now = time.time()
@@ -354,7 +337,7 @@ class CacheService:
             for entry, tier in zip(held, tiers):
                 if entry is None or entry.host_off is None or entry.deleted:
                     if entry is not None:
-                        self._drop_reader(entry)
+                        self.drop_reader(entry)
                     slots.append(GetSlot(False, 0, ""))
                     self.counters.misses += 1
                     continue
@@ -390,10 +373,10 @@ class CacheService:
                 self.host.free(lease.ns.tenant, slot.offset, lease.ns.block_bytes)
         else:
             for entry in lease.entries:
-                self._drop_reader(entry)
+                self.drop_reader(entry)
         self.cond.notify_all()
 
-    def _drop_reader(self, entry: BlockEntry) -> None:
+    def drop_reader(self, entry: BlockEntry) -> None:
         entry.readers -= 1
         if entry.deleted and entry.idle:
             self.free_space(entry)

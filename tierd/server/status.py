@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
+from tierd_client.status import FIELD_METADATA_KEY, status_of
 
 from tierd.errors import Internal, InvalidArgument, TierdError
-from tierd_client.status import FIELD_METADATA_KEY, status_of
 
 log = logging.getLogger("tierd.server")
 
@@ -45,7 +45,7 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 yield from method(self, request, context)
-            except Exception as exc:  # noqa: BLE001 - every failure must become a status
+            except Exception as exc:
                 if isinstance(exc, grpc.RpcError) or context.code() is not None:
                     raise
                 abort(context, _as_tierd_error(exc))
@@ -56,7 +56,7 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if isinstance(exc, grpc.RpcError) or context.code() is not None:
                 raise
             abort(context, _as_tierd_error(exc))

@@ -1,0 +1,154 @@
+"""AttendService: sequences and the Attend call, on top of the core's blocks.
+
+Primitives: `open_sequence(ns_id, keys, ttl_ms) -> (id, cached_tokens)`,
+`close_sequence(id)`, `attend(calls) -> [(out, lse)]`, `reap(now)`, `close()`.
+
+A sequence holds a reader reference on each of its blocks, so nothing it attends over is
+moved or evicted while it lives; closing it (or its idle timeout) lets go. After each
+call the tail is sealed into keyed blocks once every layer has a full block, so a later
+request with the same prefix finds them by lookup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tierd_client.keys import next_block_key
+
+from tierd.attention.engine import AttentionEngine
+from tierd.attention.sequences import Sequence, SequenceTable
+from tierd.core import validate
+from tierd.core.index import BlockEntry
+from tierd.errors import FailedPrecondition, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from tierd.core.service import CacheService
+
+SEQUENCE_DEFAULT_TTL_S = 300.0
+
+
+@dataclass(frozen=True)
+class AttendCall:
+    sequence_id: int
+    layer: int
+    q: torch.Tensor  # [q_tokens, heads, dim]
+    k_new: torch.Tensor | None = None  # [kv_heads, n, dim]
+    v_new: torch.Tensor | None = None
+    new_tokens: tuple[int, ...] = ()
+    scale: float | None = None
+
+
+class AttendService:
+    def __init__(self, service: CacheService) -> None:
+        self.svc = service
+        self.sequences = SequenceTable()
+        self.engine = AttentionEngine(service)
+
+    def close(self) -> None:
+        for seq in self.sequences.expired(now=math.inf):
+            self._release(seq)
+        self.engine.close()
+
+    # -- sequences --------------------------------------------------------------------
+
+    def open_sequence(self, ns_id: bytes, keys: Seq[bytes], ttl_ms: int = 0) -> tuple[int, int]:
+        svc = self.svc
+        ns = svc.namespace(ns_id)
+        validate.check_keys(keys, svc.config.leases.max_keys_per_call)
+        ttl = ttl_ms / 1000.0 if ttl_ms else SEQUENCE_DEFAULT_TTL_S
+        held: list[BlockEntry] = []
+        with svc.cond:
+            for i, key in enumerate(keys):
+                entry = svc.index.get(ns.id, key)
+                if entry is None:
+                    for e in held:
+                        svc.drop_reader(e)
+                    raise FailedPrecondition("block is not cached", field=f"keys[{i}]")
+                entry.readers += 1
+                held.append(entry)
+        # Host copies adopted after a restart are checked once before anyone attends.
+        svc.placer.make_resident(held, promote=False)
+        lost = [i for i, e in enumerate(held) if e.deleted]
+        if lost:
+            with svc.cond:
+                for e in held:
+                    svc.drop_reader(e)
+            raise FailedPrecondition("block failed its checksum", field=f"keys[{lost[0]}]")
+        seq = Sequence(self.sequences.next_id(), ns, held, keys[-1] if keys else b"", ttl)
+        self.sequences.add(seq)
+        return seq.id, seq.block_tokens_cached
+
+    def close_sequence(self, seq_id: int) -> None:
+        seq = self.sequences.pop(seq_id)
+        if seq is None:
+            raise NotFound("no such sequence (closed or expired)", field="sequence_id")
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        with seq.lock, self.svc.cond:
+            for entry in seq.blocks:
+                self.svc.drop_reader(entry)
+            seq.blocks.clear()
+
+    def reap(self, now: float) -> None:
+        for seq in self.sequences.expired(now):
+            self._release(seq)
+
+    # -- attend -----------------------------------------------------------------------
+
+    def attend(self, calls: Seq[AttendCall]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        results = []
+        for i, call in enumerate(calls):
+            seq = self.sequences.get(call.sequence_id)
+            if seq is None:
+                raise NotFound("no such sequence (closed or expired)",
+                               field=f"items[{i}].sequence_id")
+            with seq.lock:
+                seq.touch()
+                self._check(seq, call, i)
+                if call.k_new is not None and call.v_new is not None:
+                    seq.append(call.layer, call.k_new, call.v_new, list(call.new_tokens))
+                q_tokens = call.q.shape[0]
+                if q_tokens > 1 and q_tokens > seq.tail_len(call.layer):
+                    raise InvalidArgument(
+                        "a multi-token query must be the tokens appended with it",
+                        field=f"items[{i}].q",
+                    )
+                results.append(self.engine.attend(seq, call.layer, call.q.float(), call.scale))
+                if seq.sealable():
+                    self._seal(seq)
+        return results
+
+    def _check(self, seq: Sequence, call: AttendCall, i: int) -> None:
+        lay = seq.ns.layout
+        if not 0 <= call.layer < lay.num_layers:
+            raise InvalidArgument(f"must be in [0, {lay.num_layers})", field=f"items[{i}].layer")
+        q = call.q
+        if q.dim() != 3 or q.shape[2] != lay.head_dim or q.shape[1] % lay.num_kv_heads:
+            raise InvalidArgument(
+                f"expected [q_tokens, heads (a multiple of {lay.num_kv_heads}), "
+                f"{lay.head_dim}], got {list(q.shape)}", field=f"items[{i}].q",
+            )
+        if q.shape[0] == 0:
+            raise InvalidArgument("at least one query token", field=f"items[{i}].q")
+        if (call.k_new is None) != (call.v_new is None):
+            raise InvalidArgument("k_new and v_new come together", field=f"items[{i}].v_new")
+
+    def _seal(self, seq: Sequence) -> None:
+        """Turn full tail blocks into cached blocks; on a full host tier, keep the tail."""
+        svc = self.svc
+        while seq.sealable():
+            tokens, block = seq.peek_block()
+            key = next_block_key(seq.ns.id, seq.parent_key or None, tokens)
+            data = memoryview(block.view(torch.uint8).numpy()).cast("B")
+            entry = svc.store_block(seq.ns, key, data)
+            if entry is None:
+                return
+            seq.drop_block()
+            seq.blocks.append(entry)
+            seq.parent_key = key
+

@@ -1,0 +1,156 @@
+"""Sequences: the blocks a decode stream attends over, plus its growing tail.
+
+Primitives: `Sequence` (blocks held, tail per layer), `Sequence.append(layer, k, v)`,
+`Sequence.tail_kv(layer)`, `Sequence.sealable()`, `peek_block()`, `drop_block()`,
+`SequenceTable.add/get/pop/expired`.
+
+The tail keeps each layer's K and V for the tokens not yet in a full block, in the
+block's own layout ([K|V][kv_head][token][dim]) so sealing is a copy per layer. Layers
+are appended one at a time during a decode step, so a block is sealed only when every
+layer (and the token ids, given with layer 0) reached `block_tokens`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tierd.core.index import BlockEntry, NamespaceInfo
+from tierd.errors import InvalidArgument
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float8_e4m3": torch.float8_e4m3fn,
+    "uint8": torch.uint8,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    ns: NamespaceInfo
+    blocks: list[BlockEntry]
+    parent_key: bytes
+    ttl: float
+    deadline: float = 0.0
+    tail_tokens: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _tail: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _lens: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        lay = self.ns.layout
+        self._tail = [
+            torch.empty((2, lay.num_kv_heads, lay.block_tokens, lay.head_dim),
+                        dtype=torch_dtype(lay.dtype))
+            for _ in range(lay.num_layers)
+        ]  # fmt: skip
+        self._lens = [0] * lay.num_layers
+        self.touch()
+
+    def touch(self) -> None:
+        self.deadline = time.monotonic() + self.ttl
+
+    @property
+    def block_tokens_cached(self) -> int:
+        return len(self.blocks) * self.ns.layout.block_tokens
+
+    def tail_len(self, layer: int) -> int:
+        return self._lens[layer]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, tokens: list[int]) -> None:
+        """Add `k`, `v` ([kv_heads, n, dim]) to one layer's tail (tokens ids with layer 0)."""
+        lay = self.ns.layout
+        want = (lay.num_kv_heads, k.shape[1] if k.dim() == 3 else -1, lay.head_dim)
+        for name, t in (("k_new", k), ("v_new", v)):
+            if t.dim() != 3 or tuple(t.shape) != want:
+                raise InvalidArgument(
+                    f"expected [kv_heads={lay.num_kv_heads}, tokens, head_dim={lay.head_dim}], "
+                    f"got {list(t.shape)}", field=name,
+                )
+        if layer == 0:
+            if len(tokens) != k.shape[1]:
+                raise InvalidArgument(
+                    f"layer 0 appends carry one token id per new token ({k.shape[1]}), "
+                    f"got {len(tokens)}", field="new_tokens",
+                )
+            self.tail_tokens.extend(tokens)
+        n, start = k.shape[1], self._lens[layer]
+        buf = self._tail[layer]
+        if start + n > buf.shape[2]:
+            grown = torch.empty((*buf.shape[:2], max(2 * buf.shape[2], start + n), buf.shape[3]),
+                                dtype=buf.dtype)  # fmt: skip
+            grown[:, :, :start] = buf[:, :, :start]
+            self._tail[layer] = buf = grown
+        buf[0, :, start : start + n] = k.to(buf.dtype)
+        buf[1, :, start : start + n] = v.to(buf.dtype)
+        self._lens[layer] = start + n
+
+    def tail_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's tail K and V, [kv_heads, n, dim] views (no copy)."""
+        n = self._lens[layer]
+        buf = self._tail[layer]
+        return buf[0, :, :n], buf[1, :, :n]
+
+    def sealable(self) -> bool:
+        t = self.ns.layout.block_tokens
+        return min(self._lens) >= t and len(self.tail_tokens) >= t
+
+    def peek_block(self) -> tuple[list[int], torch.Tensor]:
+        """The first full block of the tail: token ids and [layers, 2, kv_heads, T, dim]."""
+        t = self.ns.layout.block_tokens
+        block = torch.stack([buf[:, :, :t] for buf in self._tail]).contiguous()
+        return self.tail_tokens[:t], block
+
+    def drop_block(self) -> None:
+        """Remove the first full block from the tail (it is now a cached block)."""
+        t = self.ns.layout.block_tokens
+        del self.tail_tokens[:t]
+        for layer, buf in enumerate(self._tail):
+            rest = self._lens[layer] - t
+            buf[:, :, :rest] = buf[:, :, t : t + rest].clone()
+            self._lens[layer] = rest
+
+
+class SequenceTable:
+    def __init__(self) -> None:
+        self._seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 16 | 1)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._seqs[seq.id] = seq
+
+    def get(self, seq_id: int) -> Sequence | None:
+        with self._lock:
+            return self._seqs.get(seq_id)
+
+    def pop(self, seq_id: int) -> Sequence | None:
+        with self._lock:
+            return self._seqs.pop(seq_id, None)
+
+    def expired(self, now: float | None = None) -> list[Sequence]:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [s for s in self._seqs.values() if s.deadline <= now]
+            for s in gone:
+                del self._seqs[s.id]
+        return gone

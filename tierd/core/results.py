@@ -1,0 +1,45 @@
+"""Results of the core's calls: plain frozen dataclasses the servicer turns into messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    path: str
+    size: int
+    host_id: str
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    cached_tokens: int
+    blocks: list[tuple[bytes, str]]  # (key, tier) of each cached block, prefix order
+
+
+@dataclass(frozen=True)
+class PutSlot:
+    state: str  # "leased" | "already_present"
+    offset: int
+
+
+@dataclass(frozen=True)
+class PreparedPut:
+    lease_id: int
+    slots: list[PutSlot]
+    segment: SegmentInfo
+
+
+@dataclass(frozen=True)
+class GetSlot:
+    found: bool
+    offset: int
+    tier: str
+
+
+@dataclass(frozen=True)
+class PreparedGet:
+    lease_id: int
+    slots: list[GetSlot]
+    segment: SegmentInfo

@@ -1,0 +1,106 @@
+"""A CSD shard's own index: SQLite in WAL mode, one row per stored block.
+
+Primitives: `ShardCatalog(path)`, `rows() -> list[ShardRow]`, `insert(rows)`,
+`delete(keys)`, `close()`; `layout_to_json(layout)`, `layout_from_json(text)`.
+
+The worker writes a block's bytes first and its row second, in the call that answers the
+daemon, so a row always names bytes that were fully written; a kill -9 between the two
+leaves only an unnamed extent, which the allocator reclaims on the next start (space is
+rebuilt from the rows). WAL with synchronous=NORMAL survives process crashes; a power
+loss may drop the last transactions, and those blocks are then just misses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tierd_client.layout import KVLayout
+
+from tierd.core.catalog import from_sql_u64, to_sql_u64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (
+    ns_id BLOB NOT NULL,
+    key BLOB NOT NULL,
+    offset INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    checksum INTEGER NOT NULL,
+    layout TEXT NOT NULL,
+    PRIMARY KEY (ns_id, key)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    ns_id: bytes
+    key: bytes
+    offset: int
+    nbytes: int
+    checksum: int
+    layout: KVLayout
+
+
+def layout_to_json(layout: KVLayout) -> str:
+    return json.dumps(dataclasses.asdict(layout), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def layout_from_json(text: str) -> KVLayout:
+    # Cached: every block of a namespace repeats the same few layouts.
+    return KVLayout(**json.loads(text))
+
+
+class ShardCatalog:
+    def __init__(self, path: Path) -> None:
+        # One connection under our own lock: the shard serialises metadata anyway.
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def rows(self) -> list[ShardRow]:
+        with self._lock:
+            raw = self._db.execute(
+                "SELECT ns_id, key, offset, nbytes, checksum, layout FROM blocks"
+            ).fetchall()
+        return [
+            ShardRow(r[0], r[1], r[2], r[3], from_sql_u64(r[4]), layout_from_json(r[5]))
+            for r in raw
+        ]
+
+    def insert(self, rows: Iterable[ShardRow]) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (r.ns_id, r.key, r.offset, r.nbytes, to_sql_u64(r.checksum),
+                 layout_to_json(r.layout))
+                for r in rows
+            ),
+        )  # fmt: skip
+
+    def delete(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
+        """Remove the rows of (ns_id, key) pairs; absent ones are ignored."""
+        self._write("DELETE FROM blocks WHERE ns_id = ? AND key = ?", keys)
+
+    def _write(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
