@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     nvme_off INTEGER,
     pinned INTEGER NOT NULL DEFAULT 0,
     last_access REAL NOT NULL,
+    csd TEXT,
     PRIMARY KEY (ns_id, key)
 ) WITHOUT ROWID;
 """
@@ -70,6 +71,7 @@ class BlockRow:
     nvme_off: int | None
     pinned: bool
     last_access: float
+    csd: str | None = None  # the CSD worker holding a copy
 
 
 class Catalog:
@@ -110,18 +112,18 @@ class Catalog:
     def blocks(self) -> Iterator[BlockRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, last_access"
+                "SELECT ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, last_access, csd"
                 " FROM blocks"
             ).fetchall()
         for r in rows:
-            yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), r[4], r[5], bool(r[6]), r[7])
+            yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), r[4], r[5], bool(r[6]), r[7], r[8])
 
     def insert_blocks(self, rows: Iterable[BlockRow]) -> None:
         self._write(
-            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 (r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), r.host_off, r.nvme_off,
-                 int(r.pinned), r.last_access)
+                 int(r.pinned), r.last_access, r.csd)
                 for r in rows
             ),
         )
@@ -131,6 +133,13 @@ class Catalog:
         self._write(
             "UPDATE blocks SET host_off = ?, nvme_off = ? WHERE ns_id = ? AND key = ?",
             ((h, n, ns, k) for ns, k, h, n in rows),
+        )
+
+    def set_csd(self, rows: Iterable[tuple[bytes, bytes, str | None]]) -> None:
+        """(ns_id, key, worker) for blocks placed on (or taken off) a CSD worker."""
+        self._write(
+            "UPDATE blocks SET csd = ? WHERE ns_id = ? AND key = ?",
+            ((w, ns, k) for ns, k, w in rows),
         )
 
     def delete_blocks(self, keys: Iterable[tuple[bytes, bytes]]) -> None:

@@ -104,7 +104,9 @@ class Placer:
             for entry in entries:
                 if entry.loading is not None:
                     theirs.append(entry.loading)
-                elif promote and entry.host_off is None and entry.nvme_off is not None:
+                elif promote and entry.host_off is None and (
+                    entry.nvme_off is not None or entry.csd is not None
+                ):
                     staging = self.allocate_host(entry.ns.tenant, entry.nbytes)
                     if staging is None:
                         for e, off in mine:  # undo what this call started
@@ -136,6 +138,17 @@ class Placer:
             done.set_result(checksum(view) == entry.checksum)
             return done
         view = svc.host.view(entry.ns.tenant, staging, entry.nbytes)
+        if entry.nvme_off is None:  # only a CSD worker has it
+            try:
+                data = svc.csd.read(entry.csd, entry.ns.id, [entry.key]).get(entry.key)
+            except Exception as e:  # noqa: BLE001 - a dead worker is a miss, not a crash
+                log.warning("reading a block from CSD worker %s failed: %s", entry.csd, e)
+                data = None
+            ok = data is not None and len(data) == entry.nbytes
+            if ok:
+                view[:] = data
+            done.set_result(ok and checksum(view) == entry.checksum)
+            return done
         io = svc.nvme.read_async(entry.nvme_off or 0, view)
 
         def verify(f: Future[None]) -> None:
@@ -174,7 +187,7 @@ class Placer:
             svc.counters.corrupt_reads += 1
             log.warning("block failed its checksum; dropped that copy")
         if moved and not entry.deleted:
-            if entry.host_off is None and entry.nvme_off is None:
+            if entry.host_off is None and entry.nvme_off is None and entry.csd is None:
                 svc.index.remove(entry)
                 entry.deleted = True
                 svc.catalog.delete_blocks([(entry.ns.id, entry.key)])
@@ -243,7 +256,7 @@ class Placer:
                 self._last_pass_freed += entry.nbytes
                 moved.append((entry.ns.id, entry.key, None, entry.nvme_off))
                 continue
-            offset = self._allocate_nvme(entry.nbytes)
+            offset = self.allocate_nvme(entry.nbytes)
             if offset is None:
                 if not entry.pinned:  # nowhere to demote: evict it from the cache
                     self._evict(entry, tier="host")
@@ -289,7 +302,7 @@ class Placer:
 
     # -- NVMe space -----------------------------------------------------------------------
 
-    def _allocate_nvme(self, nbytes: int) -> int | None:
+    def allocate_nvme(self, nbytes: int) -> int | None:
         nvme = self.svc.nvme
         offset = nvme.allocate(nbytes)
         if offset is not None:

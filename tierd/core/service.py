@@ -137,13 +137,14 @@ class CacheService:
                     self.nvme.reserve(nvme_off, row.nbytes)
                 except ValueError:
                     nvme_off = None
-            if host_off is None and nvme_off is None:
+            csd = row.csd if self.csd is not None and row.csd in self.csd.names else None
+            if host_off is None and nvme_off is None and csd is None:
                 dropped.append((row.ns_id, row.key))
                 continue
             if (host_off, nvme_off) != (row.host_off, row.nvme_off):
                 moved.append((row.ns_id, row.key, host_off, nvme_off))
             self.index.add(BlockEntry(
-                ns, row.key, row.nbytes, row.checksum, host_off, nvme_off, row.pinned,
+                ns, row.key, row.nbytes, row.checksum, host_off, nvme_off, csd, row.pinned,
                 row.last_access, host_verified=host_off is None,
             ))  # fmt: skip
         self.catalog.delete_blocks(dropped)
@@ -389,6 +390,11 @@ class CacheService:
         if entry.nvme_off is not None:
             self.nvme.free(entry.nvme_off, entry.nbytes)
             entry.nvme_off = None
+        if entry.csd is not None and self.csd is not None:
+            # A network call: not under the core lock. A drop that fails leaves an orphan
+            # on the worker, which the daemon never names again.
+            self.csd.drop_later(entry.csd, entry.ns.id, [entry.key])
+            entry.csd = None
 
     # -- management -----------------------------------------------------------------------
 
@@ -409,6 +415,11 @@ class CacheService:
             self.catalog.delete_blocks(gone)
             self.cond.notify_all()
         return len(gone)
+
+    def move(self, ns_id: bytes, keys: Sequence[bytes], tier: str) -> int:
+        from tierd.core.moves import move
+
+        return move(self, ns_id, keys, tier)
 
     def set_pinned(self, ns_id: bytes, keys: Sequence[bytes], pinned: bool) -> int:
         ns = self.namespace(ns_id)

@@ -11,6 +11,7 @@ import grpc
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 from tierd_client.layout import KVLayout, dtype_from_proto
+from tierd_client.tensors import to_message, to_torch
 
 from tierd.core.service import CacheService, SegmentInfo
 from tierd.core.stats import TierSnapshot
@@ -20,7 +21,9 @@ from tierd.server.status import translate_errors
 # In-band gets stream blocks in chunks of at most this size (well under the message cap).
 STREAM_CHUNK_BYTES = 4 << 20
 
-_TIER = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "": pb.TIER_UNSPECIFIED}
+_TIER = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "csd": pb.TIER_CSD,
+         "": pb.TIER_UNSPECIFIED}  # fmt: skip
+_TIER_NAME = {v: k for k, v in _TIER.items() if k}
 
 
 def _segment(seg: SegmentInfo) -> pb.ShmSegment:
@@ -42,6 +45,31 @@ def _layout(msg: pb.KVLayout) -> KVLayout:
         return KVLayout.from_proto(msg)
     except ValueError as e:
         raise InvalidArgument(str(e), field="namespace.layout") from None
+
+
+def _attend_calls(request: pb.AttendRequest) -> list:
+    from tierd.attention.attend import AttendCall
+
+    calls = []
+    for i, item in enumerate(request.items):
+        field = f"items[{i}]"
+        has_kv = item.HasField("k_new") or item.HasField("v_new")
+        calls.append(AttendCall(
+            sequence_id=item.sequence_id,
+            layer=item.layer,
+            q=to_torch(item.q, f"{field}.q"),
+            k_new=to_torch(item.k_new, f"{field}.k_new") if has_kv else None,
+            v_new=to_torch(item.v_new, f"{field}.v_new") if has_kv else None,
+            new_tokens=tuple(item.new_tokens),
+            scale=item.scale or None,
+        ))  # fmt: skip
+    return calls
+
+
+def _attend_response(results: list) -> pb.AttendResponse:
+    return pb.AttendResponse(
+        results=[pb.AttendResult(out=to_message(o), lse=to_message(lse)) for o, lse in results]
+    )
 
 
 def _tier_stats(t: TierSnapshot) -> pb.TierStats:
@@ -167,3 +195,31 @@ class TierdServicer(pb_grpc.TierdServicer):
             active_leases=s.active_leases, namespaces=s.namespaces,
         )  # fmt: skip
 
+    @translate_errors
+    def OpenSequence(self, request: pb.OpenSequenceRequest, context: grpc.ServicerContext):
+        seq_id, cached = self.svc.attend.open_sequence(
+            request.namespace_id, list(request.keys), request.ttl_ms
+        )
+        return pb.OpenSequenceResponse(sequence_id=seq_id, cached_tokens=cached)
+
+    @translate_errors
+    def CloseSequence(self, request: pb.CloseSequenceRequest, context: grpc.ServicerContext):
+        self.svc.attend.close_sequence(request.sequence_id)
+        return pb.CloseSequenceResponse()
+
+    @translate_errors
+    def Attend(self, request: pb.AttendRequest, context: grpc.ServicerContext):
+        return _attend_response(self.svc.attend.attend(_attend_calls(request)))
+
+    @translate_errors
+    def AttendStream(self, request_iterator: Iterator[pb.AttendRequest], context):
+        for request in request_iterator:
+            yield _attend_response(self.svc.attend.attend(_attend_calls(request)))
+
+    @translate_errors
+    def Move(self, request: pb.MoveRequest, context: grpc.ServicerContext):
+        tier = _TIER_NAME.get(request.tier)
+        if tier is None:
+            raise InvalidArgument("must be TIER_HOST, TIER_NVME or TIER_CSD", field="tier")
+        moved = self.svc.move(request.namespace_id, list(request.keys), tier)
+        return pb.MoveResponse(moved=moved)

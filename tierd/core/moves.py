@@ -1,0 +1,106 @@
+"""Explicit moves between tiers (the Move call): operators and tests place blocks by hand.
+
+Primitives: `move(service, ns_id, keys, tier) -> moved`.
+
+  host  promote (the NVMe / CSD copy stays, as with any promotion);
+  nvme  write blocks that have no NVMe copy, then drop their host copy;
+  csd   send each block to a worker (round robin over healthy ones), then drop the host
+        and NVMe copies: attend on those blocks then runs on the workers.
+A block being read elsewhere keeps its host copy until its readers are gone; the move
+still counts, since the block now also lives in the target tier.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tierd.core import validate
+from tierd.core.index import BlockEntry
+from tierd.errors import FailedPrecondition, ResourceExhausted, Unavailable
+
+if TYPE_CHECKING:
+    from tierd.core.service import CacheService
+
+
+def move(svc: CacheService, ns_id: bytes, keys: Sequence[bytes], tier: str) -> int:
+    ns = svc.namespace(ns_id)
+    validate.check_keys(keys, svc.config.leases.max_keys_per_call)
+    with svc.cond:
+        held = [e for e in (svc.index.get(ns.id, k) for k in keys) if e is not None]
+        for entry in held:
+            entry.readers += 1
+    try:
+        if tier == "host":
+            svc.placer.make_resident(held)
+            return sum(1 for e in held if e.host_off is not None)
+        if tier == "nvme":
+            return _to_nvme(svc, held)
+        return _to_csd(svc, held)
+    finally:
+        with svc.cond:
+            for entry in held:
+                svc.drop_reader(entry)
+            svc.cond.notify_all()
+
+
+def _bytes_of(svc: CacheService, entry: BlockEntry) -> memoryview:
+    """The block's bytes from host (in place) or NVMe (into a fresh aligned buffer)."""
+    if entry.host_off is not None:
+        return svc.host.view(entry.ns.tenant, entry.host_off, entry.nbytes)
+    if entry.nvme_off is not None:
+        buf = mmap.mmap(-1, entry.nbytes)
+        view = memoryview(buf)
+        svc.nvme.read_into(entry.nvme_off, view)
+        return view
+    raise FailedPrecondition("block has no local copy to move", field="keys")
+
+
+def _drop_host_copy(svc: CacheService, entry: BlockEntry) -> None:
+    """Caller holds the lock and one reader reference of its own."""
+    if entry.host_off is not None and entry.readers == 1 and not entry.deleted:
+        svc.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
+        entry.host_off = None
+
+
+def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
+    moved = 0
+    for entry in held:
+        if entry.nvme_off is None:
+            with svc.cond:
+                offset = svc.placer.allocate_nvme(entry.nbytes)
+            if offset is None:
+                raise ResourceExhausted("NVMe tier full", field="keys")
+            svc.nvme.write(offset, _bytes_of(svc, entry))
+            with svc.cond:
+                entry.nvme_off = offset
+        with svc.cond:
+            _drop_host_copy(svc, entry)
+            svc.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
+        moved += 1
+    return moved
+
+
+def _to_csd(svc: CacheService, held: list[BlockEntry]) -> int:
+    pool = svc.csd
+    if pool is None:
+        raise Unavailable("no CSD workers are configured", field="tier")
+    todo = [e for e in held if e.csd is None]
+    if not todo:
+        return len(held)
+    workers = pool.pick(len(todo))
+    for name in sorted(set(workers)):
+        mine = [e for e, w in zip(todo, workers) if w == name]
+        pool.store(name, mine[0].ns.layout, mine[0].ns.id,
+                   [(e.key, e.checksum, _bytes_of(svc, e)) for e in mine])  # fmt: skip
+        with svc.cond:
+            for entry in mine:
+                entry.csd = name
+                _drop_host_copy(svc, entry)
+                if entry.nvme_off is not None and entry.readers == 1:
+                    svc.nvme.free(entry.nvme_off, entry.nbytes)
+                    entry.nvme_off = None
+            svc.catalog.set_csd([(e.ns.id, e.key, name) for e in mine])
+            svc.catalog.update_locations([(e.ns.id, e.key, e.host_off, e.nvme_off) for e in mine])
+    return len(held)

@@ -1,0 +1,414 @@
+"""A CSD worker's storage: whole blocks in one NVMe data file, indexed by its own SQLite.
+
+Primitives:
+  `CsdShard(directory, capacity_bytes)`  opens (or recovers) `<dir>/blocks.dat` and
+                                         `<dir>/shard.sqlite3`; one process per directory
+  `store(layout, items) -> int`          all-or-nothing; bad checksum -> InvalidArgument,
+                                         no room -> ResourceExhausted
+  `read_blocks(ns_id, keys)`             iterator of verified (key, checksum, bytes)
+  `read(ns_id, keys) -> dict`            the same as a dict
+  `read_layers(ns_id, layout, keys, layer) -> LayerBatch`   one layer's K|V of each block
+  `drop(ns_id, keys) -> int`, `list_blocks()`, `stats() -> ShardStats`, `close()`
+
+A block whose bytes fail their checksum is reported missing, counted in
+`stats().corrupt_reads` and dropped (its bytes will not get better).
+
+Blocks being read are pinned: a drop or an overwrite during the read retires the old
+extent, and it returns to the allocator only when its last reader is done, so a read never
+sees bytes of a block stored after it started.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from tierd.csd.catalog import ShardCatalog, ShardRow
+from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.tiers.extents import align_up
+from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
+from tierd.tiers.nvme import NvmeStore
+from tierd_client.layout import KVLayout
+
+log = logging.getLogger("tierd.csd")
+
+CATALOG_FILE = "shard.sqlite3"
+LOCK_FILE = "shard.lock"
+
+
+def checksum(buf: Any) -> int:
+    return xxhash.xxh3_64_intdigest(buf)
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A page-aligned uint8 array, so O_DIRECT reads land in it without a bounce copy."""
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + nbytes]
+
+
+@dataclass(frozen=True)
+class StoreItem:
+    ns_id: bytes
+    key: bytes
+    checksum: int  # xxh3_64 of data, as the sender computed it
+    data: Any  # any C-contiguous buffer of layout.block_bytes bytes
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    blocks: int
+    used_bytes: int
+    capacity_bytes: int
+    corrupt_reads: int
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """One layer's K|V bytes of the found blocks, block i at `slot(i)` of `buffer`.
+
+    Slots are `stride` bytes apart and the layer starts `pad` bytes into each, so all
+    blocks together are one strided view (no gathering copy before the math).
+    """
+
+    keys: list[bytes]  # found, in request order
+    missing: list[bytes]  # not held, or failed their checksum
+    buffer: np.ndarray  # uint8
+    slots: list[int]  # slot index of keys[i]
+    stride: int
+    pad: int
+    nbytes: int  # bytes of one block's layer: 2 * kv_heads * block_tokens * head_dim * itemsize
+
+    def layer_bytes(self, i: int) -> np.ndarray:
+        start = self.slots[i] * self.stride + self.pad
+        return self.buffer[start : start + self.nbytes]
+
+
+@dataclass(eq=False)
+class _Entry:
+    row: ShardRow
+    # True once this process has seen the whole block match its checksum (or wrote it
+    # from bytes it had just checksummed); partial reads cannot check a whole-block sum.
+    verified: bool
+    readers: int = 0
+    dead: bool = field(default=False)  # dropped or replaced: free when readers reach 0
+
+
+class CsdShard:
+    def __init__(
+        self,
+        directory: Path | str,
+        capacity_bytes: int,
+        *,
+        backend: IOBackend | None = None,
+        io_threads: int = 8,
+        read_batch: int = 32,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = _lock_directory(self.directory)
+        try:
+            self._nvme = NvmeStore(
+                self.directory, capacity_bytes, backend=backend or select_backend("auto"),
+                io_threads=io_threads,
+            )  # fmt: skip
+            self._catalog = ShardCatalog(self.directory / CATALOG_FILE)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._read_batch = max(1, read_batch)
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[bytes, bytes], _Entry] = {}
+        self._corrupt_reads = 0
+        self._closed = False
+        self._recover()
+
+    # -- life -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        dropped: list[tuple[bytes, bytes]] = []
+        for row in self._catalog.rows():
+            try:
+                self._nvme.reserve(row.offset, row.nbytes)
+            except ValueError:
+                # Past a smaller capacity, or overlapping another row: unusable.
+                dropped.append((row.ns_id, row.key))
+                continue
+            self._entries[(row.ns_id, row.key)] = _Entry(row, verified=False)
+        self._catalog.delete(dropped)
+        log.info("csd shard %s: recovered %d blocks (%d dropped)",
+                 self.directory, len(self._entries), len(dropped))  # fmt: skip
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._nvme.close()
+        self._catalog.close()
+        os.close(self._lock_fd)  # releases the flock
+
+    def __enter__(self) -> CsdShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def backend_name(self) -> str:
+        return self._nvme.backend_name
+
+    def stats(self) -> ShardStats:
+        with self._lock:
+            return ShardStats(len(self._entries), self._nvme.used_bytes, self._nvme.capacity,
+                              self._corrupt_reads)  # fmt: skip
+
+    def list_blocks(self) -> dict[bytes, list[bytes]]:
+        out: dict[bytes, list[bytes]] = {}
+        with self._lock:
+            for ns_id, key in self._entries:
+                out.setdefault(ns_id, []).append(key)
+        return out
+
+    # -- store and drop ---------------------------------------------------------------------
+
+    def store(self, layout: KVLayout, items: Sequence[StoreItem]) -> int:
+        """Store blocks; all of them or none. Returns how many distinct blocks are held."""
+        unique: dict[tuple[bytes, bytes], tuple[StoreItem, memoryview]] = {}
+        for i, it in enumerate(items):
+            if not it.ns_id:
+                raise InvalidArgument("a namespace id is required", field=f"blocks[{i}].namespace_id")
+            if not it.key:
+                raise InvalidArgument("a block key is required", field=f"blocks[{i}].key")
+            view = as_bytes_view(it.data)
+            if len(view) != layout.block_bytes:
+                raise InvalidArgument(
+                    f"{len(view)} bytes, the layout's blocks have {layout.block_bytes}",
+                    field=f"blocks[{i}].data",
+                )
+            # Checked before anything is written: bytes damaged on the way never land.
+            if checksum(view) != it.checksum:
+                raise InvalidArgument("data does not match its checksum",
+                                      field=f"blocks[{i}].checksum")  # fmt: skip
+            unique[(it.ns_id, it.key)] = (it, view)
+        with self._lock:
+            self._check_open()
+            todo = [(k, it, v) for k, (it, v) in unique.items()
+                    if not self._holds(k, it.checksum, layout)]  # fmt: skip
+            offsets: list[int] = []
+            for _ in todo:
+                off = self._nvme.allocate(layout.block_bytes)
+                if off is None:
+                    for o in offsets:
+                        self._nvme.free(o, layout.block_bytes)
+                    need = len(todo) * self._nvme.extent_bytes(layout.block_bytes)
+                    raise ResourceExhausted(
+                        f"csd shard {self.directory} is full: {len(todo)} blocks need {need} "
+                        f"bytes, {self._nvme.capacity - self._nvme.used_bytes} of "
+                        f"{self._nvme.capacity} free"
+                    )
+                offsets.append(off)
+        # Bytes move outside the lock; the new extents are invisible until the rows land.
+        futures = [self._nvme.write_async(off, v) for off, (_, _, v) in zip(offsets, todo)]
+        try:
+            _wait_all(futures)
+        except BaseException:
+            with self._lock:
+                for off in offsets:
+                    self._nvme.free(off, layout.block_bytes)
+            raise
+        rows = [ShardRow(k[0], k[1], off, layout.block_bytes, it.checksum, layout)
+                for off, (k, it, _) in zip(offsets, todo)]  # fmt: skip
+        with self._lock:
+            # Row and in-memory entry change together under the lock, so two stores of
+            # one key cannot leave the catalog naming the extent that memory freed.
+            self._catalog.insert(rows)
+            for row in rows:
+                old = self._entries.get((row.ns_id, row.key))
+                if old is not None:
+                    self._retire(old)
+                # Written from bytes whose checksum was just verified: as good as a
+                # verified read, and it spares the first attend a whole-block read.
+                self._entries[(row.ns_id, row.key)] = _Entry(row, verified=True)
+        return len(unique)
+
+    def drop(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            self._check_open()
+            gone = [self._entries.pop((ns_id, k)) for k in dict.fromkeys(keys)
+                    if (ns_id, k) in self._entries]  # fmt: skip
+            self._catalog.delete((e.row.ns_id, e.row.key) for e in gone)
+            for e in gone:
+                self._retire(e)
+        return len(gone)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def read(self, ns_id: bytes, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        return {k: data for k, _, data in self.read_blocks(ns_id, keys)}
+
+    def read_blocks(self, ns_id: bytes, keys: Sequence[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
+        """(key, checksum, bytes) of each held, intact block; batches read in parallel."""
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), self._read_batch):
+            # Pins last for one batch only: a consumer that stops iterating holds nothing.
+            yield from self._read_batch_of(ns_id, keys[start : start + self._read_batch])
+
+    def _read_batch_of(self, ns_id: bytes, keys: list[bytes]) -> list[tuple[bytes, int, bytes]]:
+        entries = self._pin(ns_id, keys)
+        out: list[tuple[bytes, int, bytes]] = []
+        try:
+            held = [e for e in entries if e is not None]
+            bufs = [aligned_buffer(e.row.nbytes) for e in held]
+            _wait_all([self._nvme.read_async(e.row.offset, b) for e, b in zip(held, bufs)])
+            for e, b in zip(held, bufs):
+                if checksum(b) != e.row.checksum:
+                    self._corrupted(e)
+                    continue
+                e.verified = True
+                out.append((e.row.key, e.row.checksum, b.tobytes()))
+        finally:
+            self._unpin(entries)
+        return out
+
+    def read_layers(self, ns_id: bytes, layout: KVLayout, keys: Sequence[bytes], layer: int) -> LayerBatch:
+        """Read one layer's K|V of each block: one contiguous range per block, in parallel."""
+        if not 0 <= layer < layout.num_layers:
+            raise InvalidArgument(f"layer {layer} outside [0, {layout.num_layers})", field="layer")
+        if len(set(keys)) != len(keys):
+            # Attending over a block twice would silently weigh it double.
+            raise InvalidArgument("a key appears more than once", field="keys")
+        nbytes = layout.block_bytes // layout.num_layers
+        layer_off = layer * nbytes
+        # O_DIRECT wants aligned file offsets: read from the page holding the layer's first
+        # byte, and find the layer `pad` bytes into the slot.
+        pad = layer_off % ALIGNMENT
+        stride = align_up(pad + nbytes, ALIGNMENT)
+        entries = self._pin(ns_id, keys)
+        try:
+            for e in entries:
+                if e is not None and e.row.layout != layout:
+                    raise InvalidArgument(
+                        f"block {e.row.key.hex()} was stored with layout {e.row.layout}",
+                        field="layout",
+                    )
+            held = [(i, e) for i, e in enumerate(e for e in entries if e is not None)]
+            buf = aligned_buffer(len(held) * stride)
+            futures: list[Future[None]] = []
+            whole: list[tuple[int, _Entry, np.ndarray]] = []
+            for slot, e in held:
+                if e.verified:
+                    dst = buf[slot * stride : slot * stride + pad + nbytes]
+                    futures.append(self._nvme.read_async(e.row.offset + layer_off - pad, dst))
+                else:
+                    # First read since this process started: read the whole block once so
+                    # its checksum can be checked. Costs num_layers x the bytes for this one
+                    # call; afterwards partial reads trust the block. The trade-off: bytes
+                    # that rot on the disk after that first check go unnoticed by attend
+                    # (ReadBlocks still verifies every read) -- a per-layer checksum in the
+                    # catalog would close that gap at the price of a wire/format change.
+                    b = aligned_buffer(e.row.nbytes)
+                    whole.append((slot, e, b))
+                    futures.append(self._nvme.read_async(e.row.offset, b))
+            _wait_all(futures)
+            bad: set[int] = set()
+            for slot, e, b in whole:
+                if checksum(b) != e.row.checksum:
+                    self._corrupted(e)
+                    bad.add(slot)
+                    continue
+                e.verified = True
+                start = slot * stride + pad
+                buf[start : start + nbytes] = b[layer_off : layer_off + nbytes]
+        finally:
+            self._unpin(entries)
+        found = [(slot, e.row.key) for slot, e in held if slot not in bad]
+        found_keys = {k for _, k in found}
+        return LayerBatch(
+            keys=[k for _, k in found],
+            missing=[k for k in keys if k not in found_keys],
+            buffer=buf, slots=[s for s, _ in found], stride=stride, pad=pad, nbytes=nbytes,
+        )  # fmt: skip
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"csd shard {self.directory} is closed")
+
+    def _holds(self, k: tuple[bytes, bytes], sum_: int, layout: KVLayout) -> bool:
+        e = self._entries.get(k)
+        return e is not None and e.row.checksum == sum_ and e.row.layout == layout
+
+    def _pin(self, ns_id: bytes, keys: Sequence[bytes]) -> list[_Entry | None]:
+        with self._lock:
+            self._check_open()
+            entries = [self._entries.get((ns_id, k)) for k in keys]
+            for e in entries:
+                if e is not None:
+                    e.readers += 1
+        return entries
+
+    def _unpin(self, entries: Sequence[_Entry | None]) -> None:
+        with self._lock:
+            for e in entries:
+                if e is not None:
+                    e.readers -= 1
+                    if e.dead and e.readers == 0:
+                        self._nvme.free(e.row.offset, e.row.nbytes)
+
+    def _retire(self, e: _Entry) -> None:
+        """Under the lock: `e` is no longer indexed; free its extent once nobody reads it."""
+        e.dead = True
+        if e.readers == 0:
+            self._nvme.free(e.row.offset, e.row.nbytes)
+
+    def _corrupted(self, e: _Entry) -> None:
+        with self._lock:
+            self._corrupt_reads += 1
+            k = (e.row.ns_id, e.row.key)
+            if self._entries.get(k) is e:
+                del self._entries[k]
+                self._catalog.delete([k])
+                self._retire(e)  # the caller still pins it: freed on unpin
+        log.warning("csd shard %s: block %s failed its checksum; dropped",
+                    self.directory, e.row.key.hex())  # fmt: skip
+
+
+def _wait_all(futures: Sequence[Future[None]]) -> None:
+    """Wait for every future, then raise the first error: no I/O outlives the call."""
+    first: BaseException | None = None
+    for f in futures:
+        exc = f.exception()
+        if exc is not None and first is None:
+            first = exc
+    if first is not None:
+        raise first
+
+
+def _lock_directory(directory: Path) -> int:
+    """An exclusive flock on the shard: two workers on one directory would corrupt it.
+
+    The kernel drops the lock when the process dies, kill -9 included, so a restarted
+    worker gets it at once.
+    """
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(
+            f"csd shard {directory} is in use by another process", field="dir"
+        ) from None
+    return fd
