@@ -1,0 +1,73 @@
+"""What the client hands back: plain frozen dataclasses, never protobuf messages.
+
+Primitives: `SegmentInfo`, `Namespace`, `CachedBlock`, `LookupResult`, `GetResult`,
+`tier_name(enum_value)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._proto import tierd_pb2 as pb
+from .layout import KVLayout
+
+Transport = Literal["shm", "inband"]
+PutOutcome = Literal["stored", "already_present"]
+
+
+def tier_name(value: int) -> str:
+    """TIER_HOST -> "host"; a value newer than these stubs -> "tier<value>"."""
+    try:
+        return pb.Tier.Name(value).removeprefix("TIER_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return f"tier{value}"
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """The tenant's shared-memory segment as the daemon announced it."""
+
+    path: str
+    size: int
+    host_id: str
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """An opened namespace: every data call takes one.
+
+    `transport` is what this client decided for it at open time ("shm" when the segment
+    could be mapped, else "inband").
+    """
+
+    id: bytes
+    tenant: str
+    model: str
+    layout: KVLayout
+    block_bytes: int
+    segment: SegmentInfo | None
+    transport: Transport
+
+
+@dataclass(frozen=True)
+class CachedBlock:
+    key: bytes
+    tier: str  # "host", "nvme", "hbm", "csd", "remote"
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    cached_tokens: int  # leading tokens whose blocks are all cached
+    blocks: list[CachedBlock]  # one per cached block, in prefix order
+
+
+@dataclass(frozen=True)
+class GetResult:
+    found: list[bool]
+    # [n, *block_shape]: numpy (storage dtype) or torch (real dtype); missing rows untouched.
+    blocks: Any
+
+    @property
+    def all_found(self) -> bool:
+        return all(self.found)
