@@ -123,6 +123,26 @@ class ExtentAllocator:
         """Freed bytes kept on size lists for warm reuse (still resident in memory)."""
         return self._sized_bytes
 
+    def has_cached(self, nbytes: int) -> bool:
+        """Whether an allocation of `nbytes` would reuse a warm extent (no new memory)."""
+        return bool(self._sized.get(self.extent_bytes(nbytes)))
+
+    def release_cached(self, want: int) -> list[tuple[int, int]]:
+        """Fold warm extents into holes until `want` bytes are released; returns them.
+
+        The oldest-freed extents of each size go first, so the warmest stay."""
+        released: list[tuple[int, int]] = []
+        total = 0
+        for size, offsets in self._sized.items():
+            while offsets and total < want:
+                offset = offsets.pop(0)
+                self._sized_offsets.discard(offset)
+                self._sized_bytes -= size
+                self._merge_hole(offset, size)
+                released.append((offset, size))
+                total += size
+        return released
+
     def drain_cached(self) -> list[tuple[int, int]]:
         """Fold the size lists into holes; returns the extents folded, to release to the OS."""
         drained = [(off, size) for size, offsets in self._sized.items() for off in offsets]

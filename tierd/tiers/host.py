@@ -103,17 +103,20 @@ class HostArena:
             size = seg.alloc.extent_bytes(nbytes)
             if sum(s.alloc.used_bytes for s in self._segments.values()) + size > self.capacity:
                 return None
-            if self._resident_bytes() + size > self.capacity:
-                self._release_warm(size, keep=seg)
+            if not seg.alloc.has_cached(nbytes):
+                excess = self._resident_bytes() + size - self.capacity
+                if excess > 0:
+                    self._release_warm(excess, keep=seg)
             return seg.alloc.allocate(nbytes)
 
     def _release_warm(self, need: int, keep: Segment) -> None:
-        # Other tenants' warm extents go first; this tenant's may be reused as they are.
+        """Give `need` bytes of warm free extents back to the kernel, others' first."""
         for seg in sorted(self._segments.values(), key=lambda s: s is keep):
-            if self._resident_bytes() + need <= self.capacity:
-                return
-            for off, length in seg.alloc.drain_cached():
+            for off, length in seg.alloc.release_cached(need):
                 seg.mm.madvise(mmap.MADV_REMOVE, off, length)
+                need -= length
+            if need <= 0:
+                return
 
     def free(self, tenant: str, offset: int, nbytes: int) -> None:
         seg = self.segment(tenant)
