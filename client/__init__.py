@@ -11,6 +11,7 @@ asked for. Nothing runs at import time beyond loading the protobuf stubs.
 
 from __future__ import annotations
 
+from .attend import AttendItem, AttendOutput, AttendStream
 from .client import TierdClient
 from .errors import (
     DataLoss,
@@ -28,6 +29,9 @@ from .layout import DTYPES, KVLayout
 from .results import CachedBlock, GetResult, LookupResult, Namespace, SegmentInfo
 
 __all__ = [
+    "AttendItem",
+    "AttendOutput",
+    "AttendStream",
     "DTYPES",
     "KEY_BYTES",
     "CachedBlock",

@@ -113,10 +113,10 @@ class BlockRows:
         """The payload as byte views in block order; lazily copies only strided rows."""
         if self.whole is not None and self.whole.flags.c_contiguous:
             if self.whole.size:
-                yield memoryview(self.whole.reshape(-1).view(np.uint8))
+                yield self.whole.reshape(-1).view(np.uint8).data
             return
         for r in self.rows:
-            yield memoryview(np.ascontiguousarray(r).reshape(-1).view(np.uint8))
+            yield np.ascontiguousarray(r).reshape(-1).view(np.uint8).data
 
 
 def block_rows(blocks: Any, layout: KVLayout, n: int) -> BlockRows:

@@ -27,6 +27,7 @@ from . import keys as _keys
 from ._proto import tierd_pb2 as pb
 from ._proto import tierd_pb2_grpc as pb_grpc
 from .address import parse_address
+from .attend import AttendItem, AttendOutput, AttendStream, outputs_of, request_of
 from .arrays import BlockRows, block_rows, byte_rows, out_buffer
 from .chunks import GetAssembler, put_chunks
 from .errors import FailedPrecondition, Internal, InvalidArgument, TierdError
@@ -63,6 +64,22 @@ def _check_keys(keys: Iterable[bytes]) -> list[bytes]:
 
 
 class TierdClient:
+    """One connection to a tierd daemon; safe to share between threads.
+
+        with TierdClient("unix:/run/tierd/tierd.sock", tenant="team-a") as c:
+            ns = c.open_namespace("llama-3-8b@abc123", KVLayout(32, 8, 128, "bfloat16", 16))
+            keys = c.block_keys(ns, tokens)
+            hit = c.lookup(ns, tokens)              # longest cached prefix
+            c.put(ns, keys[hit.cached_tokens // 16 :], new_blocks)
+            got = c.get(ns, keys, as_torch=True)    # got.found, got.blocks
+
+    `transport`: "auto" (shared memory when the daemon is on this host and its segment can
+    be mapped, else in-band), "shm" (fail if impossible) or "inband". `timeout` is the
+    deadline of each RPC; `max_retries` bounds the retries after UNAVAILABLE;
+    `lease_ttl_ms` is how long a shared-memory lease may stay open (0: the daemon's
+    default). `credentials` secures a TCP channel.
+    """
+
     def __init__(
         self,
         address: str,
@@ -348,6 +365,32 @@ class TierdClient:
             for t in resp.tiers
         }
         return out
+
+    # ---- attend ----------------------------------------------------------------------
+
+    def open_sequence(self, ns: Namespace, keys: Iterable[bytes], *, ttl_ms: int = 0) -> int:
+        """Start a sequence over cached blocks (in prefix order); returns its id."""
+        req = pb.OpenSequenceRequest(namespace_id=ns.id, keys=_check_keys(keys), ttl_ms=ttl_ms)
+        return int(self._unary("OpenSequence", req).sequence_id)
+
+    def close_sequence(self, sequence_id: int) -> None:
+        self._unary("CloseSequence", pb.CloseSequenceRequest(sequence_id=sequence_id))
+
+    def attend(self, items: Sequence[AttendItem], *, as_torch: bool = True) -> list[AttendOutput]:
+        """Decode attention inside tierd: one output per item, computed next to the KV."""
+        return outputs_of(self._unary("Attend", request_of(items)), as_torch)
+
+    def attend_stream(self, *, as_torch: bool = True) -> AttendStream:
+        """A bidirectional Attend call for a decode loop (one request/response per send)."""
+        return AttendStream(self._stub, None, as_torch)
+
+    def move(self, ns: Namespace, keys: Iterable[bytes], tier: str) -> int:
+        """Place blocks in a tier ("host", "nvme", "csd"); returns how many are there now."""
+        code = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "csd": pb.TIER_CSD}.get(tier)
+        if code is None:
+            raise InvalidArgument(f"unknown tier {tier!r}", field="tier")
+        req = pb.MoveRequest(namespace_id=ns.id, keys=_check_keys(keys), tier=code)
+        return int(self._unary("Move", req).moved)
 
     # ---- lifetime ------------------------------------------------------------------------
 

@@ -44,9 +44,7 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype("<i8", copy=False)
 
 
-def next_block_key(
-    ns_id: bytes, parent: bytes | None, tokens: Sequence[int] | np.ndarray
-) -> bytes:
+def next_block_key(ns_id: bytes, parent: bytes | None, tokens: Sequence[int] | np.ndarray) -> bytes:
     """Key of the block holding `tokens` right after the block keyed `parent` (None: first)."""
     h = hashlib.blake2b(parent or _ROOT_PARENT, digest_size=KEY_BYTES, key=ns_id)
     h.update(_token_bytes(tokens).tobytes())

@@ -19,7 +19,7 @@ PutOutcome = Literal["stored", "already_present"]
 def tier_name(value: int) -> str:
     """TIER_HOST -> "host"; a value newer than these stubs -> "tier<value>"."""
     try:
-        return pb.Tier.Name(value).removeprefix("TIER_").lower()  # type: ignore[arg-type]
+        return str(pb.Tier.Name(value)).removeprefix("TIER_").lower()
     except ValueError:
         return f"tier{value}"
 

@@ -58,7 +58,8 @@ def to_numpy(msg: pb.Tensor, field: str = "tensor") -> np.ndarray:
     if count * dtype.itemsize != len(msg.data):
         raise InvalidArgument(
             f"shape {list(shape)} of {dtype} needs {count * dtype.itemsize} bytes, "
-            f"got {len(msg.data)}", field=f"{field}.data",
+            f"got {len(msg.data)}",
+            field=f"{field}.data",
         )
     return np.frombuffer(msg.data, dtype=dtype).reshape(shape)
 

@@ -1,4 +1,5 @@
-"""`tierd` command line: `serve` runs the daemon, `check-config` validates a file.
+"""`tierd` command line: `serve` runs the daemon, `check-config` validates a file,
+`csd-worker` runs one computational-storage worker.
 
 Flags override the config file, which overrides the embedded defaults.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tierd.config import Config, load_config
+from tierd.config import Config, load_config, parse_size
 from tierd.errors import ConfigError
 
 
@@ -31,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     check = sub.add_parser("check-config", help="validate a config file, print the result")
     check.add_argument("file", type=Path)
+    csd = sub.add_parser("csd-worker", help="run a computational-storage worker on one shard")
+    csd.add_argument("--dir", type=Path, required=True, help="shard directory (blocks, catalog)")
+    csd.add_argument("--listen", required=True, metavar="ADDR", help="unix:PATH or HOST:PORT")
+    csd.add_argument("--capacity", required=True, metavar="SIZE", help="shard size, e.g. 64GiB")
+    csd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     return p
 
 
@@ -65,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        if args.command == "csd-worker":
+            from tierd.csd.worker import run_worker  # grpc and the shard load only here
+
+            return run_worker(args.dir, args.listen, parse_size(args.capacity, key="--capacity"))
         cfg = _config_from_args(args)
         from tierd.server.app import serve  # grpc and the tiers load only to serve
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+from tierd_client.layout import KVLayout
 
 from tierd.csd.shard import LayerBatch
 from tierd.csd.tensors import torch_dtype
 from tierd.errors import InvalidArgument
-from tierd_client.layout import KVLayout
 
 _ATTENDABLE = ("float16", "bfloat16", "float32", "float8_e4m3")
 

@@ -28,17 +28,17 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import xxhash
+from tierd_client.layout import KVLayout
 
 from tierd.csd.catalog import ShardCatalog, ShardRow
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from tierd.tiers.extents import align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
 from tierd.tiers.nvme import NvmeStore
-from tierd_client.layout import KVLayout
 
 log = logging.getLogger("tierd.csd")
 
@@ -157,7 +157,7 @@ class CsdShard:
         self._catalog.close()
         os.close(self._lock_fd)  # releases the flock
 
-    def __enter__(self) -> CsdShard:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -188,7 +188,9 @@ class CsdShard:
         unique: dict[tuple[bytes, bytes], tuple[StoreItem, memoryview]] = {}
         for i, it in enumerate(items):
             if not it.ns_id:
-                raise InvalidArgument("a namespace id is required", field=f"blocks[{i}].namespace_id")
+                raise InvalidArgument(
+                    "a namespace id is required", field=f"blocks[{i}].namespace_id"
+                )
             if not it.key:
                 raise InvalidArgument("a block key is required", field=f"blocks[{i}].key")
             view = as_bytes_view(it.data)
@@ -258,7 +260,9 @@ class CsdShard:
     def read(self, ns_id: bytes, keys: Sequence[bytes]) -> dict[bytes, bytes]:
         return {k: data for k, _, data in self.read_blocks(ns_id, keys)}
 
-    def read_blocks(self, ns_id: bytes, keys: Sequence[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
+    def read_blocks(
+        self, ns_id: bytes, keys: Sequence[bytes]
+    ) -> Iterator[tuple[bytes, int, bytes]]:
         """(key, checksum, bytes) of each held, intact block; batches read in parallel."""
         keys = list(dict.fromkeys(keys))
         for start in range(0, len(keys), self._read_batch):
@@ -282,7 +286,9 @@ class CsdShard:
             self._unpin(entries)
         return out
 
-    def read_layers(self, ns_id: bytes, layout: KVLayout, keys: Sequence[bytes], layer: int) -> LayerBatch:
+    def read_layers(
+        self, ns_id: bytes, layout: KVLayout, keys: Sequence[bytes], layer: int
+    ) -> LayerBatch:
         """Read one layer's K|V of each block: one contiguous range per block, in parallel."""
         if not 0 <= layer < layout.num_layers:
             raise InvalidArgument(f"layer {layer} outside [0, {layout.num_layers})", field="layer")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-
-from tierd.errors import InvalidArgument
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client.layout import dtype_from_proto, dtype_to_proto
+
+from tierd.errors import InvalidArgument
 
 _TORCH_OF: dict[str, torch.dtype] = {
     "float16": torch.float16,

@@ -17,6 +17,7 @@ a second after it was spawned instead of after torch's several-second import.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,19 +27,19 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from tierd.csd.shard import CsdShard, StoreItem
-from tierd.errors import InvalidArgument
-from tierd.server.status import translate_errors
 from tierd_client._proto import csd_pb2 as cpb
 from tierd_client._proto import csd_pb2_grpc as cpb_grpc
 from tierd_client.layout import KVLayout
 
+from tierd.csd.shard import CsdShard, StoreItem
+from tierd.csd.supervisor import MAX_MESSAGE_BYTES, PARENT_ENV
+from tierd.errors import InvalidArgument
+from tierd.server.status import translate_errors
+
 log = logging.getLogger("tierd.csd")
 
 SERVICE_NAME = cpb.DESCRIPTOR.services_by_name["CsdWorker"].full_name
-# Whole blocks travel in-band; a StoreBlocks batch may hold many of them.
-MAX_MESSAGE_BYTES = 256 << 20
+PARENT_CHECK_S = 1.0
 
 
 def _layout(msg: object, field: str = "layout") -> KVLayout:
@@ -69,8 +70,9 @@ class CsdWorkerServicer(cpb_grpc.CsdWorkerServicer):
     @translate_errors
     def DropBlocks(self, request: cpb.CsdKeys, context: grpc.ServicerContext
                    ) -> cpb.DropBlocksResponse:  # fmt: skip
-        return cpb.DropBlocksResponse(dropped=self.shard.drop(request.namespace_id,
-                                                              list(request.keys)))
+        return cpb.DropBlocksResponse(
+            dropped=self.shard.drop(request.namespace_id, list(request.keys))
+        )
 
     @translate_errors
     def PartialAttend(self, request: cpb.PartialAttendRequest, context: grpc.ServicerContext
@@ -170,12 +172,28 @@ class CsdWorkerServer:
 def _warm_up() -> None:
     try:
         import tierd.csd.attend  # noqa: F401 - pays torch's import before the first attend
-    except Exception:  # noqa: BLE001 - the first PartialAttend will report it properly
+    except Exception:
         log.exception("importing the attention path failed")
 
 
+def _watch_parent(parent_pid: int, stop_requested: threading.Event) -> None:
+    """Drain when the daemon that spawned us is gone (we were re-parented).
+
+    A worker orphaned by a daemon killed with -9 would keep its shard locked and the
+    restarted daemon's own worker for that directory could never start.
+    """
+    while not stop_requested.wait(PARENT_CHECK_S):
+        if os.getppid() != parent_pid:
+            log.warning("parent process %d is gone; draining", parent_pid)
+            stop_requested.set()
+
+
 def run_worker(directory: Path, listen: str, capacity_bytes: int) -> int:
-    """Serve one shard until SIGTERM or SIGINT; returns the exit status."""
+    """Serve one shard until SIGTERM or SIGINT; returns the exit status.
+
+    Spawned by a CsdPool, the environment names the daemon (PARENT_ENV) and the worker
+    also stops when that process dies; workers started otherwise ignore their parent.
+    """
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -187,6 +205,10 @@ def run_worker(directory: Path, listen: str, capacity_bytes: int) -> int:
     server = CsdWorkerServer(directory, listen, capacity_bytes)
     server.start()
     threading.Thread(target=_warm_up, name="csd-warm-up", daemon=True).start()
+    parent = os.environ.get(PARENT_ENV)
+    if parent and parent.isdigit():
+        threading.Thread(target=_watch_parent, args=(int(parent), stop_requested),
+                         name="csd-parent-watch", daemon=True).start()  # fmt: skip
     stop_requested.wait()
     server.stop()
     return 0

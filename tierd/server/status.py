@@ -23,7 +23,7 @@ log = logging.getLogger("tierd.server")
 def abort(context: grpc.ServicerContext, err: TierdError) -> NoReturn:
     if err.field:
         context.set_trailing_metadata(((FIELD_METADATA_KEY, err.field),))
-    context.abort(status_of(err), str(err))
+    context.abort(status_of(err), err.message)
     raise AssertionError("unreachable: context.abort raises")
 
 

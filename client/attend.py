@@ -1,0 +1,99 @@
+"""Attend from the client: sequences, and decode attention computed inside tierd.
+
+Primitives: `AttendItem`, `AttendOutput`, `AttendStream` (`send(items) -> outputs`,
+`close()`), used through `TierdClient.open_sequence`, `close_sequence`, `attend`,
+`attend_stream`.
+
+Per decode step and layer only the query (and the step's new K/V) travels; one output per
+query head comes back, so the bytes per step are O(heads x dim), whatever the length of
+the sequence. `AttendStream` keeps one bidirectional call open, which saves the per-call
+setup of a unary RPC on every layer of every step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ._proto import tierd_pb2 as pb
+from .rpc import error_from_rpc
+from .tensors import to_message, to_numpy, to_torch
+
+
+@dataclass(frozen=True)
+class AttendItem:
+    sequence_id: int
+    layer: int
+    q: Any  # [q_tokens, heads, dim]: torch tensor or numpy array
+    k_new: Any = None  # [kv_heads, n, dim], appended to the sequence before attending
+    v_new: Any = None
+    new_tokens: Sequence[int] = ()  # token ids of the appended tokens, with layer 0
+    scale: float = 0.0  # 0: 1/sqrt(dim)
+
+    def to_message(self) -> pb.AttendItem:
+        msg = pb.AttendItem(sequence_id=self.sequence_id, layer=self.layer,
+                            q=to_message(self.q), new_tokens=list(self.new_tokens),
+                            scale=self.scale)  # fmt: skip
+        if self.k_new is not None:
+            msg.k_new.CopyFrom(to_message(self.k_new))
+        if self.v_new is not None:
+            msg.v_new.CopyFrom(to_message(self.v_new))
+        return msg
+
+
+@dataclass(frozen=True)
+class AttendOutput:
+    out: Any  # [q_tokens, heads, dim] float32
+    lse: Any  # [q_tokens, heads] float32
+
+
+def request_of(items: Sequence[AttendItem]) -> pb.AttendRequest:
+    return pb.AttendRequest(items=[item.to_message() for item in items])
+
+
+def outputs_of(resp: pb.AttendResponse, as_torch: bool) -> list[AttendOutput]:
+    conv = to_torch if as_torch else to_numpy
+    return [AttendOutput(conv(r.out), conv(r.lse)) for r in resp.results]
+
+
+class AttendStream:
+    """One open AttendStream call: each `send` is one request and its one response."""
+
+    def __init__(self, stub: Any, timeout: float | None, as_torch: bool) -> None:
+        self._requests: queue.Queue[pb.AttendRequest | None] = queue.Queue()
+        self._as_torch = as_torch
+        self._lock = threading.Lock()
+        self._responses: Iterator[pb.AttendResponse] = stub.AttendStream(
+            self._request_iter(), timeout=timeout
+        )
+
+    def _request_iter(self) -> Iterator[pb.AttendRequest]:
+        while (req := self._requests.get()) is not None:
+            yield req
+
+    def send(self, items: Sequence[AttendItem]) -> list[AttendOutput]:
+        with self._lock:  # responses come back in order: one caller at a time
+            self._requests.put(request_of(items))
+            try:
+                resp = next(self._responses)
+            except grpc.RpcError as e:
+                raise error_from_rpc(e) from e
+        return outputs_of(resp, self._as_torch)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        cancel = getattr(self._responses, "cancel", None)
+        if cancel is not None:
+            for _ in self._responses:  # drain the end of the stream
+                pass
+
+    def __enter__(self) -> AttendStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
