@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nvme-capacity", metavar="SIZE", help="NVMe tier size, e.g. 200GiB")
     serve.add_argument("--nvme-path", type=Path, help="directory of the NVMe tier's data file")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+                       help="json: one object per line, for log collectors")
+    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     check = sub.add_parser("check-config", help="validate a config file, print the result")
     check.add_argument("file", type=Path)
     csd = sub.add_parser("csd-worker", help="run a computational-storage worker on one shard")
@@ -47,6 +50,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         "host.capacity": args.host_capacity,
         "nvme.capacity": args.nvme_capacity,
         "nvme.path": str(args.nvme_path) if args.nvme_path else None,
+        "metrics.listen": args.metrics,
     }
     return load_config(args.config, overrides).resolved()
 
@@ -59,6 +63,24 @@ def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": round(record.created, 6), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}  # fmt: skip
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )  # fmt: skip
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -66,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.file).resolved()
             print(json.dumps(_jsonable(cfg), indent=2))
             return 0
-        logging.basicConfig(
-            level=args.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        _setup_logging(args.log_level, args.log_format)
         if args.command == "csd-worker":
             from tierd.csd.worker import run_worker  # grpc and the shard load only here
 
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config_from_args(args)
         from tierd.server.app import serve  # grpc and the tiers load only to serve
 
-        return serve(cfg)
+        return serve(cfg, reload_config=lambda: _config_from_args(args))
     except ConfigError as e:
         print(f"tierd: configuration error: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB
     workers: int = 16
     drain_seconds: float = 10.0
+    flush_on_stop: bool = False  # write host-only blocks to NVMe on SIGTERM (survive reboot)
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,43 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty: off
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     server: ServerConfig = ServerConfig()
     host: HostTierConfig = HostTierConfig()
     nvme: NvmeTierConfig = NvmeTierConfig()
     leases: LeaseConfig = LeaseConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def nvme_path(self) -> Path:
         return self.nvme.path or self.data_dir / "nvme"
+
+    def reload_changes(self, new: Config) -> tuple[Config, list[str]]:
+        """What a SIGHUP can apply: watermarks, leases, drain. Returns the config to run
+        with and the keys that differ but need a restart."""
+        live = dataclasses.replace(
+            self,
+            host=dataclasses.replace(self.host, high_watermark=new.host.high_watermark,
+                                     low_watermark=new.host.low_watermark),
+            leases=new.leases,
+            server=dataclasses.replace(self.server, drain_seconds=new.server.drain_seconds,
+                                       flush_on_stop=new.server.flush_on_stop),
+        )  # fmt: skip
+        restart = [
+            f"{section}.{f.name}"
+            for section in ("server", "host", "nvme", "metrics")
+            for f in dataclasses.fields(getattr(live, section))
+            if getattr(getattr(live, section), f.name) != getattr(getattr(new, section), f.name)
+        ]
+        if live.data_dir != new.data_dir:
+            restart.append("data_dir")
+        return live, restart
 
     def resolved(self) -> Config:
         """Fill the machine-dependent defaults (sizes, socket path) and check ranges."""
@@ -164,6 +192,8 @@ class Config:
         for addr in self.server.listen:
             if not (addr.startswith("unix:") or re.match(r"^(\[[^\]]+\]|[^:]+):\d+$", addr)):
                 raise ConfigError("server.listen", f"{addr!r} is neither unix:PATH nor HOST:PORT")
+        if self.metrics.listen and not re.match(r"^[^:]*:\d+$", self.metrics.listen):
+            raise ConfigError("metrics.listen", f"{self.metrics.listen!r} is not HOST:PORT")
         if self.leases.default_ttl_ms <= 0 or self.leases.max_ttl_ms < self.leases.default_ttl_ms:
             raise ConfigError("leases", "need 0 < default_ttl_ms <= max_ttl_ms")
 
@@ -182,7 +212,7 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
         where = f"{section}.{key}"
         if name in _SIZE_KEYS:
             value = parse_size(value, key=where)
-        elif name == "listen":
+        elif name == "listen" and cls is ServerConfig:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -205,6 +235,7 @@ _SECTIONS: dict[str, type] = {
     "host": HostTierConfig,
     "nvme": NvmeTierConfig,
     "leases": LeaseConfig,
+    "metrics": MetricsConfig,
 }
 
 

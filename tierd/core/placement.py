@@ -48,6 +48,10 @@ class Placer:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        """The placement thread runs (the watchdog's sign of life)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         with self.cond:
             self._stop = True
@@ -62,6 +66,29 @@ class Placer:
             return self.cond.wait_for(
                 lambda: self._host_goal() == 0 and not self._any_moving(), timeout
             )
+
+    def flush(self, deadline: float) -> int:
+        """Write every host-only block to NVMe (SIGTERM with flush_on_stop), so a machine
+        reboot, which empties /dev/shm, loses nothing. Returns the blocks written."""
+        written = 0
+        while time.monotonic() < deadline:
+            with self.cond:
+                batch, total = [], 0
+                for entry in self.svc.index.entries():
+                    if entry.host_off is not None and entry.nvme_off is None and entry.movable:
+                        offset = self.allocate_nvme(entry.nbytes)
+                        if offset is None:
+                            break
+                        entry.moving = True
+                        batch.append((entry, offset))
+                        total += entry.nbytes
+                        if total >= 256 << 20:
+                            break
+            if not batch:
+                break
+            self._demote(batch)
+            written += len(batch)
+        return written
 
     def kick(self) -> None:
         """Wake the thread if host is above its high watermark (caller holds the lock)."""

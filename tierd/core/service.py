@@ -434,6 +434,23 @@ class CacheService:
             self.catalog.set_pinned(changed, pinned)
         return len(changed)
 
+    def usage_by_tenant(self) -> dict[tuple[str, str], int]:
+        """Bytes each tenant holds in each tier (metrics, status)."""
+        usage: dict[tuple[str, str], int] = {}
+        with self.cond:
+            for e in self.index.entries():
+                for tier, present in (("host", e.host_off), ("nvme", e.nvme_off), ("csd", e.csd)):
+                    if present is not None:
+                        k = (e.ns.tenant, tier)
+                        usage[k] = usage.get(k, 0) + e.nbytes
+        return usage
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded configuration (only keys that may change live differ)."""
+        with self.cond:
+            self.config = config
+            self.cond.notify_all()
+
     def stats(self) -> StatsSnapshot:
         with self.cond:
             entries = self.index.entries()

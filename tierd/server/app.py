@@ -1,11 +1,14 @@
 """The daemon process: a gRPC server around one CacheService, with a clean drain.
 
-Primitives: `Daemon(config)`, `start()`, `wait()`, `stop()`; `serve(config)` runs one
-until SIGTERM/SIGINT and returns the exit status.
+Primitives: `Daemon(config)`, `start()`, `reload(config)`, `stop()`;
+`serve(config, config_path)` runs one until SIGTERM/SIGINT and returns the exit status.
 
-On SIGTERM: health turns NOT_SERVING, the server stops accepting, in-flight calls get up
-to `server.drain_seconds` to finish, then the core closes (the catalog and the host
-segments stay, so a restart finds every committed block).
+systemd sees READY once the listeners accept, RELOADING/READY around a SIGHUP, WATCHDOG
+while the placement thread lives, and STOPPING on SIGTERM. The drain: health turns
+NOT_SERVING, the server stops accepting, in-flight calls get up to
+`server.drain_seconds` to finish, host-only blocks are written to NVMe if
+`server.flush_on_stop`, then the core closes (the catalog and the host segments stay, so
+a restart finds every committed block).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -24,8 +28,11 @@ from grpc_reflection.v1alpha import reflection
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 
-from tierd.config import Config, format_size
+from tierd.config import Config, format_size, load_config
 from tierd.core.service import CacheService
+from tierd.errors import ConfigError
+from tierd.metrics import Metrics
+from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
 
 log = logging.getLogger("tierd")
@@ -45,6 +52,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.service = CacheService(config)
+        self.metrics = Metrics(self.service)
+        self.notifier = Notifier.from_env()
         opts = [
             ("grpc.max_send_message_length", config.server.max_message_bytes),
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
@@ -53,6 +62,7 @@ class Daemon:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="tierd-rpc"),
             options=opts,
+            interceptors=[self.metrics.interceptor()],
         )
         pb_grpc.add_TierdServicer_to_server(TierdServicer(self.service), self.server)
         self.health = health.HealthServicer()
@@ -76,8 +86,14 @@ class Daemon:
         self.server.start()
         for path in self._sockets:
             os.chmod(path, 0o660)  # owner and group: the inference workers' group
+        if self.config.metrics.listen:
+            port = self.metrics.serve(self.config.metrics.listen)
+            log.info("metrics on http://%s:%d/metrics",
+                     self.config.metrics.listen.rpartition(":")[0] or "127.0.0.1", port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.notifier.ready(self._status())
+        self.notifier.start_watchdog(alive=self.service.placer.alive)
         cfg = self.config
         log.info(
             "ready: listening on %s; host tier %s, nvme tier %s at %s (%s)",
@@ -85,33 +101,78 @@ class Daemon:
             format_size(cfg.nvme.capacity_bytes), cfg.nvme_path, self.service.nvme.backend_name,
         )  # fmt: skip
 
+    def _status(self) -> str:
+        s = self.service.stats()
+        host, nvme = s.tiers[0], s.tiers[1]
+        return (f"host {format_size(host.used_bytes)}/{format_size(host.capacity_bytes)}, "
+                f"nvme {format_size(nvme.used_bytes)}/{format_size(nvme.capacity_bytes)}")
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply what can change live; returns the keys that need a restart."""
+        self.notifier.reloading()
+        live, restart = self.config.reload_changes(new)
+        self.config = live
+        self.service.reconfigure(live)
+        if restart:
+            log.warning("reloaded; these keys change only on restart: %s", ", ".join(restart))
+        else:
+            log.info("reloaded configuration")
+        self.notifier.ready(self._status())
+        return restart
+
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.notifier.stopping()
         self.health.enter_graceful_shutdown()
         started = time.monotonic()
+        deadline = started + self.config.server.drain_seconds
         self.server.stop(grace=self.config.server.drain_seconds).wait()
+        if self.config.server.flush_on_stop:
+            n = self.service.placer.flush(deadline)
+            log.info("flushed %d host blocks to NVMe", n)
+        self.metrics.close()
         self.service.close()
         for path in self._sockets:
             path.unlink(missing_ok=True)
+        self.notifier.close()
         log.info("stopped after draining for %.2f s", time.monotonic() - started)
 
     def wait(self) -> None:
         self._stopped.wait()
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration via `reload_config`."""
     daemon = Daemon(config)
     stop_requested = threading.Event()
+    reload_requested = threading.Event()
+    wake = threading.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_stop(signum: int, _frame: object) -> None:
         log.info("received %s; draining", signal.Signals(signum).name)
         stop_requested.set()
+        wake.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_hup(_signum: int, _frame: object) -> None:
+        reload_requested.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
     daemon.start()
-    stop_requested.wait()
+    while not stop_requested.is_set():
+        wake.wait()
+        wake.clear()
+        if reload_requested.is_set() and not stop_requested.is_set():
+            reload_requested.clear()
+            try:
+                new = reload_config() if reload_config else daemon.config
+                daemon.reload(new)
+            except ConfigError as e:  # a bad edit must not take a running daemon down
+                log.error("reload refused, keeping the running configuration: %s", e)
+                daemon.notifier.ready(daemon._status())
     daemon.stop()
     return 0

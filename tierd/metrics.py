@@ -1,0 +1,114 @@
+"""Prometheus metrics: tier occupancy and traffic read at scrape time, RPC latencies live.
+
+Primitives: `Metrics(service)`, `serve(address)`, `interceptor()` (a gRPC server
+interceptor timing every call), `close()`.
+
+Counters the core already keeps are exported through a custom collector, so the hot paths
+pay nothing for metrics; only the RPC histogram is updated per call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from tierd.core.service import CacheService
+
+RPC_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 5)
+
+
+class _CoreCollector(Collector):
+    def __init__(self, service: CacheService) -> None:
+        self.svc = service
+
+    def collect(self) -> Iterator[Any]:
+        s = self.svc.stats()
+        cap = GaugeMetricFamily("tierd_tier_capacity_bytes", "Tier capacity", labels=["tier"])
+        used = GaugeMetricFamily("tierd_tier_used_bytes", "Bytes holding blocks", labels=["tier"])
+        blocks = GaugeMetricFamily("tierd_tier_blocks", "Blocks with a copy in the tier",
+                                   labels=["tier"])  # fmt: skip
+        hits = CounterMetricFamily("tierd_tier_hits", "Blocks served from the tier",
+                                   labels=["tier"])  # fmt: skip
+        read = CounterMetricFamily("tierd_tier_read_bytes", "Bytes served from the tier",
+                                   labels=["tier"])  # fmt: skip
+        written = CounterMetricFamily("tierd_tier_written_bytes", "Bytes written to the tier",
+                                      labels=["tier"])  # fmt: skip
+        evicted = CounterMetricFamily("tierd_tier_evictions", "Blocks evicted from the tier",
+                                      labels=["tier"])  # fmt: skip
+        for t in s.tiers:
+            cap.add_metric([t.name], t.capacity_bytes)
+            used.add_metric([t.name], t.used_bytes)
+            blocks.add_metric([t.name], t.blocks)
+            hits.add_metric([t.name], t.counters.hits)
+            read.add_metric([t.name], t.counters.bytes_read)
+            written.add_metric([t.name], t.counters.bytes_written)
+            evicted.add_metric([t.name], t.counters.evictions)
+        yield from (cap, used, blocks, hits, read, written, evicted)
+        for name, value, doc in (
+            ("lookups", s.lookups, "Lookup calls"),
+            ("misses", s.misses, "Lookups or gets that missed a block"),
+            ("demotions", s.demotions, "Blocks moved from host to NVMe"),
+            ("promotions", s.promotions, "Blocks moved from NVMe to host"),
+            ("corrupt_reads", s.corrupt_reads, "Block copies that failed their checksum"),
+        ):
+            yield CounterMetricFamily(f"tierd_{name}", doc, value=value)
+        yield GaugeMetricFamily("tierd_active_leases", "Open leases", value=s.active_leases)
+        tenant = GaugeMetricFamily("tierd_tenant_used_bytes", "Bytes held per tenant and tier",
+                                   labels=["tenant", "tier"])  # fmt: skip
+        for (name, tier), nbytes in sorted(self.svc.usage_by_tenant().items()):
+            tenant.add_metric([name, tier], nbytes)
+        yield tenant
+
+
+class _Timing(grpc.ServerInterceptor):
+    def __init__(self, histogram: Histogram) -> None:
+        self._hist = histogram
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streams are timed by their own length, not per message
+        method = details.method.rsplit("/", 1)[-1]
+        hist, inner = self._hist.labels(method), handler.unary_unary
+
+        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(request, context)
+            finally:
+                hist.observe(time.perf_counter() - t0)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, handler.request_deserializer, handler.response_serializer
+        )
+
+
+class Metrics:
+    def __init__(self, service: CacheService) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_CoreCollector(service))
+        self.rpc_seconds = Histogram("tierd_rpc_seconds", "Unary RPC latency", ["method"],
+                                     buckets=RPC_BUCKETS, registry=self.registry)  # fmt: skip
+        self._server: Any = None
+
+    def interceptor(self) -> grpc.ServerInterceptor:
+        return _Timing(self.rpc_seconds)
+
+    def serve(self, address: str) -> int:
+        """Expose /metrics on HOST:PORT; returns the port (0 in the address picks one)."""
+        host, _, port = address.rpartition(":")
+        self._server, _thread = start_http_server(int(port), host or "127.0.0.1",
+                                                  registry=self.registry)  # fmt: skip
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
