@@ -22,6 +22,7 @@ from .errors import (
     PermissionDenied,
     ResourceExhausted,
     TierdError,
+    Unauthenticated,
     Unavailable,
 )
 from .keys import KEY_BYTES, block_keys
@@ -49,6 +50,7 @@ __all__ = [
     "SegmentInfo",
     "TierdClient",
     "TierdError",
+    "Unauthenticated",
     "Unavailable",
     "block_keys",
 ]

@@ -64,12 +64,13 @@ def outputs_of(resp: pb.AttendResponse, as_torch: bool) -> list[AttendOutput]:
 class AttendStream:
     """One open AttendStream call: each `send` is one request and its one response."""
 
-    def __init__(self, stub: Any, timeout: float | None, as_torch: bool) -> None:
+    def __init__(self, stub: Any, timeout: float | None, as_torch: bool,
+                 metadata: Any = None) -> None:
         self._requests: queue.Queue[pb.AttendRequest | None] = queue.Queue()
         self._as_torch = as_torch
         self._lock = threading.Lock()
         self._responses: Iterator[pb.AttendResponse] = stub.AttendStream(
-            self._request_iter(), timeout=timeout
+            self._request_iter(), timeout=timeout, metadata=metadata
         )
 
     def _request_iter(self) -> Iterator[pb.AttendRequest]:

@@ -77,7 +77,7 @@ class TierdClient:
     be mapped, else in-band), "shm" (fail if impossible) or "inband". `timeout` is the
     deadline of each RPC; `max_retries` bounds the retries after UNAVAILABLE;
     `lease_ttl_ms` is how long a shared-memory lease may stay open (0: the daemon's
-    default). `credentials` secures a TCP channel.
+    default). `credentials` secures a TCP channel; `token` is the tenant's bearer token.
     """
 
     def __init__(
@@ -90,6 +90,7 @@ class TierdClient:
         max_retries: int = 5,
         lease_ttl_ms: int = 0,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
@@ -124,12 +125,15 @@ class TierdClient:
         self._segments = SegmentMaps()
         self._ready = False  # until a call succeeds, calls wait for the channel
         self._rng = random.Random()
+        # A tenant's bearer token travels with every call (daemons with tenants configured).
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     # ---- plumbing -------------------------------------------------------------------
 
     def _invoke(self, call: Callable[..., T], request: Any) -> T:
         try:
-            resp = call(request, timeout=self._timeout, wait_for_ready=not self._ready)
+            resp = call(request, timeout=self._timeout, wait_for_ready=not self._ready,
+                        metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
         self._ready = True
@@ -322,7 +326,8 @@ class TierdClient:
         asm = GetAssembler(byte_rows(view, ns.layout), ns.block_bytes)
         req = pb.GetRequest(namespace_id=ns.id, keys=keys)
         # A server stream reports failures while it is read, so no _invoke here.
-        stream = self._stub.Get(req, timeout=self._timeout, wait_for_ready=not self._ready)
+        stream = self._stub.Get(req, timeout=self._timeout, wait_for_ready=not self._ready,
+                                metadata=self._metadata)
         try:
             for chunk in stream:
                 asm.feed(chunk)
@@ -382,7 +387,7 @@ class TierdClient:
 
     def attend_stream(self, *, as_torch: bool = True) -> AttendStream:
         """A bidirectional Attend call for a decode loop (one request/response per send)."""
-        return AttendStream(self._stub, None, as_torch)
+        return AttendStream(self._stub, None, as_torch, self._metadata)
 
     def move(self, ns: Namespace, keys: Iterable[bytes], tier: str) -> int:
         """Place blocks in a tier ("host", "nvme", "csd"); returns how many are there now."""

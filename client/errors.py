@@ -36,6 +36,10 @@ class FailedPrecondition(TierdError):
     """The call is valid but the state does not allow it (lease expired, block in use)."""
 
 
+class Unauthenticated(TierdError):
+    """The caller presented no valid credentials (bearer token or client certificate)."""
+
+
 class PermissionDenied(TierdError):
     """The caller may not touch this namespace."""
 

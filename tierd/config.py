@@ -99,6 +99,10 @@ class ServerConfig:
     workers: int = 16
     drain_seconds: float = 10.0
     flush_on_stop: bool = False  # write host-only blocks to NVMe on SIGTERM (survive reboot)
+    # TLS for TCP listeners (required for them); a client CA turns on mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,19 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True)
+class TenantConfig:
+    """A tenant and how it proves who it is. With no tenants configured, the daemon runs
+    open: callers name their tenant, and the socket's permissions are the only guard."""
+
+    name: str = ""
+    token_sha256: str = ""  # hex SHA-256 of the bearer token (the token itself is not kept)
+    cert_cn: str = ""  # client certificate common name (mutual TLS)
+    weight: float = 1.0  # share of contended capacity, relative to the other tenants
+    host_quota: int = 0  # bytes in the host tier; 0: no quota
+    nvme_quota: int = 0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty: off
 
@@ -139,6 +156,10 @@ class Config:
     nvme: NvmeTierConfig = NvmeTierConfig()
     leases: LeaseConfig = LeaseConfig()
     metrics: MetricsConfig = MetricsConfig()
+    tenants: tuple[TenantConfig, ...] = ()
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.name == name), None)
 
     @property
     def nvme_path(self) -> Path:
@@ -152,6 +173,7 @@ class Config:
             host=dataclasses.replace(self.host, high_watermark=new.host.high_watermark,
                                      low_watermark=new.host.low_watermark),
             leases=new.leases,
+            tenants=new.tenants,
             server=dataclasses.replace(self.server, drain_seconds=new.server.drain_seconds,
                                        flush_on_stop=new.server.flush_on_stop),
         )  # fmt: skip
@@ -192,6 +214,19 @@ class Config:
         for addr in self.server.listen:
             if not (addr.startswith("unix:") or re.match(r"^(\[[^\]]+\]|[^:]+):\d+$", addr)):
                 raise ConfigError("server.listen", f"{addr!r} is neither unix:PATH nor HOST:PORT")
+            if not addr.startswith("unix:") and not (self.server.tls_cert and self.server.tls_key):
+                raise ConfigError("server.listen", f"TCP listener {addr!r} needs server.tls_cert "
+                                  "and server.tls_key (TCP is served only over TLS)")
+        names = [t.name for t in self.tenants]
+        for i, t in enumerate(self.tenants):
+            if not t.name or names.count(t.name) > 1:
+                raise ConfigError(f"tenants[{i}].name", "every tenant needs a unique name")
+            if t.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", t.token_sha256):
+                raise ConfigError(f"tenants[{i}].token_sha256", "expected 64 hex digits")
+            if not (t.token_sha256 or t.cert_cn):
+                raise ConfigError(f"tenants[{i}]", "needs token_sha256 or cert_cn")
+            if t.weight <= 0:
+                raise ConfigError(f"tenants[{i}].weight", "must be positive")
         if self.metrics.listen and not re.match(r"^[^:]*:\d+$", self.metrics.listen):
             raise ConfigError("metrics.listen", f"{self.metrics.listen!r} is not HOST:PORT")
         if self.leases.default_ttl_ms <= 0 or self.leases.max_ttl_ms < self.leases.default_ttl_ms:
@@ -199,7 +234,8 @@ class Config:
 
 
 # TOML section -> (dataclass, {key: converter})
-_SIZE_KEYS = {"capacity", "capacity_bytes", "max_message_bytes", "chunk_bytes"}
+_SIZE_KEYS = {"capacity", "capacity_bytes", "max_message_bytes", "chunk_bytes", "host_quota",
+              "nvme_quota"}  # fmt: skip
 
 
 def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
@@ -218,7 +254,7 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(where, "expected a list of addresses")
             value = tuple(value)
-        elif name == "path":
+        elif name in ("path", "tls_cert", "tls_key", "tls_client_ca"):
             value = Path(str(value))
         else:
             expected = type(getattr(cls(), name))
@@ -244,6 +280,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     for key, value in raw.items():
         if key == "data_dir":
             kwargs["data_dir"] = Path(str(value))
+        elif key == "tenants":
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise ConfigError(key, "expected [[tenants]] tables")
+            kwargs["tenants"] = tuple(
+                _build_section(TenantConfig, t, f"tenants[{i}]") for i, t in enumerate(value)
+            )
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(key, "expected a table")

@@ -14,6 +14,7 @@ from tierd_client.errors import (
     PermissionDenied,
     ResourceExhausted,
     TierdError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "TierdError",
+    "Unauthenticated",
     "Unavailable",
 ]
 

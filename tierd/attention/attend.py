@@ -82,6 +82,10 @@ class AttendService:
         self.sequences.add(seq)
         return seq.id, seq.block_tokens_cached
 
+    def sequence_tenant(self, seq_id: int) -> str | None:
+        seq = self.sequences.get(seq_id)
+        return seq.ns.tenant if seq is not None else None
+
     def close_sequence(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id)
         if seq is None:

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING
 
+from tierd.core.fairness import fair_victim_order, over_quota
 from tierd.core.index import BlockEntry
 from tierd.errors import ResourceExhausted
 
@@ -40,6 +41,7 @@ class Placer:
         self._wanted = 0  # bytes that callers are waiting for in host
         self._passes = 0
         self._last_pass_freed = 0
+        self._over_quota: dict[str, int] = {}  # tenant -> host bytes it is waiting to reach
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="tierd-placement", daemon=True)
 
@@ -102,8 +104,15 @@ class Placer:
         """A host extent, waiting for demotion if host is full; None if nothing can move."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         while True:
-            offset = self.svc.host.allocate(tenant, nbytes)
+            offset = None
+            usage = self.svc.host.segment(tenant).alloc.used_bytes
+            within_quota = not over_quota(self.svc.config, tenant, "host", usage + nbytes)
+            if within_quota:
+                offset = self.svc.host.allocate(tenant, nbytes)
+            else:
+                self._over_quota[tenant] = usage + nbytes
             if offset is not None or time.monotonic() >= deadline or self._stop:
+                self._over_quota.pop(tenant, None)
                 return offset
             self._wanted += nbytes
             self.cond.notify_all()
@@ -112,6 +121,9 @@ class Placer:
                 self.cond.wait(deadline - time.monotonic())
             self._wanted -= nbytes
             if self._passes != passes and self._last_pass_freed == 0 and not self._any_moving():
+                self._over_quota.pop(tenant, None)
+                if not within_quota:
+                    return None
                 return self.svc.host.allocate(tenant, nbytes)  # a pass could free nothing
 
     def _any_moving(self) -> bool:
@@ -251,13 +263,31 @@ class Placer:
         """Bytes to move out of host now (0 when occupancy is fine and nobody waits)."""
         host, cfg = self.svc.host, self.svc.config.host
         used = host.used_bytes
-        if used <= host.capacity * cfg.high_watermark and self._wanted == 0:
+        # A tenant waiting at its quota needs its own blocks moved: the fair order puts an
+        # over-quota tenant first, so asking for that many bytes moves its blocks.
+        quota_need = sum(
+            want - (tc.host_quota if (tc := self.svc.config.tenant(t)) else 0)
+            for t, want in self._over_quota.items()
+        )
+        if used <= host.capacity * cfg.high_watermark and self._wanted == 0 and not quota_need:
             return 0
-        return max(0, int(used - host.capacity * cfg.low_watermark) + self._wanted)
+        return max(0, int(used - host.capacity * cfg.low_watermark) + self._wanted, quota_need)
+
+    def _tier_usage(self, tier: str) -> dict[str, int]:
+        usage: dict[str, int] = {}
+        if tier == "host":
+            for seg in self.svc.host.segments():
+                usage[seg.tenant] = seg.alloc.used_bytes
+            return usage
+        for e in self.svc.index.entries():
+            if e.nvme_off is not None:
+                usage[e.ns.tenant] = usage.get(e.ns.tenant, 0) + e.nbytes
+        return usage
 
     def _host_victims(self, goal: int) -> list[BlockEntry]:
         candidates = [e for e in self.svc.index.entries() if e.host_off is not None and e.movable]
-        candidates.sort(key=self.svc.policy.priority)
+        candidates = fair_victim_order(candidates, self._tier_usage("host"), self.svc.config,
+                                       self.svc.policy.priority, "host")  # fmt: skip
         picked, total = [], 0
         for entry in candidates:
             if total >= goal:
@@ -340,7 +370,8 @@ class Placer:
             e for e in self.svc.index.entries()
             if e.nvme_off is not None and e.movable and not (e.pinned and e.host_off is None)
         ]  # fmt: skip
-        candidates.sort(key=self.svc.policy.priority)
+        candidates = fair_victim_order(candidates, self._tier_usage("nvme"), self.svc.config,
+                                       self.svc.policy.priority, "nvme")  # fmt: skip
         freed = 0
         for entry in candidates:
             if freed >= goal:

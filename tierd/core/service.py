@@ -177,9 +177,12 @@ class CacheService:
                 self.index.namespaces[ns_id] = ns
         return ns, self.segment_info(ns)
 
-    def namespace(self, ns_id: bytes) -> NamespaceInfo:
+    def namespace(self, ns_id: bytes, principal: str | None = None) -> NamespaceInfo:
+        """The namespace, if it exists and `principal` (None: open mode) may use it.
+
+        Another tenant's namespace is answered exactly like one that does not exist."""
         ns = self.index.namespaces.get(ns_id)
-        if ns is None:
+        if ns is None or (principal is not None and ns.tenant != principal):
             raise InvalidArgument("unknown namespace; call OpenNamespace first",
                                   field="namespace_id")
         return ns
@@ -355,6 +358,12 @@ class CacheService:
     def view(self, ns: NamespaceInfo, offset: int) -> memoryview:
         """The bytes of a block a get lease holds (in-band gets stream from here)."""
         return self.host.view(ns.tenant, offset, ns.block_bytes)
+
+    def lease_tenant(self, lease_id: int) -> str | None:
+        """The tenant owning a lease (None if there is no such lease)."""
+        with self.cond:
+            lease = self.leases.get(lease_id)
+            return lease.ns.tenant if lease is not None else None
 
     def release(self, lease_id: int) -> None:
         """End a get lease, or abort an uncommitted put lease. Unknown ids are a no-op."""

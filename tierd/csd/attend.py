@@ -1,16 +1,18 @@
 """Partial decode attention over the layer bytes a shard read: (out, lse) for one worker.
 
-Primitives: `attend_batch(batch, layout, q, scale) -> (out, lse)`,
-`partial_attention(q, kv, scale) -> (out, lse)`.
+Primitives: `check_query(q, layout)`, `layer_blocks(batch, layout) -> [block views]`,
+`attend_batch(batch, layout, q, scale) -> (out, lse)`.
 
 No mask: every key a worker holds precedes the query positions. `out` is
 [q_tokens, heads, dim] float32 and `lse` [q_tokens, heads] float32 (natural log), so
 partials of several tiers merge exactly: lse = logsumexp_i lse_i,
 out = sum_i exp(lse_i - lse) out_i. With no keys, out is 0 and lse is -inf (weight 0).
 
-The math runs in float32 whatever the KV dtype (fp16 matmul is slow on CPUs, and float32
-keeps the result within 1e-5 of a float64 oracle); GQA maps query head h to kv head
-h // (heads / kv_heads), as `repeat_interleave` of the kv heads does.
+The math is `tierd_kernels.attend_blocks`, the fast CPU path: it gathers keys a chunk at
+a time into a cache-sized float32 buffer (the gather is the dtype conversion), so it runs
+in float32 whatever the KV dtype and stays within 1e-5 of a float64 oracle. GQA maps query
+head h to kv head h // (heads / kv_heads). The blocks are handed over as views into the
+shard's read buffer: no copy before the kernel's own gather.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 
 import torch
 from tierd_client.layout import KVLayout
+from tierd_kernels import attend_blocks
 
 from tierd.csd.shard import LayerBatch
 from tierd.csd.tensors import torch_dtype
@@ -45,50 +48,26 @@ def check_query(q: torch.Tensor, layout: KVLayout) -> None:
         )
 
 
-def batch_kv(batch: LayerBatch, layout: KVLayout) -> torch.Tensor:
-    """The found blocks' layer as one [n, 2, kv_heads, block_tokens, dim] view (no copy
-    unless some slots were left out)."""
+def layer_blocks(batch: LayerBatch, layout: KVLayout) -> list[torch.Tensor]:
+    """Each found block's layer as a [1, 2, kv_heads, block_tokens, dim] view of the read
+    buffer (the block layout with one layer), in request order."""
     h, t, d = layout.num_kv_heads, layout.block_tokens, layout.head_dim
     n_slots = len(batch.buffer) // batch.stride if batch.stride else 0
     raw = torch.from_numpy(batch.buffer[: n_slots * batch.stride]).view(n_slots, batch.stride)
     # `pad` and `stride` are multiples of the itemsize, so the dtype view is legal.
     kv = raw[:, batch.pad : batch.pad + batch.nbytes].view(torch_dtype(layout.dtype))
-    kv = kv.view(n_slots, 2, h, t, d)
-    if batch.slots != list(range(n_slots)):
-        kv = kv[torch.tensor(batch.slots, dtype=torch.long)]
-    return kv
+    kv = kv.view(n_slots, 1, 2, h, t, d)
+    return [kv[slot] for slot in batch.slots]
 
 
 def attend_batch(
     batch: LayerBatch, layout: KVLayout, q: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [Tq, Hq, D], lse [Tq, Hq]) float32 over every found block; scale 0: 1/sqrt(D)."""
     check_query(q, layout)
-    return partial_attention(q, batch_kv(batch, layout), scale or 1.0 / math.sqrt(layout.head_dim))
-
-
-def partial_attention(
-    q: torch.Tensor, kv: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [Tq, Hq, D] over kv [n, 2, Hkv, T, D] (all keys visible)."""
     tq, hq, d = q.shape
-    n, _, hkv, t, _ = kv.shape
-    g = hq // hkv
-    if n == 0:
+    if not batch.slots:
         return (torch.zeros(tq, hq, d, dtype=torch.float32),
                 torch.full((tq, hq), -math.inf, dtype=torch.float32))  # fmt: skip
-    # One pass each for K and V: gather kv-head-major and convert to float32 together.
-    k = torch.empty(hkv, n, t, d, dtype=torch.float32)
-    k.copy_(kv[:, 0].permute(1, 0, 2, 3))
-    v = torch.empty(hkv, n, t, d, dtype=torch.float32)
-    v.copy_(kv[:, 1].permute(1, 0, 2, 3))
-    k, v = k.view(hkv, n * t, d), v.view(hkv, n * t, d)
-    # [Tq, Hkv, G, D] -> [Hkv, Tq*G, D]: each kv head meets its group's queries in one bmm.
-    qg = (q.to(torch.float32) * scale).reshape(tq, hkv, g, d).permute(1, 0, 2, 3)
-    qg = qg.reshape(hkv, tq * g, d)
-    s = torch.bmm(qg, k.transpose(1, 2))  # [Hkv, Tq*G, N]
-    lse = torch.logsumexp(s, dim=-1)
-    p = s.sub_(lse.unsqueeze(-1)).exp_()
-    o = torch.bmm(p, v)  # [Hkv, Tq*G, D]
-    out = o.view(hkv, tq, g, d).permute(1, 0, 2, 3).reshape(tq, hq, d)
-    lse = lse.view(hkv, tq, g).permute(1, 0, 2).reshape(tq, hq)
-    return out.contiguous(), lse.contiguous()
+    scale = scale or 1.0 / math.sqrt(layout.head_dim)
+    return attend_blocks(layer_blocks(batch, layout), 0, q, scale=scale)

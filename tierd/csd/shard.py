@@ -20,12 +20,10 @@ sees bytes of a block stored after it started.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -35,6 +33,7 @@ import xxhash
 from tierd_client.layout import KVLayout
 
 from tierd.csd.catalog import ShardCatalog, ShardRow
+from tierd.csd.files import aligned_buffer, lock_directory, wait_all
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from tierd.tiers.extents import align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
@@ -48,13 +47,6 @@ LOCK_FILE = "shard.lock"
 
 def checksum(buf: Any) -> int:
     return xxhash.xxh3_64_intdigest(buf)
-
-
-def aligned_buffer(nbytes: int) -> np.ndarray:
-    """A page-aligned uint8 array, so O_DIRECT reads land in it without a bounce copy."""
-    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGNMENT
-    return raw[start : start + nbytes]
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,7 @@ class CsdShard:
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_fd = _lock_directory(self.directory)
+        self._lock_fd = lock_directory(self.directory, LOCK_FILE)
         try:
             self._nvme = NvmeStore(
                 self.directory, capacity_bytes, backend=backend or select_backend("auto"),
@@ -224,7 +216,7 @@ class CsdShard:
         # Bytes move outside the lock; the new extents are invisible until the rows land.
         futures = [self._nvme.write_async(off, v) for off, (_, _, v) in zip(offsets, todo)]
         try:
-            _wait_all(futures)
+            wait_all(futures)
         except BaseException:
             with self._lock:
                 for off in offsets:
@@ -271,19 +263,28 @@ class CsdShard:
 
     def _read_batch_of(self, ns_id: bytes, keys: list[bytes]) -> list[tuple[bytes, int, bytes]]:
         entries = self._pin(ns_id, keys)
-        out: list[tuple[bytes, int, bytes]] = []
         try:
             held = [e for e in entries if e is not None]
-            bufs = [aligned_buffer(e.row.nbytes) for e in held]
-            _wait_all([self._nvme.read_async(e.row.offset, b) for e, b in zip(held, bufs)])
-            for e, b in zip(held, bufs):
-                if checksum(b) != e.row.checksum:
-                    self._corrupted(e)
-                    continue
-                e.verified = True
-                out.append((e.row.key, e.row.checksum, b.tobytes()))
+            return [
+                (e.row.key, e.row.checksum, whole.tobytes())
+                for e, whole in zip(held, self._read_whole(held))
+                if whole is not None
+            ]
         finally:
             self._unpin(entries)
+
+    def _read_whole(self, entries: Sequence[_Entry]) -> list[np.ndarray | None]:
+        """Whole pinned blocks, read in parallel and checked; None for a corrupt one."""
+        bufs = [aligned_buffer(e.row.nbytes) for e in entries]
+        wait_all([self._nvme.read_async(e.row.offset, b) for e, b in zip(entries, bufs)])
+        out: list[np.ndarray | None] = []
+        for e, b in zip(entries, bufs):
+            if checksum(b) == e.row.checksum:
+                e.verified = True
+                out.append(b)
+            else:
+                self._corrupted(e)
+                out.append(None)
         return out
 
     def read_layers(
@@ -309,34 +310,41 @@ class CsdShard:
                         f"block {e.row.key.hex()} was stored with layout {e.row.layout}",
                         field="layout",
                     )
-            held = [(i, e) for i, e in enumerate(e for e in entries if e is not None)]
+            held = list(enumerate(e for e in entries if e is not None))
             buf = aligned_buffer(len(held) * stride)
-            futures: list[Future[None]] = []
-            whole: list[tuple[int, _Entry, np.ndarray]] = []
+            # One pass: `verified` may flip under a concurrent reader, and a block must land
+            # in exactly one of the two lists.
+            trusted: list[tuple[int, _Entry]] = []
+            unverified: list[tuple[int, _Entry]] = []
             for slot, e in held:
-                if e.verified:
-                    dst = buf[slot * stride : slot * stride + pad + nbytes]
-                    futures.append(self._nvme.read_async(e.row.offset + layer_off - pad, dst))
-                else:
-                    # First read since this process started: read the whole block once so
-                    # its checksum can be checked. Costs num_layers x the bytes for this one
-                    # call; afterwards partial reads trust the block. The trade-off: bytes
-                    # that rot on the disk after that first check go unnoticed by attend
-                    # (ReadBlocks still verifies every read) -- a per-layer checksum in the
-                    # catalog would close that gap at the price of a wire/format change.
-                    b = aligned_buffer(e.row.nbytes)
-                    whole.append((slot, e, b))
-                    futures.append(self._nvme.read_async(e.row.offset, b))
-            _wait_all(futures)
+                (trusted if e.verified else unverified).append((slot, e))
+            futures = [
+                self._nvme.read_async(e.row.offset + layer_off - pad,
+                                      buf[slot * stride : slot * stride + pad + nbytes])
+                for slot, e in trusted
+            ]  # fmt: skip
+            # Blocks not yet read whole since this process started are read whole once so
+            # their checksum can be checked (in bounded batches, beside the layer reads).
+            # That first call costs num_layers x the bytes for those blocks; afterwards
+            # layer reads trust them. The trade-off: bytes that rot on the disk after the
+            # first check go unnoticed by attend (ReadBlocks still verifies every read);
+            # per-layer checksums in the catalog would close that gap at the price of a
+            # format change and num_layers hashes per store.
             bad: set[int] = set()
-            for slot, e, b in whole:
-                if checksum(b) != e.row.checksum:
-                    self._corrupted(e)
-                    bad.add(slot)
-                    continue
-                e.verified = True
-                start = slot * stride + pad
-                buf[start : start + nbytes] = b[layer_off : layer_off + nbytes]
+            try:
+                for at in range(0, len(unverified), self._read_batch):
+                    part = unverified[at : at + self._read_batch]
+                    for (slot, e), whole in zip(part, self._read_whole([e for _, e in part])):
+                        if whole is None:
+                            bad.add(slot)
+                            continue
+                        start = slot * stride + pad
+                        buf[start : start + nbytes] = whole[layer_off : layer_off + nbytes]
+            except BaseException:
+                for f in futures:
+                    f.exception()  # let no read still fill `buf` after we gave up on it
+                raise
+            wait_all(futures)
         finally:
             self._unpin(entries)
         found = [(slot, e.row.key) for slot, e in held if slot not in bad]
@@ -390,31 +398,3 @@ class CsdShard:
                 self._retire(e)  # the caller still pins it: freed on unpin
         log.warning("csd shard %s: block %s failed its checksum; dropped",
                     self.directory, e.row.key.hex())  # fmt: skip
-
-
-def _wait_all(futures: Sequence[Future[None]]) -> None:
-    """Wait for every future, then raise the first error: no I/O outlives the call."""
-    first: BaseException | None = None
-    for f in futures:
-        exc = f.exception()
-        if exc is not None and first is None:
-            first = exc
-    if first is not None:
-        raise first
-
-
-def _lock_directory(directory: Path) -> int:
-    """An exclusive flock on the shard: two workers on one directory would corrupt it.
-
-    The kernel drops the lock when the process dies, kill -9 included, so a restarted
-    worker gets it at once.
-    """
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FailedPrecondition(
-            f"csd shard {directory} is in use by another process", field="dir"
-        ) from None
-    return fd

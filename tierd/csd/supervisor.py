@@ -88,6 +88,7 @@ class Timing:
     backoff_base_s: float = 0.2
     backoff_cap_s: float = 10.0
     backoff_reset_s: float = 10.0  # up this long: the next crash restarts without delay
+    hang_s: float = 30.0  # a live local process unhealthy this long is killed (and restarted)
     stop_timeout_s: float = 10.0
 
 
@@ -103,6 +104,7 @@ class WorkerHandle:
         self.restart_at = 0.0
         self.up_since = 0.0
         self.next_probe = 0.0
+        self.last_ok = 0.0  # last good probe, or the spawn
         self.last_exit: int | None = None
         self._channel: grpc.Channel | None = None
         self._stub: cpb_grpc.CsdWorkerStub | None = None
@@ -163,6 +165,7 @@ class WorkerHandle:
             # A fresh channel: the old one's reconnect backoff belongs to the dead process.
             self._connect()
         self.next_probe = 0.0
+        self.last_ok = time.monotonic()
         log.info("csd worker %r started (pid %d)", self.name, proc.pid)
 
     def tick(self, now: float) -> None:
@@ -175,6 +178,14 @@ class WorkerHandle:
             code = proc.poll()
             if code is not None:
                 self._died(code, now)
+                return
+            if not self.up and now - self.last_ok > self.timing.hang_s:
+                # Alive but deaf (deadlock, stuck I/O): only a restart brings it back. The
+                # next tick sees it dead and restarts it with the usual backoff.
+                log.warning("csd worker %r unhealthy for %.0f s; killing pid %d",
+                            self.name, now - self.last_ok, proc.pid)  # fmt: skip
+                proc.kill()
+                self.last_ok = now
                 return
         if now >= self.next_probe:
             self._probe(now)
@@ -207,6 +218,8 @@ class WorkerHandle:
         with self.lock:
             if health is not self._health:
                 return  # reconnected meanwhile: this answer is about an old channel
+            if ok:
+                self.last_ok = now
             if ok and not self.up:
                 self.up_since = now
                 log.info("csd worker %r is serving", self.name)

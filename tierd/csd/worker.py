@@ -33,7 +33,7 @@ from tierd_client.layout import KVLayout
 
 from tierd.csd.shard import CsdShard, StoreItem
 from tierd.csd.supervisor import MAX_MESSAGE_BYTES, PARENT_ENV
-from tierd.errors import InvalidArgument
+from tierd.errors import InvalidArgument, TierdError
 from tierd.server.status import translate_errors
 
 log = logging.getLogger("tierd.csd")
@@ -141,7 +141,10 @@ class CsdWorkerServer:
         if self._socket is not None:
             self._socket.parent.mkdir(parents=True, exist_ok=True)
             self._socket.unlink(missing_ok=True)  # stale socket of a killed worker
-        self.port = self.server.add_insecure_port(target)
+        try:
+            self.port = self.server.add_insecure_port(target)
+        except RuntimeError:  # newer grpcio raises where older ones returned 0
+            self.port = 0
         if self.port == 0:
             self.shard.close()
             raise OSError(f"cannot listen on {listen}")
@@ -202,7 +205,13 @@ def run_worker(directory: Path, listen: str, capacity_bytes: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = CsdWorkerServer(directory, listen, capacity_bytes)
+    try:
+        server = CsdWorkerServer(directory, listen, capacity_bytes)
+    except (TierdError, OSError) as exc:
+        # Shard locked by another worker, unreadable directory, port taken: say so once;
+        # a supervising pool retries with backoff.
+        log.error("csd worker cannot start: %s", exc)
+        return 1
     server.start()
     threading.Thread(target=_warm_up, name="csd-warm-up", daemon=True).start()
     parent = os.environ.get(PARENT_ENV)

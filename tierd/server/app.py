@@ -48,6 +48,18 @@ def _bind_address(addr: str) -> tuple[str, Path | None]:
     return addr, None
 
 
+def _tls_credentials(config: Config) -> grpc.ServerCredentials:
+    """TLS for TCP listeners; with a client CA, clients must present a certificate."""
+    srv = config.server
+    assert srv.tls_cert is not None and srv.tls_key is not None  # checked by validate()
+    ca = srv.tls_client_ca.read_bytes() if srv.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(srv.tls_key.read_bytes(), srv.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -64,7 +76,8 @@ class Daemon:
             options=opts,
             interceptors=[self.metrics.interceptor()],
         )
-        pb_grpc.add_TierdServicer_to_server(TierdServicer(self.service), self.server)
+        self.servicer = TierdServicer(self.service)
+        pb_grpc.add_TierdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -77,7 +90,12 @@ class Daemon:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
                 path.unlink(missing_ok=True)  # a stale socket from a crashed daemon
                 self._sockets.append(path)
-            if self.server.add_insecure_port(target) == 0:
+            bound = (
+                self.server.add_insecure_port(target)
+                if path is not None
+                else self.server.add_secure_port(target, _tls_credentials(config))
+            )
+            if bound == 0:
                 raise OSError(f"cannot listen on {addr}")
         self._stopped = threading.Event()
 
@@ -113,6 +131,7 @@ class Daemon:
         live, restart = self.config.reload_changes(new)
         self.config = live
         self.service.reconfigure(live)
+        self.servicer.reload()
         if restart:
             log.warning("reloaded; these keys change only on restart: %s", ", ".join(restart))
         else:

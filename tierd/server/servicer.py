@@ -15,7 +15,8 @@ from tierd_client.tensors import to_message, to_torch
 
 from tierd.core.service import CacheService, SegmentInfo
 from tierd.core.stats import TierSnapshot
-from tierd.errors import InvalidArgument
+from tierd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from tierd.server.auth import Authenticator
 from tierd.server.status import translate_errors
 
 # In-band gets stream blocks in chunks of at most this size (well under the message cap).
@@ -84,17 +85,44 @@ def _tier_stats(t: TierSnapshot) -> pb.TierStats:
 class TierdServicer(pb_grpc.TierdServicer):
     def __init__(self, service: CacheService) -> None:
         self.svc = service
+        self.auth = Authenticator(service.config.tenants)
+
+    def reload(self) -> None:
+        self.auth = Authenticator(self.svc.config.tenants)
+
+    # Every call is checked against the caller's tenant before the core sees it; what
+    # belongs to another tenant looks exactly like what does not exist.
+
+    def _ns(self, ns_id: bytes, context: grpc.ServicerContext) -> None:
+        self.svc.namespace(ns_id, self.auth.identify(context))
+
+    def _lease(self, lease_id: int, context: grpc.ServicerContext) -> bool:
+        principal = self.auth.identify(context)
+        return principal is None or self.svc.lease_tenant(lease_id) in (principal, None)
+
+    def _sequence(self, seq_id: int, context: grpc.ServicerContext, field: str) -> None:
+        principal = self.auth.identify(context)
+        owner = self.svc.attend.sequence_tenant(seq_id)
+        if principal is not None and owner is not None and owner != principal:
+            raise NotFound("no such sequence (closed or expired)", field=field)
 
     @translate_errors
     def OpenNamespace(self, request: pb.OpenNamespaceRequest, context: grpc.ServicerContext):
         n = request.namespace
-        ns, seg = self.svc.open_namespace(n.tenant, n.model, _layout(n.layout), list(n.extra_keys))
+        tenant, principal = n.tenant, self.auth.identify(context)
+        if principal is not None:
+            if tenant and tenant != principal:
+                raise PermissionDenied("credentials are for another tenant",
+                                       field="namespace.tenant")
+            tenant = principal
+        ns, seg = self.svc.open_namespace(tenant, n.model, _layout(n.layout), list(n.extra_keys))
         return pb.OpenNamespaceResponse(
             namespace_id=ns.id, block_bytes=ns.block_bytes, segment=_segment(seg)
         )
 
     @translate_errors
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         result = self.svc.lookup(request.namespace_id, request.tokens)
         return pb.LookupResponse(
             cached_tokens=result.cached_tokens,
@@ -103,6 +131,7 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def PreparePut(self, request: pb.PreparePutRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         dims, dtype = _shape(request.shape, "shape")
         prepared = self.svc.prepare_put(
             request.namespace_id, list(request.keys), dims, dtype, request.lease_ttl_ms
@@ -116,10 +145,15 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def CommitPut(self, request: pb.CommitPutRequest, context: grpc.ServicerContext):
+        if not self._lease(request.lease_id, context):
+            raise FailedPrecondition(
+                "no put lease with this id (expired, released or committed)", field="lease_id"
+            )
         return pb.CommitPutResponse(stored=self.svc.commit_put(request.lease_id))
 
     @translate_errors
     def PrepareGet(self, request: pb.PrepareGetRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         prepared = self.svc.prepare_get(
             request.namespace_id, list(request.keys), request.lease_ttl_ms
         )
@@ -132,7 +166,8 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
-        self.svc.release(request.lease_id)
+        if self._lease(request.lease_id, context):
+            self.svc.release(request.lease_id)
         return pb.ReleaseResponse()
 
     @translate_errors
@@ -141,6 +176,7 @@ class TierdServicer(pb_grpc.TierdServicer):
         if first is None or not first.HasField("header"):
             raise InvalidArgument("the first chunk must carry the header", field="header")
         header = first.header
+        self._ns(header.namespace_id, context)
         dims, dtype = _shape(header.shape, "header.shape")
         writer = self.svc.begin_inband_put(header.namespace_id, list(header.keys), dims, dtype)
         try:
@@ -159,6 +195,7 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         prepared = self.svc.prepare_get(request.namespace_id, list(request.keys))
         try:
             ns = self.svc.namespace(request.namespace_id)
@@ -174,20 +211,24 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         return pb.DeleteResponse(deleted=self.svc.delete(request.namespace_id, list(request.keys)))
 
     @translate_errors
     def Pin(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         changed = self.svc.set_pinned(request.namespace_id, list(request.keys), True)
         return pb.PinResponse(changed=changed)
 
     @translate_errors
     def Unpin(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         changed = self.svc.set_pinned(request.namespace_id, list(request.keys), False)
         return pb.PinResponse(changed=changed)
 
     @translate_errors
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext):
+        self.auth.identify(context)  # any tenant may read the daemon-wide totals
         s = self.svc.stats()
         return pb.StatsResponse(
             tiers=[_tier_stats(t) for t in s.tiers], lookups=s.lookups, misses=s.misses,
@@ -197,6 +238,7 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def OpenSequence(self, request: pb.OpenSequenceRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         seq_id, cached = self.svc.attend.open_sequence(
             request.namespace_id, list(request.keys), request.ttl_ms
         )
@@ -204,20 +246,27 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def CloseSequence(self, request: pb.CloseSequenceRequest, context: grpc.ServicerContext):
+        self._sequence(request.sequence_id, context, "sequence_id")
         self.svc.attend.close_sequence(request.sequence_id)
         return pb.CloseSequenceResponse()
 
     @translate_errors
     def Attend(self, request: pb.AttendRequest, context: grpc.ServicerContext):
-        return _attend_response(self.svc.attend.attend(_attend_calls(request)))
+        return _attend_response(self._attend(request, context))
 
     @translate_errors
     def AttendStream(self, request_iterator: Iterator[pb.AttendRequest], context):
         for request in request_iterator:
-            yield _attend_response(self.svc.attend.attend(_attend_calls(request)))
+            yield _attend_response(self._attend(request, context))
+
+    def _attend(self, request: pb.AttendRequest, context: grpc.ServicerContext) -> list:
+        for i, item in enumerate(request.items):
+            self._sequence(item.sequence_id, context, f"items[{i}].sequence_id")
+        return self.svc.attend.attend(_attend_calls(request))
 
     @translate_errors
     def Move(self, request: pb.MoveRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
         tier = _TIER_NAME.get(request.tier)
         if tier is None:
             raise InvalidArgument("must be TIER_HOST, TIER_NVME or TIER_CSD", field="tier")

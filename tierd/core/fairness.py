@@ -1,0 +1,69 @@
+"""Weighted fair sharing of contended capacity between tenants (after FairServe).
+
+Primitives: `fair_victim_order(candidates, usage, config, priority, tier) -> entries`,
+`over_quota(config, tenant, tier, usage_after) -> bool`.
+
+When a tier must give up space, the tenant holding the most per unit of weight gives
+first: victims are taken one at a time from whoever currently has the largest
+usage / weight, so under pressure each tenant's share converges to its weight rather than
+to how early it arrived. A tenant over its configured quota for the tier pays before
+anyone else. Within a tenant, the eviction policy (LRU by default) picks the block.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+
+from tierd.config import Config
+from tierd.core.index import BlockEntry
+
+
+def _quota(config: Config, tenant: str, tier: str) -> int:
+    t = config.tenant(tenant)
+    if t is None:
+        return 0
+    return t.host_quota if tier == "host" else t.nvme_quota
+
+
+def over_quota(config: Config, tenant: str, tier: str, usage_after: int) -> bool:
+    quota = _quota(config, tenant, tier)
+    return quota > 0 and usage_after > quota
+
+
+def _pressure(config: Config, tenant: str, tier: str, usage: int) -> tuple[int, float]:
+    """Sort key (bigger gives first): over-quota tenants ahead, then usage per weight."""
+    t = config.tenant(tenant)
+    weight = t.weight if t is not None else 1.0
+    return (1 if over_quota(config, tenant, tier, usage) else 0, usage / weight)
+
+
+def fair_victim_order(
+    candidates: Iterable[BlockEntry],
+    usage: dict[str, int],
+    config: Config,
+    priority: Callable[[BlockEntry], float],
+    tier: str,
+) -> list[BlockEntry]:
+    """All candidates, in the order they should leave `tier`."""
+    by_tenant: dict[str, list[BlockEntry]] = {}
+    for entry in candidates:
+        by_tenant.setdefault(entry.ns.tenant, []).append(entry)
+    for entries in by_tenant.values():
+        entries.sort(key=priority, reverse=True)  # pop() yields the lowest priority
+    usage = dict(usage)
+    heap = [(_neg(_pressure(config, t, tier, usage.get(t, 0))), t) for t in by_tenant]
+    heapq.heapify(heap)
+    order: list[BlockEntry] = []
+    while heap:
+        _, tenant = heapq.heappop(heap)
+        entry = by_tenant[tenant].pop()
+        order.append(entry)
+        usage[tenant] = usage.get(tenant, 0) - entry.nbytes
+        if by_tenant[tenant]:
+            heapq.heappush(heap, (_neg(_pressure(config, tenant, tier, usage[tenant])), tenant))
+    return order
+
+
+def _neg(key: tuple[int, float]) -> tuple[int, float]:
+    return (-key[0], -key[1])
