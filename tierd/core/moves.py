@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tierd.core import validate
 from tierd.core.index import BlockEntry
-from tierd.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from tierd.errors import FailedPrecondition, ResourceExhausted
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -85,7 +85,7 @@ def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
 def _to_csd(svc: CacheService, held: list[BlockEntry]) -> int:
     pool = svc.csd
     if pool is None:
-        raise Unavailable("no CSD workers are configured", field="tier")
+        raise FailedPrecondition("no CSD workers are configured", field="tier")
     todo = [e for e in held if e.csd is None]
     if not todo:
         return len(held)

@@ -32,6 +32,7 @@ from tierd.config import Config, format_size, load_config
 from tierd.core.service import CacheService
 from tierd.errors import ConfigError
 from tierd.metrics import Metrics
+from tierd.server.decoding import DecodeGuard
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
 
@@ -74,7 +75,7 @@ class Daemon:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="tierd-rpc"),
             options=opts,
-            interceptors=[self.metrics.interceptor()],
+            interceptors=[self.metrics.interceptor(), DecodeGuard()],
         )
         self.servicer = TierdServicer(self.service)
         pb_grpc.add_TierdServicer_to_server(self.servicer, self.server)
