@@ -345,6 +345,11 @@ class TierdClient:
         req = pb.KeysRequest(namespace_id=ns.id, keys=_check_keys(keys))
         return self._retrying(lambda: self._unary(method, req))
 
+    def locate(self, ns: Namespace, keys: Iterable[bytes]) -> list[str | None]:
+        """The tier holding each key ("host", "nvme", "csd"), None where not cached."""
+        resp = self._keys_call("Locate", ns, keys)
+        return [tier_name(t) if t else None for t in resp.tiers]
+
     def delete(self, ns: Namespace, keys: Iterable[bytes]) -> int:
         """Delete blocks; returns how many existed."""
         return int(self._keys_call("Delete", ns, keys).deleted)

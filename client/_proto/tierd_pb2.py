@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tierd/v1/tierd.proto\x12\x08tierd.v1\"|\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x1e\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0f.tierd.v1.DType\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\"b\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06layout\x18\x03 \x01(\x0b\x32\x12.tierd.v1.KVLayout\x12\x12\n\nextra_keys\x18\x04 \x03(\t\"9\n\nShmSegment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0f\n\x07host_id\x18\x03 \x01(\t\":\n\nBlockShape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x04\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.tierd.v1.DType\">\n\x14OpenNamespaceRequest\x12&\n\tnamespace\x18\x01 \x01(\x0b\x32\x13.tierd.v1.Namespace\"i\n\x15OpenNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x14.tierd.v1.ShmSegment\"5\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\":\n\rBlockLocation\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x1c\n\x04tier\x18\x02 \x01(\x0e\x32\x0e.tierd.v1.Tier\"P\n\x0eLookupResponse\x12\x15\n\rcached_tokens\x18\x01 \x01(\x04\x12\'\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x17.tierd.v1.BlockLocation\"1\n\x0bKeysRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"r\n\x11PreparePutRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12#\n\x05shape\x18\x03 \x01(\x0b\x32\x14.tierd.v1.BlockShape\x12\x14\n\x0clease_ttl_ms\x18\x04 \x01(\r\"=\n\x07PutSlot\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tierd.v1.SlotState\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"o\n\x12PreparePutResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.tierd.v1.PutSlot\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x14.tierd.v1.ShmSegment\"$\n\x10\x43ommitPutRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"#\n\x11\x43ommitPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"M\n\x11PrepareGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"F\n\x07GetSlot\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x1c\n\x04tier\x18\x03 \x01(\x0e\x32\x0e.tierd.v1.Tier\"o\n\x12PrepareGetResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.tierd.v1.GetSlot\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x14.tierd.v1.ShmSegment\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"\x11\n\x0fReleaseResponse\"T\n\tPutHeader\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12#\n\x05shape\x18\x03 \x01(\x0b\x32\x14.tierd.v1.BlockShape\"=\n\x08PutChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.tierd.v1.PutHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x0bPutResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.tierd.v1.PutResult\"0\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"<\n\x08GetChunk\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x1e\n\x0bPinResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xc2\x01\n\tTierStats\x12\x1c\n\x04tier\x18\x01 \x01(\x0e\x32\x0e.tierd.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x12\n\nbytes_read\x18\x06 \x01(\x04\x12\x15\n\rbytes_written\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\"\xbd\x01\n\rStatsResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.tierd.v1.TierStats\x12\x0f\n\x07lookups\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x11\n\tdemotions\x18\x04 \x01(\x04\x12\x12\n\npromotions\x18\x05 \x01(\x04\x12\x15\n\rcorrupt_reads\x18\x06 \x01(\x04\x12\x15\n\ractive_leases\x18\x07 \x01(\x04\x12\x12\n\nnamespaces\x18\x08 \x01(\x04\"E\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x04\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.tierd.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\x13OpenSequenceRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\"B\n\x14OpenSequenceResponse\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x15\n\rcached_tokens\x18\x02 \x01(\x04\"+\n\x14\x43loseSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\"\x17\n\x15\x43loseSequenceResponse\"\xb2\x01\n\nAttendItem\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1b\n\x01q\x18\x03 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1f\n\x05k_new\x18\x04 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1f\n\x05v_new\x18\x05 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x12\n\nnew_tokens\x18\x06 \x03(\x03\x12\r\n\x05scale\x18\x07 \x01(\x02\"4\n\rAttendRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.tierd.v1.AttendItem\"L\n\x0c\x41ttendResult\x12\x1d\n\x03out\x18\x01 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1d\n\x03lse\x18\x02 \x01(\x0b\x32\x10.tierd.v1.Tensor\"9\n\x0e\x41ttendResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.tierd.v1.AttendResult\"O\n\x0bMoveRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x1c\n\x04tier\x18\x03 \x01(\x0e\x32\x0e.tierd.v1.Tier\"\x1d\n\x0cMoveResponse\x12\r\n\x05moved\x18\x01 \x01(\r*\x80\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05*g\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_HOST\x10\x01\x12\r\n\tTIER_NVME\x10\x02\x12\x0c\n\x08TIER_HBM\x10\x03\x12\x0c\n\x08TIER_CSD\x10\x04\x12\x0f\n\x0bTIER_REMOTE\x10\x05*^\n\tSlotState\x12\x1a\n\x16SLOT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SLOT_STATE_LEASED\x10\x01\x12\x1e\n\x1aSLOT_STATE_ALREADY_PRESENT\x10\x02*^\n\tPutResult\x12\x1a\n\x16PUT_RESULT_UNSPECIFIED\x10\x00\x12\x15\n\x11PUT_RESULT_STORED\x10\x01\x12\x1e\n\x1aPUT_RESULT_ALREADY_PRESENT\x10\x02\x32\xd2\x08\n\x05Tierd\x12P\n\rOpenNamespace\x12\x1e.tierd.v1.OpenNamespaceRequest\x1a\x1f.tierd.v1.OpenNamespaceResponse\x12;\n\x06Lookup\x12\x17.tierd.v1.LookupRequest\x1a\x18.tierd.v1.LookupResponse\x12G\n\nPreparePut\x12\x1b.tierd.v1.PreparePutRequest\x1a\x1c.tierd.v1.PreparePutResponse\x12\x44\n\tCommitPut\x12\x1a.tierd.v1.CommitPutRequest\x1a\x1b.tierd.v1.CommitPutResponse\x12G\n\nPrepareGet\x12\x1b.tierd.v1.PrepareGetRequest\x1a\x1c.tierd.v1.PrepareGetResponse\x12>\n\x07Release\x12\x18.tierd.v1.ReleaseRequest\x1a\x19.tierd.v1.ReleaseResponse\x12\x32\n\x03Put\x12\x12.tierd.v1.PutChunk\x1a\x15.tierd.v1.PutResponse(\x01\x12\x31\n\x03Get\x12\x14.tierd.v1.GetRequest\x1a\x12.tierd.v1.GetChunk0\x01\x12\x39\n\x06\x44\x65lete\x12\x15.tierd.v1.KeysRequest\x1a\x18.tierd.v1.DeleteResponse\x12\x33\n\x03Pin\x12\x15.tierd.v1.KeysRequest\x1a\x15.tierd.v1.PinResponse\x12\x35\n\x05Unpin\x12\x15.tierd.v1.KeysRequest\x1a\x15.tierd.v1.PinResponse\x12\x38\n\x05Stats\x12\x16.tierd.v1.StatsRequest\x1a\x17.tierd.v1.StatsResponse\x12M\n\x0cOpenSequence\x12\x1d.tierd.v1.OpenSequenceRequest\x1a\x1e.tierd.v1.OpenSequenceResponse\x12P\n\rCloseSequence\x12\x1e.tierd.v1.CloseSequenceRequest\x1a\x1f.tierd.v1.CloseSequenceResponse\x12;\n\x06\x41ttend\x12\x17.tierd.v1.AttendRequest\x1a\x18.tierd.v1.AttendResponse\x12\x45\n\x0c\x41ttendStream\x12\x17.tierd.v1.AttendRequest\x1a\x18.tierd.v1.AttendResponse(\x01\x30\x01\x12\x35\n\x04Move\x12\x15.tierd.v1.MoveRequest\x1a\x16.tierd.v1.MoveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tierd/v1/tierd.proto\x12\x08tierd.v1\"|\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x1e\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0f.tierd.v1.DType\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\"b\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06layout\x18\x03 \x01(\x0b\x32\x12.tierd.v1.KVLayout\x12\x12\n\nextra_keys\x18\x04 \x03(\t\"9\n\nShmSegment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0f\n\x07host_id\x18\x03 \x01(\t\":\n\nBlockShape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x04\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.tierd.v1.DType\">\n\x14OpenNamespaceRequest\x12&\n\tnamespace\x18\x01 \x01(\x0b\x32\x13.tierd.v1.Namespace\"i\n\x15OpenNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x14.tierd.v1.ShmSegment\"5\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\":\n\rBlockLocation\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x1c\n\x04tier\x18\x02 \x01(\x0e\x32\x0e.tierd.v1.Tier\"P\n\x0eLookupResponse\x12\x15\n\rcached_tokens\x18\x01 \x01(\x04\x12\'\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x17.tierd.v1.BlockLocation\"1\n\x0bKeysRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"r\n\x11PreparePutRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12#\n\x05shape\x18\x03 \x01(\x0b\x32\x14.tierd.v1.BlockShape\x12\x14\n\x0clease_ttl_ms\x18\x04 \x01(\r\"=\n\x07PutSlot\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tierd.v1.SlotState\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"o\n\x12PreparePutResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.tierd.v1.PutSlot\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x14.tierd.v1.ShmSegment\"$\n\x10\x43ommitPutRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"#\n\x11\x43ommitPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"M\n\x11PrepareGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"F\n\x07GetSlot\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x1c\n\x04tier\x18\x03 \x01(\x0e\x32\x0e.tierd.v1.Tier\"o\n\x12PrepareGetResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.tierd.v1.GetSlot\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x14.tierd.v1.ShmSegment\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"\x11\n\x0fReleaseResponse\"T\n\tPutHeader\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12#\n\x05shape\x18\x03 \x01(\x0b\x32\x14.tierd.v1.BlockShape\"=\n\x08PutChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.tierd.v1.PutHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x0bPutResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.tierd.v1.PutResult\"0\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"<\n\x08GetChunk\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"/\n\x0eLocateResponse\x12\x1d\n\x05tiers\x18\x01 \x03(\x0e\x32\x0e.tierd.v1.Tier\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x1e\n\x0bPinResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xc2\x01\n\tTierStats\x12\x1c\n\x04tier\x18\x01 \x01(\x0e\x32\x0e.tierd.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x12\n\nbytes_read\x18\x06 \x01(\x04\x12\x15\n\rbytes_written\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\"\xbd\x01\n\rStatsResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.tierd.v1.TierStats\x12\x0f\n\x07lookups\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x11\n\tdemotions\x18\x04 \x01(\x04\x12\x12\n\npromotions\x18\x05 \x01(\x04\x12\x15\n\rcorrupt_reads\x18\x06 \x01(\x04\x12\x15\n\ractive_leases\x18\x07 \x01(\x04\x12\x12\n\nnamespaces\x18\x08 \x01(\x04\"E\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x04\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.tierd.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\x13OpenSequenceRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\"B\n\x14OpenSequenceResponse\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x15\n\rcached_tokens\x18\x02 \x01(\x04\"+\n\x14\x43loseSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\"\x17\n\x15\x43loseSequenceResponse\"\xb2\x01\n\nAttendItem\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1b\n\x01q\x18\x03 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1f\n\x05k_new\x18\x04 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1f\n\x05v_new\x18\x05 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x12\n\nnew_tokens\x18\x06 \x03(\x03\x12\r\n\x05scale\x18\x07 \x01(\x02\"4\n\rAttendRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.tierd.v1.AttendItem\"L\n\x0c\x41ttendResult\x12\x1d\n\x03out\x18\x01 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1d\n\x03lse\x18\x02 \x01(\x0b\x32\x10.tierd.v1.Tensor\"9\n\x0e\x41ttendResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.tierd.v1.AttendResult\"O\n\x0bMoveRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x1c\n\x04tier\x18\x03 \x01(\x0e\x32\x0e.tierd.v1.Tier\"\x1d\n\x0cMoveResponse\x12\r\n\x05moved\x18\x01 \x01(\r*\x80\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05*g\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_HOST\x10\x01\x12\r\n\tTIER_NVME\x10\x02\x12\x0c\n\x08TIER_HBM\x10\x03\x12\x0c\n\x08TIER_CSD\x10\x04\x12\x0f\n\x0bTIER_REMOTE\x10\x05*^\n\tSlotState\x12\x1a\n\x16SLOT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SLOT_STATE_LEASED\x10\x01\x12\x1e\n\x1aSLOT_STATE_ALREADY_PRESENT\x10\x02*^\n\tPutResult\x12\x1a\n\x16PUT_RESULT_UNSPECIFIED\x10\x00\x12\x15\n\x11PUT_RESULT_STORED\x10\x01\x12\x1e\n\x1aPUT_RESULT_ALREADY_PRESENT\x10\x02\x32\x8d\t\n\x05Tierd\x12P\n\rOpenNamespace\x12\x1e.tierd.v1.OpenNamespaceRequest\x1a\x1f.tierd.v1.OpenNamespaceResponse\x12;\n\x06Lookup\x12\x17.tierd.v1.LookupRequest\x1a\x18.tierd.v1.LookupResponse\x12G\n\nPreparePut\x12\x1b.tierd.v1.PreparePutRequest\x1a\x1c.tierd.v1.PreparePutResponse\x12\x44\n\tCommitPut\x12\x1a.tierd.v1.CommitPutRequest\x1a\x1b.tierd.v1.CommitPutResponse\x12G\n\nPrepareGet\x12\x1b.tierd.v1.PrepareGetRequest\x1a\x1c.tierd.v1.PrepareGetResponse\x12>\n\x07Release\x12\x18.tierd.v1.ReleaseRequest\x1a\x19.tierd.v1.ReleaseResponse\x12\x32\n\x03Put\x12\x12.tierd.v1.PutChunk\x1a\x15.tierd.v1.PutResponse(\x01\x12\x31\n\x03Get\x12\x14.tierd.v1.GetRequest\x1a\x12.tierd.v1.GetChunk0\x01\x12\x39\n\x06Locate\x12\x15.tierd.v1.KeysRequest\x1a\x18.tierd.v1.LocateResponse\x12\x39\n\x06\x44\x65lete\x12\x15.tierd.v1.KeysRequest\x1a\x18.tierd.v1.DeleteResponse\x12\x33\n\x03Pin\x12\x15.tierd.v1.KeysRequest\x1a\x15.tierd.v1.PinResponse\x12\x35\n\x05Unpin\x12\x15.tierd.v1.KeysRequest\x1a\x15.tierd.v1.PinResponse\x12\x38\n\x05Stats\x12\x16.tierd.v1.StatsRequest\x1a\x17.tierd.v1.StatsResponse\x12M\n\x0cOpenSequence\x12\x1d.tierd.v1.OpenSequenceRequest\x1a\x1e.tierd.v1.OpenSequenceResponse\x12P\n\rCloseSequence\x12\x1e.tierd.v1.CloseSequenceRequest\x1a\x1f.tierd.v1.CloseSequenceResponse\x12;\n\x06\x41ttend\x12\x17.tierd.v1.AttendRequest\x1a\x18.tierd.v1.AttendResponse\x12\x45\n\x0c\x41ttendStream\x12\x17.tierd.v1.AttendRequest\x1a\x18.tierd.v1.AttendResponse(\x01\x30\x01\x12\x35\n\x04Move\x12\x15.tierd.v1.MoveRequest\x1a\x16.tierd.v1.MoveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierd.v1.tierd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=3039
-  _globals['_DTYPE']._serialized_end=3167
-  _globals['_TIER']._serialized_start=3169
-  _globals['_TIER']._serialized_end=3272
-  _globals['_SLOTSTATE']._serialized_start=3274
-  _globals['_SLOTSTATE']._serialized_end=3368
-  _globals['_PUTRESULT']._serialized_start=3370
-  _globals['_PUTRESULT']._serialized_end=3464
+  _globals['_DTYPE']._serialized_start=3088
+  _globals['_DTYPE']._serialized_end=3216
+  _globals['_TIER']._serialized_start=3218
+  _globals['_TIER']._serialized_end=3321
+  _globals['_SLOTSTATE']._serialized_start=3323
+  _globals['_SLOTSTATE']._serialized_end=3417
+  _globals['_PUTRESULT']._serialized_start=3419
+  _globals['_PUTRESULT']._serialized_end=3513
   _globals['_KVLAYOUT']._serialized_start=34
   _globals['_KVLAYOUT']._serialized_end=158
   _globals['_NAMESPACE']._serialized_start=160
@@ -89,38 +89,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREQUEST']._serialized_end=1734
   _globals['_GETCHUNK']._serialized_start=1736
   _globals['_GETCHUNK']._serialized_end=1796
-  _globals['_DELETERESPONSE']._serialized_start=1798
-  _globals['_DELETERESPONSE']._serialized_end=1831
-  _globals['_PINRESPONSE']._serialized_start=1833
-  _globals['_PINRESPONSE']._serialized_end=1863
-  _globals['_STATSREQUEST']._serialized_start=1865
-  _globals['_STATSREQUEST']._serialized_end=1879
-  _globals['_TIERSTATS']._serialized_start=1882
-  _globals['_TIERSTATS']._serialized_end=2076
-  _globals['_STATSRESPONSE']._serialized_start=2079
-  _globals['_STATSRESPONSE']._serialized_end=2268
-  _globals['_TENSOR']._serialized_start=2270
-  _globals['_TENSOR']._serialized_end=2339
-  _globals['_OPENSEQUENCEREQUEST']._serialized_start=2341
-  _globals['_OPENSEQUENCEREQUEST']._serialized_end=2414
-  _globals['_OPENSEQUENCERESPONSE']._serialized_start=2416
-  _globals['_OPENSEQUENCERESPONSE']._serialized_end=2482
-  _globals['_CLOSESEQUENCEREQUEST']._serialized_start=2484
-  _globals['_CLOSESEQUENCEREQUEST']._serialized_end=2527
-  _globals['_CLOSESEQUENCERESPONSE']._serialized_start=2529
-  _globals['_CLOSESEQUENCERESPONSE']._serialized_end=2552
-  _globals['_ATTENDITEM']._serialized_start=2555
-  _globals['_ATTENDITEM']._serialized_end=2733
-  _globals['_ATTENDREQUEST']._serialized_start=2735
-  _globals['_ATTENDREQUEST']._serialized_end=2787
-  _globals['_ATTENDRESULT']._serialized_start=2789
-  _globals['_ATTENDRESULT']._serialized_end=2865
-  _globals['_ATTENDRESPONSE']._serialized_start=2867
-  _globals['_ATTENDRESPONSE']._serialized_end=2924
-  _globals['_MOVEREQUEST']._serialized_start=2926
-  _globals['_MOVEREQUEST']._serialized_end=3005
-  _globals['_MOVERESPONSE']._serialized_start=3007
-  _globals['_MOVERESPONSE']._serialized_end=3036
-  _globals['_TIERD']._serialized_start=3467
-  _globals['_TIERD']._serialized_end=4573
+  _globals['_LOCATERESPONSE']._serialized_start=1798
+  _globals['_LOCATERESPONSE']._serialized_end=1845
+  _globals['_DELETERESPONSE']._serialized_start=1847
+  _globals['_DELETERESPONSE']._serialized_end=1880
+  _globals['_PINRESPONSE']._serialized_start=1882
+  _globals['_PINRESPONSE']._serialized_end=1912
+  _globals['_STATSREQUEST']._serialized_start=1914
+  _globals['_STATSREQUEST']._serialized_end=1928
+  _globals['_TIERSTATS']._serialized_start=1931
+  _globals['_TIERSTATS']._serialized_end=2125
+  _globals['_STATSRESPONSE']._serialized_start=2128
+  _globals['_STATSRESPONSE']._serialized_end=2317
+  _globals['_TENSOR']._serialized_start=2319
+  _globals['_TENSOR']._serialized_end=2388
+  _globals['_OPENSEQUENCEREQUEST']._serialized_start=2390
+  _globals['_OPENSEQUENCEREQUEST']._serialized_end=2463
+  _globals['_OPENSEQUENCERESPONSE']._serialized_start=2465
+  _globals['_OPENSEQUENCERESPONSE']._serialized_end=2531
+  _globals['_CLOSESEQUENCEREQUEST']._serialized_start=2533
+  _globals['_CLOSESEQUENCEREQUEST']._serialized_end=2576
+  _globals['_CLOSESEQUENCERESPONSE']._serialized_start=2578
+  _globals['_CLOSESEQUENCERESPONSE']._serialized_end=2601
+  _globals['_ATTENDITEM']._serialized_start=2604
+  _globals['_ATTENDITEM']._serialized_end=2782
+  _globals['_ATTENDREQUEST']._serialized_start=2784
+  _globals['_ATTENDREQUEST']._serialized_end=2836
+  _globals['_ATTENDRESULT']._serialized_start=2838
+  _globals['_ATTENDRESULT']._serialized_end=2914
+  _globals['_ATTENDRESPONSE']._serialized_start=2916
+  _globals['_ATTENDRESPONSE']._serialized_end=2973
+  _globals['_MOVEREQUEST']._serialized_start=2975
+  _globals['_MOVEREQUEST']._serialized_end=3054
+  _globals['_MOVERESPONSE']._serialized_start=3056
+  _globals['_MOVERESPONSE']._serialized_end=3085
+  _globals['_TIERD']._serialized_start=3516
+  _globals['_TIERD']._serialized_end=4681
 # @@protoc_insertion_point(module_scope)

@@ -74,6 +74,11 @@ class TierdStub:
                 request_serializer=tierd_dot_v1_dot_tierd__pb2.GetRequest.SerializeToString,
                 response_deserializer=tierd_dot_v1_dot_tierd__pb2.GetChunk.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/tierd.v1.Tierd/Locate',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.LocateResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/tierd.v1.Tierd/Delete',
                 request_serializer=tierd_dot_v1_dot_tierd__pb2.KeysRequest.SerializeToString,
@@ -167,6 +172,12 @@ class TierdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Locate(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -269,6 +280,11 @@ def add_TierdServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=tierd_dot_v1_dot_tierd__pb2.GetRequest.FromString,
                     response_serializer=tierd_dot_v1_dot_tierd__pb2.GetChunk.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.KeysRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.LocateResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -532,6 +548,33 @@ class Tierd:
             '/tierd.v1.Tierd/Get',
             tierd_dot_v1_dot_tierd__pb2.GetRequest.SerializeToString,
             tierd_dot_v1_dot_tierd__pb2.GetChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/Locate',
+            tierd_dot_v1_dot_tierd__pb2.KeysRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.LocateResponse.FromString,
             options,
             channel_credentials,
             insecure,

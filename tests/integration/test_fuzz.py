@@ -75,6 +75,7 @@ def cases(ns):
                                 lease_ttl_ms=u32),
         "Release": st.builds(pb.ReleaseRequest, lease_id=u64),
         "Get": st.builds(pb.GetRequest, namespace_id=ns, keys=keys),
+        "Locate": st.builds(pb.KeysRequest, namespace_id=ns, keys=keys),
         "Delete": st.builds(pb.KeysRequest, namespace_id=ns, keys=keys),
         "Pin": st.builds(pb.KeysRequest, namespace_id=ns, keys=keys),
         "Unpin": st.builds(pb.KeysRequest, namespace_id=ns, keys=keys),

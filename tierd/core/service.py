@@ -44,7 +44,7 @@ from tierd.core.results import (
     SegmentInfo,
 )
 from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
-from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from tierd.tiers.host import HostArena
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
@@ -67,14 +67,25 @@ class CacheService:
         tag = hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
         self.catalog = Catalog(data_dir / "index.sqlite3")
         self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
-        backend = select_backend(config.nvme.backend, direct=config.nvme.direct_io)
-        self.nvme = NvmeStore(
-            config.nvme_path,
-            config.nvme.capacity_bytes,
-            backend=backend,
-            io_threads=config.nvme.io_threads,
-            chunk_bytes=config.nvme.chunk_bytes,
-        )
+        try:
+            backend = select_backend(config.nvme.backend, direct=config.nvme.direct_io)
+        except ValueError as e:
+            raise ConfigError("nvme.backend", str(e)) from e
+        try:
+            self.nvme = NvmeStore(
+                config.nvme_path,
+                config.nvme.capacity_bytes,
+                backend=backend,
+                io_threads=config.nvme.io_threads,
+                chunk_bytes=config.nvme.chunk_bytes,
+            )
+        except OSError as e:
+            # Preallocation is where a too-small disk shows: say so, name the key.
+            raise ConfigError(
+                "nvme.capacity",
+                f"cannot reserve {config.nvme.capacity_bytes} bytes under {config.nvme_path}: "
+                f"{e.strerror or e}",
+            ) from e
         self.index = Index()
         self.leases = LeaseTable()
         self.counters = Counters()
@@ -406,6 +417,13 @@ class CacheService:
             entry.csd = None
 
     # -- management -----------------------------------------------------------------------
+
+    def locate(self, ns_id: bytes, keys: Sequence[bytes]) -> list[str]:
+        """The tier of each key ("" when not cached); moves nothing, leases nothing."""
+        ns = self.namespace(ns_id)
+        validate.check_keys(keys, self.config.leases.max_keys_per_call)
+        with self.cond:
+            return [e.tier if (e := self.index.get(ns.id, k)) is not None else "" for k in keys]
 
     def delete(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
         ns = self.namespace(ns_id)

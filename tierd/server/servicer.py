@@ -210,6 +210,12 @@ class TierdServicer(pb_grpc.TierdServicer):
             self.svc.release(prepared.lease_id)
 
     @translate_errors
+    def Locate(self, request: pb.KeysRequest, context: grpc.ServicerContext):
+        self._ns(request.namespace_id, context)
+        tiers = self.svc.locate(request.namespace_id, list(request.keys))
+        return pb.LocateResponse(tiers=[_TIER[t] for t in tiers])
+
+    @translate_errors
     def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext):
         self._ns(request.namespace_id, context)
         return pb.DeleteResponse(deleted=self.svc.delete(request.namespace_id, list(request.keys)))

@@ -1,0 +1,101 @@
+"""A small filesystem under the NVMe tier: a start that cannot reserve its space is refused
+with the key to change; a full tier answers RESOURCE_EXHAUSTED while host keeps serving."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierd_client import KVLayout, ResourceExhausted, TierdClient
+
+LAYOUT = KVLayout(4, 2, 64, "float16", 64)  # 128 KiB blocks
+BB = LAYOUT.block_bytes
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Path]:
+    """An 8 MiB tmpfs, mounted for this test (needs root, as CI has)."""
+    with tempfile.TemporaryDirectory(prefix="tdf-") as d:
+        mnt = Path(d) / "nvme"
+        mnt.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small filesystem needs root")
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                 capture_output=True, text=True)  # fmt: skip
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+
+
+def serve_cmd(base: Path, nvme: Path, nvme_capacity: str) -> list[str]:
+    return [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
+            "--data-dir", str(base / "data"), "--nvme-path", str(nvme),
+            "--host-capacity", "2MiB", "--nvme-capacity", nvme_capacity]  # fmt: skip
+
+
+def test_start_refused_when_the_disk_cannot_hold_the_tier(small_fs: Path) -> None:
+    base = small_fs.parent
+    run = subprocess.run(serve_cmd(base, small_fs, "64MiB"), capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert "nvme.capacity" in run.stderr and "No space left" in run.stderr
+
+
+def test_full_nvme_tier_is_resource_exhausted_and_host_keeps_serving(small_fs: Path) -> None:
+    base = small_fs.parent
+    proc = subprocess.Popen(serve_cmd(base, small_fs, "6MiB"), stderr=subprocess.PIPE, text=True)
+    try:
+        with TierdClient(f"unix:{base}/s.sock", timeout=60) as c:
+            ns = c.open_namespace("m", LAYOUT)
+            rng = np.random.default_rng(0)
+            stored: dict[bytes, np.ndarray] = {}
+            refused = 0
+            for i in range(120):  # 15 MiB of pinned blocks against 2 MiB host + 6 MiB NVMe
+                key = hashlib.blake2b(i.to_bytes(4, "little"), digest_size=16).digest()
+                block = rng.standard_normal((1, *LAYOUT.block_shape)).astype(np.float16)
+                try:
+                    c.put(ns, [key], block)
+                except ResourceExhausted:
+                    refused += 1
+                    continue
+                c.pin(ns, [key])
+                stored[key] = block[0]
+            assert refused > 0, "a full tier must refuse, not overwrite"
+            assert len(stored) * BB <= (2 + 6) * 2**20
+            # Everything accepted is still there and still served; pinned blocks were never
+            # dropped, and blocks in host are read while NVMe is full.
+            tiers = c.stats()["tiers"]
+            assert tiers["nvme"]["used_bytes"] <= tiers["nvme"]["capacity_bytes"]
+            where = c.locate(ns, list(stored))
+            assert None not in where  # pinned: never dropped
+            host_keys = [k for k, t in zip(stored, where) if t == "host"]
+            assert host_keys
+            got = c.get(ns, host_keys)
+            assert all(got.found)
+            for k, row in zip(host_keys, got.blocks):
+                assert np.array_equal(row, stored[k])
+            # Room again once the operator unpins and deletes: puts succeed.
+            victims = list(stored)[:8]
+            c.unpin(ns, victims)
+            c.delete(ns, victims)
+            fresh = rng.standard_normal((1, *LAYOUT.block_shape)).astype(np.float16)
+            assert c.put(ns, [b"f" * 16], fresh) == ["stored"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        tag = hashlib.blake2b(str((base / "data").resolve()).encode(), digest_size=4).hexdigest()
+        for seg in Path("/dev/shm").glob(f"tierd.{tag}.*"):
+            seg.unlink()
+    assert proc.returncode == 0, err[-2000:]
+
