@@ -44,7 +44,13 @@ from tierd.core.results import (
     SegmentInfo,
 )
 from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
-from tierd.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from tierd.tiers.host import HostArena
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
@@ -96,6 +102,7 @@ class CacheService:
         self._recover()
         self.placer = Placer(self)
         self._attend: AttendService | None = None
+        self.draining = False  # set on SIGTERM: no new leases, existing ones may finish
         self._attend_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -112,6 +119,18 @@ class CacheService:
 
                 self._attend = AttendService(self)
             return self._attend
+
+    def begin_drain(self, deadline: float) -> bool:
+        """Refuse new leases and sequences; wait (until `deadline`) for open leases to be
+        committed or released. Returns whether they all were."""
+        with self.cond:
+            self.draining = True
+            return self.cond.wait_for(lambda: len(self.leases) == 0,
+                                      max(0.0, deadline - time.monotonic()))  # fmt: skip
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise Unavailable("the daemon is shutting down; retry on its successor")
 
     def close(self) -> None:
         if self._attend is not None:
@@ -226,6 +245,7 @@ class CacheService:
         self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str,
         ttl_ms: int = 0,
     ) -> PreparedPut:
+        self._check_open()
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call, unique=True)
         validate.check_shape(ns, dims, dtype)
@@ -325,6 +345,7 @@ class CacheService:
     # -- get ------------------------------------------------------------------------------
 
     def prepare_get(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> PreparedGet:
+        self._check_open()
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         ttl = validate.check_ttl(ttl_ms, self.config.leases)

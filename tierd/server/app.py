@@ -148,7 +148,12 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         started = time.monotonic()
         deadline = started + self.config.server.drain_seconds
-        self.server.stop(grace=self.config.server.drain_seconds).wait()
+        # Clients between prepare and commit/release may finish (their calls still land);
+        # new leases are refused with UNAVAILABLE, which clients retry on the successor.
+        if not self.service.begin_drain(started + self.config.server.drain_seconds / 2):
+            log.warning("%d leases still open at shutdown; they expire with the process",
+                        len(self.service.leases))
+        self.server.stop(grace=max(0.0, deadline - time.monotonic())).wait()
         if self.config.server.flush_on_stop:
             n = self.service.placer.flush(deadline)
             log.info("flushed %d host blocks to NVMe", n)
