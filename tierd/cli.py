@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     csd.add_argument("--listen", required=True, metavar="ADDR", help="unix:PATH or HOST:PORT")
     csd.add_argument("--capacity", required=True, metavar="SIZE", help="shard size, e.g. 64GiB")
     csd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    csd.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="json: one object per line, for log collectors")
     return p
 
 

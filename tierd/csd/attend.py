@@ -70,4 +70,5 @@ def attend_batch(
         return (torch.zeros(tq, hq, d, dtype=torch.float32),
                 torch.full((tq, hq), -math.inf, dtype=torch.float32))  # fmt: skip
     scale = scale or 1.0 / math.sqrt(layout.head_dim)
-    return attend_blocks(layer_blocks(batch, layout), 0, q, scale=scale)
+    out, lse = attend_blocks(layer_blocks(batch, layout), 0, q, scale=scale)
+    return out, lse

@@ -88,7 +88,8 @@ class Timing:
     backoff_base_s: float = 0.2
     backoff_cap_s: float = 10.0
     backoff_reset_s: float = 10.0  # up this long: the next crash restarts without delay
-    hang_s: float = 30.0  # a live local process unhealthy this long is killed (and restarted)
+    hang_s: float = 30.0  # a local worker that was serving, then unhealthy this long: killed
+    start_s: float = 120.0  # a local worker not serving this long after its spawn: killed
     stop_timeout_s: float = 10.0
 
 
@@ -179,7 +180,10 @@ class WorkerHandle:
             if code is not None:
                 self._died(code, now)
                 return
-            if not self.up and now - self.last_ok > self.timing.hang_s:
+            # Start-up gets its own, longer limit: on a loaded machine a worker may need
+            # seconds to serve, and killing it for that would only make a crash loop.
+            limit = self.timing.hang_s if self.up_since else self.timing.start_s
+            if not self.up and now - self.last_ok > limit:
                 # Alive but deaf (deadlock, stuck I/O): only a restart brings it back. The
                 # next tick sees it dead and restarts it with the usual backoff.
                 log.warning("csd worker %r unhealthy for %.0f s; killing pid %d",
