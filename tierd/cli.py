@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", default="text", choices=["text", "json"],
                        help="json: one object per line, for log collectors")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    serve.add_argument("--csd-workers", type=int, metavar="N",
+                       help="spawn N local computational-storage workers")
     check = sub.add_parser("check-config", help="validate a config file, print the result")
     check.add_argument("file", type=Path)
     csd = sub.add_parser("csd-worker", help="run a computational-storage worker on one shard")
@@ -53,6 +55,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         "nvme.capacity": args.nvme_capacity,
         "nvme.path": str(args.nvme_path) if args.nvme_path else None,
         "metrics.listen": args.metrics,
+        "csd.workers": args.csd_workers,
     }
     return load_config(args.config, overrides).resolved()
 

@@ -144,6 +144,15 @@ class TenantConfig:
 
 
 @dataclass(frozen=True)
+class CsdConfig:
+    """Computational-storage workers that hold blocks and attend next to them."""
+
+    workers: int = 0  # local workers the daemon spawns, each on <data_dir>/csd/w<i>
+    capacity_bytes: int = 1 * GiB  # per local worker
+    remote: tuple[str, ...] = ()  # addresses (unix:PATH or HOST:PORT) of workers run elsewhere
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty: off
 
@@ -156,6 +165,7 @@ class Config:
     nvme: NvmeTierConfig = NvmeTierConfig()
     leases: LeaseConfig = LeaseConfig()
     metrics: MetricsConfig = MetricsConfig()
+    csd: CsdConfig = CsdConfig()
     tenants: tuple[TenantConfig, ...] = ()
 
     def tenant(self, name: str) -> TenantConfig | None:
@@ -179,7 +189,7 @@ class Config:
         )  # fmt: skip
         restart = [
             f"{section}.{f.name}"
-            for section in ("server", "host", "nvme", "metrics")
+            for section in ("server", "host", "nvme", "metrics", "csd")
             for f in dataclasses.fields(getattr(live, section))
             if getattr(getattr(live, section), f.name) != getattr(getattr(new, section), f.name)
         ]
@@ -227,6 +237,8 @@ class Config:
                 raise ConfigError(f"tenants[{i}]", "needs token_sha256 or cert_cn")
             if t.weight <= 0:
                 raise ConfigError(f"tenants[{i}].weight", "must be positive")
+        if self.csd.workers < 0 or self.csd.workers > 64:
+            raise ConfigError("csd.workers", "must be between 0 and 64")
         if self.metrics.listen and not re.match(r"^[^:]*:\d+$", self.metrics.listen):
             raise ConfigError("metrics.listen", f"{self.metrics.listen!r} is not HOST:PORT")
         if self.leases.default_ttl_ms <= 0 or self.leases.max_ttl_ms < self.leases.default_ttl_ms:
@@ -248,7 +260,7 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
         where = f"{section}.{key}"
         if name in _SIZE_KEYS:
             value = parse_size(value, key=where)
-        elif name == "listen" and cls is ServerConfig:
+        elif (name == "listen" and cls is ServerConfig) or (name == "remote" and cls is CsdConfig):
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -272,6 +284,7 @@ _SECTIONS: dict[str, type] = {
     "nvme": NvmeTierConfig,
     "leases": LeaseConfig,
     "metrics": MetricsConfig,
+    "csd": CsdConfig,
 }
 
 

@@ -57,12 +57,32 @@ from tierd.tiers.nvme import NvmeStore
 
 if TYPE_CHECKING:
     from tierd.attention.attend import AttendService
+    from tierd.csd.pool import CsdPool
 
 log = logging.getLogger("tierd.core")
 
 
 def checksum(buf: memoryview) -> int:
     return xxhash.xxh3_64_intdigest(buf)
+
+
+def _csd_pool(config: Config) -> CsdPool | None:
+    from tierd.csd.pool import CsdPool
+    from tierd.csd.supervisor import CsdWorkerSpec
+
+    base = config.data_dir / "csd"
+    specs = [
+        CsdWorkerSpec(f"w{i}", base / f"w{i}", f"unix:{base}/w{i}.sock",
+                      config.csd.capacity_bytes, spawn=True)
+        for i in range(config.csd.workers)
+    ] + [
+        CsdWorkerSpec(f"r{i}", None, addr, 0, spawn=False)
+        for i, addr in enumerate(config.csd.remote)
+    ]  # fmt: skip
+    if not specs:
+        return None
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return CsdPool(specs)
 
 
 class CacheService:
@@ -98,7 +118,7 @@ class CacheService:
         self.cond = threading.Condition()
         self.policy = make_policy("lru")
         self._host_id = host_id()
-        self.csd = None  # CsdPool when workers are configured
+        self.csd = _csd_pool(config)  # None without workers; started in start()
         self._recover()
         self.placer = Placer(self)
         self._attend: AttendService | None = None
@@ -108,6 +128,10 @@ class CacheService:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.csd is not None:
+            down = self.csd.start()
+            if down:
+                log.warning("CSD workers not serving yet (their blocks are misses): %s", down)
         self.placer.start()
 
     @property
@@ -136,6 +160,8 @@ class CacheService:
         if self._attend is not None:
             self._attend.close()
         self.placer.stop()
+        if self.csd is not None:
+            self.csd.close()
         self.nvme.close()
         self.catalog.close()
         self.host.close()
