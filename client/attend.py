@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -93,7 +93,7 @@ class AttendStream:
             for _ in self._responses:  # drain the end of the stream
                 pass
 
-    def __enter__(self) -> AttendStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_kv module
-from bench_kv import Daemon, bench_disk, bench_memcpy, gbps  # noqa: E402
+from bench_kv import Daemon, bench_disk, bench_memcpy, gbps
 from tierd_client import AttendItem, KVLayout, TierdClient
 from tierd_client.attend import request_of
 from tierd_kernels import attend_blocks
@@ -136,7 +136,7 @@ def summary(results, memcpy: float, disk_read: float) -> dict:
             tier: {size: {"attend": r["attend_ms"], "get_local": r["get_ms"]}
                    for size, r in by_size.items()}
             for tier, by_size in results.items()
-        },  # fmt: skip
+        },
         "results": results,
     }
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tierd_client.keys import block_keys
+from tierd_client.layout import KVLayout
 
 from tierd.attention.attend import AttendCall
 from tierd.config import Config, HostTierConfig, NvmeTierConfig
 from tierd.core.service import CacheService
 from tierd.errors import InvalidArgument, NotFound
-from tierd_client.keys import block_keys
-from tierd_client.layout import KVLayout
 
 LAYERS, KV_HEADS, GROUP, DIM, T = 3, 2, 3, 64, 16
 
@@ -70,7 +70,7 @@ def put_sequence(svc: CacheService, lay: KVLayout, n_blocks: int, seed: int):
 def test_attend_equals_dense_for_random_tier_splits(svc, dtype: str, tol: float, seed: int):
     lay = layout(dtype)
     n_blocks, tail = 9, 5
-    ns, keys, tokens, kv = put_sequence(svc, lay, n_blocks, seed)
+    ns, keys, _tokens, kv = put_sequence(svc, lay, n_blocks, seed)
     rng = np.random.default_rng(seed)
     to_nvme = [k for k in keys if rng.random() < 0.5]
     assert svc.move(ns.id, to_nvme, "nvme") == len(to_nvme)

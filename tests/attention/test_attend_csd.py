@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.attention.test_attend_core import (
+    DIM,
     GROUP,
     KV_HEADS,
     LAYERS,
-    DIM,
     dense,
     layout,
     put_sequence,

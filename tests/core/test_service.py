@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from tests.core.conftest import (
     BB,
     LAYOUT,
@@ -15,6 +14,7 @@ from tests.core.conftest import (
     keys_for,
     put_blocks,
 )
+from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 
 def open_ns(svc, tenant: str = "t1", model: str = "m"):

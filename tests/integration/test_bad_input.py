@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 from tierd_client.status import FIELD_METADATA_KEY
@@ -96,8 +95,8 @@ def test_inband_put_of_wrong_size_leaves_no_trace(stub: pb_grpc.TierdStub, ns_id
     two_headers = [pb.PutChunk(header=header), pb.PutChunk(header=header)]
     expect(INVALID, "header", lambda: stub.Put(iter(two_headers)))
     after = stub.Stats(pb.StatsRequest())
-    host_before = [t for t in before.tiers if t.tier == pb.TIER_HOST][0]
-    host_after = [t for t in after.tiers if t.tier == pb.TIER_HOST][0]
+    host_before = next(t for t in before.tiers if t.tier == pb.TIER_HOST)
+    host_after = next(t for t in after.tiers if t.tier == pb.TIER_HOST)
     assert host_after.used_bytes == host_before.used_bytes
     assert after.active_leases == before.active_leases
     got = list(stub.Get(pb.GetRequest(namespace_id=ns_id, keys=[key(10), key(11)])))
@@ -110,7 +109,7 @@ def test_inband_put_of_wrong_size_leaves_no_trace(stub: pb_grpc.TierdStub, ns_id
 
 def test_over_capacity_is_resource_exhausted(stub: pb_grpc.TierdStub, ns_id: bytes) -> None:
     stats = stub.Stats(pb.StatsRequest())
-    host = [t for t in stats.tiers if t.tier == pb.TIER_HOST][0]
+    host = next(t for t in stats.tiers if t.tier == pb.TIER_HOST)
     expect(grpc.StatusCode.INVALID_ARGUMENT, "keys", lambda: stub.PreparePut(
         pb.PreparePutRequest(namespace_id=ns_id, keys=[key(i) for i in range(70_000)],
                              shape=SHAPE)))  # fmt: skip

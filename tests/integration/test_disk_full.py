@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tierd_client import KVLayout, ResourceExhausted, TierdClient
 
 LAYOUT = KVLayout(4, 2, 64, "float16", 64)  # 128 KiB blocks
@@ -29,7 +28,7 @@ def small_fs() -> Iterator[Path]:
         if os.geteuid() != 0:
             pytest.skip("mounting a small filesystem needs root")
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                                 capture_output=True, text=True)  # fmt: skip
+                                 capture_output=True, text=True, check=False)  # fmt: skip
         if mounted.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
         try:
@@ -47,7 +46,7 @@ def serve_cmd(base: Path, nvme: Path, nvme_capacity: str) -> list[str]:
 def test_start_refused_when_the_disk_cannot_hold_the_tier(small_fs: Path) -> None:
     base = small_fs.parent
     run = subprocess.run(serve_cmd(base, small_fs, "64MiB"), capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+                         timeout=60, check=False)  # fmt: skip
     assert run.returncode == 2
     assert "nvme.capacity" in run.stderr and "No space left" in run.stderr
 

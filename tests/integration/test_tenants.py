@@ -7,14 +7,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-
 from tierd_client import (
     FailedPrecondition,
     InvalidArgument,
@@ -73,9 +70,8 @@ def blocks(n: int, seed: int) -> np.ndarray:
 
 
 def test_calls_without_valid_credentials_are_refused(address: str) -> None:
-    with TierdClient(address, max_retries=0) as anonymous:
-        with pytest.raises(Unauthenticated):
-            anonymous.open_namespace("m", LAYOUT)
+    with TierdClient(address, max_retries=0) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.open_namespace("m", LAYOUT)
     with TierdClient(address, token="not-a-token", max_retries=0) as forged:
         with pytest.raises(Unauthenticated):
             forged.stats()

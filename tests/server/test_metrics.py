@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tierd_client import KVLayout, TierdClient
 
 

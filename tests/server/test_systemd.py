@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tierd_client import KVLayout, TierdClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,10 +143,10 @@ def test_bad_config_is_refused_with_file_key_and_reason(workdir: Path) -> None:
     bad = workdir / "bad.toml"
     bad.write_text('[host]\ncapacity = "lots"\n')
     run = subprocess.run([sys.executable, "-m", "tierd", "serve", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert run.returncode == 2
     assert str(bad) in run.stderr and "host.capacity" in run.stderr and "lots" in run.stderr
     bad.write_text("[host]\nhigh_watermark = 0.5\nlow_watermark = 0.9\n")
     run = subprocess.run([sys.executable, "-m", "tierd", "check-config", str(bad)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert run.returncode == 2 and "low_watermark" in run.stderr

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 
-from tierd.config import Config, format_size, load_config
+from tierd.config import Config, format_size
 from tierd.core.service import CacheService
 from tierd.errors import ConfigError
 from tierd.metrics import Metrics

@@ -176,5 +176,5 @@ def _cuda_host_register(mm: mmap.mmap, size: int) -> None:
             return
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         torch.cuda.cudart().cudaHostRegister(addr, size, 0)
-    except Exception:  # pinning is an optimisation; an unpinned arena still works
+    except (ImportError, RuntimeError, OSError):  # pinning is an optimisation only
         return
