@@ -128,6 +128,7 @@ class LeaseConfig:
     default_ttl_ms: int = 30_000
     max_ttl_ms: int = 600_000
     max_keys_per_call: int = 65_536
+    sequence_idle_ms: int = 60_000  # a sequence unused this long is closed (its blocks freed)
 
 
 @dataclass(frozen=True)

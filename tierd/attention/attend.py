@@ -28,8 +28,6 @@ from tierd.errors import FailedPrecondition, InvalidArgument, NotFound
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
 
-SEQUENCE_DEFAULT_TTL_S = 300.0
-
 
 @dataclass(frozen=True)
 class AttendCall:
@@ -59,7 +57,10 @@ class AttendService:
         svc = self.svc
         ns = svc.namespace(ns_id)
         validate.check_keys(keys, svc.config.leases.max_keys_per_call)
-        ttl = ttl_ms / 1000.0 if ttl_ms else SEQUENCE_DEFAULT_TTL_S
+        leases = svc.config.leases
+        if ttl_ms > leases.max_ttl_ms:
+            raise InvalidArgument(f"at most {leases.max_ttl_ms} ms", field="ttl_ms")
+        ttl = (ttl_ms or leases.sequence_idle_ms) / 1000.0
         held: list[BlockEntry] = []
         with svc.cond:
             for i, key in enumerate(keys):
@@ -77,7 +78,8 @@ class AttendService:
             with svc.cond:
                 for e in held:
                     svc.drop_reader(e)
-            raise FailedPrecondition("block failed its checksum", field=f"keys[{lost[0]}]")
+            raise FailedPrecondition("block is no longer cached (deleted, or failed its "
+                                     "checksum)", field=f"keys[{lost[0]}]")
         seq = Sequence(self.sequences.next_id(), ns, held, keys[-1] if keys else b"", ttl)
         self.sequences.add(seq)
         return seq.id, seq.block_tokens_cached

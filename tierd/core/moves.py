@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 
 from tierd.core import validate
 from tierd.core.index import BlockEntry
-from tierd.errors import FailedPrecondition, ResourceExhausted
+from tierd.errors import FailedPrecondition, ResourceExhausted, Unavailable
+
+# How long a move waits for another call that is writing the same block out.
+MOVE_WAIT_SECONDS = 30.0
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -59,23 +62,50 @@ def _bytes_of(svc: CacheService, entry: BlockEntry) -> memoryview:
 
 def _drop_host_copy(svc: CacheService, entry: BlockEntry) -> None:
     """Caller holds the lock and one reader reference of its own."""
-    if entry.host_off is not None and entry.readers == 1 and not entry.deleted:
+    if (entry.host_off is not None and entry.readers == 1 and not entry.deleted
+            and not entry.moving and entry.loading is None):
         svc.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
         entry.host_off = None
+
+
+def _claim(svc: CacheService, entry: BlockEntry) -> None:
+    """Wait until nobody else writes this block out, then mark it as ours to write.
+
+    Caller holds the lock. Demotions and other moves skip or wait for a `moving` block, so
+    one block never gets two NVMe copies (the second would leak its space)."""
+    if not svc.cond.wait_for(lambda: not entry.moving, MOVE_WAIT_SECONDS):
+        raise Unavailable("the block is being moved by another call; retry", field="keys")
+    entry.moving = True
+
+
+def _release_claim(svc: CacheService, entry: BlockEntry) -> None:
+    entry.moving = False
+    svc.cond.notify_all()
 
 
 def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
     moved = 0
     for entry in held:
-        if entry.nvme_off is None:
-            with svc.cond:
-                offset = svc.placer.allocate_nvme(entry.nbytes)
-            if offset is None:
-                raise ResourceExhausted("NVMe tier full", field="keys")
-            svc.nvme.write(offset, _bytes_of(svc, entry))
-            with svc.cond:
-                entry.nvme_off = offset
         with svc.cond:
+            _claim(svc, entry)
+            offset = None
+            if entry.nvme_off is None:
+                offset = svc.placer.allocate_nvme(entry.nbytes)
+                if offset is None:
+                    _release_claim(svc, entry)
+                    raise ResourceExhausted("NVMe tier full", field="keys")
+        try:
+            if offset is not None:
+                svc.nvme.write(offset, _bytes_of(svc, entry))
+        except BaseException:
+            with svc.cond:
+                svc.nvme.free(offset or 0, entry.nbytes)
+                _release_claim(svc, entry)
+            raise
+        with svc.cond:
+            if offset is not None:
+                entry.nvme_off = offset
+            _release_claim(svc, entry)
             _drop_host_copy(svc, entry)
             svc.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
         moved += 1
@@ -91,16 +121,42 @@ def _to_csd(svc: CacheService, held: list[BlockEntry]) -> int:
         return len(held)
     workers = pool.pick(len(todo))
     for name in sorted(set(workers)):
-        mine = [e for e, w in zip(todo, workers) if w == name]
-        pool.store(name, mine[0].ns.layout, mine[0].ns.id,
-                   [(e.key, e.checksum, _bytes_of(svc, e)) for e in mine])  # fmt: skip
+        # Claimed in key order, so two moves over overlapping keys never wait on each other.
+        mine = sorted((e for e, w in zip(todo, workers) if w == name), key=lambda e: e.key)
         with svc.cond:
-            for entry in mine:
-                entry.csd = name
-                _drop_host_copy(svc, entry)
-                if entry.nvme_off is not None and entry.readers == 1:
-                    svc.nvme.free(entry.nvme_off, entry.nbytes)
-                    entry.nvme_off = None
-            svc.catalog.set_csd([(e.ns.id, e.key, name) for e in mine])
-            svc.catalog.update_locations([(e.ns.id, e.key, e.host_off, e.nvme_off) for e in mine])
+            claimed: list[BlockEntry] = []
+            try:
+                for entry in mine:
+                    _claim(svc, entry)
+                    claimed.append(entry)
+            except Unavailable:
+                for entry in claimed:
+                    _release_claim(svc, entry)
+                raise
+            for entry in [e for e in mine if e.csd is not None]:  # another move won
+                _release_claim(svc, entry)
+            mine = [e for e in mine if e.csd is None]
+        if not mine:
+            continue
+        stored = False
+        try:
+            pool.store(name, mine[0].ns.layout, mine[0].ns.id,
+                       [(e.key, e.checksum, _bytes_of(svc, e)) for e in mine])  # fmt: skip
+            stored = True
+        finally:
+            with svc.cond:
+                for entry in mine:
+                    if stored:
+                        entry.csd = name
+                    _release_claim(svc, entry)
+                    if stored:
+                        _drop_host_copy(svc, entry)
+                        if entry.nvme_off is not None and entry.readers == 1:
+                            svc.nvme.free(entry.nvme_off, entry.nbytes)
+                            entry.nvme_off = None
+                if stored:
+                    svc.catalog.set_csd([(e.ns.id, e.key, name) for e in mine])
+                    svc.catalog.update_locations(
+                        [(e.ns.id, e.key, e.host_off, e.nvme_off) for e in mine]
+                    )
     return len(held)

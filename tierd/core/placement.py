@@ -347,8 +347,8 @@ class Placer:
                     if entry.idle:
                         svc.free_space(entry)
                     continue
-                if entry.readers == 0:
-                    svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
+                if entry.readers == 0 and entry.host_off is not None:
+                    svc.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
                     entry.host_off = None
                     svc.counters.demotions += 1
                     self._last_pass_freed += entry.nbytes

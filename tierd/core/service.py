@@ -370,11 +370,15 @@ class CacheService:
 
     # -- get ------------------------------------------------------------------------------
 
-    def prepare_get(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> PreparedGet:
+    def prepare_get(
+        self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, *, hold: bool = False
+    ) -> PreparedGet:
+        """Lease the blocks in host for the caller to read. `hold`: the lease never expires
+        (the daemon itself streams the bytes and releases in all cases)."""
         self._check_open()
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
-        ttl = validate.check_ttl(ttl_ms, self.config.leases)
+        ttl = float("inf") if hold else validate.check_ttl(ttl_ms, self.config.leases)
         held: list[BlockEntry | None] = []
         tiers: list[str] = []
         with self.cond:
@@ -423,16 +427,20 @@ class CacheService:
             lease = self.leases.get(lease_id)
             return lease.ns.tenant if lease is not None else None
 
-    def release(self, lease_id: int) -> None:
-        """End a get lease, or abort an uncommitted put lease. Unknown ids are a no-op."""
+    def release(self, lease_id: int) -> bool:
+        """End a get lease, or abort an uncommitted put lease.
+
+        False when no such lease was open (it expired, or was released or committed): a
+        reader then knows the bytes it copied may have been reused under it."""
         if lease_id == 0:
-            return
+            return True
         with self.cond:
             lease = self.leases.get(lease_id)
             if lease is None or (isinstance(lease, PutLease) and lease.committing):
-                return
+                return False
             self.leases.pop(lease_id)
             self.end_lease(lease)
+            return True
 
     def end_lease(self, lease: PutLease | GetLease) -> None:
         """Undo what a lease holds; the caller holds `cond`."""

@@ -166,8 +166,11 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
-        if self._lease(request.lease_id, context):
-            self.svc.release(request.lease_id)
+        if not (self._lease(request.lease_id, context) and self.svc.release(request.lease_id)):
+            raise FailedPrecondition(
+                "no open lease with this id: it expired or ended; bytes read under it may "
+                "have been reused", field="lease_id",
+            )
         return pb.ReleaseResponse()
 
     @translate_errors
@@ -196,7 +199,8 @@ class TierdServicer(pb_grpc.TierdServicer):
     @translate_errors
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext):
         self._ns(request.namespace_id, context)
-        prepared = self.svc.prepare_get(request.namespace_id, list(request.keys))
+        # Held for the life of the stream (a slow reader must not see reused space).
+        prepared = self.svc.prepare_get(request.namespace_id, list(request.keys), hold=True)
         try:
             ns = self.svc.namespace(request.namespace_id)
             yield pb.GetChunk(found=[s.found for s in prepared.slots], block_bytes=ns.block_bytes)
