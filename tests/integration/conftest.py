@@ -141,13 +141,14 @@ def daemon_address() -> Iterator[str]:
 
 @pytest.fixture
 def spawn_daemon() -> Iterator[Callable[..., DaemonProcess]]:
-    """`spawn_daemon(wait=True)` starts another daemon in its own directory."""
+    """`spawn_daemon(start=True, wait=True)`: another daemon in its own directory."""
     started: list[DaemonProcess] = []
 
-    def spawn(*, wait: bool = True) -> DaemonProcess:
+    def spawn(*, start: bool = True, wait: bool = True) -> DaemonProcess:
         daemon = DaemonProcess(_short_tmpdir())
         started.append(daemon)
-        daemon.start(wait=wait)
+        if start:
+            daemon.start(wait=wait)
         return daemon
 
     yield spawn

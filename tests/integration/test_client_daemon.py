@@ -10,7 +10,8 @@ import dataclasses
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -273,9 +274,8 @@ def test_concurrent_clients(daemon_address: str) -> None:
         assert outcomes["stored"] >= 1, "a key was never reported stored"
 
 
-def test_client_started_before_the_daemon(spawn_daemon) -> None:  # type: ignore[no-untyped-def]
-    daemon = spawn_daemon(wait=False)
-    daemon.stop()  # only its address is wanted: nothing listens there now
+def test_client_started_before_the_daemon(spawn_daemon: Callable[..., Any]) -> None:
+    daemon = spawn_daemon(start=False)  # nothing listens at its address yet
     with TierdClient(daemon.address, timeout=30.0) as c:
         late = threading.Timer(1.0, daemon.start, kwargs={"wait": False})
         late.start()
@@ -288,7 +288,7 @@ def test_client_started_before_the_daemon(spawn_daemon) -> None:  # type: ignore
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_calls_survive_a_daemon_restart(spawn_daemon, transport: str) -> None:  # type: ignore[no-untyped-def]
+def test_calls_survive_a_daemon_restart(spawn_daemon: Callable[..., Any], transport: str) -> None:
     daemon = spawn_daemon()
     with TierdClient(daemon.address, transport=transport, max_retries=8) as c:
         ns = c.open_namespace("model/restart", LAY)

@@ -83,6 +83,9 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}
+        if "csd" not in columns:  # catalogs written before CSD placement existed
+            self._db.execute("ALTER TABLE blocks ADD COLUMN csd TEXT")
 
     def close(self) -> None:
         with self._lock:

@@ -13,13 +13,15 @@ reaping) runs in `tierd.core.placement` on its own thread.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import xxhash
@@ -66,6 +68,18 @@ def checksum(buf: memoryview) -> int:
     return xxhash.xxh3_64_intdigest(buf)
 
 
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """One daemon per data dir: two would hand out the same extents. `tierctl fsck` takes
+    the same lock, so it never checks a catalog a daemon is writing."""
+    f = open(data_dir / "tierd.lock", "a+b")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError("data_dir", f"{data_dir} is in use by another tierd process") from None
+    return f
+
+
 def _csd_pool(config: Config) -> CsdPool | None:
     from tierd.csd.pool import CsdPool
     from tierd.csd.supervisor import CsdWorkerSpec
@@ -90,6 +104,7 @@ class CacheService:
         self.config = config
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_file = _lock_data_dir(data_dir)
         tag = hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
         self.catalog = Catalog(data_dir / "index.sqlite3")
         self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
@@ -165,6 +180,7 @@ class CacheService:
         self.nvme.close()
         self.catalog.close()
         self.host.close()
+        self._lock_file.close()  # releases the data dir for the next daemon
 
     def _recover(self) -> None:
         """Rebuild the index from the catalog; adopt host copies whose segment survived."""

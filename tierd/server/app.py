@@ -189,7 +189,9 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     signal.signal(signal.SIGHUP, on_hup)
     daemon.start()
     while not stop_requested.is_set():
-        wake.wait()
+        # With a timeout: a signal delivered to another thread only runs its Python handler
+        # when the main thread next executes bytecode; an untimed wait could hold it forever.
+        wake.wait(0.5)
         wake.clear()
         if reload_requested.is_set() and not stop_requested.is_set():
             reload_requested.clear()

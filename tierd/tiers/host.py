@@ -167,6 +167,8 @@ class HostArena:
 
 def _cuda_host_register(mm: mmap.mmap, size: int) -> None:
     """Page-lock the segment for fast H2D/D2H copies where CUDA exists; no-op elsewhere."""
+    if not Path("/dev/nvidiactl").exists():
+        return  # no NVIDIA driver: do not pay for importing torch to learn that
     try:
         import ctypes
 

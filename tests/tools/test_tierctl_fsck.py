@@ -1,0 +1,251 @@
+"""tierctl fsck on data dirs written by a real CacheService, then damaged on purpose."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tierctl.cli import main
+from tierctl.datalock import LOCK_NAME
+from tierctl.fsck_scan import shm_tag
+
+from tests.core.conftest import (
+    BB,
+    LAYOUT,
+    Harness,
+    block_bytes_for,
+    get_blocks,
+    keys_for,
+    put_blocks,
+)
+from tierd.tiers.host import SHM_DIR, segment_name
+
+TENANT = "fsck-tenant"
+
+
+@dataclass
+class Populated:
+    harness: Harness
+    data_dir: Path
+    ns_id: bytes
+    keys: list[bytes]
+
+    def rows(self) -> dict[bytes, tuple[int | None, int | None]]:
+        """key -> (host_off, nvme_off), straight from the catalog."""
+        # closing(): a sqlite3 connection's own context manager commits but stays open,
+        # and fsck would rightly see this process holding the catalog.
+        with closing(sqlite3.connect(self.data_dir / "index.sqlite3")) as db:
+            return {bytes(k): (h, n) for k, h, n in
+                    db.execute("SELECT key, host_off, nvme_off FROM blocks")}  # fmt: skip
+
+    def sql(self, statement: str, *params: object) -> None:
+        with closing(sqlite3.connect(self.data_dir / "index.sqlite3")) as db, db:
+            db.execute(statement, params)
+
+    @property
+    def segment(self) -> Path:
+        return SHM_DIR / segment_name(shm_tag(self.data_dir), TENANT)
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> Iterator[Populated]:
+    """24 blocks through a host tier of 8: most are demoted to NVMe; one is read back, so
+    it has both copies. The service is closed: fsck runs on a stopped daemon's dir."""
+    h = Harness(tmp_path / "data")
+    try:
+        svc = h.open(host_blocks=8, nvme_blocks=64)
+        ns, _ = svc.open_namespace(TENANT, "model", LAYOUT)
+        keys = keys_for(ns.id, 24)
+        for i in range(0, len(keys), 4):
+            assert put_blocks(svc, ns.id, keys[i : i + 4]) == 4
+        assert svc.placer.settle(10)
+        # Promote one demoted block: it then has a host copy and an NVMe copy.
+        with svc.cond:
+            nvme_only = [e.key for e in svc.index.entries()
+                         if e.host_off is None and e.nvme_off is not None]  # fmt: skip
+        assert get_blocks(svc, ns.id, [nvme_only[0]]) == [block_bytes_for(nvme_only[0])]
+        h.close_all()
+        yield Populated(h, tmp_path / "data", ns.id, keys)
+    finally:
+        h.close_all()
+        # By name, not through the services: tests close and reopen them along the way.
+        for seg in SHM_DIR.glob(f"tierd.{shm_tag(tmp_path / 'data')}.*"):
+            seg.unlink(missing_ok=True)
+
+
+def fsck(data_dir: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+    code = main(["fsck", "--data-dir", str(data_dir), "--json", *extra])
+    captured = capsys.readouterr()
+    if code == 2:
+        print(captured.err)  # why it could not check, in the failure report
+    return code, (json.loads(captured.out) if captured.out.strip() else {})
+
+
+def _scribble(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset + 100)
+        f.write(b"\xa5" * 64)
+
+
+def test_clean_dir_is_clean(populated: Populated, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = fsck(populated.data_dir, capsys=capsys)
+    assert code == 0, report
+    assert report["rows"] == 24 and report["problems"] == []
+    tiers = report["tiers"]
+    assert tiers["nvme"]["rows"] > 0 and tiers["host"]["rows"] > 0
+    assert tiers["nvme"]["bad"] == tiers["host"]["bad"] == 0
+    # The text form says so too, and a daemon config file can name the data dir.
+    config = populated.data_dir.parent / "tierd.toml"
+    config.write_text(f'data_dir = "{populated.data_dir}"\n')
+    assert main(["fsck", "--config", str(config)]) == 0
+    assert "clean" in capsys.readouterr().out
+
+
+def test_corruption_found_repaired_and_good_blocks_still_served(
+    populated: Populated, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = populated.rows()
+    nvme_victim = next(k for k, (h, n) in rows.items() if h is None and n is not None)
+    host_victim = next(k for k, (h, n) in rows.items() if h is not None and n is None)
+    _scribble(populated.data_dir / "nvme" / "blocks.dat", rows[nvme_victim][1] or 0)
+    _scribble(populated.segment, rows[host_victim][0] or 0)
+
+    code, report = fsck(populated.data_dir, capsys=capsys)
+    assert code == 1
+    found = {(p["tier"], p["kind"], p["key"]) for p in report["problems"]}
+    assert found == {
+        ("nvme", "checksum", nvme_victim.hex()),
+        ("host", "checksum", host_victim.hex()),
+    }
+    assert populated.rows() == rows  # a plain check writes nothing
+
+    code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
+    assert code == 1 and report["deleted"] == 2 and report["cleared"] == 0
+    assert {p["action"] for p in report["problems"]} == {"deleted row"}
+    after = populated.rows()
+    assert set(after) == set(rows) - {nvme_victim, host_victim}
+    assert all(after[k] == rows[k] for k in after)  # good rows untouched
+
+    code, report = fsck(populated.data_dir, capsys=capsys)
+    assert code == 0 and report["problems"] == []
+
+    svc = populated.harness.open(host_blocks=8, nvme_blocks=64)
+    # In fours: a get stages NVMe blocks in host, which holds 8.
+    got = [
+        d
+        for i in range(0, 24, 4)
+        for d in get_blocks(svc, populated.ns_id, populated.keys[i : i + 4])
+    ]
+    for key, data in zip(populated.keys, got, strict=True):
+        if key in (nvme_victim, host_victim):
+            assert data is None
+        else:
+            assert data == block_bytes_for(key), key.hex()
+    assert svc.stats().corrupt_reads == 0
+
+
+def test_bad_copy_of_a_two_copy_block_is_dropped_not_the_block(
+    populated: Populated, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = populated.rows()
+    both = next(k for k, (h, n) in rows.items() if h is not None and n is not None)
+    _scribble(populated.segment, rows[both][0] or 0)
+    code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
+    assert code == 1 and report["deleted"] == 0 and report["cleared"] == 1
+    assert [(p["tier"], p["kind"], p["action"]) for p in report["problems"]] == [
+        ("host", "checksum", "dropped the bad copy")
+    ]
+    assert populated.rows()[both] == (None, rows[both][1])
+    assert fsck(populated.data_dir, capsys=capsys)[0] == 0
+    svc = populated.harness.open(host_blocks=8, nvme_blocks=64)
+    assert get_blocks(svc, populated.ns_id, [both]) == [block_bytes_for(both)]
+
+
+def test_catalog_level_problems(populated: Populated, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = populated.rows()
+    nvme_keys = [k for k, (h, n) in rows.items() if h is None and n is not None]
+    misaligned, out_of_range, overlapping, no_copy = nvme_keys[:4]
+    populated.sql("UPDATE blocks SET nvme_off = nvme_off + 512 WHERE key = ?", misaligned)
+    populated.sql("UPDATE blocks SET nvme_off = ? WHERE key = ?", 1 << 40, out_of_range)
+    # Onto a good block's extent: the intruder's checksum fails, the owner stays good.
+    owner = nvme_keys[4]
+    populated.sql("UPDATE blocks SET nvme_off = ? WHERE key = ?", rows[owner][1], overlapping)
+    populated.sql("UPDATE blocks SET nvme_off = NULL WHERE key = ?", no_copy)
+    wrong_size = nvme_keys[5]
+    populated.sql("UPDATE blocks SET nbytes = ? WHERE key = ?", BB // 2, wrong_size)
+    orphan = bytes(16)
+    populated.sql("INSERT INTO blocks (ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, "
+                  "last_access) SELECT ?, key, nbytes, checksum, host_off, NULL, pinned, "
+                  "last_access FROM blocks WHERE key = ?", orphan, nvme_keys[6])  # fmt: skip
+
+    code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
+    assert code == 1
+    kinds = {(p["kind"], p["key"]) for p in report["problems"]}
+    assert ("misaligned", misaligned.hex()) in kinds
+    assert ("out-of-range", out_of_range.hex()) in kinds
+    assert ("overlap", overlapping.hex()) in kinds and ("checksum", overlapping.hex()) in kinds
+    assert ("no-copy", no_copy.hex()) in kinds
+    assert ("size", wrong_size.hex()) in kinds
+    assert ("orphan", nvme_keys[6].hex()) in kinds
+    assert not any(p["key"] == owner.hex() for p in report["problems"])
+    assert report["deleted"] == 6
+    assert fsck(populated.data_dir, capsys=capsys)[0] == 0
+    assert populated.rows()[owner] == rows[owner]
+
+
+def test_lost_host_segment(populated: Populated, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = populated.rows()
+    populated.segment.unlink()
+    code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
+    assert code == 1
+    host_rows = {k for k, (h, _) in rows.items() if h is not None}
+    assert {bytes.fromhex(p["key"]) for p in report["problems"]} == host_rows
+    assert {p["kind"] for p in report["problems"]} == {"missing-file"}
+    kept = populated.rows()
+    # Host-only rows are gone; rows that also had an NVMe copy keep it.
+    assert set(kept) == {k for k, (_, n) in rows.items() if n is not None}
+    assert all(h is None for h, _ in kept.values())
+
+
+def test_refuses_while_the_data_dir_is_in_use(
+    populated: Populated, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = populated.data_dir
+    # 1. A live service (what a daemon is) holds the catalog open.
+    populated.harness.open(host_blocks=8, nvme_blocks=64)
+    assert main(["fsck", "--data-dir", str(data_dir)]) == 2
+    assert "is locked" in capsys.readouterr().err  # the service holds the data dir's lock
+    populated.harness.close_all()
+    # 2. Someone holds the data dir's lock (a daemon that takes it, or another fsck).
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code = main(["fsck", "--data-dir", str(data_dir)])
+        assert code == 2 and "is locked" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    # 3. Something answers on the data dir's socket.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(data_dir / "tierd.sock"))
+        s.listen()
+        code = main(["fsck", "--data-dir", str(data_dir)])
+        assert code == 2 and "answers on" in capsys.readouterr().err
+    os.unlink(data_dir / "tierd.sock")
+    assert main(["fsck", "--data-dir", str(data_dir)]) == 0
+
+
+def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fsck"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert main(["fsck", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert main(["fsck", "--data-dir", str(tmp_path)]) == 2
+    assert "not a tierd data dir" in capsys.readouterr().err
+    assert main(["fsck", "--bogus"]) == 2

@@ -1,0 +1,229 @@
+"""`tierctl capacity`: what this machine can hold of a model's KV cache, and how fast.
+
+Primitives: `COMMAND`, `Tier`, `Report`, `build_report(...)`, `tiers_for_model(...)`,
+`render_text(report)`, `report_json(report)`.
+
+Each tier (a GPU or MIG slice, host RAM, each disk) gets its usable bytes now (free GPU
+memory, available RAM, free disk space) and a read bandwidth. Given a model:
+  tokens     = usable bytes // KV bytes per token
+  sequences  = tokens // context length
+  attend     = context x KV bytes per token / bandwidth: the time one decode step spends
+               streaming one sequence's KV out of that tier (attention is memory-bound,
+               so bandwidth, not FLOPs, sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierctl import bench, probe, tables
+from tierctl.cli import Command
+from tierctl.errors import ExitCode, UsageError
+from tierctl.models import ModelSpec, dtype_bytes, resolve_model
+from tierd.config import default_data_dir, format_size, parse_size
+from tierd.errors import ConfigError
+
+DEFAULT_CONTEXT = 4096  # when the model does not say what it was trained for
+
+
+@dataclass
+class Tier:
+    name: str  # "gpu0", "gpu0/mig0", "ram", "disk /"
+    kind: str  # "gpu" | "mig" | "ram" | "disk"
+    device: str
+    usable_bytes: int
+    total_bytes: int
+    read_bps: float | None = None
+    write_bps: float | None = None
+    measured: str = "not measured"  # how read_bps was obtained
+    tokens: int | None = None
+    sequences: int | None = None
+    attend_ms: float | None = None
+
+
+@dataclass
+class Report:
+    tiers: list[Tier]
+    model: dict[str, Any] | None = None
+    dtype: str = "bfloat16"
+    context: int | None = None
+    kv_bytes_per_token: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="SPEC",
+                   help="a preset (llama-3-8b, llama-3-70b, smollm2-135m, mistral-7b), a HF "
+                        "config.json (or its directory) or a .gguf file")  # fmt: skip
+    p.add_argument("--dtype", default="bf16", help="KV dtype (bf16, fp16, fp32, fp8, int8)")
+    p.add_argument("--context", type=int, metavar="TOKENS",
+                   help="tokens per sequence (default: the model's trained context, else "
+                        f"{DEFAULT_CONTEXT})")  # fmt: skip
+    p.add_argument("--data-dir", type=Path, help="tierd data dir (default: tierd's default)")
+    p.add_argument("--bench-dir", type=Path, action="append", metavar="DIR",
+                   help="measure O_DIRECT bandwidth of the disk holding DIR (repeatable; "
+                        "default: the data dir if it exists, else the current directory)")  # fmt: skip
+    p.add_argument(
+        "--all-disks",
+        action="store_true",
+        help="also measure every writable disk, in a temporary file at its mountpoint",
+    )
+    p.add_argument(
+        "--bench-size",
+        default="256MiB",
+        metavar="SIZE",
+        help="bytes written then read per measured disk (default 256MiB)",
+    )
+    p.add_argument("--no-bench", action="store_true", help="probe only; measure nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw the report (matplotlib)"
+    )
+
+
+def _bench_dirs(args: argparse.Namespace, disks: list[probe.Disk]) -> list[Path]:
+    if args.bench_dir:
+        dirs = [d.expanduser() for d in args.bench_dir]
+    else:
+        data_dir = args.data_dir or default_data_dir()
+        dirs = [data_dir if data_dir.is_dir() else Path.cwd()]
+    if args.all_disks:
+        dirs += [Path(d.mountpoint) for d in disks
+                 if not d.read_only and os.access(d.mountpoint, os.W_OK)]  # fmt: skip
+    return dirs
+
+
+def probe_tiers(args: argparse.Namespace, bench_size: int) -> tuple[list[Tier], list[str]]:
+    notes: list[str] = []
+    tiers: list[Tier] = []
+    for gpu in probe.probe_gpus():
+        if gpu.mig_enabled and gpu.mig:
+            for s in gpu.mig:
+                tiers.append(Tier(f"gpu{gpu.index}/mig{s.index}", "mig",
+                                  f"{gpu.name} {s.profile}", s.memory, s.memory))  # fmt: skip
+            continue
+        t = Tier(f"gpu{gpu.index}", "gpu", gpu.name, gpu.free, gpu.total)
+        if not args.no_bench and (bps := bench.measure_gpu(gpu.index)) is not None:
+            t.read_bps, t.measured = bps, "device copy"
+        tiers.append(t)
+    ram = probe.probe_ram()
+    t = Tier("ram", "ram", "host memory", ram.available, ram.total)
+    if not args.no_bench:
+        t.read_bps, t.measured = bench.measure_memory(), "memcpy"
+    tiers.append(t)
+
+    disks = probe.probe_disks()
+    by_mount: dict[str, Tier] = {}
+    for d in disks:
+        by_mount[d.mountpoint] = Tier(f"disk {d.mountpoint}", "disk",
+                                      f"{d.device} ({d.fstype}, {d.media})", d.free, d.total)  # fmt: skip
+    if not args.no_bench:
+        for directory in dict.fromkeys(_bench_dirs(args, disks)):  # ordered, no repeats
+            disk = probe.disk_of(directory, disks) or probe.filesystem_of(directory)
+            tier = by_mount.get(disk.mountpoint)
+            if tier is None:  # e.g. a tmpfs bench dir: listed because it was asked for
+                tier = by_mount[disk.mountpoint] = Tier(
+                    f"disk {disk.mountpoint}", "disk", f"{disk.device} ({disk.fstype})",
+                    disk.free, disk.total)  # fmt: skip
+            if tier.read_bps is not None:
+                continue  # two bench dirs on one disk: once is enough
+            result = bench.measure_disk(directory, bench_size)
+            tier.read_bps, tier.write_bps = result.read_bps, result.write_bps
+            tier.measured = "O_DIRECT" if result.direct else "buffered (no O_DIRECT)"
+            if not result.direct:
+                notes.append(f"{directory}: the filesystem refused O_DIRECT; the figures "
+                             "include the page cache")  # fmt: skip
+    tiers.extend(by_mount.values())
+    return tiers, notes
+
+
+def apply_model(tiers: list[Tier], model: ModelSpec, dtype: str, context: int) -> int:
+    """Fill tokens, sequences and attend time; returns KV bytes per token."""
+    per_token = model.kv_bytes_per_token(dtype)
+    for t in tiers:
+        t.tokens = t.usable_bytes // per_token
+        t.sequences = t.tokens // context
+        if t.read_bps:
+            t.attend_ms = context * per_token / t.read_bps * 1e3
+    return per_token
+
+
+def build_report(args: argparse.Namespace) -> Report:
+    dtype_name, _ = dtype_bytes(args.dtype)
+    model = resolve_model(args.model) if args.model else None
+    try:
+        bench_size = parse_size(args.bench_size, key="--bench-size")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.context is not None and args.context <= 0:
+        raise UsageError("--context must be a positive number of tokens")
+    tiers, notes = probe_tiers(args, bench_size)
+    report = Report(tiers=tiers, dtype=dtype_name, notes=notes)
+    if model is not None:
+        report.context = args.context or model.max_context or DEFAULT_CONTEXT
+        report.model = dataclasses.asdict(model)
+        report.kv_bytes_per_token = apply_model(tiers, model, args.dtype, report.context)
+    return report
+
+
+def report_json(report: Report) -> str:
+    return json.dumps(dataclasses.asdict(report), indent=2)
+
+
+def render_text(report: Report) -> str:
+    out: list[str] = []
+    if report.model is not None:
+        m = report.model
+        out.append(
+            f"model {m['name']} ({m['source']}): {m['num_layers']} layers, "
+            f"{m['num_kv_heads']} KV heads x {m['head_dim']} dim, {report.dtype}: "
+            f"{format_size(report.kv_bytes_per_token or 0)} of KV per token "
+            f"({report.kv_bytes_per_token:,} B); context {report.context:,} tokens = "
+            f"{format_size((report.kv_bytes_per_token or 0) * (report.context or 0))} per sequence"
+        )
+        out.append("")
+    headers = ["tier", "device", "usable", "total", "read", "write", "measured"]
+    if report.model is not None:
+        headers += ["tokens", "sequences", "attend/token"]
+    rows = []
+    for t in report.tiers:
+        row = [t.name, t.device, format_size(t.usable_bytes), format_size(t.total_bytes),
+               tables.rate(t.read_bps), tables.rate(t.write_bps), t.measured]  # fmt: skip
+        if report.model is not None:
+            attend = "-" if t.attend_ms is None else f"{t.attend_ms:.3g} ms"
+            row += [tables.count(t.tokens), tables.count(t.sequences), attend]
+        rows.append(row)
+    out.append(tables.render(headers, rows, right={2, 3, 4, 5, 7, 8, 9}))
+    out.extend(f"note: {n}" for n in report.notes)
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Checked before measuring anything: a missing plot library should fail fast.
+        raise UsageError("--plot needs matplotlib, which is not installed "
+                         "(pip install 'tierd[tools]')")  # fmt: skip
+    report = build_report(args)
+    print(report_json(report) if args.json else render_text(report))
+    if args.plot is not None:
+        from tierctl.plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return ExitCode.OK
+
+
+COMMAND = Command(
+    name="capacity",
+    help="what fits in each tier of this machine, and how fast it can be attended",
+    add_arguments=_add_arguments,
+    run=run,
+)
