@@ -366,8 +366,12 @@ class TierdClient:
         resp = self._retrying(lambda: self._unary("Stats", pb.StatsRequest()))
         out: dict[str, Any] = {}
         for f in resp.DESCRIPTOR.fields:
-            if f.name != "tiers":
+            if f.name not in ("tiers", "tenants"):
                 out[f.name] = getattr(resp, f.name)
+        out["tenants"] = [
+            {"tenant": u.tenant, "tier": tier_name(u.tier), "used_bytes": u.used_bytes}
+            for u in resp.tenants
+        ]
         out["tiers"] = {
             tier_name(t.tier): {
                 f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields if f.name != "tier"

@@ -238,12 +238,17 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext):
-        self.auth.identify(context)  # any tenant may read the daemon-wide totals
+        principal = self.auth.identify(context)  # totals are daemon-wide; usage is per tenant
         s = self.svc.stats()
+        usage = [
+            pb.TenantUsage(tenant=tenant, tier=_TIER[tier], used_bytes=n)
+            for (tenant, tier), n in sorted(self.svc.usage_by_tenant().items())
+            if principal is None or tenant == principal
+        ]
         return pb.StatsResponse(
             tiers=[_tier_stats(t) for t in s.tiers], lookups=s.lookups, misses=s.misses,
             demotions=s.demotions, promotions=s.promotions, corrupt_reads=s.corrupt_reads,
-            active_leases=s.active_leases, namespaces=s.namespaces,
+            active_leases=s.active_leases, namespaces=s.namespaces, tenants=usage,
         )  # fmt: skip
 
     @translate_errors

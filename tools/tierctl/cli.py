@@ -31,7 +31,9 @@ class Command:
 
 
 # The registry: each module defines COMMAND. Order is the order `tierctl --help` lists them.
-COMMAND_MODULES: list[str] = ["tierctl.capacity", "tierctl.fsck"]
+COMMAND_MODULES: list[str] = [
+    "tierctl.status", "tierctl.top", "tierctl.capacity", "tierctl.fsck", "tierctl.benchcmd",
+]
 
 
 def commands() -> list[Command]:
