@@ -338,6 +338,7 @@ def test_dead_client_leases_are_reclaimed() -> None:
             daemon.address,
             lambda s: (
                 s["active_leases"] == base["active_leases"] and host_used(s) == host_used(base)
+                and s["active_sequences"] == base["active_sequences"]
             ),
             RECLAIM_DEADLINE_S,
         )

@@ -565,5 +565,6 @@ class CacheService:
                 lookups=c.lookups, misses=c.misses, demotions=c.demotions,
                 promotions=c.promotions, corrupt_reads=c.corrupt_reads,
                 active_leases=len(self.leases), namespaces=len(self.index.namespaces),
+                active_sequences=len(self._attend.sequences) if self._attend else 0,
             )  # fmt: skip
 

@@ -50,3 +50,4 @@ class StatsSnapshot:
     corrupt_reads: int
     active_leases: int
     namespaces: int
+    active_sequences: int = 0

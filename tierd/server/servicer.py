@@ -249,6 +249,7 @@ class TierdServicer(pb_grpc.TierdServicer):
             tiers=[_tier_stats(t) for t in s.tiers], lookups=s.lookups, misses=s.misses,
             demotions=s.demotions, promotions=s.promotions, corrupt_reads=s.corrupt_reads,
             active_leases=s.active_leases, namespaces=s.namespaces, tenants=usage,
+            active_sequences=s.active_sequences,
         )  # fmt: skip
 
     @translate_errors
