@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tierd.tiers.host import segments_of
 from tierd_client import KVLayout, TierdClient, TierdError
 
 START_DEADLINE_S = 60.0
@@ -119,6 +121,8 @@ class DaemonProcess:
     def remove_segments(self) -> None:
         for path in self.segments:
             Path(path).unlink(missing_ok=True)
+        for path in segments_of(self.base / "data"):  # tenants the tests opened on their own
+            path.unlink(missing_ok=True)
 
 
 def _short_tmpdir() -> Path:

@@ -14,7 +14,6 @@ reaping) runs in `tierd.core.placement` on its own thread.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import threading
 import time
@@ -53,7 +52,7 @@ from tierd.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from tierd.tiers.host import HostArena
+from tierd.tiers.host import HostArena, segment_tag
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
 
@@ -105,7 +104,7 @@ class CacheService:
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = _lock_data_dir(data_dir)
-        tag = hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
+        tag = segment_tag(data_dir)
         self.catalog = Catalog(data_dir / "index.sqlite3")
         self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
         try:

@@ -39,6 +39,16 @@ class Segment:
     alloc: ExtentAllocator
 
 
+def segment_tag(data_dir: Path) -> str:
+    """The name part shared by every segment of the daemon owning `data_dir`."""
+    return hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
+
+
+def segments_of(data_dir: Path, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Segment files of the daemon owning `data_dir` (to remove them with its data)."""
+    return sorted(shm_dir.glob(f"tierd.{segment_tag(data_dir)}.*"))
+
+
 def segment_name(tag: str, tenant: str) -> str:
     tenant_hash = hashlib.blake2b(tenant.encode(), digest_size=6).hexdigest()
     return f"tierd.{tag}.{tenant_hash}"
