@@ -87,9 +87,21 @@ class AttentionEngine:
             ref = attention_reference(q, k_tail, v_tail, scale=scale)
             partials.append((ref.out, ref.lse))
         partials.extend(f.result() for f in remote)
+        self._count(seq.ns.layout.block_bytes // seq.ns.layout.num_layers,
+                    host=len(host), nvme=len(nvme),
+                    csd=sum(len(v) for v in csd.values()))  # fmt: skip
         if not partials:
             raise FailedPrecondition("the sequence holds no tokens yet", field="sequence_id")
         return merge_partials(partials)
+
+    def _count(self, span: int, **blocks: int) -> None:
+        """Attend reads count as hits of the tier that served them (one layer's bytes)."""
+        with self.svc.cond:
+            for tier, n in blocks.items():
+                if n and tier in ("host", "nvme"):
+                    counters = self.svc.counters.tier(tier)
+                    counters.hits += n
+                    counters.bytes_read += n * span
 
     # -- per tier ---------------------------------------------------------------------
 

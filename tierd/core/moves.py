@@ -105,6 +105,7 @@ def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
         with svc.cond:
             if offset is not None:
                 entry.nvme_off = offset
+                svc.counters.nvme.bytes_written += entry.nbytes
             _release_claim(svc, entry)
             _drop_host_copy(svc, entry)
             svc.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
