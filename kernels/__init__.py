@@ -1,22 +1,33 @@
-"""tierd_kernels: attention over KV in tierd's block layout.
+"""tierd_kernels: attention over KV in tierd's block layout `[layer][K|V][kv_head][token][dim]`.
 
-Primitives: `attention_reference` (the torch oracle), `merge_partials` (exact log-sum-exp
-merge), `attend_blocks` (fast CPU path), and, where Triton is installed,
-`tierd_kernels.triton_attention.decode_attention` (imported on demand: Triton is optional).
+Primitives:
+  reference  `attention_reference` (the torch oracle), `gather_layer_kv`, `AttentionOutput`
+  merge      `merge_partials`, `merge_stacked`, `merge_into_` (exact log-sum-exp merge)
+  CPU        `attend_blocks` (decode and short multi-token queries over a list of blocks)
+  Triton     `decode_attention` (paged decode over a block pool on a GPU, or on the CPU
+             under TRITON_INTERPRET=1), `triton_available`
 
-Importing this package imports torch and nothing else.
+Importing this package imports torch and nothing else: Triton is imported by the first
+`decode_attention` call, and the package works without it.
 """
 
 from __future__ import annotations
 
 from .cpu_attention import attend_blocks
-from .merge import merge_partials
-from .reference import AttentionOutput, attention_reference, gather_layer_kv
+from .merge import merge_into_, merge_partials, merge_stacked
+from .reference import AttentionOutput, LayerKV, attention_reference, empty_output, gather_layer_kv
+from .triton_attention import decode_attention, triton_available
 
 __all__ = [
     "AttentionOutput",
+    "LayerKV",
     "attend_blocks",
     "attention_reference",
+    "decode_attention",
+    "empty_output",
     "gather_layer_kv",
+    "merge_into_",
     "merge_partials",
+    "merge_stacked",
+    "triton_available",
 ]
