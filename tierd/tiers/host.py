@@ -86,6 +86,12 @@ class HostArena:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        # 2 MiB pages where the kernel allows them for shared memory (shmem_enabled=advise):
+        # attention streams whole blocks, and 4 KiB pages cost it TLB misses and faults.
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
         if self._pin:
             _cuda_host_register(mm, size)
         return Segment(tenant, path, size, mm, ExtentAllocator(size))
