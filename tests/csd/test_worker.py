@@ -24,7 +24,8 @@ from tierd_client.layout import KVLayout
 from tierd_client.rpc import field_from_metadata
 
 from tierd.csd.shard import CATALOG_FILE, checksum
-from tierd.csd.tensors import tensor_from_proto, tensor_to_proto
+from tierd_client.tensors import to_message as tensor_to_proto
+from tierd_client.tensors import to_torch as tensor_from_proto
 from tierd.csd.worker import CsdWorkerServer
 from tierd.tiers.nvme import DATA_FILE
 

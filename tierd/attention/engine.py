@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierd.attention.sequences import Sequence, torch_dtype
+from tierd.attention.sequences import Sequence
 from tierd.core.index import BlockEntry
 from tierd.errors import FailedPrecondition, Unavailable
 from tierd.tiers.extents import align_up
@@ -107,7 +107,7 @@ class AttentionEngine:
 
     def _host_blocks(self, entries: list[BlockEntry]) -> list[torch.Tensor]:
         lay = entries[0].ns.layout
-        dtype = torch_dtype(lay.dtype)
+        dtype = lay.torch_dtype()
         host = self.svc.host
         return [
             torch.frombuffer(host.view(e.ns.tenant, e.host_off or 0, e.nbytes), dtype=dtype)
@@ -133,7 +133,7 @@ class AttentionEngine:
         reads = [nvme.read_async(lo, view[at : at + hi - lo]) for lo, hi, _, at in plans]
         for f in reads:
             f.result()
-        dtype = torch_dtype(lay.dtype)
+        dtype = lay.torch_dtype()
         shape = (1, 2, lay.num_kv_heads, lay.block_tokens, lay.head_dim)
         return [
             torch.frombuffer(view[at + skip : at + skip + span], dtype=dtype).view(shape)

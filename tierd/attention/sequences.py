@@ -23,19 +23,6 @@ import torch
 from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.errors import InvalidArgument
 
-_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float8_e4m3": torch.float8_e4m3fn,
-    "uint8": torch.uint8,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
-
 @dataclass(eq=False)
 class Sequence:
     id: int
@@ -53,7 +40,7 @@ class Sequence:
         lay = self.ns.layout
         self._tail = [
             torch.empty((2, lay.num_kv_heads, lay.block_tokens, lay.head_dim),
-                        dtype=torch_dtype(lay.dtype))
+                        dtype=lay.torch_dtype())
             for _ in range(lay.num_layers)
         ]  # fmt: skip
         self._lens = [0] * lay.num_layers

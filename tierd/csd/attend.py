@@ -24,7 +24,6 @@ from tierd_client.layout import KVLayout
 from tierd_kernels import attend_blocks
 
 from tierd.csd.shard import LayerBatch
-from tierd.csd.tensors import torch_dtype
 from tierd.errors import InvalidArgument
 
 _ATTENDABLE = ("float16", "bfloat16", "float32", "float8_e4m3")
@@ -55,7 +54,7 @@ def layer_blocks(batch: LayerBatch, layout: KVLayout) -> list[torch.Tensor]:
     n_slots = len(batch.buffer) // batch.stride if batch.stride else 0
     raw = torch.from_numpy(batch.buffer[: n_slots * batch.stride]).view(n_slots, batch.stride)
     # `pad` and `stride` are multiples of the itemsize, so the dtype view is legal.
-    kv = raw[:, batch.pad : batch.pad + batch.nbytes].view(torch_dtype(layout.dtype))
+    kv = raw[:, batch.pad : batch.pad + batch.nbytes].view(layout.torch_dtype())
     kv = kv.view(n_slots, 1, 2, h, t, d)
     return [kv[slot] for slot in batch.slots]
 

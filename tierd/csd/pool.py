@@ -189,7 +189,8 @@ class CsdPool:
     ) -> Partial:
         """Attention of q [q_tokens, heads, dim] over `layer` of the worker's `keys` (no
         mask). scale 0 means 1/sqrt(dim)."""
-        from tierd.csd.tensors import tensor_from_proto, tensor_to_proto  # torch, lazily
+        from tierd_client.tensors import to_message as tensor_to_proto
+        from tierd_client.tensors import to_torch as tensor_from_proto
 
         req = cpb.PartialAttendRequest(
             namespace_id=ns_id, layout=layout.to_proto(), keys=list(keys), layer=layer,

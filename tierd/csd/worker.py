@@ -78,7 +78,8 @@ class CsdWorkerServicer(cpb_grpc.CsdWorkerServicer):
     def PartialAttend(self, request: cpb.PartialAttendRequest, context: grpc.ServicerContext
                       ) -> cpb.PartialAttendResponse:  # fmt: skip
         from tierd.csd.attend import attend_batch, check_query  # torch: see module doc
-        from tierd.csd.tensors import tensor_from_proto, tensor_to_proto
+        from tierd_client.tensors import to_message as tensor_to_proto
+        from tierd_client.tensors import to_torch as tensor_from_proto
 
         layout = _layout(request.layout)
         q = tensor_from_proto(request.q, "q")
