@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_kv module
 from bench_kv import Daemon, bench_disk, bench_memcpy, gbps
+
 from tierd_client import AttendItem, KVLayout, TierdClient
 from tierd_client.attend import request_of
 from tierd_kernels import attend_blocks

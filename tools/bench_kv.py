@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tierd.config import format_size, parse_size
+from tierd.tiers.host import segments_of
 from tierd_client import KVLayout, TierdClient
 
 # 8 KV heads x 128 dim x fp16, 16 tokens per block: layers scale the block size, so 2 MiB
@@ -167,17 +168,8 @@ class Daemon:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
-        for seg in Path("/dev/shm").glob("tierd.*"):
-            # The segments of this private daemon only: its tag is the hash of its data dir.
-            if seg.stat().st_uid == os.getuid() and self._owns(seg):
-                seg.unlink(missing_ok=True)
-
-    def _owns(self, seg: Path) -> bool:
-        import hashlib
-
-        data = (self.dir / "data").resolve()
-        tag = hashlib.blake2b(str(data).encode(), digest_size=4).hexdigest()
-        return seg.name.startswith(f"tierd.{tag}.")
+        for seg in segments_of(self.dir / "data"):  # segments outlive the daemon: ours go
+            seg.unlink(missing_ok=True)
 
 
 def _blocks(layout: KVLayout, n: int) -> np.ndarray:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tierd_client.keys import block_keys
-from tierd_client.layout import KVLayout
 
 from tierd.attention.attend import AttendCall
 from tierd.config import Config, HostTierConfig, NvmeTierConfig
 from tierd.core.service import CacheService
 from tierd.errors import InvalidArgument, NotFound
+from tierd_client.keys import block_keys
+from tierd_client.layout import KVLayout
 
 LAYERS, KV_HEADS, GROUP, DIM, T = 3, 2, 3, 64, 16
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tierd_client import TierdClient
 from tierd_client.address import parse_address
 

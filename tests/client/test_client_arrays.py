@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tierd_client import InvalidArgument, KVLayout
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client.arrays import as_tensor, block_rows, out_buffer, storage_view

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from tierd_client import KVLayout
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client.arrays import block_rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tierd_client import KEY_BYTES, KVLayout, Namespace, TierdClient, block_keys
 from tierd_client.keys import namespace_id
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from tierd_client import DTYPES, KVLayout
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client.layout import dtype_from_proto, dtype_to_proto

@@ -7,6 +7,7 @@ from collections import namedtuple
 
 import grpc
 import pytest
+
 from tierd_client import errors
 from tierd_client.rpc import (
     BACKOFF_BASE_S,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tierd_client import KVLayout, SegmentInfo
 from tierd_client.errors import Internal
 from tierd_client.hostinfo import host_id

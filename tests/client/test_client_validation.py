@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+
 from tierd_client import FailedPrecondition, InvalidArgument, KVLayout, Namespace, TierdClient
 
 LAY = KVLayout(2, 2, 8, "float16", 4)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tierd_client.keys import block_keys
-from tierd_client.layout import KVLayout
 
 from tierd.config import Config, HostTierConfig, NvmeTierConfig
 from tierd.core.service import CacheService
+from tierd_client.keys import block_keys
+from tierd_client.layout import KVLayout
 
 # 2 layers x 2 (K|V) x 2 heads x 16 tokens x 64 dim x fp16 = 16 KiB per block
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from tierd_client.layout import KVLayout
-
 from tierd.config import Config, TenantConfig
 from tierd.core.fairness import fair_victim_order, over_quota
 from tierd.core.index import BlockEntry, NamespaceInfo
+from tierd_client.layout import KVLayout
 
 LAYOUT = KVLayout(1, 1, 64, "float16", 16)
 

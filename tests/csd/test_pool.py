@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tierd_client.layout import KVLayout
 
 from tierd.csd.drops import DeferredDrops
 from tierd.csd.pool import CsdPool, CsdWorkerSpec, Timing
 from tierd.csd.shard import checksum
 from tierd.csd.worker import CsdWorkerServer
 from tierd.errors import InvalidArgument, NotFound, Unavailable
+from tierd_client.layout import KVLayout
 
 NS = b"p" * 16
 MiB = 1 << 20

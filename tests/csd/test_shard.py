@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tierd_client.layout import KVLayout
 
 from tierd.csd.shard import CATALOG_FILE, CsdShard, StoreItem, checksum
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from tierd.tiers.io_backend import PosixBackend
 from tierd.tiers.nvme import DATA_FILE
+from tierd_client.layout import KVLayout
 
 # 12 tokens: one layer's K|V is 6 KiB, so layer 1 starts mid-page (the unaligned case).
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=12)

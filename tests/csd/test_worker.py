@@ -18,16 +18,16 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tierd.csd.shard import CATALOG_FILE, checksum
+from tierd.csd.worker import CsdWorkerServer
+from tierd.tiers.nvme import DATA_FILE
 from tierd_client._proto import csd_pb2 as cpb
 from tierd_client._proto import csd_pb2_grpc as cpb_grpc
 from tierd_client.layout import KVLayout
 from tierd_client.rpc import field_from_metadata
-
-from tierd.csd.shard import CATALOG_FILE, checksum
 from tierd_client.tensors import to_message as tensor_to_proto
 from tierd_client.tensors import to_torch as tensor_from_proto
-from tierd.csd.worker import CsdWorkerServer
-from tierd.tiers.nvme import DATA_FILE
 
 NS = b"w" * 16
 MiB = 1 << 20

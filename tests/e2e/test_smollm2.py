@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tierd_client import KVLayout, TierdClient, TierdError
 
 pytestmark = pytest.mark.e2e

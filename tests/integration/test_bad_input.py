@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 from tierd_client.status import FIELD_METADATA_KEY

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tierd.tiers.host import segments_of
 from tierd_client import KVLayout, ResourceExhausted, TierdClient
 
 LAYOUT = KVLayout(4, 2, 64, "float16", 64)  # 128 KiB blocks
@@ -93,8 +95,7 @@ def test_full_nvme_tier_is_resource_exhausted_and_host_keeps_serving(small_fs: P
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
-        tag = hashlib.blake2b(str((base / "data").resolve()).encode(), digest_size=4).hexdigest()
-        for seg in Path("/dev/shm").glob(f"tierd.{tag}.*"):
+        for seg in segments_of(base / "data"):
             seg.unlink()
     assert proc.returncode == 0, err[-2000:]
 

@@ -24,6 +24,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tierd.tiers.host import segment_tag
 from tierd_client import KEY_BYTES, KVLayout, TierdClient, TierdError
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
@@ -55,7 +57,7 @@ class DaemonProc:
     @property
     def tag(self) -> str:
         # Same derivation as CacheService: the host segments are named after the data dir.
-        return hashlib.blake2b(str(self.data_dir.resolve()).encode(), digest_size=4).hexdigest()
+        return segment_tag(self.data_dir)
 
     def log_path(self, run: int | None = None) -> Path:
         return self.base / f"daemon.{self.runs if run is None else run}.log"

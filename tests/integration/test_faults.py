@@ -36,6 +36,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+
+from tierd.tiers.host import segments_of
 from tierd_client import (
     FailedPrecondition,
     KVLayout,
@@ -212,8 +214,7 @@ class ConfigDaemon:
                 proc.wait()
         # Segments outlive the daemon on purpose (a restart adopts them): remove ours. They
         # are named after the data dir, as CacheService names them.
-        tag = hashlib.blake2b(str(self.data_dir.resolve()).encode(), digest_size=4).hexdigest()
-        for seg in Path("/dev/shm").glob(f"tierd.{tag}.*"):
+        for seg in segments_of(self.data_dir):
             seg.unlink(missing_ok=True)
         shutil.rmtree(self.base, ignore_errors=True)
 

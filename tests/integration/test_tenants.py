@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tierd.tiers.host import segments_of
 from tierd_client import (
     FailedPrecondition,
     InvalidArgument,
@@ -55,9 +57,7 @@ def address() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(30)
-            tag = hashlib.blake2b(str((base / "data").resolve()).encode(),
-                                  digest_size=4).hexdigest()  # fmt: skip
-            for seg in Path("/dev/shm").glob(f"tierd.{tag}.*"):
+            for seg in segments_of(base / "data"):
                 seg.unlink()
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tierd.tiers.host import segments_of
 from tierd_client import KVLayout, TierdClient
 
 
@@ -70,8 +72,5 @@ def test_metrics_and_health_follow_the_daemon() -> None:
 
 
 def _remove_segments(base: Path) -> None:
-    import hashlib
-
-    tag = hashlib.blake2b(str((base / "data").resolve()).encode(), digest_size=4).hexdigest()
-    for seg in Path("/dev/shm").glob(f"tierd.{tag}.*"):
+    for seg in segments_of(base / "data"):
         seg.unlink()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tierd.tiers.host import segment_tag
 from tierd_client import KVLayout, TierdClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,10 +73,7 @@ def workdir() -> Iterator[Path]:
 
 
 def _owned_by(seg: Path, base: Path) -> bool:
-    import hashlib
-
-    tag = hashlib.blake2b(str((base / "data").resolve()).encode(), digest_size=4).hexdigest()
-    return seg.name.startswith(f"tierd.{tag}.")
+    return seg.name.startswith(f"tierd.{segment_tag(base / 'data')}.")
 
 
 def write_config(workdir: Path, high: float) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from tierctl import bench, gguf, probe, progress
 from tierctl.cli import main
 from tierctl.errors import UsageError

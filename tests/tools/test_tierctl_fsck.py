@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tierctl.cli import main
-from tierctl.datalock import LOCK_NAME
-from tierctl.fsck_scan import shm_tag
 
 from tests.core.conftest import (
     BB,
@@ -26,6 +23,9 @@ from tests.core.conftest import (
     keys_for,
     put_blocks,
 )
+from tierctl.cli import main
+from tierctl.datalock import LOCK_NAME
+from tierctl.fsck_scan import shm_tag
 from tierd.tiers.host import SHM_DIR, segment_name
 
 TENANT = "fsck-tenant"

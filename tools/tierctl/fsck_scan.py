@@ -15,7 +15,6 @@ copy keeps it and loses the bad one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -32,7 +31,7 @@ from tierctl.progress import Progress
 from tierd.core.catalog import BlockRow, from_sql_u64
 from tierd.core.index import layout_from_list
 from tierd.tiers.extents import align_up
-from tierd.tiers.host import segment_name
+from tierd.tiers.host import segment_name, segment_tag
 from tierd.tiers.io_backend import ALIGNMENT, PosixBackend
 from tierd.tiers.nvme import DATA_FILE, NvmeStore
 
@@ -110,8 +109,7 @@ class Scan:
 
 
 def shm_tag(data_dir: Path) -> str:
-    # The daemon's derivation (CacheService.__init__): segments are named after the dir.
-    return hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
+    return segment_tag(data_dir)  # the daemon's own derivation
 
 
 def _read_catalog(path: Path) -> tuple[dict[bytes, tuple[str, int]], list[BlockRow], str]:
