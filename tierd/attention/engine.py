@@ -57,7 +57,7 @@ class AttentionEngine:
     def attend(
         self, seq: Sequence, layer: int, q: torch.Tensor, scale: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from tierd_kernels import attend_blocks, attention_reference, merge_partials
+        from tierd_kernels import attend_blocks, merge_partials
 
         host: list[BlockEntry] = []
         nvme: list[BlockEntry] = []
@@ -82,10 +82,11 @@ class AttentionEngine:
             partials.append(attend_blocks(self._host_blocks(host), layer, q, scale=scale))
         if nvme:
             partials.append(attend_blocks(self._nvme_layer_blocks(nvme, layer), 0, q, scale=scale))
-        k_tail, v_tail = seq.tail_kv(layer)
-        if k_tail.shape[1]:
-            ref = attention_reference(q, k_tail, v_tail, scale=scale)
-            partials.append((ref.out, ref.lse))
+        tail, n = seq.tail_block(layer)
+        if n:
+            # The query tokens are the tail's last ones: causal within the tail.
+            partials.append(attend_blocks([tail], 0, q, scale=scale, valid_tokens=n,
+                                          causal_offset=n - q.shape[0]))  # fmt: skip
         partials.extend(f.result() for f in remote)
         self._count(seq.ns.layout.block_bytes // seq.ns.layout.num_layers,
                     host=len(host), nvme=len(nvme),

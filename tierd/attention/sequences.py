@@ -1,7 +1,7 @@
 """Sequences: the blocks a decode stream attends over, plus its growing tail.
 
 Primitives: `Sequence` (blocks held, tail per layer), `Sequence.append(layer, k, v)`,
-`Sequence.tail_kv(layer)`, `Sequence.sealable()`, `peek_block()`, `drop_block()`,
+`Sequence.tail_block(layer)`, `Sequence.sealable()`, `peek_block()`, `drop_block()`,
 `SequenceTable.add/get/pop/expired`.
 
 The tail keeps each layer's K and V for the tokens not yet in a full block, in the
@@ -84,11 +84,10 @@ class Sequence:
         buf[1, :, start : start + n] = v.to(buf.dtype)
         self._lens[layer] = start + n
 
-    def tail_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's tail K and V, [kv_heads, n, dim] views (no copy)."""
-        n = self._lens[layer]
-        buf = self._tail[layer]
-        return buf[0, :, :n], buf[1, :, :n]
+    def tail_block(self, layer: int) -> tuple[torch.Tensor, int]:
+        """This layer's tail as one block [1, 2, kv_heads, capacity, dim] (a view) and how
+        many of its tokens are valid: the CPU kernel takes it like any other block."""
+        return self._tail[layer].unsqueeze(0), self._lens[layer]
 
     def sealable(self) -> bool:
         t = self.ns.layout.block_tokens
