@@ -13,27 +13,22 @@ reaping) runs in `tierd.core.placement` on its own thread.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
-from tierd_client.hostinfo import host_id
-from tierd_client.keys import block_keys, namespace_id
-from tierd_client.layout import KVLayout
 
 from tierd.config import Config
 from tierd.core import validate
 from tierd.core.catalog import BlockRow, Catalog, NamespaceRow
 from tierd.core.eviction import make_policy
 from tierd.core.inband import InbandPut
-from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_from_list, layout_to_list
+from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_to_list
 from tierd.core.leases import GetLease, LeaseTable, PutLease, PutSlotLease
 from tierd.core.placement import Placer
 from tierd.core.results import (
@@ -44,6 +39,7 @@ from tierd.core.results import (
     PutSlot,
     SegmentInfo,
 )
+from tierd.core.startup import csd_pool, lock_data_dir, recover
 from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
 from tierd.errors import (
     ConfigError,
@@ -55,10 +51,12 @@ from tierd.errors import (
 from tierd.tiers.host import HostArena, segment_tag
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
+from tierd_client.hostinfo import host_id
+from tierd_client.keys import block_keys, namespace_id
+from tierd_client.layout import KVLayout
 
 if TYPE_CHECKING:
     from tierd.attention.attend import AttendService
-    from tierd.csd.pool import CsdPool
 
 log = logging.getLogger("tierd.core")
 
@@ -67,43 +65,12 @@ def checksum(buf: memoryview) -> int:
     return xxhash.xxh3_64_intdigest(buf)
 
 
-def _lock_data_dir(data_dir: Path) -> IO[bytes]:
-    """One daemon per data dir: two would hand out the same extents. `tierctl fsck` takes
-    the same lock, so it never checks a catalog a daemon is writing."""
-    f = open(data_dir / "tierd.lock", "a+b")  # noqa: SIM115 - held for the daemon's life
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError("data_dir", f"{data_dir} is in use by another tierd process") from None
-    return f
-
-
-def _csd_pool(config: Config) -> CsdPool | None:
-    from tierd.csd.pool import CsdPool
-    from tierd.csd.supervisor import CsdWorkerSpec
-
-    base = config.data_dir / "csd"
-    specs = [
-        CsdWorkerSpec(f"w{i}", base / f"w{i}", f"unix:{base}/w{i}.sock",
-                      config.csd.capacity_bytes, spawn=True)
-        for i in range(config.csd.workers)
-    ] + [
-        CsdWorkerSpec(f"r{i}", None, addr, 0, spawn=False)
-        for i, addr in enumerate(config.csd.remote)
-    ]  # fmt: skip
-    if not specs:
-        return None
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return CsdPool(specs)
-
-
 class CacheService:
     def __init__(self, config: Config) -> None:
         self.config = config
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_file = _lock_data_dir(data_dir)
+        self._lock_file = lock_data_dir(data_dir)
         tag = segment_tag(data_dir)
         self.catalog = Catalog(data_dir / "index.sqlite3")
         self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
@@ -132,8 +99,8 @@ class CacheService:
         self.cond = threading.Condition()
         self.policy = make_policy("lru")
         self._host_id = host_id()
-        self.csd = _csd_pool(config)  # None without workers; started in start()
-        self._recover()
+        self.csd = csd_pool(config)  # None without workers; started in start()
+        recover(self)
         self.placer = Placer(self)
         self._attend: AttendService | None = None
         self.draining = False  # set on SIGTERM: no new leases, existing ones may finish
@@ -180,48 +147,6 @@ class CacheService:
         self.catalog.close()
         self.host.close()
         self._lock_file.close()  # releases the data dir for the next daemon
-
-    def _recover(self) -> None:
-        """Rebuild the index from the catalog; adopt host copies whose segment survived."""
-        for row in self.catalog.namespaces():
-            layout = layout_from_list(row.layout)
-            self.index.namespaces[row.ns_id] = NamespaceInfo(
-                row.ns_id, row.tenant, row.model, layout, tuple(row.extra)
-            )
-        surviving = {ns.tenant for ns in self.index.namespaces.values()
-                     if self.host.existing_segment(ns.tenant)}
-        dropped: list[tuple[bytes, bytes]] = []
-        moved: list[tuple[bytes, bytes, int | None, int | None]] = []
-        for row in self.catalog.blocks():
-            ns = self.index.namespaces.get(row.ns_id)
-            if ns is None:
-                dropped.append((row.ns_id, row.key))
-                continue
-            host_off = row.host_off
-            if host_off is not None and not (
-                ns.tenant in surviving and self.host.reserve(ns.tenant, host_off, row.nbytes)
-            ):
-                host_off = None
-            nvme_off = row.nvme_off
-            if nvme_off is not None:
-                try:
-                    self.nvme.reserve(nvme_off, row.nbytes)
-                except ValueError:
-                    nvme_off = None
-            csd = row.csd if self.csd is not None and row.csd in self.csd.names else None
-            if host_off is None and nvme_off is None and csd is None:
-                dropped.append((row.ns_id, row.key))
-                continue
-            if (host_off, nvme_off) != (row.host_off, row.nvme_off):
-                moved.append((row.ns_id, row.key, host_off, nvme_off))
-            self.index.add(BlockEntry(
-                ns, row.key, row.nbytes, row.checksum, host_off, nvme_off, csd, row.pinned,
-                row.last_access, host_verified=host_off is None,
-            ))  # fmt: skip
-        self.catalog.delete_blocks(dropped)
-        self.catalog.update_locations(moved)
-        self.host.release_unused()
-        log.info("recovered %d blocks (%d dropped)", len(self.index), len(dropped))
 
     # -- namespaces and lookup ------------------------------------------------------------
 
@@ -325,22 +250,34 @@ class CacheService:
             lease.committing = True
         ns = lease.ns
         sums = [checksum(self.host.view(ns.tenant, s.offset, ns.block_bytes)) for s in lease.slots]
-        now = time.time()
         with self.cond:
             self.leases.pop(lease_id)
-            rows: list[BlockRow] = []
+            fresh = []
             for slot, digest in zip(lease.slots, sums):
                 if self.index.get(ns.id, slot.key) is not None:  # another client won the race
                     self.host.free(ns.tenant, slot.offset, ns.block_bytes)
-                    continue
-                self.index.add(BlockEntry(ns, slot.key, ns.block_bytes, digest,
-                                          host_off=slot.offset, last_access=now))
-                rows.append(BlockRow(ns.id, slot.key, ns.block_bytes, digest, slot.offset, None,
-                                     False, now))
-            self.catalog.insert_blocks(rows)
-            self.counters.host.bytes_written += len(rows) * ns.block_bytes
-            self.placer.kick()
-        return len(rows)
+                else:
+                    fresh.append((slot.key, slot.offset, digest))
+            self._add_host_blocks(ns, fresh)
+        return len(fresh)
+
+    def _add_host_blocks(
+        self, ns: NamespaceInfo, blocks: list[tuple[bytes, int, int]]
+    ) -> list[BlockEntry]:
+        """Make blocks written into host visible: (key, host offset, checksum) each. The
+        catalog row is committed before the caller answers. Caller holds `cond`."""
+        now = time.time()
+        entries = [BlockEntry(ns, key, ns.block_bytes, digest, host_off=offset, last_access=now)
+                   for key, offset, digest in blocks]  # fmt: skip
+        for entry in entries:
+            self.index.add(entry)
+        self.catalog.insert_blocks(
+            BlockRow(ns.id, e.key, e.nbytes, e.checksum, e.host_off, None, False, now)
+            for e in entries
+        )
+        self.counters.host.bytes_written += len(entries) * ns.block_bytes
+        self.placer.kick()
+        return entries
 
     def store_block(self, ns: NamespaceInfo, key: bytes, data: memoryview) -> BlockEntry | None:
         """Cache one block made inside the daemon (a sealed tail), held for the caller.
@@ -348,7 +285,6 @@ class CacheService:
         Returns the entry with a reader reference taken, or None when host has no room.
         """
         digest = checksum(data)
-        now = time.time()
         with self.cond:
             entry = self.index.get(ns.id, key)
             if entry is None:
@@ -356,13 +292,7 @@ class CacheService:
                 if offset is None:
                     return None
                 self.host.view(ns.tenant, offset, ns.block_bytes)[:] = data
-                entry = BlockEntry(ns, key, ns.block_bytes, digest, host_off=offset,
-                                   last_access=now)
-                self.index.add(entry)
-                self.catalog.insert_blocks(
-                    [BlockRow(ns.id, key, ns.block_bytes, digest, offset, None, False, now)]
-                )
-                self.placer.kick()
+                (entry,) = self._add_host_blocks(ns, [(key, offset, digest)])
             entry.readers += 1
             return entry
 

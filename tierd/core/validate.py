@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from tierd_client.keys import KEY_BYTES
 
 from tierd.config import LeaseConfig
 from tierd.core.index import NamespaceInfo
 from tierd.errors import InvalidArgument
+from tierd_client.keys import KEY_BYTES
 
 MAX_TOKENS = 1 << 24
 
