@@ -205,6 +205,17 @@ class PosixBackend(IOBackend):
             os.close(fd)
 
 
+def _kvikio_whole(op: Any, buf: memoryview, offset: int, what: str) -> int:
+    """Run a kvikio pread/pwrite until the whole buffer is done (they may stop short)."""
+    done = 0
+    while done < len(buf):
+        n = op(buf[done:], file_offset=offset + done).get()
+        if n <= 0:
+            raise OSError(errno.EIO, f"kvikio short {what} at {offset + done}")
+        done += n
+    return done
+
+
 def _posix(handle: IOHandle) -> PosixHandle:
     if not isinstance(handle, PosixHandle):
         raise TypeError(f"not a posix handle: {handle!r}")
@@ -297,26 +308,10 @@ class KvikioBackend(IOBackend):
         return KvikioHandle(path=path, size=size, direct=True, cufile=kvikio.CuFile(path, "r+"))
 
     def pread(self, handle: IOHandle, dst: memoryview, offset: int) -> int:
-        f = _kvikio(handle)
-        dst = as_bytes_view(dst)
-        done = 0
-        while done < len(dst):
-            n = f.pread(dst[done:], file_offset=offset + done).get()
-            if n <= 0:
-                raise OSError(errno.EIO, f"kvikio short read at {offset + done}")
-            done += n
-        return done
+        return _kvikio_whole(_kvikio(handle).pread, as_bytes_view(dst), offset, "read")
 
     def pwrite(self, handle: IOHandle, src: memoryview, offset: int) -> int:
-        f = _kvikio(handle)
-        src = as_bytes_view(src)
-        done = 0
-        while done < len(src):
-            n = f.pwrite(src[done:], file_offset=offset + done).get()
-            if n <= 0:
-                raise OSError(errno.EIO, f"kvikio short write at {offset + done}")
-            done += n
-        return done
+        return _kvikio_whole(_kvikio(handle).pwrite, as_bytes_view(src), offset, "write")
 
     def sync(self, handle: IOHandle) -> None:
         os.fdatasync(_kvikio(handle).fileno())
