@@ -18,9 +18,9 @@ import torch
 
 from tierd.csd.drops import DeferredDrops
 from tierd.csd.pool import CsdPool, CsdWorkerSpec, Timing
-from tierd.csd.shard import checksum
 from tierd.csd.worker import CsdWorkerServer
 from tierd.errors import InvalidArgument, NotFound, Unavailable
+from tierd.tiers.checksum import checksum
 from tierd_client.layout import KVLayout
 
 NS = b"p" * 16

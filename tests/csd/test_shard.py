@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierd.csd.shard import CATALOG_FILE, CsdShard, StoreItem, checksum
+from tierd.csd.shard import CATALOG_FILE, CsdShard, StoreItem
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.tiers.checksum import checksum
 from tierd.tiers.io_backend import PosixBackend
 from tierd.tiers.nvme import DATA_FILE
 from tierd_client.layout import KVLayout
@@ -96,7 +97,8 @@ def test_survives_kill_9(shard_dir: Path) -> None:
     script = f"""
 import os, signal, numpy as np
 from pathlib import Path
-from tierd.csd.shard import CsdShard, StoreItem, checksum
+from tierd.csd.shard import CsdShard, StoreItem
+from tierd.tiers.checksum import checksum
 from tierd.tiers.io_backend import PosixBackend
 from tierd_client.layout import KVLayout
 layout = KVLayout(**{LAYOUT.__dict__!r})

@@ -19,8 +19,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tierd.csd.shard import CATALOG_FILE, checksum
+from tierd.csd.shard import CATALOG_FILE
 from tierd.csd.worker import CsdWorkerServer
+from tierd.tiers.checksum import checksum
 from tierd.tiers.nvme import DATA_FILE
 from tierd_client._proto import csd_pb2 as cpb
 from tierd_client._proto import csd_pb2_grpc as cpb_grpc

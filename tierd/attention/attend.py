@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from tierd_client.keys import next_block_key
 
 from tierd.attention.engine import AttentionEngine
 from tierd.attention.sequences import Sequence, SequenceTable
 from tierd.core import validate
 from tierd.core.index import BlockEntry
 from tierd.errors import FailedPrecondition, InvalidArgument, NotFound
+from tierd_client.keys import next_block_key
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService

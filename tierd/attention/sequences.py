@@ -23,6 +23,7 @@ import torch
 from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.errors import InvalidArgument
 
+
 @dataclass(eq=False)
 class Sequence:
     id: int

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tierd.core.fairness import fair_victim_order, over_quota
 from tierd.core.index import BlockEntry
 from tierd.errors import ResourceExhausted
+from tierd.tiers.checksum import checksum
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -168,8 +169,6 @@ class Placer:
 
     def _load(self, entry: BlockEntry, staging: int | None) -> Future[bool]:
         """Read (or just check) a block's bytes; resolves True when the checksum matches."""
-        from tierd.core.service import checksum
-
         svc = self.svc
         done: Future[bool] = Future()
         if staging is None:

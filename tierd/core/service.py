@@ -21,7 +21,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-import xxhash
 
 from tierd.config import Config
 from tierd.core import validate
@@ -48,6 +47,7 @@ from tierd.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from tierd.tiers.checksum import checksum
 from tierd.tiers.host import HostArena, segment_tag
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
@@ -59,10 +59,6 @@ if TYPE_CHECKING:
     from tierd.attention.attend import AttendService
 
 log = logging.getLogger("tierd.core")
-
-
-def checksum(buf: memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(buf)
 
 
 class CacheService:

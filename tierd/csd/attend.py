@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-from tierd_client.layout import KVLayout
-from tierd_kernels import attend_blocks
 
 from tierd.csd.shard import LayerBatch
 from tierd.errors import InvalidArgument
+from tierd_client.layout import KVLayout
+from tierd_kernels import attend_blocks
 
 _ATTENDABLE = ("float16", "bfloat16", "float32", "float8_e4m3")
 

@@ -21,9 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierd_client.layout import KVLayout
-
 from tierd.core.catalog import from_sql_u64, to_sql_u64
+from tierd_client.layout import KVLayout
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (

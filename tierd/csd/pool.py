@@ -23,15 +23,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 import grpc
-from tierd_client._proto import csd_pb2 as cpb
-from tierd_client._proto import csd_pb2_grpc as cpb_grpc
-from tierd_client.layout import KVLayout
-from tierd_client.rpc import error_from_rpc
 
 from tierd.csd.drops import DeferredDrops
 from tierd.csd.shard import ShardStats
 from tierd.csd.supervisor import CsdWorkerInfo, CsdWorkerSpec, Supervisor, Timing, WorkerHandle
 from tierd.errors import NotFound, Unavailable
+from tierd_client._proto import csd_pb2 as cpb
+from tierd_client._proto import csd_pb2_grpc as cpb_grpc
+from tierd_client.layout import KVLayout
+from tierd_client.rpc import error_from_rpc
 
 if TYPE_CHECKING:
     import torch

@@ -29,24 +29,20 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-import xxhash
-from tierd_client.layout import KVLayout
 
 from tierd.csd.catalog import ShardCatalog, ShardRow
 from tierd.csd.files import aligned_buffer, lock_directory, wait_all
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.tiers.checksum import checksum
 from tierd.tiers.extents import align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
 from tierd.tiers.nvme import NvmeStore
+from tierd_client.layout import KVLayout
 
 log = logging.getLogger("tierd.csd")
 
 CATALOG_FILE = "shard.sqlite3"
 LOCK_FILE = "shard.lock"
-
-
-def checksum(buf: Any) -> int:
-    return xxhash.xxh3_64_intdigest(buf)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tierd_client._proto import csd_pb2_grpc as cpb_grpc
 
 from tierd.errors import Unavailable
+from tierd_client._proto import csd_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("tierd.csd")
 

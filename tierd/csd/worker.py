@@ -27,14 +27,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tierd_client._proto import csd_pb2 as cpb
-from tierd_client._proto import csd_pb2_grpc as cpb_grpc
-from tierd_client.layout import KVLayout
 
 from tierd.csd.shard import CsdShard, StoreItem
 from tierd.csd.supervisor import MAX_MESSAGE_BYTES, PARENT_ENV
 from tierd.errors import InvalidArgument, TierdError
 from tierd.server.status import translate_errors
+from tierd_client._proto import csd_pb2 as cpb
+from tierd_client._proto import csd_pb2_grpc as cpb_grpc
+from tierd_client.layout import KVLayout
 
 log = logging.getLogger("tierd.csd")
 

@@ -25,8 +25,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tierd_client._proto import tierd_pb2 as pb
-from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 
 from tierd.config import Config, format_size
 from tierd.core.service import CacheService
@@ -35,6 +33,8 @@ from tierd.metrics import Metrics
 from tierd.server.decoding import DecodeGuard
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
+from tierd_client._proto import tierd_pb2 as pb
+from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tierd")
 

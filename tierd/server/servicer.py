@@ -8,16 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-from tierd_client._proto import tierd_pb2 as pb
-from tierd_client._proto import tierd_pb2_grpc as pb_grpc
-from tierd_client.layout import KVLayout, dtype_from_proto
-from tierd_client.tensors import to_message, to_torch
 
 from tierd.core.service import CacheService, SegmentInfo
 from tierd.core.stats import TierSnapshot
 from tierd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from tierd.server.auth import Authenticator
 from tierd.server.status import translate_errors
+from tierd_client._proto import tierd_pb2 as pb
+from tierd_client._proto import tierd_pb2_grpc as pb_grpc
+from tierd_client.layout import KVLayout, dtype_from_proto
+from tierd_client.tensors import to_message, to_torch
 
 # In-band gets stream blocks in chunks of at most this size (well under the message cap).
 STREAM_CHUNK_BYTES = 4 << 20

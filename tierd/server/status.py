@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
-from tierd_client.status import FIELD_METADATA_KEY, status_of
 
 from tierd.errors import Internal, InvalidArgument, TierdError
+from tierd_client.status import FIELD_METADATA_KEY, status_of
 
 log = logging.getLogger("tierd.server")
 

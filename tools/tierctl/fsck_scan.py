@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import xxhash
-
 from tierctl.errors import UsageError
 from tierctl.progress import Progress
 from tierd.core.catalog import BlockRow, from_sql_u64
 from tierd.core.index import layout_from_list
+from tierd.tiers.checksum import checksum
 from tierd.tiers.extents import align_up
 from tierd.tiers.host import segment_name, segment_tag
 from tierd.tiers.io_backend import ALIGNMENT, PosixBackend
@@ -186,7 +185,7 @@ def _resolve_overlaps(scan: Scan, tier: str, overlaps: list[_Overlap]) -> None:
 
 
 def _verify(scan: Scan, tier: str, v: RowVerdict, data: memoryview) -> None:
-    got = xxhash.xxh3_64_intdigest(data)
+    got = checksum(data)
     if got != v.row.checksum:
         scan.flag(v, tier, "checksum", f"xxh3 {got:#018x}, catalog says {v.row.checksum:#018x}")
 
