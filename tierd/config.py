@@ -11,6 +11,7 @@ and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -20,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from tierd.config_checks import MAX_SIZE, check_config, show
 from tierd.errors import ConfigError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -30,7 +32,8 @@ _UNITS = {
     "g": GiB, "gb": 1000**3, "gib": GiB,
     "t": TiB, "tb": 1000**4, "tib": TiB,
 }  # fmt: skip
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,24}(?:\.[0-9]{1,24})?)\s*([a-zA-Z]{0,3})\s*$", re.ASCII)
+CONFIG_FILE_LIMIT = 16 * MiB  # a config file is text an operator wrote, never this large
 
 # The host tier takes at most this share of available RAM by default, and never more
 # than the cap: the inference process on the same host needs memory too.
@@ -40,17 +43,33 @@ NVME_DEFAULT_FRACTION = 0.25
 NVME_DEFAULT_CAP = 64 * GiB
 
 
-def parse_size(value: int | str, *, key: str = "size") -> int:
+def parse_size(value: object, *, key: str = "size") -> int:
+    """Bytes from 4096, 4096.0, "512MiB" or "1.5 GiB"; refuses anything negative, not finite,
+    fractional in bytes, or over 1 PiB (surely a typo, and past what a tier can address)."""
     if isinstance(value, bool):
         raise ConfigError(key, "expected a size such as 512MiB, not a boolean")
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, "size must not be negative")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(key, f"cannot read {value!r} as a size (examples: 4096, 512MiB, 8GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        n: float = value
+    elif isinstance(value, float):
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(key, f"cannot read {show(value)} as a size "
+                              "(examples: 4096, 512MiB, 8GiB)")  # fmt: skip
+        # Digits are bounded by the pattern, so float() is finite and exact enough here.
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    else:
+        raise ConfigError(key, f"expected a size such as 512MiB, got {show(value)}")
+    if not math.isfinite(n):
+        raise ConfigError(key, f"size must be a finite number, got {show(value)}")
+    if n < 0:
+        raise ConfigError(key, "size must not be negative")
+    if n > MAX_SIZE:
+        raise ConfigError(key, f"size {show(value)} is over the 1 PiB limit")
+    if isinstance(value, float) and not n.is_integer():
+        raise ConfigError(key, f"size {show(value)} is not a whole number of bytes")
+    return int(n)
 
 
 def format_size(n: int) -> str:
@@ -103,6 +122,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # TCP with neither tenants nor a client CA admits any peer; only on purpose.
+    allow_anonymous: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,7 +176,8 @@ class CsdConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty: off
+    listen: str = ""  # [HOST:]PORT for Prometheus' /metrics (no host: loopback); empty: off
+    tenant_labels: bool = False  # per-tenant series name tenants to whoever can scrape
 
 
 @dataclass(frozen=True)
@@ -200,50 +222,30 @@ class Config:
 
     def resolved(self) -> Config:
         """Fill the machine-dependent defaults (sizes, socket path) and check ranges."""
+        self.validate()  # first: the probes below must not see a malformed path
         server = self.server
         if not server.listen:
             server = dataclasses.replace(server, listen=default_listen(self.data_dir))
-        host = self.host
-        if host.capacity_bytes == 0:
-            host = dataclasses.replace(host, capacity_bytes=default_host_capacity())
-        nvme = self.nvme
-        if nvme.capacity_bytes == 0:
-            nvme = dataclasses.replace(nvme, capacity_bytes=default_nvme_capacity(self.nvme_path))
+        host, nvme = self.host, self.nvme
+        try:
+            if host.capacity_bytes == 0:
+                host = dataclasses.replace(host, capacity_bytes=default_host_capacity())
+            if nvme.capacity_bytes == 0:
+                nvme = dataclasses.replace(
+                    nvme, capacity_bytes=default_nvme_capacity(self.nvme_path)
+                )
+        except OSError as e:
+            raise ConfigError("capacity", f"cannot size a tier from free space: {e}") from e
+        for key, size in (("host.capacity", host.capacity_bytes),
+                          ("nvme.capacity", nvme.capacity_bytes)):  # fmt: skip
+            if size <= 0:
+                raise ConfigError(key, "no free space to size this tier from; set it")
         cfg = dataclasses.replace(self, server=server, host=host, nvme=nvme)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        if not 0 < self.host.low_watermark < self.host.high_watermark <= 1:
-            raise ConfigError("host.low_watermark", "need 0 < low_watermark < high_watermark <= 1")
-        if self.nvme.backend not in ("auto", "posix", "kvikio"):
-            raise ConfigError("nvme.backend", "must be one of auto, posix, kvikio")
-        if self.nvme.io_threads < 1:
-            raise ConfigError("nvme.io_threads", "must be at least 1")
-        if self.server.workers < 1:
-            raise ConfigError("server.workers", "must be at least 1")
-        for addr in self.server.listen:
-            if not (addr.startswith("unix:") or re.match(r"^(\[[^\]]+\]|[^:]+):\d+$", addr)):
-                raise ConfigError("server.listen", f"{addr!r} is neither unix:PATH nor HOST:PORT")
-            if not addr.startswith("unix:") and not (self.server.tls_cert and self.server.tls_key):
-                raise ConfigError("server.listen", f"TCP listener {addr!r} needs server.tls_cert "
-                                  "and server.tls_key (TCP is served only over TLS)")
-        names = [t.name for t in self.tenants]
-        for i, t in enumerate(self.tenants):
-            if not t.name or names.count(t.name) > 1:
-                raise ConfigError(f"tenants[{i}].name", "every tenant needs a unique name")
-            if t.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", t.token_sha256):
-                raise ConfigError(f"tenants[{i}].token_sha256", "expected 64 hex digits")
-            if not (t.token_sha256 or t.cert_cn):
-                raise ConfigError(f"tenants[{i}]", "needs token_sha256 or cert_cn")
-            if t.weight <= 0:
-                raise ConfigError(f"tenants[{i}].weight", "must be positive")
-        if self.csd.workers < 0 or self.csd.workers > 64:
-            raise ConfigError("csd.workers", "must be between 0 and 64")
-        if self.metrics.listen and not re.match(r"^[^:]*:\d+$", self.metrics.listen):
-            raise ConfigError("metrics.listen", f"{self.metrics.listen!r} is not HOST:PORT")
-        if self.leases.default_ttl_ms <= 0 or self.leases.max_ttl_ms < self.leases.default_ttl_ms:
-            raise ConfigError("leases", "need 0 < default_ttl_ms <= max_ttl_ms")
+        check_config(self)
 
 
 # TOML section -> (dataclass, {key: converter})
@@ -257,7 +259,8 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
     for key, value in raw.items():
         name = "capacity_bytes" if key == "capacity" else key
         if name not in names:
-            raise ConfigError(f"{section}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{section}.{show(key, 40)}",
+                              f"unknown key (known: {', '.join(sorted(names))})")  # fmt: skip
         where = f"{section}.{key}"
         if name in _SIZE_KEYS:
             value = parse_size(value, key=where)
@@ -268,15 +271,32 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
                 raise ConfigError(where, "expected a list of addresses")
             value = tuple(value)
         elif name in ("path", "tls_cert", "tls_key", "tls_client_ca"):
-            value = Path(str(value))
+            value = _path(value, where)
         else:
             expected = type(getattr(cls(), name))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                value = _float(value, where)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(where, f"expected {expected.__name__}, got {value!r}")
+                raise ConfigError(where, f"expected {expected.__name__}, got {show(value)}")
+            if expected is float and not math.isfinite(value):
+                raise ConfigError(where, f"must be a finite number, got {show(value)}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _path(value: object, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(where, f"expected a path, got {show(value)}")
+    if "\0" in value:
+        raise ConfigError(where, "path contains a NUL byte")
+    return Path(value)
+
+
+def _float(value: int, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer literal past 1e308
+        raise ConfigError(where, f"number too large: {show(value)}") from None
 
 
 _SECTIONS: dict[str, type] = {
@@ -293,7 +313,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "data_dir":
-            kwargs["data_dir"] = Path(str(value))
+            kwargs["data_dir"] = _path(value, key)
         elif key == "tenants":
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise ConfigError(key, "expected [[tenants]] tables")
@@ -305,28 +325,54 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 raise ConfigError(key, "expected a table")
             kwargs[key] = _build_section(_SECTIONS[key], value, key)
         else:
-            raise ConfigError(key, f"unknown section (known: data_dir, {', '.join(_SECTIONS)})")
+            raise ConfigError(
+                show(key, 40), f"unknown section (known: data_dir, {', '.join(_SECTIONS)})"
+            )
     return Config(**kwargs)
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read `path` (TOML) if given, apply CLI overrides ({"host.capacity": "4GiB", ...})."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(str(path), f"cannot read: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(str(path), f"not valid TOML: {e}") from e
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        section, _, key = dotted.rpartition(".")
-        target = raw.setdefault(section, {}) if section else raw
-        target[key] = value
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML document; every way a file can be unreadable is a ConfigError."""
     try:
-        return config_from_dict(raw)
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_FILE_LIMIT + 1)
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror or e}") from e
+    except ValueError as e:  # a NUL byte in the path
+        raise ConfigError(show(str(path)), f"cannot read: {e}") from e
+    if len(data) > CONFIG_FILE_LIMIT:
+        raise ConfigError(str(path), f"larger than {format_size(CONFIG_FILE_LIMIT)}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                          f"{e.start})") from None  # fmt: skip
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise ConfigError(str(path), f"not valid TOML: {str(e).split(':')[0]}") from None
+    except RecursionError:
+        raise ConfigError(str(path), "not valid TOML: arrays or tables nested too deeply") from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (TOML) if given, apply CLI overrides ({"host.capacity": "4GiB", ...}), and
+    check every value; errors name the file, the key and the reason."""
+    raw = _read_toml(path) if path is not None else {}
+    try:
+        for dotted, value in (overrides or {}).items():
+            if value is None:
+                continue
+            section, _, key = dotted.rpartition(".")
+            target = raw.setdefault(section, {}) if section else raw
+            if not isinstance(target, dict):
+                raise ConfigError(section, "expected a table")
+            target[key] = value
+        cfg = config_from_dict(raw)
+        cfg.validate()
+        return cfg
     except ConfigError as e:
         if path is not None:
             raise ConfigError(f"{path}: {e.field}", e.message) from e

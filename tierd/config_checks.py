@@ -1,0 +1,163 @@
+"""Semantic checks of a parsed configuration, run before a daemon starts or reloads.
+
+Primitives: `check_config(cfg)` raises `ConfigError(key, reason)` for the first value out of
+range; `anonymous_listeners(cfg)` names the TCP listeners that would admit any peer.
+
+Every number is finite and inside a range the daemon can actually run with: a value that
+parses but would fail later (a thread pool of a million threads, a lease TTL past the wire's
+uint32, a gRPC message limit past int32) must be refused here, where the old configuration
+can still be kept, rather than inside a running daemon.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tierd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tierd.config import Config
+
+MiB, GiB = 1 << 20, 1 << 30
+MAX_SIZE = 1 << 50  # 1 PiB: larger than any tier this daemon can address, so surely a typo
+DAY_MS = 86_400_000
+BLOCK_ALIGN = 4096  # O_DIRECT transfers are whole filesystem blocks
+
+_TCP_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]]+):([0-9]{1,5})$", re.ASCII)
+_METRICS_RE = re.compile(r"^(?:(\[[^\]]+\]|[^:\[\]]*):)?([0-9]{1,5})$", re.ASCII)
+_HEX64_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+def show(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: messages quote what was written, not megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(key: str, value: float, lo: float, hi: float, what: str = "") -> None:
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {show(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(key, what or f"must be between {lo:g} and {hi:g}, got {show(value)}")
+
+
+def _path(key: str, path: Path | None) -> None:
+    if path is None:
+        return
+    text = str(path)
+    if "\0" in text:
+        raise ConfigError(key, "path contains a NUL byte")
+
+
+def _address(key: str, addr: str) -> bool:
+    """Check unix:PATH or HOST:PORT; True for a TCP address."""
+    if addr.startswith("unix:"):
+        sock = addr.removeprefix("unix:").removeprefix("//")
+        if not sock or "\0" in sock:
+            raise ConfigError(key, f"{show(addr)}: unix socket path is empty or has a NUL byte")
+        return False
+    m = _TCP_RE.match(addr)
+    if not m:
+        raise ConfigError(key, f"{show(addr)} is neither unix:PATH nor HOST:PORT")
+    if int(m.group(2)) > 65535:
+        raise ConfigError(key, f"{show(addr)}: port must be at most 65535")
+    return True
+
+
+def _printable(key: str, text: str) -> None:
+    if not text.isprintable():
+        raise ConfigError(key, f"{show(text)} contains control or non-printable characters")
+
+
+def anonymous_listeners(cfg: Config) -> list[str]:
+    """TCP listeners that authenticate nobody: no tenants and no client CA."""
+    if cfg.tenants or cfg.server.tls_client_ca is not None:
+        return []
+    return [a for a in cfg.server.listen if not a.startswith("unix:")]
+
+
+def _check_server(cfg: Config) -> None:
+    srv = cfg.server
+    for addr in srv.listen:
+        if _address("server.listen", addr) and not (srv.tls_cert and srv.tls_key):
+            raise ConfigError("server.listen", f"TCP listener {show(addr)} needs server.tls_cert "
+                              "and server.tls_key (TCP is served only over TLS)")  # fmt: skip
+    anonymous = anonymous_listeners(cfg)
+    if anonymous and not srv.allow_anonymous:
+        raise ConfigError("server.listen", f"TCP listener {show(anonymous[0])} would admit any "
+                          "peer (no [[tenants]], no server.tls_client_ca): configure one of them, "
+                          "or set server.allow_anonymous = true")  # fmt: skip
+    # gRPC takes the message limit as an int32; below 1 MiB a single block would not fit.
+    _number("server.max_message_bytes", srv.max_message_bytes, MiB, 2 * GiB - 1)
+    _number("server.workers", srv.workers, 1, 1024)
+    _number("server.drain_seconds", srv.drain_seconds, 0, 86_400)
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        _path(f"server.{name}", getattr(srv, name))
+
+
+def _check_tiers(cfg: Config) -> None:
+    host, nvme = cfg.host, cfg.nvme
+    _number("host.capacity", host.capacity_bytes, 0, MAX_SIZE)
+    for name in ("high_watermark", "low_watermark"):
+        _number(f"host.{name}", getattr(host, name), 0, 1)
+    if not 0 < host.low_watermark < host.high_watermark <= 1:
+        raise ConfigError("host.low_watermark", "need 0 < low_watermark < high_watermark <= 1")
+    _path("nvme.path", nvme.path)
+    _number("nvme.capacity", nvme.capacity_bytes, 0, MAX_SIZE)
+    if nvme.backend not in ("auto", "posix", "kvikio"):
+        raise ConfigError("nvme.backend", "must be one of auto, posix, kvikio")
+    _number("nvme.io_threads", nvme.io_threads, 1, 256)
+    _number("nvme.chunk_bytes", nvme.chunk_bytes, BLOCK_ALIGN, GiB)
+    if nvme.chunk_bytes % BLOCK_ALIGN:
+        raise ConfigError("nvme.chunk_bytes", f"must be a multiple of {BLOCK_ALIGN}")
+    csd = cfg.csd
+    _number("csd.workers", csd.workers, 0, 64)
+    _number("csd.capacity", csd.capacity_bytes, 1, MAX_SIZE, "must be between 1 byte and 1 PiB")
+    for addr in csd.remote:
+        _address("csd.remote", addr)
+
+
+def _check_leases(cfg: Config) -> None:
+    leases = cfg.leases
+    # Lease TTLs travel as uint32 milliseconds; a day is far past any useful lease.
+    _number("leases.max_ttl_ms", leases.max_ttl_ms, 1, DAY_MS)
+    _number("leases.default_ttl_ms", leases.default_ttl_ms, 1, leases.max_ttl_ms,
+            "need 0 < default_ttl_ms <= max_ttl_ms")  # fmt: skip
+    _number("leases.max_keys_per_call", leases.max_keys_per_call, 1, 1 << 24)
+    _number("leases.sequence_idle_ms", leases.sequence_idle_ms, 1, DAY_MS)
+
+
+def _check_tenants(cfg: Config) -> None:
+    names = [t.name for t in cfg.tenants]
+    for i, t in enumerate(cfg.tenants):
+        where = f"tenants[{i}]"
+        if not t.name or names.count(t.name) > 1:
+            raise ConfigError(f"{where}.name", "every tenant needs a unique name")
+        _printable(f"{where}.name", t.name)
+        if t.token_sha256 and not _HEX64_RE.fullmatch(t.token_sha256):
+            raise ConfigError(f"{where}.token_sha256", "expected 64 hex digits")
+        _printable(f"{where}.cert_cn", t.cert_cn)
+        if not (t.token_sha256 or t.cert_cn):
+            raise ConfigError(where, "needs token_sha256 or cert_cn")
+        _number(f"{where}.weight", t.weight, 0, 1e6)
+        if t.weight <= 0:
+            raise ConfigError(f"{where}.weight", "must be positive")
+        _number(f"{where}.host_quota", t.host_quota, 0, MAX_SIZE)
+        _number(f"{where}.nvme_quota", t.nvme_quota, 0, MAX_SIZE)
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ConfigError for the first value the daemon cannot run with."""
+    _path("data_dir", cfg.data_dir)
+    _check_server(cfg)
+    _check_tiers(cfg)
+    _check_leases(cfg)
+    _check_tenants(cfg)
+    listen = cfg.metrics.listen
+    if listen:
+        m = _METRICS_RE.match(listen)
+        if not m or int(m.group(2)) > 65535:
+            raise ConfigError("metrics.listen", f"{show(listen)} is not [HOST:]PORT")
