@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from tierd.config_checks import MAX_SIZE, check_config, show
+from tierd.config_checks import MAX_SIZE, check_config, key_name, show
 from tierd.errors import ConfigError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -61,15 +61,15 @@ def parse_size(value: object, *, key: str = "size") -> int:
         n = float(m.group(1)) * _UNITS[m.group(2).lower()]
     else:
         raise ConfigError(key, f"expected a size such as 512MiB, got {show(value)}")
-    if not math.isfinite(n):
+    if isinstance(n, float) and not math.isfinite(n):
         raise ConfigError(key, f"size must be a finite number, got {show(value)}")
     if n < 0:
         raise ConfigError(key, "size must not be negative")
     if n > MAX_SIZE:
         raise ConfigError(key, f"size {show(value)} is over the 1 PiB limit")
-    if isinstance(value, float) and not n.is_integer():
+    if isinstance(value, float) and not value.is_integer():
         raise ConfigError(key, f"size {show(value)} is not a whole number of bytes")
-    return int(n)
+    return int(n)  # "1.1GiB" rounds down to whole bytes
 
 
 def format_size(n: int) -> str:
@@ -180,6 +180,61 @@ class MetricsConfig:
     tenant_labels: bool = False  # per-tenant series name tenants to whoever can scrape
 
 
+def _limit(default: int, lo: int, hi: int) -> Any:
+    """A [limits] key: its default and the range a daemon can run with."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one request, stream, connection or tenant may make the daemon hold. A refusal
+    names the key; the keepalive and connection keys apply at start, the others live."""
+
+    # A namespace's layout and one block of it (never more than the host tier either).
+    max_layers: int = _limit(1024, 1, 1 << 16)
+    max_kv_heads: int = _limit(1024, 1, 1 << 16)
+    max_head_dim: int = _limit(1024, 1, 1 << 16)
+    max_block_tokens: int = _limit(65_536, 1, 1 << 20)
+    max_block_bytes: int = _limit(256 * MiB, 1, 1 << 40)
+    # Names live in the catalog forever: tenant, model and each extra key, in UTF-8 bytes.
+    max_name_bytes: int = _limit(256, 1, 1 << 16)
+    max_extra_keys: int = _limit(16, 0, 1024)
+    # One call.
+    max_lookup_tokens: int = _limit(1 << 20, 1, 1 << 26)
+    max_query_tokens: int = _limit(8192, 1, 1 << 20)  # query (and new KV) tokens per item
+    max_tail_tokens: int = _limit(16_384, 1, 1 << 22)  # per layer's open tail (>= a block)
+    # One tenant; without [[tenants]], each tenant name callers use.
+    max_open_tenants: int = _limit(64, 1, 1 << 16)  # tenant names in open mode
+    max_namespaces_per_tenant: int = _limit(1024, 1, 1 << 20)
+    max_sequences_per_tenant: int = _limit(256, 1, 1 << 20)
+    max_leases_per_tenant: int = _limit(1024, 1, 1 << 20)
+    max_lease_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: half the host tier
+    max_pinned_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: half NVMe; <= quota
+    # Streaming calls: each holds an RPC thread while it waits on its client.
+    stream_first_message_ms: int = _limit(5_000, 1, 3_600_000)
+    stream_idle_ms: int = _limit(60_000, 1, 86_400_000)
+    stream_reserve_workers: int = _limit(4, 0, 1023)  # threads kept for unary calls, health
+    max_streams_per_peer: int = _limit(8, 1, 1 << 16)  # per TCP peer address
+    max_streams_per_tenant: int = _limit(8, 1, 1 << 16)
+    # Connections (at start): keepalive pings, and idle connections closed.
+    keepalive_time_ms: int = _limit(60_000, 1_000, 86_400_000)
+    keepalive_timeout_ms: int = _limit(20_000, 1_000, 3_600_000)
+    connection_idle_ms: int = _limit(600_000, 1_000, 86_400_000)
+
+    RESTART_KEYS = ("keepalive_time_ms", "keepalive_timeout_ms", "connection_idle_ms")
+
+    def check(self, workers: int) -> None:
+        for f in dataclasses.fields(self):
+            lo, hi = f.metadata["range"]
+            value = getattr(self, f.name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"limits.{f.name}", f"must be between {lo} and {hi}, "
+                                  f"got {value}")  # fmt: skip
+        if self.stream_reserve_workers >= workers:
+            raise ConfigError("limits.stream_reserve_workers",
+                              f"must be below server.workers ({workers})")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -189,6 +244,7 @@ class Config:
     leases: LeaseConfig = LeaseConfig()
     metrics: MetricsConfig = MetricsConfig()
     csd: CsdConfig = CsdConfig()
+    limits: LimitsConfig = LimitsConfig()
     tenants: tuple[TenantConfig, ...] = ()
 
     def tenant(self, name: str) -> TenantConfig | None:
@@ -206,13 +262,15 @@ class Config:
             host=dataclasses.replace(self.host, high_watermark=new.host.high_watermark,
                                      low_watermark=new.host.low_watermark),
             leases=new.leases,
+            limits=dataclasses.replace(new.limits, **{k: getattr(self.limits, k)
+                                                      for k in LimitsConfig.RESTART_KEYS}),
             tenants=new.tenants,
             server=dataclasses.replace(self.server, drain_seconds=new.server.drain_seconds,
                                        flush_on_stop=new.server.flush_on_stop),
         )  # fmt: skip
         restart = [
             f"{section}.{f.name}"
-            for section in ("server", "host", "nvme", "metrics", "csd")
+            for section in ("server", "host", "nvme", "metrics", "csd", "limits")
             for f in dataclasses.fields(getattr(live, section))
             if getattr(getattr(live, section), f.name) != getattr(getattr(new, section), f.name)
         ]
@@ -246,11 +304,13 @@ class Config:
 
     def validate(self) -> None:
         check_config(self)
+        self.limits.check(self.server.workers)
 
 
 # TOML section -> (dataclass, {key: converter})
 _SIZE_KEYS = {"capacity", "capacity_bytes", "max_message_bytes", "chunk_bytes", "host_quota",
-              "nvme_quota"}  # fmt: skip
+              "nvme_quota", "max_block_bytes", "max_lease_bytes_per_tenant",
+              "max_pinned_bytes_per_tenant"}  # fmt: skip
 
 
 def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
@@ -259,7 +319,7 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
     for key, value in raw.items():
         name = "capacity_bytes" if key == "capacity" else key
         if name not in names:
-            raise ConfigError(f"{section}.{show(key, 40)}",
+            raise ConfigError(f"{section}.{key_name(key)}",
                               f"unknown key (known: {', '.join(sorted(names))})")  # fmt: skip
         where = f"{section}.{key}"
         if name in _SIZE_KEYS:
@@ -306,6 +366,7 @@ _SECTIONS: dict[str, type] = {
     "leases": LeaseConfig,
     "metrics": MetricsConfig,
     "csd": CsdConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -326,7 +387,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             kwargs[key] = _build_section(_SECTIONS[key], value, key)
         else:
             raise ConfigError(
-                show(key, 40), f"unknown section (known: data_dir, {', '.join(_SECTIONS)})"
+                key_name(key), f"unknown section (known: data_dir, {', '.join(_SECTIONS)})"
             )
     return Config(**kwargs)
 

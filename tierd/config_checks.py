@@ -37,6 +37,11 @@ def show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def key_name(key: str) -> str:
+    """A key as written when it is plain text, else quoted: errors must not carry escapes."""
+    return key if key.isprintable() and len(key) <= 40 else show(key, 40)
+
+
 def _number(key: str, value: float, lo: float, hi: float, what: str = "") -> None:
     if not math.isfinite(value):
         raise ConfigError(key, f"must be a finite number, got {show(value)}")
