@@ -205,20 +205,43 @@ def test_read_layers_slices_exactly(shard_dir: Path, layer: int) -> None:
                 assert batch.layer_bytes(i).tobytes() == _layer(b, layer)
 
 
-def test_first_layer_read_after_start_verifies(shard_dir: Path) -> None:
+def test_layer_reads_verify_every_read(shard_dir: Path) -> None:
+    """Each layer read is checked against that layer's checksum, every time: bytes that
+    rot after a block was first read are caught by the next read of their layer."""
     with _open(shard_dir) as s:
         s.store(LAYOUT, _items(_blocks(3)))
-    _corrupt(shard_dir, _key(1), at=BB - 1)  # in the last layer: layer 0 reads never touch it
+    with _open(shard_dir) as s:
+        assert s.read_layers(NS, LAYOUT, [_key(0), _key(1), _key(2)], 2).missing == []
+        _corrupt(shard_dir, _key(1), at=BB - 1)  # in the last layer
+        # Layer 0 of block 1 is intact and is served; the damaged layer is not.
+        assert s.read_layers(NS, LAYOUT, [_key(1)], 0).keys == [_key(1)]
+        batch = s.read_layers(NS, LAYOUT, [_key(0), _key(1), _key(2)], 2)
+        assert batch.keys == [_key(0), _key(2)] and batch.missing == [_key(1)]
+        assert s.stats().corrupt_reads == 1
+        # Dropped: its bytes will not get better.
+        assert s.read_layers(NS, LAYOUT, [_key(1)], 0).missing == [_key(1)]
+    with _open(shard_dir) as s:  # and the drop is on record
+        assert s.read_layers(NS, LAYOUT, [_key(1)], 0).missing == [_key(1)]
+
+
+def test_rows_without_layer_sums_are_read_whole_once(shard_dir: Path) -> None:
+    """A shard written before per-layer checksums: the first layer read of a block reads it
+    whole and checks the block checksum (damage anywhere is caught), then records them."""
+    with _open(shard_dir) as s:
+        s.store(LAYOUT, _items(_blocks(3)))
+    db = sqlite3.connect(shard_dir / CATALOG_FILE)
+    db.execute("UPDATE blocks SET layer_sums = NULL")
+    db.commit()
+    db.close()
+    _corrupt(shard_dir, _key(1), at=BB - 1)  # in the last layer: a layer-0 read misses it
     with _open(shard_dir) as s:
         batch = s.read_layers(NS, LAYOUT, [_key(0), _key(1), _key(2)], 0)
         assert batch.keys == [_key(0), _key(2)] and batch.missing == [_key(1)]
         assert s.stats().corrupt_reads == 1
-        # The trade-off: once verified, a block is trusted by layer reads; whole reads
-        # still check every time.
-        _corrupt(shard_dir, _key(2), at=10)
-        assert s.read_layers(NS, LAYOUT, [_key(2)], 2).keys == [_key(2)]
-        assert s.read(NS, [_key(2)]) == {}
-        assert s.stats().corrupt_reads == 2
+    db = sqlite3.connect(shard_dir / CATALOG_FILE)
+    sums = [r[0] for r in db.execute("SELECT layer_sums FROM blocks ORDER BY key")]
+    db.close()
+    assert len(sums) == 2 and all(b is not None and len(b) == 8 * LAYOUT.num_layers for b in sums)
 
 
 def test_read_layers_checks_input(shard: CsdShard) -> None:

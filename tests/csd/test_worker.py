@@ -216,8 +216,12 @@ def test_restart_keeps_blocks_and_catches_corruption(worker: Worker) -> None:
     os.close(fd)
     worker.start()
     q = torch.randn(2, 6, 64)
+    last = layout.num_layers - 1
+    # Layer 0 of block 1 is intact and serves; its damaged last layer does not.
     resp = _attend(worker, layout, [_key(0), _key(1), _key(2)], 0, q)
-    assert list(resp.missing) == [_key(1)]  # layer 0 is intact, but the block is not
-    ref_out, _ = reference_attention(q, [blocks[0], blocks[2]], 0, 1 / 8)
+    assert list(resp.missing) == []
+    resp = _attend(worker, layout, [_key(0), _key(1), _key(2)], last, q)
+    assert list(resp.missing) == [_key(1)]
+    ref_out, _ = reference_attention(q, [blocks[0], blocks[2]], last, 1 / 8)
     assert _rel(tensor_from_proto(resp.out, "out"), ref_out) < 1e-5
     assert worker.stub.Stats(cpb.WorkerStatsRequest()).corrupt_reads == 1

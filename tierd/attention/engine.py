@@ -17,13 +17,14 @@ from __future__ import annotations
 import mmap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from tierd.attention.sequences import Sequence
 from tierd.core.index import BlockEntry
-from tierd.errors import FailedPrecondition, Unavailable
+from tierd.errors import DataLoss, FailedPrecondition, Unavailable
+from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
 
 if TYPE_CHECKING:
@@ -117,7 +118,12 @@ class AttentionEngine:
         ]
 
     def _nvme_layer_blocks(self, entries: list[BlockEntry], layer: int) -> list[torch.Tensor]:
-        """Read this layer's K|V of each block into scratch: [1, 2, heads, T, dim] each."""
+        """Read this layer's K|V of each block into scratch: [1, 2, heads, T, dim] each.
+
+        Every range is checked against the block's checksum for that layer before the
+        kernel sees it. A block without per-layer checksums (catalog rows of an older
+        release) is read whole once, checked against its block checksum, and given them.
+        """
         lay = entries[0].ns.layout
         span = lay.block_bytes // lay.num_layers
         plans = []
@@ -126,20 +132,51 @@ class AttentionEngine:
             start = (e.nvme_off or 0) + layer * span
             lo = start // _ALIGN * _ALIGN
             hi = align_up(start + span, _ALIGN)
-            plans.append((lo, hi, start - lo, total))
+            plans.append((e, e.nvme_off, lo, hi, start - lo, total))
             total += hi - lo
         scratch = self._scratch.get(total)
         view = memoryview(scratch)
         nvme = self.svc.nvme
-        reads = [nvme.read_async(lo, view[at : at + hi - lo]) for lo, hi, _, at in plans]
+        reads = [nvme.read_async(lo, view[at : at + hi - lo]) for _, _, lo, hi, _, at in plans]
         for f in reads:
             f.result()
+        for e, offset, _, _, skip, at in plans:
+            got = view[at + skip : at + skip + span]
+            sums = e.layer_sums or self._verify_whole(e, offset)
+            if checksum(got) != sums[layer]:
+                self._corrupt(e, "nvme", offset)
         dtype = lay.torch_dtype()
         shape = (1, 2, lay.num_kv_heads, lay.block_tokens, lay.head_dim)
         return [
             torch.frombuffer(view[at + skip : at + skip + span], dtype=dtype).view(shape)
-            for _, _, skip, at in plans
+            for _, _, _, _, skip, at in plans
         ]
+
+    def _verify_whole(self, entry: BlockEntry, offset: int | None) -> tuple[int, ...]:
+        """Read a block whole, check it, and record its per-layer checksums."""
+        buf = mmap.mmap(-1, align_up(entry.nbytes, _ALIGN))
+        with memoryview(buf) as whole:
+            data = whole[: entry.nbytes]
+            self.svc.nvme.read_into(offset or 0, data)
+            intact = checksum(data) == entry.checksum
+            sums = layer_checksums(data, entry.ns.layout.num_layers)
+            data.release()
+        buf.close()
+        if not intact:
+            self._corrupt(entry, "nvme", offset)
+        with self.svc.cond:
+            if entry.nvme_off == offset and entry.layer_sums is None:
+                entry.layer_sums = sums
+                self.svc.catalog.set_layer_sums([(entry.ns.id, entry.key, sums)])
+        return sums
+
+    def _corrupt(self, entry: BlockEntry, tier: str, where: int | str | None) -> NoReturn:
+        if where is not None:
+            self.svc.drop_corrupt_copy(entry, tier, where)
+        raise DataLoss(
+            f"block {entry.key.hex()} is missing or failed its checksum in the {tier} tier "
+            "and was dropped; recompute it", field="sequence_id",
+        )
 
     def _csd_partial(
         self, name: str, entries: list[BlockEntry], layer: int, q: torch.Tensor,
@@ -153,8 +190,10 @@ class AttentionEngine:
             name, ns.id, ns.layout, [e.key for e in entries], layer, q, scale or 0.0
         )
         if missing:
-            raise FailedPrecondition(
-                f"{len(missing)} blocks on CSD worker {name} are missing or corrupt; "
-                "recompute them", field="sequence_id",
-            )
+            # The worker dropped what failed its checksum; forget those copies here too.
+            by_key = {e.key: e for e in entries}
+            for key in missing:
+                if key in by_key:
+                    self.svc.drop_corrupt_copy(by_key[key], "csd", name)
+            self._corrupt(by_key.get(missing[0], entries[0]), f"csd ({name})", None)
         return out, lse

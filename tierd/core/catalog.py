@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
     ns_id BLOB PRIMARY KEY,
@@ -36,6 +38,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     pinned INTEGER NOT NULL DEFAULT 0,
     last_access REAL NOT NULL,
     csd TEXT,
+    layer_sums BLOB,
     PRIMARY KEY (ns_id, key)
 ) WITHOUT ROWID;
 """
@@ -72,6 +75,7 @@ class BlockRow:
     pinned: bool
     last_access: float
     csd: str | None = None  # the CSD worker holding a copy
+    layer_sums: tuple[int, ...] | None = None  # see BlockEntry.layer_sums
 
 
 class Catalog:
@@ -86,6 +90,8 @@ class Catalog:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}
         if "csd" not in columns:  # catalogs written before CSD placement existed
             self._db.execute("ALTER TABLE blocks ADD COLUMN csd TEXT")
+        if "layer_sums" not in columns:  # catalogs written before per-layer checksums
+            self._db.execute("ALTER TABLE blocks ADD COLUMN layer_sums BLOB")
 
     def close(self) -> None:
         with self._lock:
@@ -115,18 +121,19 @@ class Catalog:
     def blocks(self) -> Iterator[BlockRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, last_access, csd"
-                " FROM blocks"
+                "SELECT ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, last_access, csd,"
+                " layer_sums FROM blocks"
             ).fetchall()
         for r in rows:
-            yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), r[4], r[5], bool(r[6]), r[7], r[8])
+            yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), r[4], r[5], bool(r[6]), r[7], r[8],
+                           unpack_layer_sums(r[9]))  # fmt: skip
 
     def insert_blocks(self, rows: Iterable[BlockRow]) -> None:
         self._write(
-            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 (r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), r.host_off, r.nvme_off,
-                 int(r.pinned), r.last_access, r.csd)
+                 int(r.pinned), r.last_access, r.csd, pack_layer_sums(r.layer_sums))
                 for r in rows
             ),
         )
@@ -136,6 +143,13 @@ class Catalog:
         self._write(
             "UPDATE blocks SET host_off = ?, nvme_off = ? WHERE ns_id = ? AND key = ?",
             ((h, n, ns, k) for ns, k, h, n in rows),
+        )
+
+    def set_layer_sums(self, rows: Iterable[tuple[bytes, bytes, tuple[int, ...]]]) -> None:
+        """(ns_id, key, sums) for blocks whose per-layer checksums were just computed."""
+        self._write(
+            "UPDATE blocks SET layer_sums = ? WHERE ns_id = ? AND key = ?",
+            ((pack_layer_sums(s), ns, k) for ns, k, s in rows),
         )
 
     def set_csd(self, rows: Iterable[tuple[bytes, bytes, str | None]]) -> None:

@@ -55,6 +55,9 @@ class BlockEntry:
     moving: bool = False  # a demotion is writing the host copy out
     deleted: bool = False  # removed from the index; space freed when readers reach 0
     host_verified: bool = True  # False for host copies adopted after a restart
+    # One checksum per layer's K|V range, so attend verifies exactly the range it reads
+    # from NVMe; set when the block is first written out, None for older catalog rows.
+    layer_sums: tuple[int, ...] | None = field(default=None, repr=False)
     loading: Future[bool] | None = field(default=None, repr=False)  # promotion in flight
 
     @property

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tierd.core import validate
 from tierd.core.index import BlockEntry
+from tierd.core.placement import stamp_layer_sums
 from tierd.errors import FailedPrecondition, ResourceExhausted, Unavailable
 
 # How long a move waits for another call that is writing the same block out.
@@ -94,9 +95,12 @@ def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
                 if offset is None:
                     _release_claim(svc, entry)
                     raise ResourceExhausted("NVMe tier full", field="keys")
+        stamped = False
         try:
             if offset is not None:
-                svc.nvme.write(offset, _bytes_of(svc, entry))
+                data = _bytes_of(svc, entry)
+                svc.nvme.write(offset, data)
+                stamped = entry.host_off is not None and stamp_layer_sums(entry, data)
         except BaseException:
             with svc.cond:
                 svc.nvme.free(offset or 0, entry.nbytes)
@@ -109,6 +113,8 @@ def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
             _release_claim(svc, entry)
             _drop_host_copy(svc, entry)
             svc.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
+            if stamped and entry.layer_sums is not None:
+                svc.catalog.set_layer_sums([(entry.ns.id, entry.key, entry.layer_sums)])
         moved += 1
     return moved
 

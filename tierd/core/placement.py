@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from tierd.core.fairness import fair_victim_order, over_quota
 from tierd.core.index import BlockEntry
 from tierd.errors import ResourceExhausted
-from tierd.tiers.checksum import checksum
+from tierd.tiers.checksum import checksum, layer_checksums
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -33,6 +33,15 @@ log = logging.getLogger("tierd.placement")
 ROOM_WAIT_SECONDS = 10.0
 # Idle period of the placement thread; it is woken early whenever work appears.
 IDLE_SECONDS = 0.25
+
+
+def stamp_layer_sums(entry: BlockEntry, view: memoryview) -> bool:
+    """Give `entry` its per-layer checksums from trusted bytes (a host copy) as it is
+    written to a tier the daemon reads back from; True when they were computed now."""
+    if entry.layer_sums is not None:
+        return False
+    entry.layer_sums = layer_checksums(view, entry.ns.layout.num_layers)
+    return True
 
 
 class Placer:
@@ -327,12 +336,18 @@ class Placer:
 
     def _demote(self, writes: list[tuple[BlockEntry, int]]) -> None:
         svc = self.svc
-        futures = [
-            svc.nvme.write_async(offset, svc.host.view(e.ns.tenant, e.host_off or 0, e.nbytes))
-            for e, offset in writes
-        ]
+        futures = []
+        stamped: list[BlockEntry] = []
+        for e, offset in writes:
+            view = svc.host.view(e.ns.tenant, e.host_off or 0, e.nbytes)
+            futures.append(svc.nvme.write_async(offset, view))
+            if stamp_layer_sums(e, view):
+                stamped.append(e)
         wait(futures)
         with self.cond:
+            svc.catalog.set_layer_sums(
+                (e.ns.id, e.key, e.layer_sums) for e in stamped if e.layer_sums is not None
+            )
             moved: list[tuple[bytes, bytes, int | None, int | None]] = []
             for (entry, offset), fut in zip(writes, futures):
                 entry.moving = False

@@ -412,6 +412,35 @@ class CacheService:
             self.csd.drop_later(entry.csd, entry.ns.id, [entry.key])
             entry.csd = None
 
+    def drop_corrupt_copy(self, entry: BlockEntry, tier: str, where: int | str) -> None:
+        """A read of `entry`'s copy in `tier` (at NVMe offset or on CSD worker `where`)
+        failed its checksum: count it
+        and drop that copy (its bytes will not get better); a block left with no copy
+        leaves the cache. Idempotent: a copy already dropped or replaced is left alone."""
+        with self.cond:
+            self.counters.corrupt_reads += 1
+            log.warning("block %s failed its checksum in %s; dropped that copy",
+                        entry.key.hex(), tier)  # fmt: skip
+            if tier == "nvme" and entry.nvme_off is not None and entry.nvme_off == where:
+                self.nvme.free(entry.nvme_off, entry.nbytes)
+                entry.nvme_off = None
+            elif tier == "csd" and entry.csd is not None and entry.csd == where:
+                entry.csd = None
+                self.catalog.set_csd([(entry.ns.id, entry.key, None)])
+            else:
+                return
+            if entry.deleted:
+                return
+            if entry.host_off is None and entry.nvme_off is None and entry.csd is None:
+                self.index.remove(entry)
+                entry.deleted = True
+                self.catalog.delete_blocks([(entry.ns.id, entry.key)])
+            else:
+                self.catalog.update_locations(
+                    [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
+                )
+            self.cond.notify_all()
+
     # -- management -----------------------------------------------------------------------
 
     def locate(self, ns_id: bytes, keys: Sequence[bytes]) -> list[str]:

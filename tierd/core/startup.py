@@ -88,7 +88,7 @@ def recover(svc: CacheService) -> None:
             moved.append((row.ns_id, row.key, host_off, nvme_off))
         svc.index.add(BlockEntry(
             ns, row.key, row.nbytes, row.checksum, host_off, nvme_off, csd, row.pinned,
-            row.last_access, host_verified=host_off is None,
+            row.last_access, host_verified=host_off is None, layer_sums=row.layer_sums,
         ))  # fmt: skip
     svc.catalog.delete_blocks(dropped)
     svc.catalog.update_locations(moved)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tierd.core.catalog import from_sql_u64, to_sql_u64
+from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 from tierd_client.layout import KVLayout
 
 _SCHEMA = """
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     nbytes INTEGER NOT NULL,
     checksum INTEGER NOT NULL,
     layout TEXT NOT NULL,
+    layer_sums BLOB,
     PRIMARY KEY (ns_id, key)
 ) WITHOUT ROWID;
 """
@@ -45,6 +47,9 @@ class ShardRow:
     nbytes: int
     checksum: int
     layout: KVLayout
+    # One checksum per layer's K|V range (attend verifies what it reads); None for rows
+    # written before they existed, until a whole read checks the block and adds them.
+    layer_sums: tuple[int, ...] | None = None
 
 
 def layout_to_json(layout: KVLayout) -> str:
@@ -65,6 +70,9 @@ class ShardCatalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}
+        if "layer_sums" not in columns:  # shards written before per-layer checksums
+            self._db.execute("ALTER TABLE blocks ADD COLUMN layer_sums BLOB")
 
     def close(self) -> None:
         with self._lock:
@@ -73,22 +81,29 @@ class ShardCatalog:
     def rows(self) -> list[ShardRow]:
         with self._lock:
             raw = self._db.execute(
-                "SELECT ns_id, key, offset, nbytes, checksum, layout FROM blocks"
+                "SELECT ns_id, key, offset, nbytes, checksum, layout, layer_sums FROM blocks"
             ).fetchall()
         return [
-            ShardRow(r[0], r[1], r[2], r[3], from_sql_u64(r[4]), layout_from_json(r[5]))
+            ShardRow(r[0], r[1], r[2], r[3], from_sql_u64(r[4]), layout_from_json(r[5]),
+                     unpack_layer_sums(r[6]))
             for r in raw
-        ]
+        ]  # fmt: skip
 
     def insert(self, rows: Iterable[ShardRow]) -> None:
         self._write(
-            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 (r.ns_id, r.key, r.offset, r.nbytes, to_sql_u64(r.checksum),
-                 layout_to_json(r.layout))
+                 layout_to_json(r.layout), pack_layer_sums(r.layer_sums))
                 for r in rows
             ),
         )  # fmt: skip
+
+    def set_layer_sums(self, row: ShardRow) -> None:
+        self._write(
+            "UPDATE blocks SET layer_sums = ? WHERE ns_id = ? AND key = ? AND offset = ?",
+            [(pack_layer_sums(row.layer_sums), row.ns_id, row.key, row.offset)],
+        )
 
     def delete(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
         """Remove the rows of (ns_id, key) pairs; absent ones are ignored."""

@@ -20,6 +20,7 @@ sees bytes of a block stored after it started.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ import numpy as np
 from tierd.csd.catalog import ShardCatalog, ShardRow
 from tierd.csd.files import aligned_buffer, lock_directory, wait_all
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from tierd.tiers.checksum import checksum
+from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
 from tierd.tiers.nvme import NvmeStore
@@ -85,9 +86,6 @@ class LayerBatch:
 @dataclass(eq=False)
 class _Entry:
     row: ShardRow
-    # True once this process has seen the whole block match its checksum (or wrote it
-    # from bytes it had just checksummed); partial reads cannot check a whole-block sum.
-    verified: bool
     readers: int = 0
     dead: bool = field(default=False)  # dropped or replaced: free when readers reach 0
 
@@ -132,7 +130,7 @@ class CsdShard:
                 # Past a smaller capacity, or overlapping another row: unusable.
                 dropped.append((row.ns_id, row.key))
                 continue
-            self._entries[(row.ns_id, row.key)] = _Entry(row, verified=False)
+            self._entries[(row.ns_id, row.key)] = _Entry(row)
         self._catalog.delete(dropped)
         log.info("csd shard %s: recovered %d blocks (%d dropped)",
                  self.directory, len(self._entries), len(dropped))  # fmt: skip
@@ -218,8 +216,9 @@ class CsdShard:
                 for off in offsets:
                     self._nvme.free(off, layout.block_bytes)
             raise
-        rows = [ShardRow(k[0], k[1], off, layout.block_bytes, it.checksum, layout)
-                for off, (k, it, _) in zip(offsets, todo)]  # fmt: skip
+        rows = [ShardRow(k[0], k[1], off, layout.block_bytes, it.checksum, layout,
+                         layer_checksums(v, layout.num_layers))
+                for off, (k, it, v) in zip(offsets, todo)]  # fmt: skip
         with self._lock:
             # Row and in-memory entry change together under the lock, so two stores of
             # one key cannot leave the catalog naming the extent that memory freed.
@@ -228,9 +227,7 @@ class CsdShard:
                 old = self._entries.get((row.ns_id, row.key))
                 if old is not None:
                     self._retire(old)
-                # Written from bytes whose checksum was just verified: as good as a
-                # verified read, and it spares the first attend a whole-block read.
-                self._entries[(row.ns_id, row.key)] = _Entry(row, verified=True)
+                self._entries[(row.ns_id, row.key)] = _Entry(row)
         return len(unique)
 
     def drop(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
@@ -276,7 +273,8 @@ class CsdShard:
         out: list[np.ndarray | None] = []
         for e, b in zip(entries, bufs):
             if checksum(b) == e.row.checksum:
-                e.verified = True
+                if e.row.layer_sums is None:
+                    self._add_layer_sums(e, b)
                 out.append(b)
             else:
                 self._corrupted(e)
@@ -308,24 +306,23 @@ class CsdShard:
                     )
             held = list(enumerate(e for e in entries if e is not None))
             buf = aligned_buffer(len(held) * stride)
-            # One pass: `verified` may flip under a concurrent reader, and a block must land
-            # in exactly one of the two lists.
-            trusted: list[tuple[int, _Entry]] = []
+            # Blocks with per-layer checksums are read one layer and checked against it.
+            # Rows written before those existed are read whole once (num_layers x the
+            # bytes, in bounded batches beside the layer reads), checked against the
+            # block checksum, and given per-layer checksums for every later read.
+            trusted: list[tuple[int, _Entry, tuple[int, ...]]] = []
             unverified: list[tuple[int, _Entry]] = []
             for slot, e in held:
-                (trusted if e.verified else unverified).append((slot, e))
+                sums = e.row.layer_sums  # read once: a concurrent whole read may set it
+                if sums is None:
+                    unverified.append((slot, e))
+                else:
+                    trusted.append((slot, e, sums))
             futures = [
                 self._nvme.read_async(e.row.offset + layer_off - pad,
                                       buf[slot * stride : slot * stride + pad + nbytes])
-                for slot, e in trusted
+                for slot, e, _ in trusted
             ]  # fmt: skip
-            # Blocks not yet read whole since this process started are read whole once so
-            # their checksum can be checked (in bounded batches, beside the layer reads).
-            # That first call costs num_layers x the bytes for those blocks; afterwards
-            # layer reads trust them. The trade-off: bytes that rot on the disk after the
-            # first check go unnoticed by attend (ReadBlocks still verifies every read);
-            # per-layer checksums in the catalog would close that gap at the price of a
-            # format change and num_layers hashes per store.
             bad: set[int] = set()
             try:
                 for at in range(0, len(unverified), self._read_batch):
@@ -341,6 +338,11 @@ class CsdShard:
                     f.exception()  # let no read still fill `buf` after we gave up on it
                 raise
             wait_all(futures)
+            for slot, e, sums in trusted:
+                start = slot * stride + pad
+                if checksum(buf[start : start + nbytes]) != sums[layer]:
+                    bad.add(slot)
+                    self._corrupted(e)
         finally:
             self._unpin(entries)
         found = [(slot, e.row.key) for slot, e in held if slot not in bad]
@@ -383,6 +385,14 @@ class CsdShard:
         e.dead = True
         if e.readers == 0:
             self._nvme.free(e.row.offset, e.row.nbytes)
+
+    def _add_layer_sums(self, e: _Entry, whole: np.ndarray) -> None:
+        """Record per-layer checksums of a block just read whole and found intact."""
+        row = dataclasses.replace(e.row, layer_sums=layer_checksums(whole, e.row.layout.num_layers))
+        with self._lock:
+            if self._entries.get((row.ns_id, row.key)) is e:
+                self._catalog.set_layer_sums(row)
+                e.row = row
 
     def _corrupted(self, e: _Entry) -> None:
         with self._lock:
