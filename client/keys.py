@@ -1,7 +1,7 @@
 """Namespace ids and block keys: the hash chain that makes prefixes findable.
 
-Primitives: `namespace_id(...) -> bytes`, `block_keys(namespace_id, tokens, block_tokens)`,
-`chunk_key(namespace_id, tokens)`.
+Primitives: `namespace_id(...) -> bytes`, `block_keys(namespace_id, tokens, block_tokens)`
+(and lazily, `iter_block_keys`), `chunk_key(namespace_id, tokens)`.
 
 `key_i = H(namespace, key_{i-1}, tokens_i)`: a block's key names its whole prefix, so the
 longest cached prefix of a token list is the longest run of leading keys the daemon holds.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,15 +51,21 @@ def next_block_key(ns_id: bytes, parent: bytes | None, tokens: Sequence[int] | n
     return h.digest()
 
 
-def block_keys(ns_id: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int) -> list[bytes]:
-    """Keys of every full block of `tokens`, in order (a partial tail block has no key)."""
+def iter_block_keys(
+    ns_id: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int
+) -> Iterator[bytes]:
+    """Keys of every full block of `tokens`, in order, each hashed only when asked for (a
+    lookup stops at its first miss without hashing the rest)."""
     arr = _token_bytes(tokens)
-    keys: list[bytes] = []
     parent: bytes | None = None
     for start in range(0, len(arr) - block_tokens + 1, block_tokens):
         parent = next_block_key(ns_id, parent, arr[start : start + block_tokens])
-        keys.append(parent)
-    return keys
+        yield parent
+
+
+def block_keys(ns_id: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int) -> list[bytes]:
+    """Keys of every full block of `tokens`, in order (a partial tail block has no key)."""
+    return list(iter_block_keys(ns_id, tokens, block_tokens))
 
 
 def chunk_key(ns_id: bytes, tokens: Sequence[int] | np.ndarray) -> bytes:

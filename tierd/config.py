@@ -203,13 +203,14 @@ class LimitsConfig:
     max_lookup_tokens: int = _limit(1 << 20, 1, 1 << 26)
     max_query_tokens: int = _limit(8192, 1, 1 << 20)  # query (and new KV) tokens per item
     max_tail_tokens: int = _limit(16_384, 1, 1 << 22)  # per layer's open tail (>= a block)
+    max_tail_bytes_per_tenant: int = _limit(2 * GiB, 1, 1 << 50)  # open tails, all layers
     # One tenant; without [[tenants]], each tenant name callers use.
     max_open_tenants: int = _limit(64, 1, 1 << 16)  # tenant names in open mode
     max_namespaces_per_tenant: int = _limit(1024, 1, 1 << 20)
     max_sequences_per_tenant: int = _limit(256, 1, 1 << 20)
     max_leases_per_tenant: int = _limit(1024, 1, 1 << 20)
-    max_lease_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: half the host tier
-    max_pinned_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: half NVMe; <= quota
+    max_lease_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: host quota, else host tier
+    max_pinned_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: quotas, else the tiers
     # Streaming calls: each holds an RPC thread while it waits on its client.
     stream_first_message_ms: int = _limit(5_000, 1, 3_600_000)
     stream_idle_ms: int = _limit(60_000, 1, 86_400_000)
@@ -310,7 +311,7 @@ class Config:
 # TOML section -> (dataclass, {key: converter})
 _SIZE_KEYS = {"capacity", "capacity_bytes", "max_message_bytes", "chunk_bytes", "host_quota",
               "nvme_quota", "max_block_bytes", "max_lease_bytes_per_tenant",
-              "max_pinned_bytes_per_tenant"}  # fmt: skip
+              "max_pinned_bytes_per_tenant", "max_tail_bytes_per_tenant"}  # fmt: skip
 
 
 def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:

@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tierd.config import Config
-from tierd.core import validate
+from tierd.core import limits, validate
 from tierd.core.catalog import BlockRow, Catalog, NamespaceRow
 from tierd.core.eviction import make_policy
 from tierd.core.inband import InbandPut
@@ -52,7 +53,7 @@ from tierd.tiers.host import HostArena, segment_tag
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore
 from tierd_client.hostinfo import host_id
-from tierd_client.keys import block_keys, namespace_id
+from tierd_client.keys import iter_block_keys, namespace_id
 from tierd_client.layout import KVLayout
 
 if TYPE_CHECKING:
@@ -153,11 +154,7 @@ class CacheService:
             raise InvalidArgument("a tenant name is required", field="namespace.tenant")
         if not model:
             raise InvalidArgument("a model fingerprint is required", field="namespace.model")
-        if layout.block_bytes > self.host.capacity:
-            raise ResourceExhausted(
-                f"one block is {layout.block_bytes} bytes; the host tier holds "
-                f"{self.host.capacity}", field="namespace.layout",
-            )
+        limits.check_namespace(self, tenant, model, layout, extra_keys)
         ns_id = namespace_id(tenant, model, layout_to_list(layout), extra_keys)
         with self.cond:
             ns = self.index.namespaces.get(ns_id)
@@ -185,20 +182,26 @@ class CacheService:
 
     def lookup(self, ns_id: bytes, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         ns = self.namespace(ns_id)
+        limits.check_lookup(self.config.limits, len(tokens))
         arr = validate.check_tokens(tokens)
-        keys = block_keys(ns.id, arr, ns.layout.block_tokens)
+        # Keys are hashed lazily, in batches that double (outside the lock), so hashing
+        # stops at the first miss: at most about twice the hits are ever hashed.
+        keys = iter_block_keys(ns.id, arr, ns.layout.block_tokens)
         found: list[tuple[bytes, str]] = []
-        now = time.time()
+        now, batch, missed = time.time(), 1, False
+        while not missed and (todo := list(islice(keys, batch))):
+            with self.cond:
+                for key in todo:
+                    entry = self.index.get(ns.id, key)
+                    if entry is None:
+                        missed = True
+                        break
+                    entry.last_access = now
+                    found.append((key, entry.tier))
+            batch = min(2 * batch, 1024)
         with self.cond:
             self.counters.lookups += 1
-            for key in keys:
-                entry = self.index.get(ns.id, key)
-                if entry is None:
-                    break
-                entry.last_access = now
-                found.append((key, entry.tier))
-            if len(found) < len(keys):
-                self.counters.misses += 1
+            self.counters.misses += missed
         return LookupResult(len(found) * ns.layout.block_tokens, found)
 
     # -- put ------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class CacheService:
         validate.check_keys(keys, self.config.leases.max_keys_per_call, unique=True)
         validate.check_shape(ns, dims, dtype)
         ttl = validate.check_ttl(ttl_ms, self.config.leases)
+        limits.check_put_lease(self, ns, keys)
         slots: list[PutSlot] = []
         leased: list[PutSlotLease] = []
         with self.cond:
@@ -319,6 +323,7 @@ class CacheService:
         self._check_open()
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
+        limits.check_get_lease(self, ns, keys)
         ttl = float("inf") if hold else validate.check_ttl(ttl_ms, self.config.leases)
         held: list[BlockEntry | None] = []
         tiers: list[str] = []
@@ -476,6 +481,8 @@ class CacheService:
     def set_pinned(self, ns_id: bytes, keys: Sequence[bytes], pinned: bool) -> int:
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
+        if pinned:
+            limits.check_pins(self, ns, keys)
         changed: list[tuple[bytes, bytes]] = []
         with self.cond:
             for key in keys:
