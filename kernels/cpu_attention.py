@@ -1,7 +1,7 @@
 """Fast CPU attention directly over KV blocks, in exact float32 arithmetic.
 
 Primitives: `attend_blocks(blocks, layer, q, *, scale, valid_tokens, causal_offset,
-chunk_tokens) -> AttentionOutput`.
+chunk_tokens, query_chunk) -> AttentionOutput`.
 
 Blocks are `[layers, 2, kv_heads, T, dim]` tensors (often views into shared memory), not
 one contiguous sequence. Per-op overhead, not arithmetic, is what costs on a CPU here: a
@@ -21,6 +21,12 @@ blocks before a multi-token query's own tokens). Otherwise query token i sits at
 position `causal_offset + i`; keys up to `causal_offset` are seen by every query and go
 the fast way, and the at most `q_tokens - 1` keys after it go through the oracle with a
 mask, merged in at the end.
+
+Memory: a long multi-token query runs as passes of `query_chunk` query tokens (each with its
+own causal offset; query rows are independent, so the passes' outputs just concatenate),
+and the per-chunk partials of a pass are folded before they pile up. So scores, the causal
+triangle and the stacked partials each stay within about QUERY_PASS_ELEMS floats whatever
+the query and sequence lengths; only q itself and the output grow with the query.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .merge import merge_partials
+from .merge import merge_into_, merge_partials
 from .reference import AttentionOutput, attention_reference, check_query, empty_output
 
 # Float32 K and V gathered per chunk. Each chunk costs a fixed handful of ops (~5 us each),
@@ -40,6 +46,11 @@ from .reference import AttentionOutput, attention_reference, check_query, empty_
 # matmuls: 8 MiB (1024 tokens of 8 KV heads x 128 dims) measured best on a 2-core EPYC
 # with 2 x 2 MiB L2 and 32 MiB L3 (512 tokens ran as fast, 2048 and up clearly slower).
 DEFAULT_CHUNK_BYTES = 8 << 20
+
+# Floats any one intermediate of a pass may hold (scores [kv_heads, rows, keys per chunk],
+# the causal triangle [heads, q, q], the stacked chunk partials): 32 MiB of float32. A pass
+# re-reads the keys, but a query long enough to be split is bound by arithmetic, not reads.
+QUERY_PASS_ELEMS = 1 << 23
 
 # KV storage dtypes: the gather converts any of them to float32 (float8 as the CSD tier
 # may hold it).
@@ -146,6 +157,22 @@ def _attend_unmasked(
             filled = 0
         chunks[-1].append(seg)
         filled += seg.shape[2]
+    # Partials of at most `fold` chunks are stacked at once (all of them for a decode step);
+    # a long query's groups merge into a running result, so the stack stays bounded.
+    fold = max(1, QUERY_PASS_ELEMS // (kv_heads * rows * dim))
+    acc: AttentionOutput | None = None
+    for at in range(0, len(chunks), fold):
+        part = _attend_chunks(qg, chunks[at : at + fold])
+        if acc is None:
+            acc = part
+        else:
+            merge_into_(acc, part)
+    assert acc is not None
+    return acc
+
+
+def _attend_chunks(qg: torch.Tensor, chunks: list[list[torch.Tensor]]) -> AttentionOutput:
+    kv_heads, rows, dim = qg.shape
     maxes = torch.empty(len(chunks), kv_heads, rows)
     sums = torch.empty(len(chunks), kv_heads, rows)
     outs = torch.empty(len(chunks), kv_heads, rows, dim)
@@ -165,7 +192,7 @@ def _attend_unmasked(
     weights = torch.exp(maxes - top)
     total = (weights * sums).sum(dim=0)
     out = (outs * weights.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1)
-    return out, top + torch.log(total)
+    return AttentionOutput(out, top + torch.log(total))
 
 
 def attend_blocks(
@@ -177,15 +204,19 @@ def attend_blocks(
     valid_tokens: int | None = None,
     causal_offset: int | None = None,
     chunk_tokens: int | None = None,
+    query_chunk: int | None = None,
 ) -> AttentionOutput:
     """Attention of q [q_tokens, heads, dim] (or [heads, dim]) over `layer` of `blocks`.
 
     The keys are the blocks' tokens in order, the last block holding `valid_tokens`
     (all when None). out [q_tokens, heads, dim] and lse [q_tokens, heads] are float32
     (rank follows q); over no keys out is 0 and lse -inf, which merges as empty.
-    `chunk_tokens` sets keys per chunk (default: DEFAULT_CHUNK_BYTES of float32 K and V)."""
+    `chunk_tokens` sets keys per chunk (default: DEFAULT_CHUNK_BYTES of float32 K and V),
+    `query_chunk` query tokens per pass (default: what keeps a pass in QUERY_PASS_ELEMS)."""
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError("chunk_tokens must be positive")
+    if query_chunk is not None and query_chunk < 1:
+        raise ValueError("query_chunk must be positive")
     if not blocks:
         return empty_output(q.shape)
     lay = _check_blocks(blocks, layer, valid_tokens)
@@ -196,20 +227,34 @@ def attend_blocks(
     if valid_tokens is not None:
         seq -= lay.block_tokens - valid_tokens
     scale = 1.0 / math.sqrt(lay.dim) if scale is None else scale
+    if chunk_tokens is None:
+        chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (2 * lay.kv_heads * lay.dim * 4))
+    q3 = q.reshape(q_tokens, -1, lay.dim)
+    heads = q3.shape[1]
+    if query_chunk is None:
+        per_pass = QUERY_PASS_ELEMS // heads
+        query_chunk = max(1, min(per_pass // chunk_tokens, math.isqrt(per_pass)))
+    if q_tokens > query_chunk:
+        passes = [
+            attend_blocks(blocks, layer, q3[at : at + query_chunk], scale=scale,
+                          valid_tokens=valid_tokens, chunk_tokens=chunk_tokens,
+                          query_chunk=query_chunk,
+                          causal_offset=None if causal_offset is None else causal_offset + at)
+            for at in range(0, q_tokens, query_chunk)
+        ]  # fmt: skip
+        result = AttentionOutput(torch.cat([p.out for p in passes]),
+                                 torch.cat([p.lse for p in passes]))  # fmt: skip
+        return result if q.dim() == 3 else AttentionOutput(result.out[0], result.lse[0])
     # Keys every query sees, then the causal triangle (each query sees part of it).
     shared = seq if causal_offset is None else min(seq, max(causal_offset + 1, 0))
     triangle = 0 if causal_offset is None else min(seq, causal_offset + q_tokens) - shared
 
-    q3 = q.reshape(q_tokens, -1, lay.dim)
-    heads = q3.shape[1]
     partials: list[tuple[torch.Tensor, torch.Tensor]] = []
     if shared > 0:
         # Query heads sharing a KV head are rows of one matrix: [kv_heads, group*q_tokens, dim].
         qg = (q3.float() * scale).reshape(q_tokens, lay.kv_heads, group, lay.dim)
         qg = qg.permute(1, 2, 0, 3).reshape(lay.kv_heads, group * q_tokens, lay.dim)
         segs = _segments(blocks, layer, lay.block_tokens, 0, shared)
-        if chunk_tokens is None:
-            chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (2 * lay.kv_heads * lay.dim * 4))
         out, lse = _attend_unmasked(qg.contiguous(), segs, chunk_tokens)
         # Rows back to [q_tokens, heads]: head = kv_head * group + g.
         out = out.view(lay.kv_heads, group, q_tokens, lay.dim).permute(2, 0, 1, 3)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from tierd.attention.engine import AttentionEngine
 from tierd.attention.sequences import Sequence, SequenceTable
-from tierd.core import validate
-from tierd.core.index import BlockEntry
+from tierd.core import limits, validate
+from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.errors import FailedPrecondition, InvalidArgument, NotFound
 from tierd_client.keys import next_block_key
 
@@ -61,6 +62,7 @@ class AttendService:
         if ttl_ms > leases.max_ttl_ms:
             raise InvalidArgument(f"at most {leases.max_ttl_ms} ms", field="ttl_ms")
         ttl = (ttl_ms or leases.sequence_idle_ms) / 1000.0
+        self._check_new_sequence(ns)
         held: list[BlockEntry] = []
         with svc.cond:
             for i, key in enumerate(keys):
@@ -83,6 +85,18 @@ class AttendService:
         seq = Sequence(self.sequences.next_id(), ns, held, keys[-1] if keys else b"", ttl)
         self.sequences.add(seq)
         return seq.id, seq.block_tokens_cached
+
+    def _check_new_sequence(self, ns: NamespaceInfo) -> None:
+        """Sequences per tenant, and the tail a new one allocates (one block, every layer);
+        the layout again, for namespaces the catalog kept from before a limit changed."""
+        lim = self.svc.config.limits
+        limits.check_layout(self.svc.config, ns.layout, self.svc.host.capacity)
+        mine = self.sequences.of_tenant(ns.tenant)
+        limits.check_sequences(lim, len(mine))
+        limits.check_tail_bytes(lim, sum(s.tail_bytes for s in mine), ns.block_bytes)
+
+    def _tail_held(self, tenant: str) -> int:
+        return sum(s.tail_bytes for s in self.sequences.of_tenant(tenant))
 
     def sequence_tenant(self, seq_id: int) -> str | None:
         seq = self.sequences.get(seq_id)
@@ -117,7 +131,11 @@ class AttendService:
                 seq.touch()
                 self._check(seq, call, i)
                 if call.k_new is not None and call.v_new is not None:
-                    seq.append(call.layer, call.k_new, call.v_new, list(call.new_tokens))
+                    n = call.k_new.shape[1] if call.k_new.dim() == 3 else 0
+                    lim, held = self.svc.config.limits, partial(self._tail_held, seq.ns.tenant)
+                    limits.check_tail(lim, seq, call.layer, n, held)
+                    cap = limits.tail_capacity(lim, seq.ns.layout.block_tokens)
+                    seq.append(call.layer, call.k_new, call.v_new, list(call.new_tokens), cap)
                 q_tokens = call.q.shape[0]
                 if q_tokens > 1 and q_tokens > seq.tail_len(call.layer):
                     raise InvalidArgument(
@@ -141,6 +159,8 @@ class AttendService:
             )
         if q.shape[0] == 0:
             raise InvalidArgument("at least one query token", field=f"items[{i}].q")
+        new = call.k_new.shape[1] if call.k_new is not None and call.k_new.dim() == 3 else 0
+        limits.check_attend_item(self.svc.config.limits, q.shape[0], new, i)
         if (call.k_new is None) != (call.v_new is None):
             raise InvalidArgument("k_new and v_new come together", field=f"items[{i}].v_new")
 

@@ -2,7 +2,7 @@
 
 Primitives: `Sequence` (blocks held, tail per layer), `Sequence.append(layer, k, v)`,
 `Sequence.tail_block(layer)`, `Sequence.sealable()`, `peek_block()`, `drop_block()`,
-`SequenceTable.add/get/pop/expired`.
+`tail_bytes`, `growth_bytes(layer, n, capacity)`, `SequenceTable.add/get/pop/expired/of_tenant`.
 
 The tail keeps each layer's K and V for the tokens not yet in a full block, in the
 block's own layout ([K|V][kv_head][token][dim]) so sealing is a copy per layer. Layers
@@ -57,8 +57,27 @@ class Sequence:
     def tail_len(self, layer: int) -> int:
         return self._lens[layer]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, tokens: list[int]) -> None:
-        """Add `k`, `v` ([kv_heads, n, dim]) to one layer's tail (tokens ids with layer 0)."""
+    @property
+    def tail_bytes(self) -> int:
+        """Memory the open tail holds, every layer's buffer (what limits count)."""
+        return sum(buf.numel() * buf.element_size() for buf in self._tail)
+
+    def _grown_tokens(self, layer: int, n: int, capacity: int) -> int:
+        have = self._tail[layer].shape[2]
+        need = self._lens[layer] + n
+        return have if need <= have else min(max(2 * have, need), max(capacity, need))
+
+    def growth_bytes(self, layer: int, n: int, capacity: int) -> int:
+        """Bytes appending `n` tokens to `layer` would allocate (0 when they fit)."""
+        buf = self._tail[layer]
+        extra = self._grown_tokens(layer, n, capacity) - buf.shape[2]
+        return extra * buf.numel() // buf.shape[2] * buf.element_size()
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, tokens: list[int], capacity: int
+    ) -> None:
+        """Add `k`, `v` ([kv_heads, n, dim]) to one layer's tail (tokens ids with layer 0);
+        a grown buffer stops at `capacity` tokens (the caller checked the append fits)."""
         lay = self.ns.layout
         want = (lay.num_kv_heads, k.shape[1] if k.dim() == 3 else -1, lay.head_dim)
         for name, t in (("k_new", k), ("v_new", v)):
@@ -77,8 +96,8 @@ class Sequence:
         n, start = k.shape[1], self._lens[layer]
         buf = self._tail[layer]
         if start + n > buf.shape[2]:
-            grown = torch.empty((*buf.shape[:2], max(2 * buf.shape[2], start + n), buf.shape[3]),
-                                dtype=buf.dtype)  # fmt: skip
+            size = self._grown_tokens(layer, n, capacity)
+            grown = torch.empty((*buf.shape[:2], size, buf.shape[3]), dtype=buf.dtype)
             grown[:, :, :start] = buf[:, :, :start]
             self._tail[layer] = buf = grown
         buf[0, :, start : start + n] = k.to(buf.dtype)
@@ -133,6 +152,10 @@ class SequenceTable:
     def pop(self, seq_id: int) -> Sequence | None:
         with self._lock:
             return self._seqs.pop(seq_id, None)
+
+    def of_tenant(self, tenant: str) -> list[Sequence]:
+        with self._lock:
+            return [s for s in self._seqs.values() if s.ns.tenant == tenant]
 
     def expired(self, now: float | None = None) -> list[Sequence]:
         now = time.monotonic() if now is None else now

@@ -5,9 +5,10 @@ Primitives:
   `check_lookup(limits, n_tokens)`                              tokens per lookup
   `check_put_lease(svc, ns, keys)`, `check_get_lease(svc, ns, keys)`   leases per tenant
   `check_pins(svc, ns, keys)`                                   pinned bytes per tenant
-  `check_sequences(svc, tenant, open_now)`                      open sequences per tenant
+  `check_sequences(limits, open_now)`                           open sequences per tenant
   `check_attend_item(limits, q_tokens, new_tokens, i)`          query tokens per attend item
   `tail_capacity(limits, block_tokens)`                         tokens a layer's tail may hold
+  `check_tail(limits, seq, layer, n, held)`, `check_tail_bytes(limits, held, adding)`
 
 Every refusal names its `limits.*` key in the message; a bound on a request field names
 that field (INVALID_ARGUMENT), a bound on what a tenant holds names the key itself
@@ -21,7 +22,7 @@ what is open, which these very limits bound.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from tierd.config import Config, LimitsConfig
@@ -31,6 +32,7 @@ from tierd.errors import InvalidArgument, ResourceExhausted
 from tierd_client.layout import KVLayout
 
 if TYPE_CHECKING:
+    from tierd.attention.sequences import Sequence as AttendSequence
     from tierd.core.service import CacheService
 
 
@@ -215,3 +217,32 @@ def check_attend_item(limits: LimitsConfig, q_tokens: int, new_tokens: int, i: i
 def tail_capacity(limits: LimitsConfig, block_tokens: int) -> int:
     """Tokens one layer's open tail may hold: at least a block, or it could never seal."""
     return max(limits.max_tail_tokens, block_tokens)
+
+
+def check_tail_bytes(limits: LimitsConfig, held: int, adding: int) -> None:
+    """Open tails are daemon memory outside every tier: bounded per tenant."""
+    cap = limits.max_tail_bytes_per_tenant
+    if adding and held + adding > cap:
+        raise ResourceExhausted(
+            f"the tenant's open sequence tails hold {held} bytes and this call would add "
+            f"{adding}; limits.max_tail_bytes_per_tenant is {cap}: close sequences",
+            field="limits.max_tail_bytes_per_tenant",
+        )
+
+
+def check_tail(
+    limits: LimitsConfig, seq: AttendSequence, layer: int, n: int, held: Callable[[], int]
+) -> None:
+    """Appending `n` tokens to `layer`'s tail. A layer appended alone never seals (a block
+    seals once every layer has it), so its tail is what a careless or hostile caller grows."""
+    cap = tail_capacity(limits, seq.ns.layout.block_tokens)
+    have = seq.tail_len(layer)
+    if have + n > cap:
+        raise ResourceExhausted(
+            f"layer {layer}'s open tail holds {have} tokens and {n} more would pass "
+            f"limits.max_tail_tokens ({cap}): append every layer, so that full blocks seal",
+            field="limits.max_tail_tokens",
+        )
+    grow = seq.growth_bytes(layer, n, cap)
+    if grow:  # tails grow by doubling: the tenant's total is summed only then
+        check_tail_bytes(limits, held(), grow)
