@@ -1,10 +1,12 @@
 """Prometheus metrics: tier occupancy and traffic read at scrape time, RPC latencies live.
 
-Primitives: `Metrics(service)`, `serve(address)`, `interceptor()` (a gRPC server
+Primitives: `Metrics(service, tenant_labels=False)`, `serve(address)`, `interceptor()` (a gRPC server
 interceptor timing every call), `close()`.
 
 Counters the core already keeps are exported through a custom collector, so the hot paths
-pay nothing for metrics; only the RPC histogram is updated per call.
+pay nothing for metrics; only the RPC histogram is updated per call. Per-tenant series are
+off unless asked for (`metrics.tenant_labels`): they name every tenant to whoever can scrape.
+/metrics binds to loopback unless the address names a host.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ RPC_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 
 
 
 class _CoreCollector(Collector):
-    def __init__(self, service: CacheService) -> None:
+    def __init__(self, service: CacheService, tenant_labels: bool) -> None:
         self.svc = service
+        self.tenant_labels = tenant_labels
 
     def collect(self) -> Iterator[Any]:
         s = self.svc.stats()
@@ -60,6 +63,8 @@ class _CoreCollector(Collector):
         ):
             yield CounterMetricFamily(f"tierd_{name}", doc, value=value)
         yield GaugeMetricFamily("tierd_active_leases", "Open leases", value=s.active_leases)
+        if not self.tenant_labels:
+            return
         tenant = GaugeMetricFamily("tierd_tenant_used_bytes", "Bytes held per tenant and tier",
                                    labels=["tenant", "tier"])  # fmt: skip
         for (name, tier), nbytes in sorted(self.svc.usage_by_tenant().items()):
@@ -91,9 +96,9 @@ class _Timing(grpc.ServerInterceptor):
 
 
 class Metrics:
-    def __init__(self, service: CacheService) -> None:
+    def __init__(self, service: CacheService, *, tenant_labels: bool = False) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_CoreCollector(service))
+        self.registry.register(_CoreCollector(service, tenant_labels))
         self.rpc_seconds = Histogram("tierd_rpc_seconds", "Unary RPC latency", ["method"],
                                      buckets=RPC_BUCKETS, registry=self.registry)  # fmt: skip
         self._server: Any = None
@@ -102,9 +107,10 @@ class Metrics:
         return _Timing(self.rpc_seconds)
 
     def serve(self, address: str) -> int:
-        """Expose /metrics on HOST:PORT; returns the port (0 in the address picks one)."""
+        """Expose /metrics on [HOST:]PORT, loopback when no host is named; returns the port
+        (0 in the address picks one)."""
         host, _, port = address.rpartition(":")
-        self._server, _thread = start_http_server(int(port), host or "127.0.0.1",
+        self._server, _thread = start_http_server(int(port), host.strip("[]") or "127.0.0.1",
                                                   registry=self.registry)  # fmt: skip
         return int(self._server.server_port)
 

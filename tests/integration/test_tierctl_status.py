@@ -37,3 +37,18 @@ def test_status_table_json_and_top(daemon_address: str, capsys: pytest.CaptureFi
 def test_status_of_an_absent_daemon_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["status", "--address", f"unix:{tmp_path}/none.sock"]) == 2
     assert "cannot read stats" in capsys.readouterr().err
+
+
+def test_status_escapes_a_tenant_name_a_client_chose(daemon_address: str, capsys) -> None:
+    # In open mode a client names its own tenant, and status shows it to the operator.
+    hostile = "x\x1b]0;owned\x07\x1b[2J"
+    layout = KVLayout(1, 1, 64, "float16", 16)
+    with TierdClient(daemon_address, tenant=hostile) as c:
+        ns = c.open_namespace("escape-model", layout)
+        c.put(ns, c.block_keys(ns, np.arange(16)), np.zeros((1, *layout.block_shape), np.float16))
+    capsys.readouterr()
+    assert main(["status", "--address", daemon_address]) == 0
+    assert main(["top", "--address", daemon_address, "--count", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out.count("x\\x1b]0;owned\\x07\\x1b[2J") == 2

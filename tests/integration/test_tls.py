@@ -117,3 +117,29 @@ def test_tls_and_mutual_tls_name_the_tenant(pki: Path, tmp_path: Path) -> None:
     finally:
         err = stop(proc, tmp_path)
     assert proc.returncode == 0, err[-2000:]
+
+
+def test_tcp_admitting_anyone_is_refused_unless_allowed_and_then_logged(
+    pki: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    tls = (f'[server]\nlisten = ["127.0.0.1:{port}"]\ntls_cert = "{pki}/server.pem"\n'
+           f'tls_key = "{pki}/server.key"\n')  # fmt: skip
+    refused = start(tmp_path, tls)
+    try:
+        assert refused.wait(60) == 2
+    finally:
+        err = stop(refused, tmp_path)
+    assert "would admit any peer" in err and "server.allow_anonymous" in err, err
+
+    proc = start(tmp_path, tls + "allow_anonymous = true\n")
+    try:
+        # Any peer that trusts the server certificate is served, without a word of who it is.
+        anyone = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
+        with TierdClient(f"127.0.0.1:{port}", credentials=anyone, timeout=30) as c:
+            assert c.stats()["tiers"]["host"]["capacity_bytes"] == 16 << 20
+    finally:
+        err = stop(proc, tmp_path)
+    assert proc.returncode == 0, err[-2000:]
+    warning = next(ln for ln in err.splitlines() if "allow_anonymous" in ln)
+    assert "WARNING" in warning and f"127.0.0.1:{port}" in warning and "any peer" in warning

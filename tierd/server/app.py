@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tierd.config import Config, format_size
+from tierd.config_checks import anonymous_listeners
 from tierd.core.service import CacheService
 from tierd.errors import ConfigError
 from tierd.metrics import Metrics
@@ -65,7 +66,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.service = CacheService(config)
-        self.metrics = Metrics(self.service)
+        self.metrics = Metrics(self.service, tenant_labels=config.metrics.tenant_labels)
         self.notifier = Notifier.from_env()
         opts = [
             ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -119,6 +120,9 @@ class Daemon:
             ", ".join(cfg.server.listen), format_size(cfg.host.capacity_bytes),
             format_size(cfg.nvme.capacity_bytes), cfg.nvme_path, self.service.nvme.backend_name,
         )  # fmt: skip
+        if anonymous := anonymous_listeners(cfg):  # validation let it through only on purpose
+            log.warning("server.allow_anonymous: %s admit any peer that completes TLS "
+                        "(no tenants, no client CA)", ", ".join(anonymous))  # fmt: skip
 
     def _status(self) -> str:
         s = self.service.stats()
@@ -195,11 +199,18 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         wake.clear()
         if reload_requested.is_set() and not stop_requested.is_set():
             reload_requested.clear()
+            new: Config | None = None
             try:
                 new = reload_config() if reload_config else daemon.config
                 daemon.reload(new)
             except ConfigError as e:  # a bad edit must not take a running daemon down
                 log.error("reload refused, keeping the running configuration: %s", e)
+                daemon.notifier.ready(daemon._status())
+            except Exception:
+                if new is not None:
+                    raise  # failed while applying: the running state is no longer known
+                # Reading is not applying: a bug there must not take the daemon down either.
+                log.exception("reload failed, keeping the running configuration")
                 daemon.notifier.ready(daemon._status())
     daemon.stop()
     return 0

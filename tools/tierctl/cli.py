@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args))
     except UsageError as e:
-        print(f"tierctl {args.command}: {e}", file=sys.stderr)
+        from tierctl.tables import printable  # messages quote daemons and files: no escapes
+
+        print(f"tierctl {args.command}: {printable(e)}", file=sys.stderr)
         return ExitCode.USAGE
     except KeyboardInterrupt:
         print("tierctl: interrupted", file=sys.stderr)

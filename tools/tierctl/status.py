@@ -19,7 +19,7 @@ from typing import Any
 
 from tierctl.cli import Command
 from tierctl.errors import ExitCode, UsageError
-from tierctl.tables import count, render
+from tierctl.tables import count, printable, render
 
 
 def default_address() -> str:
@@ -117,7 +117,7 @@ def _top(args: argparse.Namespace) -> int:
         stats, now = fetch(address, token), time.monotonic()
         if sys.stdout.isatty():
             print("\x1b[H\x1b[2J", end="")  # home and clear: redraw in place
-        print(f"tierd at {address}  {time.strftime('%H:%M:%S')}")
+        print(f"tierd at {printable(address)}  {time.strftime('%H:%M:%S')}")
         print(render_status(stats, previous, now - t_prev if previous else 0.0), flush=True)
         previous, t_prev, n = stats, now, n + 1
         if args.count == 0 or n < args.count:

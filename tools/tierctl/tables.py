@@ -1,15 +1,29 @@
-"""Plain-text tables for terminal output (no dependency; columns sized to their content)."""
+"""Plain-text tables for terminal output (no dependency; columns sized to their content).
+
+Every cell is passed through `printable`: names come from the daemon and, through it, from
+any client (a tenant in open mode names itself), so a name must not be able to move the
+cursor, retitle the window or clear the operator's screen.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 
+def printable(text: object) -> str:
+    """`str(text)` with control and other non-printable characters escaped as Python does
+    (\\x1b, \\n, \\u202e), and backslashes doubled so an escape cannot be forged."""
+    return "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        for c in str(text)
+    )
+
+
 def render(
     headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int] | None = None
 ) -> str:
     """Rows as aligned columns; columns whose index is in `right` align right (numbers)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[printable(h) for h in headers]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     right = right if right is not None else set()
 
