@@ -189,8 +189,9 @@ def test_check_config_accepts_the_shipped_sample(capsys) -> None:
 _KEYS = ["capacity", "high_watermark", "low_watermark", "workers", "listen", "path", "weight",
          "io_threads", "chunk_bytes", "max_message_bytes", "drain_seconds", "default_ttl_ms",
          "max_ttl_ms", "name", "token_sha256", "cert_cn", "host_quota", "remote",
-         "tenant_labels", "allow_anonymous", "backend", "tls_cert", "sequence_idle_ms"]  # fmt: skip
-_SECTIONS = ["server", "host", "nvme", "leases", "metrics", "csd", "tenants", "other"]
+         "tenant_labels", "allow_anonymous", "backend", "tls_cert", "sequence_idle_ms",
+         "max_layers", "max_block_bytes", "stream_reserve_workers"]  # fmt: skip
+_SECTIONS = ["server", "host", "nvme", "leases", "metrics", "csd", "limits", "tenants", "other"]
 
 _scalars = st.one_of(
     st.integers(), st.integers(min_value=-(10**30), max_value=10**30),
