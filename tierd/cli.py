@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"],
                        help="json: one object per line, for log collectors")
-    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    serve.add_argument("--metrics", metavar="[HOST:]PORT",
+                       help="serve Prometheus /metrics here (a bare port: 127.0.0.1 only)")
     serve.add_argument("--csd-workers", type=int, metavar="N",
                        help="spawn N local computational-storage workers")
     check = sub.add_parser("check-config", help="validate a config file, print the result")
