@@ -122,7 +122,7 @@ class TierdClient:
             else grpc.insecure_channel(target, options)
         )
         self._stub = pb_grpc.TierdStub(self._channel)
-        self._segments = SegmentMaps()
+        self._segments = SegmentMaps(tenant, token)
         self._ready = False  # until a call succeeds, calls wait for the channel
         self._rng = random.Random()
         # A tenant's bearer token travels with every call (daemons with tenants configured).
@@ -141,7 +141,7 @@ class TierdClient:
 
     def _segment_map(self, resp: Any, ns: Namespace) -> Any:
         # Every Prepare response should name the segment; fall back to the one from open.
-        segment = resp.segment if resp.segment.path else ns.segment
+        segment = resp.segment if resp.segment.handoff else ns.segment
         if segment is None:
             raise Internal("daemon leased a slot but named no segment", field="segment")
         return self._segments.map(segment)
@@ -184,7 +184,8 @@ class TierdClient:
                 field="block_bytes",
             )
         seg = resp.segment
-        segment = SegmentInfo(seg.path, seg.size, seg.host_id) if seg.path else None
+        segment = (SegmentInfo(seg.handoff, seg.size, seg.host_id, seg.staging_size, seg.instance)
+                   if seg.handoff else None)  # fmt: skip
         return Namespace(
             id=resp.namespace_id,
             tenant=self.tenant,
@@ -258,7 +259,7 @@ class TierdClient:
                         f"slot {i}: state {slot.state} lease {resp.lease_id}", field="slots"
                     )
                 if mm is None:
-                    mm = self._segment_map(resp, ns)
+                    mm = self._segment_map(resp, ns).staging
                 np.copyto(slot_view(mm, slot.offset, ns.layout), rows.row(i))
                 outcomes.append("stored")
         except BaseException:
@@ -310,7 +311,7 @@ class TierdClient:
             for i, slot in enumerate(resp.slots):
                 if slot.found:
                     if mm is None:
-                        mm = self._segment_map(resp, ns)
+                        mm = self._segment_map(resp, ns).store
                     np.copyto(view[i], slot_view(mm, slot.offset, ns.layout))
         except BaseException:
             if resp.lease_id:

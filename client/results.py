@@ -26,11 +26,13 @@ def tier_name(value: int) -> str:
 
 @dataclass(frozen=True)
 class SegmentInfo:
-    """The tenant's shared-memory segment as the daemon announced it."""
+    """The tenant's shared memory as the daemon announced it (see `tierd_client.shm`)."""
 
-    path: str
-    size: int
+    handoff: str  # unix socket that hands over the descriptors
+    size: int  # block segment (read-only)
     host_id: str
+    staging_size: int  # staging area (puts)
+    instance: bytes  # changes when the daemon restarts
 
 
 @dataclass(frozen=True)

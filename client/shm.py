@@ -1,13 +1,16 @@
-"""Mappings of the daemon's shared-memory segments and views of the slots in them.
+"""The tenant's shared memory in this process: received as descriptors, mapped once.
 
-Primitives: `SegmentMaps()` (`.map(segment) -> mmap`, `.unusable(segment) -> reason|None`,
-`.close()`), `slot_view(mm, offset, layout) -> np.ndarray`.
+Primitives: `SegmentMaps(tenant, token)` (`.map(segment) -> Mapping`,
+`.unusable(segment) -> reason | None`, `.close()`), `receive_fds(...)`,
+`slot_view(mm, offset, layout) -> np.ndarray`.
 
-Each segment file is mapped once (opened O_RDWR, MAP_SHARED) and reused by every put and
-get. Every Prepare response names the segment again, so a mapping is replaced when the
-segment grew or when the path now names a different file: a daemon that restarted
-recreates its segment under the same path, and writing into the old, unlinked file would
-silently lose every block. One `stat` per prepare is cheap next to the RPC it follows.
+The daemon never gives out a path. A client connects to the handoff socket the daemon
+names (`segment.handoff`), proves its tenant (the bearer token, or in open mode just the
+tenant's name, guarded by the socket's permissions), and receives two descriptors: the
+tenant's block segment, read-only (gets copy out of it), and its staging area,
+read-write (puts copy into it; the daemon copies committed slots out). A restarted daemon
+announces a new `instance`; mappings of the old one are replaced, since writing into
+staging the new daemon does not know would silently lose every block.
 
 Replaced mappings are not closed here: another thread may be copying through a view of
 one, and the mmap unmaps itself once the last view is gone.
@@ -15,83 +18,141 @@ one, and the mmap unmaps itself once the last view is gone.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import errors
 from .errors import Internal
 from .hostinfo import host_id
 from .layout import KVLayout
 
+HANDOFF_TIMEOUT = 5.0
+_MAX_REPLY = 4096
+
 
 @dataclass(frozen=True)
-class _Mapping:
-    mm: mmap.mmap
+class Mapping:
+    store: mmap.mmap  # the block segment, read-only: get slots
+    staging: mmap.mmap  # put slots
+    instance: bytes
+
+
+@dataclass(frozen=True)
+class HandedFds:
+    segment_fd: int
     size: int
-    dev: int
-    ino: int
+    staging_fd: int
+    staging_size: int
+    instance: bytes
+
+
+def receive_fds(handoff: str, tenant: str, token: str | None,
+                timeout: float = HANDOFF_TIMEOUT) -> HandedFds:  # fmt: skip
+    """Ask the daemon at `handoff` for `tenant`'s shared memory; the caller owns the fds."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(handoff)
+        sock.sendall(json.dumps({"tenant": tenant, "token": token}).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 2)
+        try:
+            while b"\n" not in data and len(data) < _MAX_REPLY:
+                more = sock.recv(_MAX_REPLY - len(data))
+                if not more:
+                    break
+                data += more
+            reply = json.loads(data.split(b"\n", 1)[0])
+            if not reply.get("ok"):
+                cls = getattr(errors, str(reply.get("code")), None)
+                if not (isinstance(cls, type) and issubclass(cls, errors.TierdError)):
+                    cls = errors.Unavailable
+                raise cls(f"shared memory refused: {reply.get('error')}", field="segment")
+            if len(fds) != 2:
+                raise Internal(f"daemon handed over {len(fds)} descriptors, not 2",
+                               field="segment")  # fmt: skip
+            return HandedFds(fds[0], int(reply["size"]), fds[1], int(reply["staging_size"]),
+                             bytes.fromhex(reply["instance"]))  # fmt: skip
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
 
 
 class SegmentMaps:
-    def __init__(self) -> None:
+    def __init__(self, tenant: str = "", token: str | None = None) -> None:
+        self._tenant = tenant
+        self._token = token
         self._lock = threading.Lock()
-        self._maps: dict[str, _Mapping] = {}
+        self._maps: dict[str, Mapping] = {}
 
-    def map(self, segment: Any) -> mmap.mmap:
-        """The mapping of `segment` (a ShmSegment or SegmentInfo: path, size)."""
-        path, size = segment.path, int(segment.size)
-        if not path or size <= 0:
-            raise Internal(f"daemon sent an unusable segment ({path!r}, {size})", field="segment")
-        st = os.stat(path)
+    def map(self, segment: Any) -> Mapping:
+        """The mappings of `segment` (a ShmSegment or SegmentInfo)."""
+        handoff, instance = segment.handoff, bytes(segment.instance)
+        if not handoff or int(segment.size) <= 0 or int(segment.staging_size) <= 0:
+            raise Internal("daemon sent an unusable segment", field="segment")
         with self._lock:
-            cur = self._maps.get(path)
-            if cur and cur.size >= size and (cur.dev, cur.ino) == (st.st_dev, st.st_ino):
-                return cur.mm
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            cur = self._maps.get(handoff)
+            if cur is not None and cur.instance == instance:
+                return cur
+            fds = receive_fds(handoff, self._tenant, self._token)
             try:
-                st = os.fstat(fd)
-                if st.st_size < size:
-                    # Mapping past the end of the file would SIGBUS on first touch.
+                if fds.instance != instance:
+                    raise Internal("the daemon restarted during the handoff; retry",
+                                   field="segment.instance")  # fmt: skip
+                if (fds.size, fds.staging_size) != (int(segment.size), int(segment.staging_size)):
                     raise Internal(
-                        f"segment {path} has {st.st_size} bytes, daemon says {size}",
-                        field="segment.size",
+                        f"daemon announced {segment.size}/{segment.staging_size} bytes and "
+                        f"handed over {fds.size}/{fds.staging_size}", field="segment.size",
                     )
-                mm = mmap.mmap(
-                    fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-                )
+                store = _map(fds.segment_fd, fds.size, mmap.PROT_READ)
+                staging = _map(fds.staging_fd, fds.staging_size,
+                               mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
             finally:
-                os.close(fd)
-            self._maps[path] = _Mapping(mm, size, st.st_dev, st.st_ino)
-            return mm
+                os.close(fds.segment_fd)
+                os.close(fds.staging_fd)
+            self._maps[handoff] = cur = Mapping(store, staging, instance)
+            return cur
 
     def unusable(self, segment: Any) -> str | None:
         """Why this process cannot use `segment` (None: it can, and it is now mapped)."""
-        if segment is None or not segment.path:
-            return "the daemon offers no shared-memory segment"
+        if segment is None or not segment.handoff:
+            return "the daemon offers no shared memory"
         if segment.host_id != host_id():
             return f"the daemon runs on another host ({segment.host_id!r})"
         try:
             self.map(segment)
-        except (OSError, ValueError, Internal) as e:
-            return f"cannot map {segment.path}: {e}"
+        except (OSError, ValueError, errors.TierdError) as e:
+            return f"cannot map the shared memory of {segment.handoff}: {e}"
         return None
 
     def close(self) -> None:
         with self._lock:
             maps, self._maps = self._maps, {}
         for m in maps.values():
-            try:
-                m.mm.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; it unmaps when that view dies
+            for mm in (m.store, m.staging):
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # a view is still alive somewhere; it unmaps when that view dies
+
+
+def _map(fd: int, size: int, prot: int) -> mmap.mmap:
+    st = os.fstat(fd)
+    if st.st_size < size:  # mapping past the end would SIGBUS on first touch
+        raise Internal(f"shared memory has {st.st_size} bytes, daemon says {size}",
+                       field="segment.size")  # fmt: skip
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
 
 
 def slot_view(mm: mmap.mmap, offset: int, layout: KVLayout) -> np.ndarray:
-    """The block at `offset` as a writeable [*block_shape] array over the mapping."""
+    """The block at `offset` as a [*block_shape] array over the mapping (read-only when
+    the mapping is)."""
     if offset + layout.block_bytes > len(mm):
         raise Internal(
             f"slot at {offset} (+{layout.block_bytes}) lies outside the {len(mm)}-byte segment",

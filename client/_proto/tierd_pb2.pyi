@@ -82,14 +82,18 @@ class Namespace(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
-    __slots__ = ("path", "size", "host_id")
-    PATH_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("size", "host_id", "handoff", "staging_size", "instance")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
-    path: str
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    STAGING_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     size: int
     host_id: str
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    handoff: str
+    staging_size: int
+    instance: bytes
+    def __init__(self, size: _Optional[int] = ..., host_id: _Optional[str] = ..., handoff: _Optional[str] = ..., staging_size: _Optional[int] = ..., instance: _Optional[bytes] = ...) -> None: ...
 
 class BlockShape(_message.Message):
     __slots__ = ("dims", "dtype")

@@ -60,7 +60,7 @@ def put_sequence(svc: CacheService, lay: KVLayout, n_blocks: int, seed: int):
     for i, slot in enumerate(prepared.slots):
         block = kv[:, :, :, i * T : (i + 1) * T].contiguous()
         raw = block.view(torch.uint8).numpy().reshape(-1)
-        svc.host.view("tenant", slot.offset, lay.block_bytes)[:] = raw.tobytes()
+        svc.host.staging_view("tenant", slot.offset, lay.block_bytes)[:] = raw.tobytes()
     svc.commit_put(prepared.lease_id)
     return ns, keys, tokens, kv
 

@@ -1,84 +1,177 @@
-"""Segment mapping: reuse, growth, a recreated file, host checks, slot bounds."""
+"""Shared memory handed over as descriptors: what a client maps, what it can and cannot do
+to it, and how a restarted daemon's memory replaces the old one's."""
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tierd.errors import NotFound, Unauthenticated
+from tierd.server.handoff import HandoffServer
+from tierd.tiers.host import HostArena
 from tierd_client import KVLayout, SegmentInfo
 from tierd_client.errors import Internal
 from tierd_client.hostinfo import host_id
-from tierd_client.shm import SegmentMaps, slot_view
+from tierd_client.shm import SegmentMaps, receive_fds, slot_view
 
 LAY = KVLayout(1, 1, 8, "float32", 4)  # 256-byte blocks
+CAPACITY = 1 << 20
 
 
-def _segment(path: Path, size: int, fill: int = 0) -> SegmentInfo:
-    path.write_bytes(bytes([fill]) * size)
-    return SegmentInfo(str(path), size, host_id())
+class Daemonish:
+    """A host arena and a real handoff server on a unix socket (the daemon's two parts
+    that clients touch), with open-mode authorization for tenants named in `known`."""
+
+    def __init__(self, base: Path, known: set[str]) -> None:
+        self.arena = HostArena(CAPACITY, f"test{os.getpid()}{base.name[-6:]}")
+        self.known = known
+
+        def authorize(tenant: str, token: str | None) -> str:
+            if tenant not in self.known:
+                raise NotFound("no namespace of this tenant", field="tenant")
+            if token == "bad":
+                raise Unauthenticated("bad token")
+            return tenant
+
+        self.server = HandoffServer(base / "tierd.sock.shm", self.arena, authorize)
+        self.server.start()
+
+    def segment(self, tenant: str) -> SegmentInfo:
+        seg, st = self.arena.segment(tenant), self.arena.staging(tenant)
+        return SegmentInfo(str(self.server.path), seg.size, host_id(), st.size,
+                           self.server.instance)  # fmt: skip
+
+    def close(self) -> None:
+        self.server.stop()
+        self.arena.destroy()
 
 
-def test_maps_once_and_shares_memory(tmp_path: Path) -> None:
-    seg = _segment(tmp_path / "seg", 4096)
-    maps = SegmentMaps()
-    assert maps.unusable(seg) is None
-    mm = maps.map(seg)
-    assert maps.map(seg) is mm
-    view = slot_view(mm, 512, LAY)
-    view[...] = np.arange(LAY.block_elems, dtype=np.float32).reshape(LAY.block_shape)
-    del view
-    on_disk = np.frombuffer((tmp_path / "seg").read_bytes()[512 : 512 + 256], np.float32)
-    assert (on_disk == np.arange(LAY.block_elems)).all()
+@pytest.fixture
+def daemon() -> Iterator[Daemonish]:
+    base = Path(tempfile.mkdtemp(prefix="tierd-shm-"))  # short: unix socket paths
+    d = Daemonish(base, {"a", "b"})
+    yield d
+    d.close()
+    os.rmdir(base)
+
+
+def test_store_is_read_only_and_staging_is_shared(daemon: Daemonish) -> None:
+    maps = SegmentMaps("a")
+    seg = daemon.segment("a")
+    m = maps.map(seg)
+    assert maps.map(seg) is m  # mapped once
+    # A block the daemon holds is visible through the read-only mapping...
+    off = daemon.arena.allocate("a", LAY.block_bytes)
+    want = np.arange(LAY.block_elems, dtype=np.float32).reshape(LAY.block_shape)
+    daemon.arena.view("a", off, LAY.block_bytes)[:] = want.tobytes()
+    assert (slot_view(m.store, off, LAY) == want).all()
+    # ...and nothing can be written through it.
+    with pytest.raises(ValueError):
+        slot_view(m.store, off, LAY)[...] = 0
+    with pytest.raises(TypeError):
+        m.store[off] = 1
+    # Staging is the daemon's staging memory.
+    s_off = daemon.arena.allocate_staging("a", LAY.block_bytes)
+    slot_view(m.staging, s_off, LAY)[...] = want
+    assert bytes(daemon.arena.staging_view("a", s_off, LAY.block_bytes)) == want.tobytes()
     maps.close()
 
 
-def test_remaps_when_the_segment_grows(tmp_path: Path) -> None:
-    seg = _segment(tmp_path / "seg", 4096)
-    maps = SegmentMaps()
-    first = maps.map(seg)
-    with open(seg.path, "r+b") as f:
-        f.truncate(8192)
-    grown = maps.map(SegmentInfo(seg.path, 8192, seg.host_id))
-    assert grown is not first and len(grown) == 8192
-    assert maps.map(seg) is grown  # a smaller announced size keeps the bigger map
+def test_handed_descriptors_cannot_truncate_or_write_the_store(daemon: Daemonish) -> None:
+    seg = daemon.segment("a")
+    fds = receive_fds(seg.handoff, "a", None)
+    try:
+        with pytest.raises(OSError) as e:
+            os.ftruncate(fds.segment_fd, 4096)  # opened read-only
+        assert e.value.errno in (errno.EINVAL, errno.EBADF)
+        with pytest.raises(OSError):
+            os.pwrite(fds.segment_fd, b"x", 0)
+        with pytest.raises(PermissionError):  # no writable shared mapping of it either
+            mmap.mmap(fds.segment_fd, 4096, flags=mmap.MAP_SHARED,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        for size in (0, 4096, fds.staging_size * 2):  # sealed against shrinking and growing
+            with pytest.raises(PermissionError):
+                os.ftruncate(fds.staging_fd, size)
+    finally:
+        os.close(fds.segment_fd)
+        os.close(fds.staging_fd)
+    # The daemon's own mappings are intact: it reads its whole staging area without SIGBUS.
+    st = daemon.arena.staging("a")
+    assert os.fstat(st.fd).st_size == st.size
+    assert bytes(daemon.arena.staging_view("a", st.size - 4096, 4096)) == bytes(4096)
 
 
-def test_remaps_a_recreated_file(tmp_path: Path) -> None:
-    seg = _segment(tmp_path / "seg", 4096, fill=1)
-    maps = SegmentMaps()
-    old = maps.map(seg)
-    os.unlink(seg.path)  # what a restarted daemon does
-    _segment(tmp_path / "seg", 4096, fill=2)
-    new = maps.map(seg)
-    assert new is not old and new[0] == 2
+def test_another_tenants_memory_is_refused(daemon: Daemonish) -> None:
+    with pytest.raises(NotFound):
+        receive_fds(str(daemon.server.path), "stranger", None)
+    with pytest.raises(Unauthenticated):
+        receive_fds(str(daemon.server.path), "a", "bad")
+    # What tenant "b" receives is b's memory, not a's.
+    a = SegmentMaps("a").map(daemon.segment("a"))
+    b = SegmentMaps("b").map(daemon.segment("b"))
+    off = daemon.arena.allocate_staging("a", 4096)
+    a.staging[off : off + 4] = b"AAAA"
+    assert bytes(b.staging[off : off + 4]) != b"AAAA"
 
 
-def test_unusable_reasons(tmp_path: Path) -> None:
-    maps = SegmentMaps()
-    assert "no shared-memory segment" in (maps.unusable(None) or "")
-    seg = _segment(tmp_path / "seg", 4096)
-    assert "another host" in (maps.unusable(SegmentInfo(seg.path, 4096, "elsewhere:x")) or "")
-    assert "cannot map" in (
-        maps.unusable(SegmentInfo(str(tmp_path / "none"), 4096, host_id())) or ""
-    )
-    too_big = SegmentInfo(seg.path, 1 << 20, host_id())
+def test_garbage_requests_get_an_answer_not_a_crash(daemon: Daemonish) -> None:
+    import socket
+
+    for payload in (b"\xff\xfe not json\n", b"[1, 2]\n", b'{"tenant": 7}\n', b"x" * 5000):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(daemon.server.path))
+            s.sendall(payload)
+            reply = s.recv(4096)
+            assert b'"ok": false' in reply
+    assert SegmentMaps("a").unusable(daemon.segment("a")) is None  # still serving
+
+
+def test_a_new_instance_is_mapped_again(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="tierd-shm-"))
+    first = Daemonish(base, {"a"})
+    maps = SegmentMaps("a")
+    try:
+        old = maps.map(first.segment("a"))
+    finally:
+        first.close()
+    second = Daemonish(base, {"a"})  # what a restarted daemon announces
+    try:
+        new = maps.map(second.segment("a"))
+        assert new is not old and new.instance == second.server.instance
+        # A segment announced with an instance the socket's daemon does not have: refused.
+        stale = SegmentInfo(str(second.server.path), new.store.size(), host_id(),
+                            len(new.staging), old.instance)  # fmt: skip
+        maps2 = SegmentMaps("a")
+        with pytest.raises(Internal):
+            maps2.map(stale)
+    finally:
+        second.close()
+        os.rmdir(base)
+
+
+def test_unusable_reasons(daemon: Daemonish) -> None:
+    maps = SegmentMaps("a")
+    assert "no shared memory" in (maps.unusable(None) or "")
+    seg = daemon.segment("a")
+    elsewhere = SegmentInfo(seg.handoff, seg.size, "elsewhere:x", seg.staging_size, seg.instance)
+    assert "another host" in (maps.unusable(elsewhere) or "")
+    gone = SegmentInfo(seg.handoff + ".none", seg.size, host_id(), seg.staging_size,
+                       seg.instance)  # fmt: skip
+    assert "cannot map" in (maps.unusable(gone) or "")
+    too_big = SegmentInfo(seg.handoff, seg.size * 4, host_id(), seg.staging_size, seg.instance)
     assert "cannot map" in (maps.unusable(too_big) or "")
+    assert "cannot map" in (SegmentMaps("stranger").unusable(seg) or "")
 
 
-def test_unwritable_file_is_unusable(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can open any file read-write")
-    seg = _segment(tmp_path / "seg", 4096)
-    os.chmod(seg.path, 0o400)
-    assert "cannot map" in (SegmentMaps().unusable(seg) or "")
-
-
-def test_slot_outside_segment(tmp_path: Path) -> None:
-    mm = SegmentMaps().map(_segment(tmp_path / "seg", 4096))
-    slot_view(mm, 4096 - 256, LAY)
-    with pytest.raises(Internal) as e:
-        slot_view(mm, 4096 - 255, LAY)
-    assert e.value.field == "offset"
+def test_slot_outside_segment(daemon: Daemonish) -> None:
+    m = SegmentMaps("a").map(daemon.segment("a"))
+    with pytest.raises(Internal):
+        slot_view(m.store, len(m.store) - 100, LAY)

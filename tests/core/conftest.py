@@ -67,7 +67,7 @@ def put_blocks(svc: CacheService, ns_id: bytes, keys: list[bytes]) -> int:
     ns = svc.namespace(ns_id)
     for key, slot in zip(keys, prepared.slots):
         if slot.state == "leased":
-            svc.host.view(ns.tenant, slot.offset, BB)[:] = block_bytes_for(key)
+            svc.host.staging_view(ns.tenant, slot.offset, BB)[:] = block_bytes_for(key)
     return svc.commit_put(prepared.lease_id) if prepared.lease_id else 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -68,7 +70,7 @@ def test_second_put_reports_already_present_and_race_keeps_one_copy(harness: Har
     nsinfo = svc.namespace(ns)
     for p in (p1, p2):
         for k, s in zip(keys, p.slots):
-            svc.host.view(nsinfo.tenant, s.offset, BB)[:] = block_bytes_for(k)
+            svc.host.staging_view(nsinfo.tenant, s.offset, BB)[:] = block_bytes_for(k)
     assert svc.commit_put(p1.lease_id) == 2
     assert svc.commit_put(p2.lease_id) == 0  # lost the race: its slots are freed
     assert svc.host.used_bytes == 2 * BB
@@ -171,8 +173,11 @@ def test_expired_leases_return_their_memory(harness: Harness) -> None:
     used = svc.host.used_bytes
     svc.prepare_put(ns, keys_for(ns, 4, seed=2), LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
     held = svc.prepare_get(ns, keys_for(ns, 2, seed=1), ttl_ms=1)
-    assert svc.host.used_bytes == used + 4 * BB
+    # A put lease holds staging, not host-tier space, until it commits.
+    assert svc.host.staging_used_bytes("t1") == 4 * BB
+    assert svc.host.used_bytes == used
     svc.reap(now=float("inf"))
+    assert svc.host.staging_used_bytes("t1") == 0
     assert svc.host.used_bytes == used
     assert all(e.readers == 0 for e in svc.index.entries())
     with pytest.raises(FailedPrecondition):
@@ -199,10 +204,17 @@ def test_full_host_with_nothing_movable_is_resource_exhausted(harness: Harness) 
     ns = open_ns(svc)
     keys = keys_for(ns, 4)
     put_blocks(svc, ns, keys)
+    # Leases may hold more than the host tier here (the default bound is the tier).
+    svc.reconfigure(replace(svc.config, limits=replace(svc.config.limits,
+                                                       max_lease_bytes_per_tenant=8 * BB)))
     held = svc.prepare_get(ns, keys)  # readers make all four unmovable
+    prepared = svc.prepare_put(ns, keys_for(ns, 1, seed=9), LAYOUT.block_shape, LAYOUT.dtype)
     with pytest.raises(ResourceExhausted):
-        svc.prepare_put(ns, keys_for(ns, 1, seed=9), LAYOUT.block_shape, LAYOUT.dtype)
-    assert svc.host.used_bytes == 4 * BB  # the failed put left nothing behind
+        svc.commit_put(prepared.lease_id)
+    # The failed put left nothing behind: no block, no lease, no staging.
+    assert svc.host.used_bytes == 4 * BB
+    assert svc.host.staging_used_bytes("t1") == 0 and len(svc.leases) == 1
+    assert not svc.release(prepared.lease_id)
     svc.release(held.lease_id)
     assert put_blocks(svc, ns, keys_for(ns, 1, seed=9)) == 1
 

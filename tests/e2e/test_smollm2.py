@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from tierd_client import KVLayout, TierdClient, TierdError
+from tierd.tiers.host import segments_of
+from tierd_client import TierdClient, TierdError
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +81,6 @@ class Daemon:
         self.base = Path(tempfile.mkdtemp(prefix="tierd-e2e-"))
         self.address = f"unix:{self.base}/tierd.sock"
         self.log = self.base / "tierd.stderr"
-        self.segments: set[str] = set()
         cmd = [sys.executable, "-m", "tierd", "serve", "--listen", self.address,
                "--data-dir", str(self.base / "data"),
                "--host-capacity", "512MiB", "--nvme-capacity", "2GiB", *extra]  # fmt: skip
@@ -111,12 +111,7 @@ class Daemon:
                     pytrace=False)  # fmt: skip
 
     def client(self) -> TierdClient:
-        c = TierdClient(self.address, timeout=120.0)
-        # The segment must be removed after the daemon stops (it keeps it on purpose).
-        seg = c.open_namespace("e2e/cleanup", KVLayout(1, 1, 8, "uint8", 1)).segment
-        if seg is not None:
-            self.segments.add(seg.path)
-        return c
+        return TierdClient(self.address, timeout=120.0)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -126,8 +121,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for path in self.segments:
-            Path(path).unlink(missing_ok=True)
+        # The daemon keeps its segments on purpose (a restart adopts them).
+        for path in segments_of(self.base / "data"):
+            path.unlink(missing_ok=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
 

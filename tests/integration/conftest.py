@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tierd.tiers.host import segments_of
-from tierd_client import KVLayout, TierdClient, TierdError
+from tierd_client import TierdClient, TierdError
 
 START_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 15.0
@@ -52,7 +52,6 @@ class DaemonProcess:
             "--nvme-capacity", "1GiB",
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
-        self.segments: set[str] = set()
 
     def start(self, *, wait: bool = True) -> None:
         # stderr to a file, not a pipe: a chatty daemon must never block on a full pipe.
@@ -86,22 +85,11 @@ class DaemonProcess:
             pytrace=False,
         )
 
-    def _learn_segments(self) -> None:
-        for tenant in TENANTS:
-            try:
-                with TierdClient(self.address, tenant=tenant, timeout=5.0, max_retries=0) as c:
-                    seg = c.open_namespace("fixture/cleanup", KVLayout(1, 1, 8, "uint8", 1)).segment
-                if seg is not None:
-                    self.segments.add(seg.path)
-            except TierdError:
-                pass  # a dying daemon: remove what we learned earlier
-
     def stop(self) -> None:
         proc = self.proc
         if proc is None:
             return
         if proc.poll() is None:
-            self._learn_segments()
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_DEADLINE_S)
@@ -119,9 +107,7 @@ class DaemonProcess:
         self.start()
 
     def remove_segments(self) -> None:
-        for path in self.segments:
-            Path(path).unlink(missing_ok=True)
-        for path in segments_of(self.base / "data"):  # tenants the tests opened on their own
+        for path in segments_of(self.base / "data"):
             path.unlink(missing_ok=True)
 
 

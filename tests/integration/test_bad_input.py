@@ -114,8 +114,8 @@ def test_over_capacity_is_resource_exhausted(stub: pb_grpc.TierdStub, ns_id: byt
     expect(grpc.StatusCode.INVALID_ARGUMENT, "keys", lambda: stub.PreparePut(
         pb.PreparePutRequest(namespace_id=ns_id, keys=[key(i) for i in range(70_000)],
                              shape=SHAPE)))  # fmt: skip
-    # Hold every block of a full host tier with get leases: nothing can move, so a put
-    # beyond capacity cannot be served.
+    # Lease a host tier's worth of blocks: a put beyond what a tenant's leases may hold
+    # is refused at prepare, naming the limit.
     big = pb.OpenNamespaceRequest(namespace=pb.Namespace(
         tenant="bad-input", model="big",
         layout=pb.KVLayout(num_layers=64, num_kv_heads=8, head_dim=128, dtype=pb.DTYPE_FLOAT16,
@@ -126,7 +126,8 @@ def test_over_capacity_is_resource_exhausted(stub: pb_grpc.TierdStub, ns_id: byt
     n = host.capacity_bytes // big_bb
     keys = [key(1000 + i) for i in range(n)]
     prep = stub.PreparePut(pb.PreparePutRequest(namespace_id=big_id, keys=keys, shape=big_shape))
-    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "keys", lambda: stub.PreparePut(
-        pb.PreparePutRequest(namespace_id=big_id, keys=[key(5000)], shape=big_shape)))
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "limits.max_lease_bytes_per_tenant",
+           lambda: stub.PreparePut(pb.PreparePutRequest(namespace_id=big_id, keys=[key(5000)],
+                                                        shape=big_shape)))  # fmt: skip
     stub.Release(pb.ReleaseRequest(lease_id=prep.lease_id))
     assert stub.Stats(pb.StatsRequest()).active_leases == stats.active_leases

@@ -328,8 +328,8 @@ def test_dead_client_leases_are_reclaimed() -> None:
             held_info = json.loads(child.expect("HOLDING", 30))
             with TierdClient(daemon.address, tenant="alpha", token=TOKENS["alpha"]) as c:
                 held = c.stats()
-            assert host_used(held) >= host_used(base) + held_info["put_slots"] * BB, (base, held)
-            assert held["active_leases"] >= 2, held
+            # The put lease holds staging, not host-tier space; both leases are open.
+            assert held_info["put_slots"] > 0 and held["active_leases"] >= 2, held
             child.kill()
             t_kill = time.monotonic()
         finally:
@@ -385,7 +385,7 @@ def dying_client(args: dict[str, Any]) -> None:
     new = c.block_keys(ns, DYING_UNCOMMITTED)
     prep = c._unary("PreparePut", pb.PreparePutRequest(
         namespace_id=ns.id, keys=new, shape=SHAPE, lease_ttl_ms=HOLD_TTL_MS))  # fmt: skip
-    mm = c._segment_map(prep, ns)
+    mm = c._segment_map(prep, ns).staging
     for slot in prep.slots[:2]:  # dies half way through copying
         slot_view(mm, slot.offset, LAYOUT)[...] = 7.0
     get = c._unary("PrepareGet", pb.PrepareGetRequest(
@@ -700,7 +700,7 @@ class SoakClient:
                     namespace_id=ns.id, keys=keys, shape=SHAPE, lease_ttl_ms=ABANDON_TTL_MS
                 ),
             )
-            mm = self.cs._segment_map(prep, ns)
+            mm = self.cs._segment_map(prep, ns).staging
             for slot in prep.slots[:1]:
                 slot_view(mm, slot.offset, LAYOUT)[...] = -1.0
             self.check_ghost(tokens, keys)
@@ -852,7 +852,7 @@ def victim(args: dict[str, Any]) -> None:
                 namespace_id=ns.id, keys=gkeys, shape=SHAPE, lease_ttl_ms=ABANDON_TTL_MS
             ),
         )
-        mm = c._segment_map(prep, ns)
+        mm = c._segment_map(prep, ns).staging
         slot_view(mm, prep.slots[0].offset, LAYOUT)[...] = 3.0
         c._unary(
             "PrepareGet",

@@ -130,3 +130,68 @@ def test_quota_moves_only_the_tenant_over_it(address: str) -> None:
         got = g.get(ns_g, keys_g[:4])  # quota still allows staging this batch back
         assert got.found == [True] * 4
         assert np.array_equal(got.blocks, blocks(4, 100))
+
+
+def _handoff(address: str) -> str:
+    with client(address, "alpha") as c:
+        seg = c.open_namespace("m/shm", LAYOUT).segment
+    assert seg is not None and seg.handoff
+    return seg.handoff
+
+
+def test_shared_memory_is_handed_only_to_its_tenant(address: str) -> None:
+    from tierd_client.shm import receive_fds
+
+    handoff = _handoff(address)
+    with pytest.raises(Unauthenticated):
+        receive_fds(handoff, "alpha", None)
+    with pytest.raises(Unauthenticated):
+        receive_fds(handoff, "alpha", "not-a-token")
+    with pytest.raises(PermissionDenied):
+        receive_fds(handoff, "beta", TOKENS["alpha"])
+    # Each tenant's descriptors are its own memory: beta never sees alpha's block.
+    data = blocks(1, seed=11)
+    with client(address, "alpha") as a, client(address, "beta") as b:
+        ns_a = a.open_namespace("m/shm", LAYOUT)
+        assert ns_a.transport == "shm"
+        key = a.block_keys(ns_a, np.arange(16) + 7000)
+        a.put(ns_a, key, data)
+        ns_b = b.open_namespace("m/shm", LAYOUT)
+        mine = a._segments.map(ns_a.segment).store
+        theirs = b._segments.map(ns_b.segment).store
+        needle = data[0].tobytes()
+        assert mine.find(needle) >= 0 and theirs.find(needle) == -1
+
+
+def test_a_client_cannot_damage_committed_blocks(address: str) -> None:
+    """Everything a client can do to the memory it was handed: truncating fails, writing
+    the block segment fails, and scribbling over all of staging after a commit changes
+    no stored block; the daemon keeps serving."""
+    import mmap
+
+    from tierd_client.shm import receive_fds
+
+    data = blocks(4, seed=12)
+    with client(address, "alpha") as a:
+        ns = a.open_namespace("m/shm", LAYOUT)
+        keys = a.block_keys(ns, np.arange(64) + 9000)
+        assert a.put(ns, keys, data) == ["stored"] * 4
+        fds = receive_fds(ns.segment.handoff, "alpha", TOKENS["alpha"])
+        try:
+            for fd in (fds.segment_fd, fds.staging_fd):
+                with pytest.raises(OSError):
+                    os.ftruncate(fd, 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(fds.segment_fd, fds.size, flags=mmap.MAP_SHARED,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+            staging = mmap.mmap(fds.staging_fd, fds.staging_size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+            for at in range(0, fds.staging_size, 1 << 20):
+                staging[at : at + 4096] = b"\xee" * 4096  # a sample of every MiB, cheaply
+            staging.close()
+        finally:
+            os.close(fds.segment_fd)
+            os.close(fds.staging_fd)
+        got = a.get(ns, keys)
+        assert all(got.found) and (got.blocks == data).all()
+        assert a.lookup(ns, np.arange(64) + 9000).cached_tokens == 64  # still answering

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tierd.errors import ResourceExhausted
 from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 
 _SCHEMA = """
@@ -99,13 +100,21 @@ class Catalog:
 
     def _write(self, sql: str, rows: Iterable[tuple]) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
             try:
-                self._db.executemany(sql, rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(sql, rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if "full" in str(e):  # SQLITE_FULL: the disk under the catalog is full
+                    raise ResourceExhausted(
+                        f"the catalog's disk is full ({e}); nothing was recorded"
+                    ) from e
                 raise
-            self._db.execute("COMMIT")
 
     def upsert_namespace(self, row: NamespaceRow) -> None:
         self._write(

@@ -1,4 +1,7 @@
-"""In-band puts: bytes that arrive in gRPC chunks, routed straight into leased host slots."""
+"""In-band puts: bytes that arrive in gRPC chunks, routed into the lease's staging slots.
+
+Every chunk is fenced by the lease (`CacheService.write_staging`): once the lease expired
+or was released, the stream fails instead of writing into slots handed to another put."""
 
 from __future__ import annotations
 
@@ -31,8 +34,7 @@ class InbandPut:
             n = min(len(view), bb - within)
             slot = self._prepared.slots[index]
             if slot.state == "leased":
-                dst = self._svc.host.view(self._ns.tenant, slot.offset + within, n)
-                dst[:] = view[:n]
+                self._svc.write_staging(self._prepared.lease_id, slot.offset + within, view[:n])
             view = view[n:]
             self._filled += n
 

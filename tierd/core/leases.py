@@ -2,7 +2,7 @@
 
 Primitives: `PutLease`, `GetLease`, `LeaseTable.add/pop/expired`.
 
-A put lease owns freshly allocated host extents that no index entry names yet; a get
+A put lease owns staging slots that no index entry names; a get
 lease holds a reader reference on each block it returned. A client that dies never
 releases, so every lease carries a deadline and the core reaps the expired ones.
 """
@@ -30,6 +30,7 @@ class PutLease:
     slots: list[PutSlotLease]
     deadline: float
     committing: bool = False
+    writers: int = 0  # in-band chunks being copied into its slots right now
 
 
 @dataclass
@@ -69,7 +70,8 @@ class LeaseTable:
         gone = [
             lease
             for lease in self._leases.values()
-            if lease.deadline <= now and not getattr(lease, "committing", False)
+            if lease.deadline <= now
+            and not (isinstance(lease, PutLease) and (lease.committing or lease.writers))
         ]
         for lease in gone:
             del self._leases[lease.id]

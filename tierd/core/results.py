@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SegmentInfo:
-    path: str
+    """A tenant's shared memory as clients see it: the block segment (read-only to them)
+    and the staging area (where puts are written), both handed over as descriptors."""
+
     size: int
     host_id: str
+    staging_size: int
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ class CacheService:
         self._lock_file = lock_data_dir(data_dir)
         tag = segment_tag(data_dir)
         self.catalog = Catalog(data_dir / "index.sqlite3")
-        self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
+        self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory,
+                              staging_bytes=config.limits.max_lease_bytes_per_tenant)  # fmt: skip
         try:
             backend = select_backend(config.nvme.backend, direct=config.nvme.direct_io)
         except ValueError as e:
@@ -178,7 +179,12 @@ class CacheService:
 
     def segment_info(self, ns: NamespaceInfo) -> SegmentInfo:
         seg = self.host.segment(ns.tenant)
-        return SegmentInfo(str(seg.path), seg.size, self._host_id)
+        return SegmentInfo(seg.size, self._host_id, self.host.staging(ns.tenant).size)
+
+    def knows_tenant(self, tenant: str) -> bool:
+        """Whether some namespace belongs to `tenant` (its shared memory may be handed out)."""
+        with self.cond:
+            return any(ns.tenant == tenant for ns in self.index.namespaces.values())
 
     def lookup(self, ns_id: bytes, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         ns = self.namespace(ns_id)
@@ -210,6 +216,7 @@ class CacheService:
         self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str,
         ttl_ms: int = 0,
     ) -> PreparedPut:
+        """Lease a staging slot per missing key; the client writes its blocks there."""
         self._check_open()
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call, unique=True)
@@ -223,14 +230,15 @@ class CacheService:
                 if self.index.get(ns.id, key) is not None:
                     slots.append(PutSlot("already_present", 0))
                     continue
-                offset = self.placer.allocate_host(ns.tenant, ns.block_bytes)
+                offset = self.host.allocate_staging(ns.tenant, ns.block_bytes)
                 if offset is None:
                     for slot in leased:
-                        self.host.free(ns.tenant, slot.offset, ns.block_bytes)
-                    self.cond.notify_all()
+                        self.host.free_staging(ns.tenant, slot.offset, ns.block_bytes)
                     raise ResourceExhausted(
-                        f"host tier full: no room for {len(keys)} blocks of {ns.block_bytes} "
-                        "bytes and nothing can be demoted", field="keys",
+                        f"{len(keys)} blocks of {ns.block_bytes} bytes do not fit in the "
+                        f"tenant's staging area ({self.host.staging_bytes} bytes, of which "
+                        f"{self.host.staging_used_bytes(ns.tenant)} are leased): commit or "
+                        "release open puts, or put fewer blocks per call", field="keys",
                     )
                 leased.append(PutSlotLease(key, offset))
                 slots.append(PutSlot("leased", offset))
@@ -241,25 +249,74 @@ class CacheService:
         return PreparedPut(lease_id, slots, self.segment_info(ns))
 
     def commit_put(self, lease_id: int) -> int:
+        """Copy the lease's staging slots into the host tier, checksum the copies, and make
+        them visible. The copy, not the client's staging bytes, is what is checksummed and
+        served: nothing a client does to its staging area afterwards reaches a block."""
         with self.cond:
-            lease = self.leases.get(lease_id)
-            if not isinstance(lease, PutLease) or lease.committing:
-                raise FailedPrecondition(
-                    "no put lease with this id (expired, released or committed)", field="lease_id"
-                )
-            lease.committing = True
-        ns = lease.ns
-        sums = [checksum(self.host.view(ns.tenant, s.offset, ns.block_bytes)) for s in lease.slots]
+            lease = self._live_put_lease(lease_id)
+            lease.committing = True  # the reaper leaves it alone from here on
+            ns, bb = lease.ns, lease.ns.block_bytes
+            todo = [s for s in lease.slots if self.index.get(ns.id, s.key) is None]
+            targets: list[int] = []
+            try:
+                for _ in todo:
+                    offset = self.placer.allocate_host(ns.tenant, bb)
+                    if offset is None:
+                        raise ResourceExhausted(
+                            f"host tier full: no room for {len(todo)} blocks of {bb} bytes "
+                            "and nothing can be demoted", field="lease_id",
+                        )
+                    targets.append(offset)
+            except BaseException:
+                for offset in targets:
+                    self.host.free(ns.tenant, offset, bb)
+                self.leases.pop(lease_id)
+                self.end_lease(lease)
+                raise
+        sums = []
+        for slot, offset in zip(todo, targets):
+            dst = self.host.view(ns.tenant, offset, bb)
+            dst[:] = self.host.staging_view(ns.tenant, slot.offset, bb)
+            sums.append(checksum(dst))
         with self.cond:
             self.leases.pop(lease_id)
+            self.end_lease(lease)
             fresh = []
-            for slot, digest in zip(lease.slots, sums):
+            for slot, offset, digest in zip(todo, targets, sums):
                 if self.index.get(ns.id, slot.key) is not None:  # another client won the race
-                    self.host.free(ns.tenant, slot.offset, ns.block_bytes)
+                    self.host.free(ns.tenant, offset, bb)
                 else:
-                    fresh.append((slot.key, slot.offset, digest))
-            self._add_host_blocks(ns, fresh)
+                    fresh.append((slot.key, offset, digest))
+            try:
+                self._add_host_blocks(ns, fresh)
+            except BaseException:
+                for _, offset, _ in fresh:
+                    self.host.free(ns.tenant, offset, bb)
+                raise
         return len(fresh)
+
+    def _live_put_lease(self, lease_id: int) -> PutLease:
+        """The open, uncommitted put lease `lease_id`; caller holds `cond`."""
+        lease = self.leases.get(lease_id)
+        if not isinstance(lease, PutLease) or lease.committing:
+            raise FailedPrecondition(
+                "no put lease with this id (expired, released or committed)", field="lease_id"
+            )
+        return lease
+
+    def write_staging(self, lease_id: int, offset: int, data: memoryview) -> None:
+        """Write in-band bytes into a slot of an open put lease (fenced: a lease that
+        expired, was released or is committing takes no more bytes, and one being written
+        is never reaped, so no byte lands in a slot that now belongs to another lease)."""
+        with self.cond:
+            lease = self._live_put_lease(lease_id)
+            lease.writers += 1
+        try:
+            self.host.staging_view(lease.ns.tenant, offset, len(data))[:] = data
+        finally:
+            with self.cond:
+                lease.writers -= 1
+                self.cond.notify_all()
 
     def _add_host_blocks(
         self, ns: NamespaceInfo, blocks: list[tuple[bytes, int, int]]
@@ -269,12 +326,14 @@ class CacheService:
         now = time.time()
         entries = [BlockEntry(ns, key, ns.block_bytes, digest, host_off=offset, last_access=now)
                    for key, offset, digest in blocks]  # fmt: skip
-        for entry in entries:
-            self.index.add(entry)
+        # On record first: a catalog that cannot take the rows (a full disk) fails the
+        # call before any of them is visible.
         self.catalog.insert_blocks(
             BlockRow(ns.id, e.key, e.nbytes, e.checksum, e.host_off, None, False, now)
             for e in entries
         )
+        for entry in entries:
+            self.index.add(entry)
         self.counters.host.bytes_written += len(entries) * ns.block_bytes
         self.placer.kick()
         return entries
@@ -292,7 +351,11 @@ class CacheService:
                 if offset is None:
                     return None
                 self.host.view(ns.tenant, offset, ns.block_bytes)[:] = data
-                (entry,) = self._add_host_blocks(ns, [(key, offset, digest)])
+                try:
+                    (entry,) = self._add_host_blocks(ns, [(key, offset, digest)])
+                except ResourceExhausted:  # the catalog is full: keep it in the tail
+                    self.host.free(ns.tenant, offset, ns.block_bytes)
+                    return None
             entry.readers += 1
             return entry
 
@@ -392,7 +455,7 @@ class CacheService:
         """Undo what a lease holds; the caller holds `cond`."""
         if isinstance(lease, PutLease):
             for slot in lease.slots:
-                self.host.free(lease.ns.tenant, slot.offset, lease.ns.block_bytes)
+                self.host.free_staging(lease.ns.tenant, slot.offset, lease.ns.block_bytes)
         else:
             for entry in lease.entries:
                 self.drop_reader(entry)

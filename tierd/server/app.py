@@ -32,6 +32,7 @@ from tierd.core.service import CacheService
 from tierd.errors import ConfigError
 from tierd.metrics import Metrics
 from tierd.server.decoding import DecodeGuard
+from tierd.server.handoff import HandoffServer, handoff_path
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
 from tierd_client._proto import tierd_pb2 as pb
@@ -99,11 +100,20 @@ class Daemon:
             )
             if bound == 0:
                 raise OSError(f"cannot listen on {addr}")
+        # Same-host clients get their tenant's shared memory beside the first unix socket.
+        self.handoff = (
+            HandoffServer(handoff_path(self._sockets[0]), self.service.host,
+                          self.servicer.authorize_shared_memory)
+            if self._sockets else None
+        )  # fmt: skip
+        self.servicer.handoff = self.handoff
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self.service.start()
         self.server.start()
+        if self.handoff is not None:
+            self.handoff.start()
         for path in self._sockets:
             os.chmod(path, 0o660)  # owner and group: the inference workers' group
         if self.config.metrics.listen:
@@ -161,6 +171,8 @@ class Daemon:
         if self.config.server.flush_on_stop:
             n = self.service.placer.flush(deadline)
             log.info("flushed %d host blocks to NVMe", n)
+        if self.handoff is not None:
+            self.handoff.stop()
         self.metrics.close()
         self.service.close()
         for path in self._sockets:

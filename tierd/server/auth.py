@@ -1,6 +1,7 @@
 """Who is calling: a tenant from a bearer token or a client certificate.
 
-Primitives: `Authenticator(tenants)`, `identify(context) -> tenant name | None`.
+Primitives: `Authenticator(tenants)`, `identify(context) -> tenant name | None`,
+`tenant_of_token(token) -> tenant name | None`.
 
 With no tenants configured the daemon runs open (`None`: callers name their own tenant;
 the socket's permissions are the guard). Otherwise every call must prove a tenant: an
@@ -31,13 +32,21 @@ class Authenticator:
             return None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                digest = hashlib.sha256(value[7:].strip().encode()).hexdigest()
-                for known, tenant in self._by_hash.items():
-                    if hmac.compare_digest(known, digest):  # constant time per candidate
-                        return tenant
+                tenant = self.tenant_of_token(value[7:].strip())
+                if tenant is not None:
+                    return tenant
         auth = context.auth_context() or {}
         for cn in auth.get("x509_common_name", ()):
             tenant = self._by_cn.get(cn.decode(errors="replace"))
             if tenant is not None:
                 return tenant
         raise Unauthenticated("a bearer token or client certificate of a tenant is required")
+
+    def tenant_of_token(self, token: str) -> str | None:
+        """The tenant whose token this is (None: no tenant's)."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        found = None
+        for known, tenant in self._by_hash.items():
+            if hmac.compare_digest(known, digest):  # constant time per candidate
+                found = tenant
+        return found

@@ -11,8 +11,15 @@ import grpc
 
 from tierd.core.service import CacheService, SegmentInfo
 from tierd.core.stats import TierSnapshot
-from tierd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from tierd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from tierd.server.auth import Authenticator
+from tierd.server.handoff import HandoffServer
 from tierd.server.status import translate_errors
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
@@ -26,9 +33,6 @@ _TIER = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "csd": pb.TIER_CSD,
          "": pb.TIER_UNSPECIFIED}  # fmt: skip
 _TIER_NAME = {v: k for k, v in _TIER.items() if k}
 
-
-def _segment(seg: SegmentInfo) -> pb.ShmSegment:
-    return pb.ShmSegment(path=seg.path, size=seg.size, host_id=seg.host_id)
 
 
 def _shape(msg: pb.BlockShape, field: str) -> tuple[list[int], str]:
@@ -86,9 +90,34 @@ class TierdServicer(pb_grpc.TierdServicer):
     def __init__(self, service: CacheService) -> None:
         self.svc = service
         self.auth = Authenticator(service.config.tenants)
+        self.handoff: HandoffServer | None = None  # set by the daemon when it has one
 
     def reload(self) -> None:
         self.auth = Authenticator(self.svc.config.tenants)
+
+    def _segment(self, seg: SegmentInfo) -> pb.ShmSegment:
+        if self.handoff is None:  # no unix listener: no shared memory to offer
+            return pb.ShmSegment(host_id=seg.host_id)
+        return pb.ShmSegment(
+            size=seg.size, host_id=seg.host_id, handoff=str(self.handoff.path),
+            staging_size=seg.staging_size, instance=self.handoff.instance,
+        )  # fmt: skip
+
+    def authorize_shared_memory(self, tenant: str, token: str | None) -> str:
+        """Which tenant's shared memory a handoff client may map (the RPCs' rules)."""
+        if self.auth.open:
+            if not tenant:
+                raise InvalidArgument("name the tenant", field="tenant")
+            if not self.svc.knows_tenant(tenant):  # no segment is made for a stranger
+                raise NotFound("no namespace of this tenant; call OpenNamespace first",
+                               field="tenant")  # fmt: skip
+            return tenant
+        owner = self.auth.tenant_of_token(token) if token else None
+        if owner is None:
+            raise Unauthenticated("a bearer token of a tenant is required for shared memory")
+        if tenant and tenant != owner:
+            raise PermissionDenied("credentials are for another tenant", field="tenant")
+        return owner
 
     # Every call is checked against the caller's tenant before the core sees it; what
     # belongs to another tenant looks exactly like what does not exist.
@@ -117,7 +146,7 @@ class TierdServicer(pb_grpc.TierdServicer):
             tenant = principal
         ns, seg = self.svc.open_namespace(tenant, n.model, _layout(n.layout), list(n.extra_keys))
         return pb.OpenNamespaceResponse(
-            namespace_id=ns.id, block_bytes=ns.block_bytes, segment=_segment(seg)
+            namespace_id=ns.id, block_bytes=ns.block_bytes, segment=self._segment(seg)
         )
 
     @translate_errors
@@ -140,7 +169,7 @@ class TierdServicer(pb_grpc.TierdServicer):
         return pb.PreparePutResponse(
             lease_id=prepared.lease_id,
             slots=[pb.PutSlot(state=states[s.state], offset=s.offset) for s in prepared.slots],
-            segment=_segment(prepared.segment),
+            segment=self._segment(prepared.segment),
         )
 
     @translate_errors
@@ -161,7 +190,7 @@ class TierdServicer(pb_grpc.TierdServicer):
             lease_id=prepared.lease_id,
             slots=[pb.GetSlot(found=s.found, offset=s.offset, tier=_TIER[s.tier])
                    for s in prepared.slots],
-            segment=_segment(prepared.segment),
+            segment=self._segment(prepared.segment),
         )  # fmt: skip
 
     @translate_errors

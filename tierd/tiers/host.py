@@ -1,19 +1,31 @@
-"""Host tier: a shared-memory arena, one segment per tenant, bounded by one budget.
+"""Host tier: a shared-memory arena, one segment per tenant, bounded by one budget, plus a
+staging area per tenant where clients write the blocks they put.
 
-Primitives: `HostArena(capacity, tag)`, `segment(tenant)`, `allocate(tenant, n) -> off | None`,
-`free(tenant, off, n)`, `reserve(tenant, off, n)`, `view(tenant, off, n) -> memoryview`,
-`release_unused()`, `used_bytes`, `capacity`, `close()`.
+Primitives: `HostArena(capacity, tag, staging_bytes=...)`, `segment(tenant)`,
+`allocate(tenant, n) -> off | None`, `free(tenant, off, n)`, `reserve(tenant, off, n)`,
+`view(tenant, off, n) -> memoryview`, `release_unused()`, `used_bytes`, `capacity`,
+`close()`; staging: `allocate_staging(tenant, n) -> off | None`, `free_staging(...)`,
+`staging_view(tenant, off, n)`; `client_fds(tenant) -> ClientFds` (what a client maps).
 
-Each tenant's segment is a file under /dev/shm with owner-only permissions, so a local
-client maps it and copies blocks in and out with one memcpy; no payload crosses gRPC. The
-files outlive the daemon process: after a crash or restart, the committed blocks the
-catalog names are still there. Segments are sparse; what counts against the budget is
-memory that holds blocks plus freed extents kept warm for reuse. When the budget is hit,
-warm extents of any tenant are released to the kernel (MADV_REMOVE) before giving up.
+Each tenant's segment is a file under /dev/shm with owner-only permissions. It outlives
+the daemon process: after a crash or restart, the committed blocks the catalog names are
+still there. Clients never open it by path: an authenticated client receives a read-only
+descriptor of it (see `tierd.server.handoff`) and reads blocks in place with one memcpy;
+it can neither write nor truncate what it maps. Segments are sparse; what counts against
+the budget is memory that holds blocks plus freed extents kept warm for reuse. When the
+budget is hit, warm extents of any tenant are released to the kernel (MADV_REMOVE).
+
+Puts go through staging: an anonymous memory file (memfd) per tenant, sealed so nobody can
+shrink or grow it, handed to the tenant's clients read-write. A put lease owns staging
+slots; on commit the daemon copies each slot into the segment and checksums the copy, so
+a client that keeps writing after its lease ended damages at worst its own tenant's
+uncommitted slots, and no client can make the daemon touch a page that is not there
+(SIGBUS). Staging holds only uncommitted bytes, so it needs no durability.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mmap
 import os
@@ -39,6 +51,26 @@ class Segment:
     alloc: ExtentAllocator
 
 
+@dataclass
+class Staging:
+    tenant: str
+    fd: int  # the sealed memfd; duplicated for each client that maps it
+    size: int
+    mm: mmap.mmap
+    alloc: ExtentAllocator
+
+
+@dataclass(frozen=True)
+class ClientFds:
+    """Descriptors a client maps: the segment read-only, staging read-write. The caller
+    owns (closes) both after handing them over."""
+
+    segment_fd: int
+    segment_size: int
+    staging_fd: int
+    staging_size: int
+
+
 def segment_tag(data_dir: Path) -> str:
     """The name part shared by every segment of the daemon owning `data_dir`."""
     return hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
@@ -55,12 +87,18 @@ def segment_name(tag: str, tenant: str) -> str:
 
 
 class HostArena:
-    def __init__(self, capacity: int, tag: str, *, shm_dir: Path = SHM_DIR, pin: bool = False):
+    def __init__(
+        self, capacity: int, tag: str, *, shm_dir: Path = SHM_DIR, pin: bool = False,
+        staging_bytes: int = 0,
+    ) -> None:
         self.capacity = capacity
         self.tag = tag
         self._dir = shm_dir
         self._pin = pin
+        # Uncommitted bytes one tenant's leases may hold (0: as much as the tier holds).
+        self.staging_bytes = align_up(staging_bytes or max(capacity, 4096), 4096)
         self._segments: dict[str, Segment] = {}
+        self._staging: dict[str, Staging] = {}
         self._paths: set[Path] = set()  # every segment file opened, for destroy()
         self._lock = threading.Lock()
 
@@ -165,8 +203,67 @@ class HostArena:
         seg = self.segment(tenant)
         return memoryview(seg.mm)[offset : offset + nbytes]
 
+    # -- staging --------------------------------------------------------------------------
+
+    def staging(self, tenant: str) -> Staging:
+        with self._lock:
+            st = self._staging.get(tenant)
+            if st is None:
+                # Address space beyond the budget, as for segments: fragmentation between
+                # block sizes must not fail a lease the budget has room for.
+                size = self.staging_bytes * _ADDRESS_SLACK
+                st = self._staging[tenant] = _open_staging(tenant, size)
+            return st
+
+    def allocate_staging(self, tenant: str, nbytes: int) -> int | None:
+        st = self.staging(tenant)
+        with self._lock:
+            if st.alloc.used_bytes + st.alloc.extent_bytes(nbytes) > self.staging_bytes:
+                return None
+            return st.alloc.allocate(nbytes)
+
+    def free_staging(self, tenant: str, offset: int, nbytes: int) -> None:
+        st = self.staging(tenant)
+        with self._lock:
+            st.alloc.free(offset, nbytes)
+            # Keep a quarter of the budget warm for the next puts; release the rest.
+            excess = st.alloc.cached_free_bytes - self.staging_bytes // 4
+            if excess > 0:
+                for off, length in st.alloc.release_cached(excess):
+                    st.mm.madvise(mmap.MADV_REMOVE, off, length)
+
+    def staging_view(self, tenant: str, offset: int, nbytes: int) -> memoryview:
+        st = self.staging(tenant)
+        return memoryview(st.mm)[offset : offset + nbytes]
+
+    def staging_used_bytes(self, tenant: str) -> int:
+        with self._lock:
+            st = self._staging.get(tenant)
+            return st.alloc.used_bytes if st is not None else 0
+
+    def client_fds(self, tenant: str) -> ClientFds:
+        """Fresh descriptors for one client of `tenant`: its segment read-only (a write or
+        a truncation through it fails), its staging area read-write (sealed: a truncation
+        fails)."""
+        seg = self.segment(tenant)
+        st = self.staging(tenant)
+        seg_fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            staging_fd = os.dup(st.fd)
+        except BaseException:
+            os.close(seg_fd)
+            raise
+        return ClientFds(seg_fd, seg.size, staging_fd, st.size)
+
     def close(self) -> None:
         with self._lock:
+            for st in self._staging.values():
+                try:
+                    st.mm.close()
+                except BufferError:
+                    pass
+                os.close(st.fd)
+            self._staging.clear()
             for seg in self._segments.values():
                 try:
                     seg.mm.close()
@@ -179,6 +276,23 @@ class HostArena:
         self.close()
         for p in self._paths:
             p.unlink(missing_ok=True)
+
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def _open_staging(tenant: str, size: int) -> Staging:
+    """A sealed anonymous memory file of `size` bytes (sparse until written)."""
+    name = "tierd-staging-" + hashlib.blake2b(tenant.encode(), digest_size=6).hexdigest()
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Staging(tenant, fd, size, mm, ExtentAllocator(size))
 
 
 def _cuda_host_register(mm: mmap.mmap, size: int) -> None:
