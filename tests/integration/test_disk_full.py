@@ -99,3 +99,63 @@ def test_full_nvme_tier_is_resource_exhausted_and_host_keeps_serving(small_fs: P
             seg.unlink()
     assert proc.returncode == 0, err[-2000:]
 
+
+
+def test_full_catalog_disk_refuses_puts_and_leaves_no_trace(small_fs: Path) -> None:
+    """The catalog's disk fills up: puts answer RESOURCE_EXHAUSTED and none of their blocks
+    becomes visible; with room again, puts succeed, and a restart finds every block that
+    was acknowledged."""
+    base = small_fs.parent
+    data = small_fs / "data"
+    cmd = [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
+           "--data-dir", str(data), "--nvme-path", str(base / "nvme-elsewhere"),
+           "--host-capacity", "64MiB", "--nvme-capacity", "16MiB"]  # fmt: skip
+    small = KVLayout(1, 1, 64, "float16", 16)  # 2 KiB blocks: many rows, little memory
+    rng = np.random.default_rng(1)
+    acked: dict[bytes, np.ndarray] = {}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        with TierdClient(f"unix:{base}/s.sock", timeout=60, max_retries=0) as c:
+            ns = c.open_namespace("m", small)
+            ballast = small_fs / "ballast"
+            with open(ballast, "wb", buffering=0) as f:  # fill the catalog's disk to the brim
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            refused = []
+            for i in range(2000):
+                key = hashlib.blake2b(b"c" + i.to_bytes(4, "little"), digest_size=16).digest()
+                block = rng.standard_normal((1, *small.block_shape)).astype(np.float16)
+                try:
+                    c.put(ns, [key], block)
+                    acked[key] = block[0]
+                except ResourceExhausted:
+                    refused.append(key)
+                    if len(refused) >= 5:
+                        break
+            assert refused, "a full catalog disk must refuse puts"
+            assert c.locate(ns, refused) == [None] * len(refused)  # no visible trace
+            assert not any(c.get(ns, refused).found)
+            ballast.unlink()
+            assert c.put(ns, [refused[0]], np.zeros((1, *small.block_shape), np.float16)) == [
+                "stored"
+            ]
+            acked[refused[0]] = np.zeros(small.block_shape, np.float16)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        with TierdClient(f"unix:{base}/s.sock", timeout=60) as c:
+            ns = c.open_namespace("m", small)
+            got = c.get(ns, list(acked))
+            assert all(got.found)
+            for row, want in zip(got.blocks, acked.values()):
+                assert np.array_equal(row, want)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+        for seg in segments_of(data):
+            seg.unlink()
