@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.tiers.block_header import BlockHeader, NamespaceMeta, encode
+from tierd.tiers.checksum import checksum
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, PosixBackend
-from tierd.tiers.nvme import DATA_FILE, NvmeStore
+from tierd.tiers.nvme import DATA_FILE, NvmeStore, StoreInUse
 
 A = ALIGNMENT
 MiB = 1 << 20
@@ -279,3 +281,151 @@ def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
         s.write(0, b"x")
     with pytest.raises(ValueError, match="closed"):
         s.read_async(0, bytearray(1))
+
+
+# -- one owner, self-describing blocks ----------------------------------------------------
+
+
+def _header(key: bytes, data: bytes, tenant: str = "t") -> BlockHeader:
+    meta = NamespaceMeta(tenant, "m", [1, 1, 8, "uint8", 1], [])
+    return BlockHeader(b"N" * 16, key, len(data), checksum(data), meta)
+
+
+def _headed(directory: Path, capacity: int = 8 * MiB, **kw: object) -> NvmeStore:
+    return NvmeStore(directory, capacity, backend=PosixBackend(), headers=True, **kw)  # type: ignore[arg-type]
+
+
+def test_a_second_store_on_one_data_file_is_refused(tmp_path: Path) -> None:
+    with (
+        _store(tmp_path / "n", capacity=MiB),
+        pytest.raises(StoreInUse, match=str(tmp_path / "n" / DATA_FILE)),
+    ):
+        _store(tmp_path / "n", capacity=MiB)
+    with _store(tmp_path / "n", capacity=MiB):  # closing released it
+        pass
+
+
+def test_headers_describe_blocks_and_a_scan_finds_them(tmp_path: Path) -> None:
+    blocks: dict[int, bytes] = {}
+    with _headed(tmp_path / "n") as s:
+        for i, n in enumerate([100, A, 3 * A + 5, MiB + 7]):
+            data = _random(n, seed=i)
+            off = s.allocate(n)
+            assert off is not None and off >= A  # the header page is in front
+            assert s.used_bytes == sum(s.extent_bytes(len(d)) for d in blocks.values()) + (
+                s.extent_bytes(n)
+            )
+            if i % 2:
+                s.write(off, data, header=_header(bytes([i]) * 16, data))
+            else:
+                s.write_async(off, data, header=_header(bytes([i]) * 16, data)).result()
+            blocks[off] = data
+        assert s.extent_bytes(100) == 2 * A
+        first = next(iter(blocks))
+        h = s.read_header(first)
+        assert h is not None and h.nbytes == 100 and h.checksum == checksum(blocks[first])
+        assert h.namespace is not None and h.namespace.tenant == "t"
+        found = list(s.scan_headers())
+        assert [(b.offset, b.header.key, b.intact) for b in found] == [
+            (off, bytes([i]) * 16, True) for i, off in enumerate(blocks)
+        ]
+        # A freed block's header is zeroed: it cannot come back from a scan.
+        s.free(first, 100)
+    with _headed(tmp_path / "n") as s:
+        assert [b.offset for b in s.scan_headers()] == list(blocks)[1:]
+        assert s.read_header(first) is None
+
+
+def test_scan_reports_damaged_data_and_ignores_forged_headers(tmp_path: Path) -> None:
+    with _headed(tmp_path / "n") as s:
+        good = _random(3 * A, seed=1)
+        off_good = s.allocate(len(good))
+        assert off_good is not None
+        s.write(off_good, good, header=_header(b"g" * 16, good))
+        # A tenant's bytes shaped like headers, made without the store's key.
+        forged_block = _random(A, seed=9)
+        forged = encode(_header(b"f" * 16, forged_block, tenant="victim"), b"k" * 32)
+        data = forged + forged_block + forged
+        off = s.allocate(len(data))
+        assert off is not None
+        s.write(off, data, header=_header(b"d" * 16, data))
+        assert [b.header.key for b in s.scan_headers()] == [b"g" * 16, b"d" * 16]
+        s.free(off, len(data))  # its data stays; its header goes
+    with open(tmp_path / "n" / DATA_FILE, "r+b") as f:
+        f.seek(off_good + 10)
+        f.write(b"\x00\xff")
+    with _headed(tmp_path / "n") as s:
+        assert [(b.header.key, b.intact) for b in s.scan_headers()] == [(b"g" * 16, False)]
+
+
+class _SlowZeroing(PosixBackend):
+    """A disk on which the zeroing of a freed header takes a while."""
+
+    def pwrite(self, handle, src, offset):  # type: ignore[no-untyped-def, override]
+        if len(src) == A and not any(bytes(src)):
+            threading.Event().wait(0.3)
+        return super().pwrite(handle, src, offset)
+
+
+def test_reusing_a_freed_extent_waits_for_its_header_to_be_zeroed(tmp_path: Path) -> None:
+    d = tmp_path / "n"
+    with NvmeStore(d, MiB, backend=_SlowZeroing(), headers=True) as s:
+        old, new = _random(A, seed=1), _random(A, seed=2)
+        off = s.allocate(A)
+        assert off is not None
+        s.write(off, old, header=_header(b"o" * 16, old))
+        s.free(off, A)
+        assert s.allocate(A) == off  # the same extent, handed out once its header is zero
+        s.write(off, new, header=_header(b"n" * 16, new))
+    with _headed(d, capacity=MiB) as s:
+        assert [(b.header.key, b.intact) for b in s.scan_headers()] == [(b"n" * 16, True)]
+
+
+def test_a_file_of_the_previous_format_stays_readable(tmp_path: Path) -> None:
+    d = tmp_path / "n"
+    legacy: dict[int, bytes] = {}
+    with _store(d, capacity=4 * MiB) as old:  # no header pages, no key file
+        for i in range(4):
+            off = old.allocate(A + 1)
+            assert off is not None
+            legacy[off] = _random(A + 1, seed=i)
+            old.write(off, legacy[off])
+    assert min(legacy) == 0
+    with _headed(d, capacity=4 * MiB) as s:
+        for off, data in legacy.items():
+            s.reserve(off, len(data))
+        s.finish_recovery()
+        used = s.used_bytes
+        assert used == 4 * 2 * A
+        new = _random(A, seed=7)
+        off_new = s.allocate(A)
+        assert off_new is not None and off_new - A >= max(legacy) + 2 * A
+        s.write(off_new, new, header=_header(b"x" * 16, new))
+        with pytest.raises(ValueError, match="no header page"):
+            s.write_header(0, _header(b"y" * 16, new))
+        gone = next(iter(legacy))
+        s.free(gone, A + 1)
+        del legacy[gone]
+    with _headed(d, capacity=4 * MiB) as s:
+        for off, data in legacy.items():
+            s.reserve(off, len(data))
+        s.reserve(off_new, A)
+        s.finish_recovery()
+        assert s.used_bytes == used - 2 * A + 2 * A
+        for off, data in legacy.items():
+            out = bytearray(len(data))
+            s.read_into(off, out)
+            assert out == data
+        # Only the headed block is self-describing.
+        assert [b.header.key for b in s.scan_headers()] == [b"x" * 16]
+        s.free(off_new, A)
+        for off, data in legacy.items():
+            s.free(off, len(data))
+        assert s.used_bytes == 0
+
+
+def test_header_needs_a_headed_store(store: NvmeStore) -> None:
+    off = store.allocate(A)
+    assert off is not None
+    with pytest.raises(ValueError, match="without block headers"):
+        store.write(off, bytes(A), header=_header(b"k" * 16, bytes(A)))
