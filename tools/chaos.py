@@ -89,6 +89,7 @@ class Chaos:
         )
         self.ledger = Ledger(args.seed)
         self.stop = threading.Event()
+        self.kinds = [k for k in args.faults.split(",") if k]
         self.faults: Counter[str] = Counter()
         self.fault_log: list[str] = []
         self.flips: list[tuple[float, Path, list[int]]] = []
@@ -99,9 +100,13 @@ class Chaos:
     def inject(self, kind: str) -> str | None:
         """Inject one fault; what was done, or None when there was nothing to hit yet."""
         if kind == "daemon_kill":
-            self.daemon.kill9()
+            # Half the time its workers die with it, as systemd kills a crashed unit's
+            # control group; otherwise they notice the orphaning and drain on their own.
+            group = self.rng.random() < 0.5
+            self.daemon.kill9(workers=group)
             self.daemon.start()
-            return f"killed the daemon, restart {self.daemon.starts - 1}"
+            how = "with its workers" if group else "its workers left running"
+            return f"killed the daemon ({how}), restart {self.daemon.starts - 1}"
         if kind == "worker_kill":
             pids = self.daemon.worker_pids()
             if not pids:
@@ -138,16 +143,31 @@ class Chaos:
         for file, offsets in recent:
             self.ledger.mark_flipped(keys_over(extents, file, offsets))
 
+    def warm(self) -> bool:
+        with self.ledger.lock:
+            return {"nvme", "csd"} <= set(self.ledger.durable.values())
+
     def run_faults(self) -> None:
+        """Faults until --seconds have passed and every kind was injected at least once
+        (but no longer than 3 x --seconds: a daemon that keeps failing must not hang CI)."""
         deadline = self.t0 + self.args.seconds
+        cap = self.t0 + 3 * self.args.seconds
         scale = max(1.0, self.args.seconds / 20.0)
-        next_at = self.t0 + min(2.0, self.args.seconds / 10)  # blocks to hit, first
+        # Blocks to hit first: wait (a while at most) until moves put some on NVMe and CSD.
+        warm = self.t0 + min(5.0, self.args.seconds / 4)
+        while time.monotonic() < warm and not self.warm():
+            self.stop.wait(0.1)
+        next_at = time.monotonic()
         pending: list[str] = []
         while True:
             if not pending:
-                pending = self.rng.sample(KINDS, len(KINDS))
+                pending = self.rng.sample(self.kinds, len(self.kinds))
+                if not pending:  # a run without faults: clients only
+                    self.stop.wait(max(0.0, deadline - time.monotonic()))
+                    return
             self.stop.wait(max(0.0, next_at - time.monotonic()))
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= cap or (now >= deadline and all(self.faults[k] for k in self.kinds)):
                 return
             kind = pending[0]
             done = self.inject(kind)
@@ -159,7 +179,7 @@ class Chaos:
             pending.pop(0)
             self.faults[kind] += 1
             self.fault_log.append(f"{time.monotonic() - self.t0:6.1f}s {kind}: {done}")
-            next_at = time.monotonic() + self.rng.uniform(0.4, 1.2) * scale
+            next_at = time.monotonic() + self.rng.uniform(0.5, 1.5) * scale
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -332,12 +352,20 @@ def main(argv: list[str] | None = None) -> int:
         default=512,
         help="committed blocks at most (the tiers never have to evict)",
     )
+    p.add_argument(
+        "--faults",
+        default=",".join(KINDS),
+        help=f"kinds to inject, comma-separated (default all: {','.join(KINDS)})",
+    )
     p.add_argument("--host-capacity", default="4MiB")
     p.add_argument("--nvme-capacity", default="32MiB")
     p.add_argument("--csd-capacity", default="8MiB", help="per CSD worker")
     p.add_argument("--mount-size", default="64MiB")
     p.add_argument("--base", type=Path, help="work directory (default: a fresh one, removed)")
     args = p.parse_args(argv)
+    unknown = set(args.faults.split(",")) - set(KINDS) - {""}
+    if unknown:
+        p.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     # SIGTERM ends the run through its finally blocks: processes, mount and segments.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     own_base = args.base is None
@@ -348,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own_base:
             shutil.rmtree(base, ignore_errors=True)
-    print(table(fig))
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")
+    print(table(fig), flush=True)
     if fig.get("aborted") and not fig.get("elapsed_s"):
         return 2  # the rig never got the clients going
     return 0 if fig["wrong"] == 0 and fig["lost"] == 0 and not fig.get("aborted") else 1

@@ -148,12 +148,17 @@ class Client(threading.Thread):
         with TierdClient(self.address, transport=self.transport, timeout=CALL_TIMEOUT_S,
                          max_retries=2) as c:  # fmt: skip
             ns: Namespace | None = None
+            # First some blocks on every tier, so the faults have something to hit.
+            opening = ["put", "move:nvme", "move:csd"]
             while not self.stop.is_set():
-                op = self.rng.choices(OPS, weights=(4, 3, 3, 1))[0]
+                op = opening.pop(0) if opening else self.rng.choices(OPS, weights=(4, 3, 3, 1))[0]
                 try:
                     if ns is None:
                         ns = c.open_namespace(MODEL, LAYOUT)
-                    getattr(self, op)(c, ns)
+                    if op.startswith("move:"):
+                        self.move(c, ns, op[5:])
+                    else:
+                        getattr(self, op)(c, ns)
                 except Exception as e:  # noqa: BLE001 - every failure is a counted answer
                     self.ledger.error(op, e)
                     if isinstance(e, Unavailable):
@@ -182,7 +187,9 @@ class Client(threading.Thread):
         self.ledger.commit(keys)
 
     def get(self, c: TierdClient, ns: Namespace) -> None:
-        keys = self.ledger.sample(self.rng, self.rng.randint(1, 6), known=True)
+        # Now and then a key whose put failed: if it is served, its bytes must be right too.
+        known = self.rng.random() < 0.25
+        keys = self.ledger.sample(self.rng, self.rng.randint(1, 6), known=known)
         if not keys:
             return
         self.ledger.count(self.ledger.calls, "get")
@@ -220,9 +227,10 @@ class Client(threading.Thread):
             names = ",".join(k.hex()[:12] for k in keys)
             self.ledger.wrong_answer(f"attend layer {layer} over [{names}]: {why}")
 
-    def move(self, c: TierdClient, ns: Namespace) -> None:
-        r = self.rng.random()
-        tier = "nvme" if r < 0.6 else "csd" if r < 0.9 else "host"
+    def move(self, c: TierdClient, ns: Namespace, tier: str | None = None) -> None:
+        if tier is None:
+            r = self.rng.random()
+            tier = "nvme" if r < 0.6 else "csd" if r < 0.9 else "host"
         keys = self.ledger.sample(self.rng, self.rng.randint(1, 4), not_durable=True)
         if not keys:
             return

@@ -23,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,11 +159,14 @@ class Daemon:
         raise RigError(f"tierd did not answer within {START_DEADLINE_S:.0f}s ({last}):\n"
                        f"{self.log_tail()}")  # fmt: skip
 
-    def kill9(self) -> None:
-        self.worker_pids()  # remember them: they outlive a killed daemon for a while
+    def kill9(self, *, workers: bool = False) -> None:
+        """SIGKILL the daemon; with `workers`, its CSD workers in the same instant."""
+        pids = self.worker_pids()  # remembered: they outlive a killed daemon for a while
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=STOP_DEADLINE_S)
+        if workers:
+            _kill_all(pids)
 
     def terminate(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -203,18 +207,24 @@ class Daemon:
         """Stop the daemon, then every worker any of its runs started, then its segments."""
         self.terminate()
         self.kill9()
-        left = []
-        for pid in self.seen_workers:
-            try:
-                p = psutil.Process(pid)
-                if "csd-worker" in p.cmdline():
-                    p.kill()
-                    left.append(p)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=STOP_DEADLINE_S)
+        _kill_all(self.seen_workers)
         for seg in segments_of(self.data_dir):
             seg.unlink(missing_ok=True)
+
+
+def _kill_all(worker_pids: Iterable[int]) -> None:
+    """SIGKILL the CSD workers among `worker_pids` still alive, and reap them."""
+    left = []
+    for pid in worker_pids:
+        try:
+            p = psutil.Process(pid)
+            # Not a recycled pid, and not a zombie (those are dead already, waiting on init).
+            if "csd-worker" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+                left.append(p)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=STOP_DEADLINE_S)
 
 
 def _serving(sock: Path) -> bool:
