@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tierd.core import validate
 from tierd.core.index import BlockEntry
+from tierd.core.nvme_headers import nvme_header
 from tierd.core.placement import stamp_layer_sums
 from tierd.errors import FailedPrecondition, ResourceExhausted, Unavailable
 
@@ -99,7 +100,7 @@ def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
         try:
             if offset is not None:
                 data = _bytes_of(svc, entry)
-                svc.nvme.write(offset, data)
+                svc.nvme.write(offset, data, header=nvme_header(entry))
                 stamped = entry.host_off is not None and stamp_layer_sums(entry, data)
         except BaseException:
             with svc.cond:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tierd.core.fairness import fair_victim_order, over_quota
 from tierd.core.index import BlockEntry
+from tierd.core.nvme_headers import nvme_header
 from tierd.errors import ResourceExhausted
 from tierd.tiers.checksum import checksum, layer_checksums
 
@@ -172,14 +173,15 @@ class Placer:
         oks = [f.result() for f in results]
         with self.cond:
             for (entry, staging), ok in zip(mine, oks):
-                self._finish_load(entry, staging, ok=ok, corrupt=not ok)
+                self._finish_load(entry, staging, ok=bool(ok), corrupt=ok is False)
         for fut in theirs:
             fut.result()
 
-    def _load(self, entry: BlockEntry, staging: int | None) -> Future[bool]:
-        """Read (or just check) a block's bytes; resolves True when the checksum matches."""
+    def _load(self, entry: BlockEntry, staging: int | None) -> Future[bool | None]:
+        """Read (or just check) a block's bytes; resolves True when the checksum matches,
+        None when the copy could not be reached (it stays; the caller sees a miss)."""
         svc = self.svc
-        done: Future[bool] = Future()
+        done: Future[bool | None] = Future()
         if staging is None:
             view = svc.host.view(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
             done.set_result(checksum(view) == entry.checksum)
@@ -189,8 +191,10 @@ class Placer:
             try:
                 data = svc.csd.read(entry.csd, entry.ns.id, [entry.key]).get(entry.key)
             except Exception as e:  # noqa: BLE001 - a dead worker is a miss, not a crash
+                # Unreachable is not corrupt: the worker's copy may be intact and back soon.
                 log.warning("reading a block from CSD worker %s failed: %s", entry.csd, e)
-                data = None
+                done.set_result(None)
+                return done
             ok = data is not None and len(data) == entry.nbytes
             if ok:
                 view[:] = data
@@ -340,7 +344,7 @@ class Placer:
         stamped: list[BlockEntry] = []
         for e, offset in writes:
             view = svc.host.view(e.ns.tenant, e.host_off or 0, e.nbytes)
-            futures.append(svc.nvme.write_async(offset, view))
+            futures.append(svc.nvme.write_async(offset, view, header=nvme_header(e)))
             if stamp_layer_sums(e, view):
                 stamped.append(e)
         wait(futures)

@@ -25,7 +25,7 @@ import numpy as np
 
 from tierd.config import Config
 from tierd.core import limits, validate
-from tierd.core.catalog import BlockRow, Catalog, NamespaceRow
+from tierd.core.catalog import BlockRow, NamespaceRow
 from tierd.core.eviction import make_policy
 from tierd.core.inband import InbandPut
 from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_to_list
@@ -39,10 +39,9 @@ from tierd.core.results import (
     PutSlot,
     SegmentInfo,
 )
-from tierd.core.startup import csd_pool, lock_data_dir, recover
+from tierd.core.startup import csd_pool, open_storage, recover
 from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
 from tierd.errors import (
-    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
@@ -50,8 +49,6 @@ from tierd.errors import (
 )
 from tierd.tiers.checksum import checksum
 from tierd.tiers.host import HostArena, segment_tag
-from tierd.tiers.io_backend import select_backend
-from tierd.tiers.nvme import NvmeStore
 from tierd_client.hostinfo import host_id
 from tierd_client.keys import iter_block_keys, namespace_id
 from tierd_client.layout import KVLayout
@@ -66,31 +63,10 @@ class CacheService:
     def __init__(self, config: Config) -> None:
         self.config = config
         data_dir = config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_file = lock_data_dir(data_dir)
+        self._lock_file, self.catalog, self.nvme = open_storage(config)
         tag = segment_tag(data_dir)
-        self.catalog = Catalog(data_dir / "index.sqlite3")
         self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory,
                               staging_bytes=config.limits.max_lease_bytes_per_tenant)  # fmt: skip
-        try:
-            backend = select_backend(config.nvme.backend, direct=config.nvme.direct_io)
-        except ValueError as e:
-            raise ConfigError("nvme.backend", str(e)) from e
-        try:
-            self.nvme = NvmeStore(
-                config.nvme_path,
-                config.nvme.capacity_bytes,
-                backend=backend,
-                io_threads=config.nvme.io_threads,
-                chunk_bytes=config.nvme.chunk_bytes,
-            )
-        except OSError as e:
-            # Preallocation is where a too-small disk shows: say so, name the key.
-            raise ConfigError(
-                "nvme.capacity",
-                f"cannot reserve {config.nvme.capacity_bytes} bytes under {config.nvme_path}: "
-                f"{e.strerror or e}",
-            ) from e
         self.index = Index()
         self.leases = LeaseTable()
         self.counters = Counters()

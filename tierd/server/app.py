@@ -33,6 +33,7 @@ from tierd.errors import ConfigError
 from tierd.metrics import Metrics
 from tierd.server.decoding import DecodeGuard
 from tierd.server.handoff import HandoffServer, handoff_path
+from tierd.server.listeners import claim_unix_socket, refuse_live_sockets
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
 from tierd_client._proto import tierd_pb2 as pb
@@ -66,6 +67,7 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        refuse_live_sockets(config.server.listen)  # before anything is built or locked
         self.service = CacheService(config)
         self.metrics = Metrics(self.service, tenant_labels=config.metrics.tenant_labels)
         self.notifier = Notifier.from_env()
@@ -91,7 +93,7 @@ class Daemon:
             target, path = _bind_address(addr)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-                path.unlink(missing_ok=True)  # a stale socket from a crashed daemon
+                claim_unix_socket(path)  # a stale socket of a dead daemon goes; a live one stays
                 self._sockets.append(path)
             bound = (
                 self.server.add_insecure_port(target)
