@@ -5,8 +5,10 @@ Primitives: `COMMAND`, `run_fsck(data_dir, ...) -> FsckOutcome`, `repair(data_di
 Runs only while no daemon uses the data dir (see `tierctl.datalock`). Without --repair the
 catalog is opened read-only and nothing is written (beyond creating the lock file).
 --repair deletes the rows left with no good copy and clears the bad copy of rows that keep
-a good one; good rows are never touched. What fsck cannot fix (a damaged SQLite file) it
-reports. Exit status: 0 clean, 1 problems found (repaired or not), 2 could not check.
+a good one; good rows are never touched. A damaged or missing catalog (empty, garbage,
+another schema, failing `PRAGMA quick_check`) is reported, and --repair moves it aside and
+rebuilds it from the tiers (`tierctl.rebuild`). Exit status: 0 clean, 1 problems found
+(repaired or not), 2 could not check.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from tierctl import tables
 from tierctl.cli import Command
 from tierctl.datalock import DataDirBusy, ensure_offline
 from tierctl.errors import ExitCode, UsageError
-from tierctl.fsck_scan import CATALOG, Scan, scan
+from tierctl.fsck_scan import CATALOG, Problem, Scan, scan
+from tierctl.rebuild import Rebuilt, rebuild_catalog
 from tierd.config import format_size
 from tierd.core.catalog import Catalog
+from tierd.core.catalog_check import CatalogDamaged, CatalogTooNew, check_catalog
 from tierd.tiers.host import SHM_DIR
+from tierd.tiers.nvme import DATA_FILE, StoreInUse
 
 
 @dataclass
@@ -31,6 +36,7 @@ class FsckOutcome:
     scan: Scan
     deleted: int = 0  # rows removed by --repair
     cleared: int = 0  # rows that lost one bad copy and kept a good one
+    rebuilt: Rebuilt | None = None  # the catalog was rebuilt from the tiers
 
     @property
     def exit_code(self) -> int:
@@ -102,9 +108,49 @@ def run_fsck(data_dir: Path, nvme_dir: Path, *, repair_rows: bool = False,
     except DataDirBusy as e:
         raise UsageError(str(e)) from None
     with lock:
-        outcome = FsckOutcome(scan(data_dir, nvme_dir, shm_dir))
-        if repair_rows and outcome.scan.bad_rows:
-            outcome.deleted, outcome.cleared = repair(data_dir, outcome.scan)
+        try:
+            problem = _catalog_problem(data_dir, nvme_dir)
+            if problem is None:
+                outcome = FsckOutcome(scan(data_dir, nvme_dir, shm_dir))
+                if repair_rows and outcome.scan.bad_rows:
+                    outcome.deleted, outcome.cleared = repair(data_dir, outcome.scan)
+            elif not repair_rows:
+                outcome = FsckOutcome(Scan(problems=[problem]))
+            else:
+                outcome = _rebuild(data_dir, nvme_dir, shm_dir, problem)
+        except StoreInUse as e:  # a daemon of another data dir shares the NVMe file
+            raise UsageError(str(e)) from None
+    return outcome
+
+
+def _catalog_problem(data_dir: Path, nvme_dir: Path) -> Problem | None:
+    """What is wrong with the catalog file itself, if anything."""
+    path = data_dir / CATALOG
+    try:
+        state = check_catalog(path, readonly=True)
+    except CatalogDamaged as e:
+        return Problem("catalog", "damaged", e.reason)
+    except CatalogTooNew as e:
+        raise UsageError(str(e)) from None
+    if state != "missing":
+        return None
+    if not (nvme_dir / DATA_FILE).is_file():
+        raise UsageError(f"no catalog at {path}: not a tierd data dir")
+    return Problem("catalog", "missing", f"{path} does not exist")
+
+
+def _rebuild(data_dir: Path, nvme_dir: Path, shm_dir: Path, problem: Problem) -> FsckOutcome:
+    rebuilt = rebuild_catalog(data_dir, nvme_dir)
+    problem.action = "rebuilt from the tiers"
+    if rebuilt.moved_aside:
+        problem.action += f"; the damaged file is kept as {rebuilt.moved_aside}"
+    outcome = FsckOutcome(scan(data_dir, nvme_dir, shm_dir), rebuilt=rebuilt)
+    outcome.scan.problems.insert(0, problem)
+    for c in rebuilt.corrupt:
+        outcome.scan.problems.append(Problem(
+            "nvme", "checksum", f"at offset {c['offset']}: {c['detail']}",
+            bytes.fromhex(str(c["ns_id"])), bytes.fromhex(str(c["key"])), "not recovered",
+        ))  # fmt: skip
     return outcome
 
 
@@ -119,8 +165,16 @@ def render_text(outcome: FsckOutcome) -> str:
         action = f"  -> {p.action}" if p.action else ""
         out.append(f"{p.tier:5} {p.kind:12} {p.where()}  {p.detail}{action}")
     out.extend(f"note: {n}" for n in s.notes)
+    if (r := outcome.rebuilt) is not None:
+        out.append(f"rebuilt the catalog: {r.namespaces} namespaces; {r.nvme_blocks} blocks from "
+                   f"NVMe headers, {r.csd_blocks} from CSD workers; {len(r.corrupt)} corrupt, "
+                   f"{r.duplicates} stale duplicates and {r.unknown_namespace} of unknown "
+                   "namespace not recovered")  # fmt: skip
+        out.extend(f"note: {n}" for n in r.notes)
     if not s.problems:
         out.append("clean")
+    elif outcome.rebuilt is not None:
+        out.append("repaired: the catalog was rebuilt")
     elif outcome.deleted or outcome.cleared:
         out.append(f"repaired: {outcome.deleted} rows deleted, {outcome.cleared} rows kept "
                    "their good copy")  # fmt: skip
@@ -138,6 +192,7 @@ def render_json(outcome: FsckOutcome) -> str:
                       "ns_id": p.ns_id.hex() if p.ns_id else None,
                       "key": p.key.hex() if p.key else None} for p in s.problems],
         "notes": s.notes, "deleted": outcome.deleted, "cleared": outcome.cleared,
+        "rebuilt": vars(outcome.rebuilt) if outcome.rebuilt is not None else None,
         "exit_code": int(outcome.exit_code),
     }, indent=2)  # fmt: skip
 
