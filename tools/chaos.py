@@ -7,8 +7,10 @@ Needs root: the daemon's data dir (catalog, NVMe file, two local CSD workers' sh
 on a small tmpfs mounted for the run, so they can meet a full disk. The host tier is small,
 so most blocks are demoted to NVMe; clients also move blocks to "nvme", "csd" and "host".
 
-Faults, at seeded random times, each kind once per round in a shuffled order:
-  daemon_kill  kill -9 of the daemon, restarted on the same data dir
+Faults, at seeded random times, each kind once per round in a shuffled order (`--faults`
+picks kinds); they go on for --seconds, and longer (3x at most) until every kind has hit:
+  daemon_kill  kill -9 of the daemon (half the time with its CSD workers, as systemd kills a
+               crashed unit's control group), restarted on the same data dir
   worker_kill  kill -9 of one CSD worker process (the daemon restarts it)
   nvme_flip    bytes flipped inside a block's extent of the NVMe data file
   csd_flip     bytes flipped inside a block's extent of a CSD shard's data file
@@ -16,12 +18,14 @@ Faults, at seeded random times, each kind once per round in a shuffled order:
 
 The checker's rules. Block contents derive from (seed, key), so any answer can be checked.
 An answer returned as success must be byte-exact (get) or within 1e-4 relative of the
-float64 oracle over the committed bytes (attend); anything else is a wrong answer. Errors
-and misses are acceptable answers. A block is committed when its put returned success, and
-required at the end when, besides, a move to "nvme" or "csd" acknowledged it (all committed
-blocks with --host-durable) and no flip hit its extent (mapped through the catalogs, read
-only, just before and after each flip). After the faults stop the daemon is restarted
-cleanly; a required block missing then is lost.
+float64 oracle over the committed bytes (attend); anything else is a wrong answer. Misses
+and the errors in ACCEPTED are acceptable answers; other errors (INTERNAL, a call past its
+deadline) are counted apart. A block is committed when its put returned success, and
+required at the end when, besides, a move to "nvme" or "csd" acknowledged it (every
+committed block with --host-durable) and no flip hit its extent: flips are mapped to blocks
+through the catalogs (read only) as they are just before, just after and for a few seconds
+after each flip. After the faults stop the daemon is restarted cleanly (SIGTERM); a
+required block missing then is lost.
 
 Exit status: 0 with no wrong answer and nothing lost, 1 otherwise, 2 when the rig failed.
 """
@@ -58,15 +62,21 @@ from chaos_faults import (
     Extent,
     Mount,
     RigError,
+    catalog_rows,
     csd_extents,
     flip,
     keys_over,
     nvme_extents,
+    recoveries,
 )
 
 from tierd.config import parse_size
 from tierd_client import Namespace, TierdClient, TierdError
 
+# Errors the rules accept as answers; others (INTERNAL, a call past its deadline) are
+# counted apart: not wrong answers, but not what a fault should cause either.
+ACCEPTED = {"miss", "miss_uncommitted", "FailedPrecondition", "DataLoss", "Unavailable",
+            "ResourceExhausted", "NotFound"}  # fmt: skip
 FINAL_DEADLINE_S = 60.0
 FLIP_REMAP_S = 10.0  # a flip is mapped to blocks again at every fault this long after it
 
@@ -179,7 +189,7 @@ class Chaos:
             pending.pop(0)
             self.faults[kind] += 1
             self.fault_log.append(f"{time.monotonic() - self.t0:6.1f}s {kind}: {done}")
-            next_at = time.monotonic() + self.rng.uniform(0.5, 1.5) * scale
+            next_at = time.monotonic() + self.rng.uniform(1.0, 2.5) * scale
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -254,6 +264,7 @@ class Chaos:
                         led.wrong_answer(f"final get {key.hex()}: bytes differ")
                 pending = pending[64:]
         lost = [k for k in keys if k in required and not found.get(k, False)]
+        rows = catalog_rows(self.data_dir, lost[:EXAMPLES])
         return {
             "checked_at_end": len(found),
             "unanswered_at_end": len(keys) - len(found),
@@ -261,10 +272,13 @@ class Chaos:
             "required": len(required),
             "lost": len(lost),
             "lost_examples": [
-                f"{k.hex()} (moved to {durable.get(k, 'host only')})" for k in lost[:EXAMPLES]
+                f"{k.hex()} ({'moved to ' + durable[k] if k in durable else 'never moved'}; "
+                f"catalog: {rows[k]})"
+                for k in lost[:EXAMPLES]
             ],
+            # Blocks the rules let go (never moved, no flip), missing all the same.
             "missing_not_required": sum(
-                1 for k in keys if k not in required and found.get(k) is False
+                1 for k in keys if k not in required and k not in flipped and not found.get(k)
             ),
             "flipped_missing_at_end": sum(1 for k in keys if k in flipped and not found.get(k)),
             "wrong_at_end": led.wrong - wrong_before,
@@ -282,6 +296,11 @@ class Chaos:
             "faults": {kind: self.faults[kind] for kind in KINDS},
             "errors": dict(sorted(led.errors.items())),
             "error_examples": led.error_examples,
+            "unexpected_errors": sum(
+                n for code, n in led.errors.items() if code.split(":")[-1] not in ACCEPTED
+            ),
+            "stop_timeouts": self.daemon.stop_timeouts,
+            "recoveries": recoveries(self.daemon.log_tail(1 << 24)),
             "answers_checked": dict(led.checked),
             "wrong": led.wrong,
             "wrong_examples": led.wrong_examples,
@@ -309,18 +328,24 @@ def table(fig: dict[str, Any]) -> str:
     )
     at_end = (
         f"{end('checked_at_end')} (found {end('found_at_end')}, required {end('required')}, "
-        f"missing but not required {end('missing_not_required')}, hit by a flip and missing "
-        f"{end('flipped_missing_at_end')})"
+        f"hit by a flip and missing {end('flipped_missing_at_end')}, "
+        f"never moved and missing {end('missing_not_required')})"
+    )
+    refused = (
+        f"{fig['unexpected_errors']} errors outside the accepted ones; the daemon outlived "
+        f"SIGTERM {fig['stop_timeouts']}x"
     )
     rows = [
         ("calls", kv(fig["calls"])),
         ("faults injected", kv(fig["faults"])),
         ("errors", kv(fig["errors"])),
+        ("not accepted", refused),
         ("answers checked", kv(fig["answers_checked"])),
         ("wrong answers", str(fig["wrong"])),
         ("committed", committed),
         ("checked at end", at_end),
         ("lost", str(fig["lost"])),
+        ("daemon starts", "  ".join(f"{b} blocks ({d} dropped)" for b, d in fig["recoveries"])),
     ]
     head = (
         f"chaos run: seed {fig['seed']}, {fig['seconds']} s, {fig['clients']} clients, "

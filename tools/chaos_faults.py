@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -130,6 +131,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.seen_workers: set[int] = set()
+        self.stop_timeouts = 0  # SIGTERMs the daemon did not exit on in time
 
     def log_tail(self, limit: int = 6000) -> str:
         try:
@@ -176,6 +178,7 @@ class Daemon:
         try:
             self.proc.wait(timeout=STOP_DEADLINE_S)
         except subprocess.TimeoutExpired:
+            self.stop_timeouts += 1
             print(f"chaos: tierd ignored SIGTERM:\n{self.log_tail()}", file=sys.stderr)
             self.kill9()
 
@@ -287,6 +290,20 @@ def csd_extents(data_dir: Path, *, only_copy: bool = False) -> list[Extent]:
         alone = {k for (k,) in _query(data_dir / CATALOG_FILE, sql)}
         out = [e for e in out if e.key in alone]
     return out
+
+
+def catalog_rows(data_dir: Path, keys: Iterable[bytes]) -> dict[bytes, str]:
+    """Where the daemon's catalog says each key lives ("no row" when it has none)."""
+    rows = _query(data_dir / CATALOG_FILE, "SELECT key, host_off, nvme_off, csd FROM blocks")
+    where = {k: f"host_off={h} nvme_off={n} csd={c}" for k, h, n, c in rows}
+    return {k: where.get(k, "no row") for k in keys}
+
+
+def recoveries(log: str) -> list[tuple[int, int]]:
+    """(blocks, dropped) of every start's recovery, from the daemon's log."""
+    return [
+        (int(a), int(b)) for a, b in re.findall(r"recovered (\d+) blocks \((\d+) dropped\)", log)
+    ]
 
 
 def flip(extent: Extent, rng: random.Random, count: int = 3) -> list[int]:

@@ -27,8 +27,9 @@ from tierd.tiers.host import segments_of
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "chaos.py"
 SECONDS = float(os.environ.get("TIERD_CHAOS_SECONDS", "20"))
-# Start, a clean restart and the final check come on top of the faults' time.
-DEADLINE_S = SECONDS + 150
+# A ceiling for a run that hangs, not its expected length (about SECONDS + 15 s): the
+# faults may run to 3 x SECONDS, and the restarts and the final check have their own bounds.
+DEADLINE_S = 3 * SECONDS + 240
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,7 @@ def test_chaos_run_answers_nothing_wrong_and_loses_no_durable_block() -> None:
         shown = f"{printed[-8000:]}\n---- daemon log (end) ----\n{log}"
         assert proc.returncode in (0, 1) and out.exists(), f"the rig failed:\n{shown}"
         fig = json.loads(out.read_text())
+        print(printed)  # the figures, for `pytest -s` or a report
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
