@@ -30,11 +30,11 @@ from .layout import DTYPES, KVLayout
 from .results import CachedBlock, GetResult, LookupResult, Namespace, SegmentInfo
 
 __all__ = [
+    "DTYPES",
+    "KEY_BYTES",
     "AttendItem",
     "AttendOutput",
     "AttendStream",
-    "DTYPES",
-    "KEY_BYTES",
     "CachedBlock",
     "DataLoss",
     "FailedPrecondition",

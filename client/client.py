@@ -27,8 +27,8 @@ from . import keys as _keys
 from ._proto import tierd_pb2 as pb
 from ._proto import tierd_pb2_grpc as pb_grpc
 from .address import parse_address
-from .attend import AttendItem, AttendOutput, AttendStream, outputs_of, request_of
 from .arrays import BlockRows, block_rows, byte_rows, out_buffer
+from .attend import AttendItem, AttendOutput, AttendStream, outputs_of, request_of
 from .chunks import GetAssembler, put_chunks
 from .errors import FailedPrecondition, Internal, InvalidArgument, TierdError
 from .layout import KVLayout

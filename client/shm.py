@@ -9,8 +9,9 @@ names (`segment.handoff`), proves its tenant (the bearer token, or in open mode 
 tenant's name, guarded by the socket's permissions), and receives two descriptors: the
 tenant's block segment, read-only (gets copy out of it), and its staging area,
 read-write (puts copy into it; the daemon copies committed slots out). A restarted daemon
-announces a new `instance`; mappings of the old one are replaced, since writing into
-staging the new daemon does not know would silently lose every block.
+announces a new `instance` (as does one that replaced a tenant's staging area after a
+lease expired); mappings of the old one are replaced, since writing into staging the
+daemon no longer reads would silently lose every block.
 
 Replaced mappings are not closed here: another thread may be copying through a view of
 one, and the mmap unmaps itself once the last view is gone.
@@ -56,32 +57,46 @@ class HandedFds:
 def receive_fds(handoff: str, tenant: str, token: str | None,
                 timeout: float = HANDOFF_TIMEOUT) -> HandedFds:  # fmt: skip
     """Ask the daemon at `handoff` for `tenant`'s shared memory; the caller owns the fds."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(handoff)
-        sock.sendall(json.dumps({"tenant": tenant, "token": token}).encode() + b"\n")
-        data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 2)
-        try:
+    fds: list[int] = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(handoff)
+            sock.sendall(json.dumps({"tenant": tenant, "token": token}).encode() + b"\n")
+            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 2)
             while b"\n" not in data and len(data) < _MAX_REPLY:
                 more = sock.recv(_MAX_REPLY - len(data))
                 if not more:
                     break
                 data += more
-            reply = json.loads(data.split(b"\n", 1)[0])
-            if not reply.get("ok"):
-                cls = getattr(errors, str(reply.get("code")), None)
-                if not (isinstance(cls, type) and issubclass(cls, errors.TierdError)):
-                    cls = errors.Unavailable
-                raise cls(f"shared memory refused: {reply.get('error')}", field="segment")
-            if len(fds) != 2:
-                raise Internal(f"daemon handed over {len(fds)} descriptors, not 2",
-                               field="segment")  # fmt: skip
-            return HandedFds(fds[0], int(reply["size"]), fds[1], int(reply["staging_size"]),
-                             bytes.fromhex(reply["instance"]))  # fmt: skip
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
+        reply = json.loads(data.split(b"\n", 1)[0])
+        if not isinstance(reply, dict):
+            raise TypeError("not a JSON object")
+        if not reply.get("ok"):
+            cls = getattr(errors, str(reply.get("code")), None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.TierdError)):
+                cls = errors.Unavailable
+            raise cls(f"shared memory refused: {reply.get('error')}", field="segment")
+        if len(fds) != 2:
+            raise Internal(f"daemon handed over {len(fds)} descriptors, not 2",
+                           field="segment")  # fmt: skip
+        return HandedFds(fds[0], int(reply["size"]), fds[1], int(reply["staging_size"]),
+                         bytes.fromhex(reply["instance"]))  # fmt: skip
+    except errors.TierdError:
+        _close_all(fds)
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # timeout, refused, garbled
+        _close_all(fds)
+        raise errors.Unavailable(f"shared-memory handoff at {handoff} failed: {e!r}",
+                                 field="segment") from e  # fmt: skip
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class SegmentMaps:
@@ -103,8 +118,10 @@ class SegmentMaps:
             fds = receive_fds(handoff, self._tenant, self._token)
             try:
                 if fds.instance != instance:
-                    raise Internal("the daemon restarted during the handoff; retry",
-                                   field="segment.instance")  # fmt: skip
+                    # It restarted, or replaced its staging area, since it answered: the
+                    # caller's retry asks again.
+                    raise errors.Unavailable("the daemon's shared memory changed during the "
+                                             "handoff; retry", field="segment.instance")  # fmt: skip
                 if (fds.size, fds.staging_size) != (int(segment.size), int(segment.staging_size)):
                     raise Internal(
                         f"daemon announced {segment.size}/{segment.staging_size} bytes and "

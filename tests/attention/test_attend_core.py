@@ -60,7 +60,8 @@ def put_sequence(svc: CacheService, lay: KVLayout, n_blocks: int, seed: int):
     for i, slot in enumerate(prepared.slots):
         block = kv[:, :, :, i * T : (i + 1) * T].contiguous()
         raw = block.view(torch.uint8).numpy().reshape(-1)
-        svc.host.staging_view("tenant", slot.offset, lay.block_bytes)[:] = raw.tobytes()
+        area = svc.leases.get(prepared.lease_id).area
+        svc.staging.view(area, slot.offset, lay.block_bytes)[:] = raw.tobytes()
     svc.commit_put(prepared.lease_id)
     return ns, keys, tokens, kv
 

@@ -131,3 +131,22 @@ def test_flipped_csd_byte_fails_attend_naming_the_block(csd_core: CacheService) 
     assert keys[2].hex() in e.value.message
     assert svc.index.get(ns.id, keys[2]) is None
     assert svc.stats().corrupt_reads >= 1
+
+
+def test_damaged_host_copy_written_out_is_never_vouched_for(core: CacheService) -> None:
+    """A host copy that no longer matches its checksum (adopted after a restart, say) is
+    written to NVMe without per-layer checksums, so attend checks the whole block there
+    and refuses it, instead of verifying the damage against sums taken from it."""
+    svc = core
+    lay = layout("float32")
+    ns, keys, _, _ = put_blocks(svc, lay, 3, seed=5)
+    victim = svc.index.get(ns.id, keys[1])
+    view = svc.host.view(ns.tenant, victim.host_off, victim.nbytes)
+    view[100] ^= 0xFF  # damage behind the daemon's back
+    victim.host_verified = False
+    assert svc.move(ns.id, keys, "nvme") == 3
+    assert victim.layer_sums is None and svc.index.get(ns.id, keys[0]).layer_sums is not None
+    seq_id, _ = svc.attend.open_sequence(ns.id, keys)
+    with pytest.raises(DataLoss) as e:
+        attend(svc, seq_id, 0)
+    assert keys[1].hex() in e.value.message

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.core.results import ClientFds
 from tierd.errors import NotFound, Unauthenticated
-from tierd.server.handoff import HandoffServer
+from tierd.server.handoff import DEADLINE_SECONDS, MAX_CONNECTIONS, HandoffServer
 from tierd.tiers.host import HostArena
+from tierd.tiers.staging import StagingAreas
 from tierd_client import KVLayout, SegmentInfo
-from tierd_client.errors import Internal
+from tierd_client.errors import Internal, Unavailable
 from tierd_client.hostinfo import host_id
 from tierd_client.shm import SegmentMaps, receive_fds, slot_view
 
@@ -26,11 +28,12 @@ CAPACITY = 1 << 20
 
 
 class Daemonish:
-    """A host arena and a real handoff server on a unix socket (the daemon's two parts
-    that clients touch), with open-mode authorization for tenants named in `known`."""
+    """A host arena, staging areas and a real handoff server on a unix socket (the parts
+    of the daemon that clients touch), authorizing the tenants named in `known`."""
 
     def __init__(self, base: Path, known: set[str]) -> None:
         self.arena = HostArena(CAPACITY, f"test{os.getpid()}{base.name[-6:]}")
+        self.staging = StagingAreas(CAPACITY, CAPACITY)
         self.known = known
 
         def authorize(tenant: str, token: str | None) -> str:
@@ -40,16 +43,22 @@ class Daemonish:
                 raise Unauthenticated("bad token")
             return tenant
 
-        self.server = HandoffServer(base / "tierd.sock.shm", self.arena, authorize)
+        def fds_for(tenant: str) -> ClientFds:
+            seg_fd, seg_size = self.arena.client_fd(tenant)
+            fd, size, gen = self.staging.client_fd(tenant)
+            return ClientFds(seg_fd, seg_size, fd, size, gen)
+
+        self.server = HandoffServer(base / "tierd.sock.shm", fds_for, authorize)
         self.server.start()
 
     def segment(self, tenant: str) -> SegmentInfo:
-        seg, st = self.arena.segment(tenant), self.arena.staging(tenant)
-        return SegmentInfo(str(self.server.path), seg.size, host_id(), st.size,
-                           self.server.instance)  # fmt: skip
+        seg, area = self.arena.segment(tenant), self.staging.current(tenant)
+        return SegmentInfo(str(self.server.path), seg.size, host_id(), area.size,
+                           self.server.instance_of(area.generation))  # fmt: skip
 
     def close(self) -> None:
         self.server.stop()
+        self.staging.close()
         self.arena.destroy()
 
 
@@ -78,9 +87,9 @@ def test_store_is_read_only_and_staging_is_shared(daemon: Daemonish) -> None:
     with pytest.raises(TypeError):
         m.store[off] = 1
     # Staging is the daemon's staging memory.
-    s_off = daemon.arena.allocate_staging("a", LAY.block_bytes)
+    area, s_off = daemon.staging.allocate("a", LAY.block_bytes)
     slot_view(m.staging, s_off, LAY)[...] = want
-    assert bytes(daemon.arena.staging_view("a", s_off, LAY.block_bytes)) == want.tobytes()
+    assert bytes(daemon.staging.view(area, s_off, LAY.block_bytes)) == want.tobytes()
     maps.close()
 
 
@@ -103,9 +112,9 @@ def test_handed_descriptors_cannot_truncate_or_write_the_store(daemon: Daemonish
         os.close(fds.segment_fd)
         os.close(fds.staging_fd)
     # The daemon's own mappings are intact: it reads its whole staging area without SIGBUS.
-    st = daemon.arena.staging("a")
-    assert os.fstat(st.fd).st_size == st.size
-    assert bytes(daemon.arena.staging_view("a", st.size - 4096, 4096)) == bytes(4096)
+    area = daemon.staging.current("a")
+    assert os.fstat(area.fd).st_size == area.size
+    assert bytes(daemon.staging.view(area, area.size - 4096, 4096)) == bytes(4096)
 
 
 def test_another_tenants_memory_is_refused(daemon: Daemonish) -> None:
@@ -116,7 +125,7 @@ def test_another_tenants_memory_is_refused(daemon: Daemonish) -> None:
     # What tenant "b" receives is b's memory, not a's.
     a = SegmentMaps("a").map(daemon.segment("a"))
     b = SegmentMaps("b").map(daemon.segment("b"))
-    off = daemon.arena.allocate_staging("a", 4096)
+    _, off = daemon.staging.allocate("a", 4096)
     a.staging[off : off + 4] = b"AAAA"
     assert bytes(b.staging[off : off + 4]) != b"AAAA"
 
@@ -145,12 +154,12 @@ def test_a_new_instance_is_mapped_again(tmp_path: Path) -> None:
     second = Daemonish(base, {"a"})  # what a restarted daemon announces
     try:
         new = maps.map(second.segment("a"))
-        assert new is not old and new.instance == second.server.instance
+        assert new is not old and new.instance == second.segment("a").instance
         # A segment announced with an instance the socket's daemon does not have: refused.
         stale = SegmentInfo(str(second.server.path), new.store.size(), host_id(),
                             len(new.staging), old.instance)  # fmt: skip
         maps2 = SegmentMaps("a")
-        with pytest.raises(Internal):
+        with pytest.raises(Unavailable):  # retried by the client's callers
             maps2.map(stale)
     finally:
         second.close()
@@ -175,3 +184,80 @@ def test_slot_outside_segment(daemon: Daemonish) -> None:
     m = SegmentMaps("a").map(daemon.segment("a"))
     with pytest.raises(Internal):
         slot_view(m.store, len(m.store) - 100, LAY)
+
+
+def test_a_flood_of_idle_connections_delays_others_at_most_the_deadline(
+    daemon: Daemonish,
+) -> None:
+    import socket
+    import time
+
+    flood = []
+    for _ in range(MAX_CONNECTIONS + 8):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(daemon.server.path))
+        flood.append(s)
+    try:
+        start = time.monotonic()
+        while True:  # a real client retries; it gets through once the deadline passes
+            try:
+                fds = receive_fds(str(daemon.server.path), "a", None, timeout=1.0)
+                break
+            except Unavailable:
+                assert time.monotonic() - start < 4 * DEADLINE_SECONDS + 5
+        os.close(fds.segment_fd)
+        os.close(fds.staging_fd)
+        for s in flood:  # every idle connection was closed by the daemon
+            s.settimeout(DEADLINE_SECONDS + 5)
+            assert s.recv(1) == b""
+    finally:
+        for s in flood:
+            s.close()
+
+
+def test_stop_does_not_wait_for_a_slow_client(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    base = Path(tempfile.mkdtemp(prefix="tierd-shm-"))
+    d = Daemonish(base, {"a"})
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(str(d.server.path))
+    slow.sendall(b'{"ten')  # and nothing more
+    start = time.monotonic()
+    d.close()
+    assert time.monotonic() - start < DEADLINE_SECONDS + 2
+    slow.close()
+    os.rmdir(base)
+
+
+def test_retired_staging_is_never_handed_to_a_new_lease(daemon: Daemonish) -> None:
+    """The fence for shared-memory puts: once a lease expired (its area retired), new
+    leases get a new area and clients a new instance; old slots are never reused."""
+    maps = SegmentMaps("a")
+    old_seg = daemon.segment("a")
+    old = maps.map(old_seg)
+    area, off = daemon.staging.allocate("a", LAY.block_bytes)
+    daemon.staging.retire(area)  # what the daemon does when that lease expires
+    daemon.staging.free(area, off, LAY.block_bytes)
+    new_seg = daemon.segment("a")
+    assert new_seg.instance != old_seg.instance
+    new_area, new_off = daemon.staging.allocate("a", LAY.block_bytes)
+    assert new_area is not area
+    slot_view(old.staging, off, LAY)[...] = 9.0  # the stalled client wakes up and writes
+    assert bytes(daemon.staging.view(new_area, new_off, LAY.block_bytes)) == bytes(LAY.block_bytes)
+    new = maps.map(new_seg)  # the client maps the new area on its next put
+    assert new is not old
+    slot_view(new.staging, new_off, LAY)[...] = 1.0
+    assert bytes(daemon.staging.view(new_area, new_off, 4)) == np.float32(1.0).tobytes()
+
+
+def test_pages_a_reader_faults_in_are_given_back(daemon: Daemonish) -> None:
+    m = SegmentMaps("a").map(daemon.segment("a"))
+    seg = daemon.arena.segment("a")
+    before = os.fstat(seg.fd).st_blocks
+    total = sum(m.store[i] for i in range(0, len(m.store), 4096))  # read every hole
+    assert total == 0
+    assert os.fstat(seg.fd).st_blocks >= before + len(m.store) // 2 // 512  # it cost memory
+    daemon.arena.trim()
+    assert os.fstat(seg.fd).st_blocks <= before

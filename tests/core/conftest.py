@@ -61,13 +61,17 @@ def block_bytes_for(key: bytes) -> bytes:
     return rng.integers(0, 256, BB, dtype=np.uint8).tobytes()
 
 
+def slot_view(svc: CacheService, lease_id: int, offset: int, nbytes: int = BB) -> memoryview:
+    """Where a local client writes a put slot: the lease's staging area."""
+    return svc.staging.view(svc.leases.get(lease_id).area, offset, nbytes)
+
+
 def put_blocks(svc: CacheService, ns_id: bytes, keys: list[bytes]) -> int:
     """The shared-memory put protocol, done the way a local client does it."""
     prepared = svc.prepare_put(ns_id, keys, LAYOUT.block_shape, LAYOUT.dtype)
-    ns = svc.namespace(ns_id)
     for key, slot in zip(keys, prepared.slots):
         if slot.state == "leased":
-            svc.host.staging_view(ns.tenant, slot.offset, BB)[:] = block_bytes_for(key)
+            slot_view(svc, prepared.lease_id, slot.offset)[:] = block_bytes_for(key)
     return svc.commit_put(prepared.lease_id) if prepared.lease_id else 0
 
 

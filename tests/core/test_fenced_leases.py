@@ -3,6 +3,8 @@ no write lands in memory that now belongs to another lease or block."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.core.conftest import (
@@ -13,6 +15,7 @@ from tests.core.conftest import (
     get_blocks,
     keys_for,
     put_blocks,
+    slot_view,
 )
 from tierd.errors import FailedPrecondition
 
@@ -32,7 +35,7 @@ def test_inband_stream_past_its_lease_writes_nothing(harness: Harness) -> None:
     # Another put of the tenant now holds (some of) the staging the slow one had.
     other = svc.prepare_put(ns.id, other_keys, LAYOUT.block_shape, LAYOUT.dtype)
     for key, slot in zip(other_keys, other.slots):
-        svc.host.staging_view("t1", slot.offset, BB)[:] = block_bytes_for(key)
+        slot_view(svc, other.lease_id, slot.offset)[:] = block_bytes_for(key)
     with pytest.raises(FailedPrecondition) as e:
         slow.write(b"\x22" * (BB + BB // 2))  # the rest of the slow stream
     assert e.value.field == "lease_id"
@@ -47,12 +50,12 @@ def test_commit_after_expiry_fails_cleanly(harness: Harness) -> None:
     keys = keys_for(ns.id, 3, seed=3)
     prepared = svc.prepare_put(ns.id, keys, LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
     for key, slot in zip(keys, prepared.slots):
-        svc.host.staging_view("t1", slot.offset, BB)[:] = block_bytes_for(key)
+        slot_view(svc, prepared.lease_id, slot.offset)[:] = block_bytes_for(key)
     svc.reap(now=float("inf"))
     with pytest.raises(FailedPrecondition):
         svc.commit_put(prepared.lease_id)
     assert get_blocks(svc, ns.id, keys) == [None] * 3
-    assert svc.host.staging_used_bytes("t1") == 0 and svc.host.used_bytes == 0
+    assert svc.staging.used_bytes("t1") == 0 and svc.host.used_bytes == 0
 
 
 def test_writes_to_staging_after_commit_never_reach_the_block(harness: Harness) -> None:
@@ -62,11 +65,12 @@ def test_writes_to_staging_after_commit_never_reach_the_block(harness: Harness) 
     ns = _ns(svc)
     keys = keys_for(ns.id, 2, seed=4)
     prepared = svc.prepare_put(ns.id, keys, LAYOUT.block_shape, LAYOUT.dtype)
-    for key, slot in zip(keys, prepared.slots):
-        svc.host.staging_view("t1", slot.offset, BB)[:] = block_bytes_for(key)
+    views = [slot_view(svc, prepared.lease_id, slot.offset) for slot in prepared.slots]
+    for key, view in zip(keys, views):
+        view[:] = block_bytes_for(key)
     assert svc.commit_put(prepared.lease_id) == 2
-    for slot in prepared.slots:  # the misbehaving client, after the fact
-        svc.host.staging_view("t1", slot.offset, BB)[:] = b"\xee" * BB
+    for view in views:  # the misbehaving client, after the fact
+        view[:] = b"\xee" * BB
     assert get_blocks(svc, ns.id, keys) == [block_bytes_for(k) for k in keys]
     # And a later put that reuses the slots stores its own bytes.
     more = keys_for(ns.id, 2, seed=5)
@@ -89,3 +93,65 @@ def test_a_lease_being_written_is_not_reaped(harness: Harness) -> None:
     writer.write(block_bytes_for(keys[0]))
     assert writer.finish() == ["stored"]
     assert get_blocks(svc, ns.id, keys) == [block_bytes_for(keys[0])]
+
+
+def test_expired_shared_memory_lease_retires_its_staging(harness: Harness) -> None:
+    """A client whose shared-memory lease expired may still write into its slots. The next
+    puts never get those slots: the tenant's staging area is retired (new leases go to a
+    new one), so the late writes reach no other put."""
+    svc = harness.open()
+    ns = _ns(svc)
+    slow_keys, other_keys = keys_for(ns.id, 2, seed=7), keys_for(ns.id, 2, seed=8)
+    slow = svc.prepare_put(ns.id, slow_keys, LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
+    stale = [slot_view(svc, slow.lease_id, s.offset) for s in slow.slots]  # its mapping
+    svc.reap(now=float("inf"))
+    other = svc.prepare_put(ns.id, other_keys, LAYOUT.block_shape, LAYOUT.dtype)
+    assert other.segment.staging_generation != slow.segment.staging_generation
+    for key, slot in zip(other_keys, other.slots):
+        slot_view(svc, other.lease_id, slot.offset)[:] = block_bytes_for(key)
+    for view in stale:  # the stalled client wakes up
+        view[:] = b"\x5a" * BB
+    assert svc.commit_put(other.lease_id) == 2
+    assert get_blocks(svc, ns.id, other_keys) == [block_bytes_for(k) for k in other_keys]
+    # The retired area went away with its last lease; staging holds nothing now.
+    assert svc.staging.used_bytes("t1") == 0
+
+
+def test_inband_leases_are_out_of_reach_of_commit_and_release_calls(harness: Harness) -> None:
+    svc = harness.open()
+    ns = _ns(svc)
+    keys = keys_for(ns.id, 1, seed=9)
+    writer = svc.begin_inband_put(ns.id, keys, LAYOUT.block_shape, LAYOUT.dtype)
+    lease_id = writer._prepared.lease_id
+    writer.write(block_bytes_for(keys[0])[: BB // 2])
+    # What a client's CommitPut / Release with a guessed id would do:
+    with pytest.raises(FailedPrecondition):
+        svc.commit_put(lease_id)
+    assert not svc.release(lease_id)
+    writer.write(block_bytes_for(keys[0])[BB // 2 :])
+    assert writer.finish() == ["stored"]
+    assert get_blocks(svc, ns.id, keys) == [block_bytes_for(keys[0])]
+
+
+def test_a_catalog_that_cannot_record_a_demotion_leaves_blocks_in_host(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tierd.errors import ResourceExhausted
+
+    svc = harness.open(host_blocks=8, nvme_blocks=64)
+    ns = _ns(svc)
+    keys = keys_for(ns.id, 6, seed=10)
+    assert put_blocks(svc, ns.id, keys) == 6
+
+    def full(*_a, **_k):
+        raise ResourceExhausted("the catalog's disk is full")
+
+    monkeypatch.setattr(svc.catalog, "update_locations", full)
+    assert svc.placer.flush(deadline=time.monotonic() + 1) >= 0
+    assert not any(e.moving for e in svc.index.entries())  # nothing stuck mid-move
+    assert all(e.host_off is not None and e.nvme_off is None for e in svc.index.entries())
+    assert svc.nvme.used_bytes == 0  # the extents written for nothing were freed
+    monkeypatch.undo()
+    assert svc.placer.flush(deadline=time.monotonic() + 5) == 6
+    assert all(e.nvme_off is not None for e in svc.index.entries())
+    assert get_blocks(svc, ns.id, keys) == [block_bytes_for(k) for k in keys]

@@ -15,6 +15,7 @@ from tests.core.conftest import (
     get_blocks,
     keys_for,
     put_blocks,
+    slot_view,
 )
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
@@ -67,10 +68,9 @@ def test_second_put_reports_already_present_and_race_keeps_one_copy(harness: Har
     p1 = svc.prepare_put(ns, keys, LAYOUT.block_shape, LAYOUT.dtype)
     p2 = svc.prepare_put(ns, keys, LAYOUT.block_shape, LAYOUT.dtype)
     assert {s.state for s in p1.slots + p2.slots} == {"leased"}
-    nsinfo = svc.namespace(ns)
     for p in (p1, p2):
         for k, s in zip(keys, p.slots):
-            svc.host.staging_view(nsinfo.tenant, s.offset, BB)[:] = block_bytes_for(k)
+            slot_view(svc, p.lease_id, s.offset)[:] = block_bytes_for(k)
     assert svc.commit_put(p1.lease_id) == 2
     assert svc.commit_put(p2.lease_id) == 0  # lost the race: its slots are freed
     assert svc.host.used_bytes == 2 * BB
@@ -174,10 +174,10 @@ def test_expired_leases_return_their_memory(harness: Harness) -> None:
     svc.prepare_put(ns, keys_for(ns, 4, seed=2), LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
     held = svc.prepare_get(ns, keys_for(ns, 2, seed=1), ttl_ms=1)
     # A put lease holds staging, not host-tier space, until it commits.
-    assert svc.host.staging_used_bytes("t1") == 4 * BB
+    assert svc.staging.used_bytes("t1") == 4 * BB
     assert svc.host.used_bytes == used
     svc.reap(now=float("inf"))
-    assert svc.host.staging_used_bytes("t1") == 0
+    assert svc.staging.used_bytes("t1") == 0
     assert svc.host.used_bytes == used
     assert all(e.readers == 0 for e in svc.index.entries())
     with pytest.raises(FailedPrecondition):
@@ -213,7 +213,7 @@ def test_full_host_with_nothing_movable_is_resource_exhausted(harness: Harness) 
         svc.commit_put(prepared.lease_id)
     # The failed put left nothing behind: no block, no lease, no staging.
     assert svc.host.used_bytes == 4 * BB
-    assert svc.host.staging_used_bytes("t1") == 0 and len(svc.leases) == 1
+    assert svc.staging.used_bytes("t1") == 0 and len(svc.leases) == 1
     assert not svc.release(prepared.lease_id)
     svc.release(held.lease_id)
     assert put_blocks(svc, ns, keys_for(ns, 1, seed=9)) == 1

@@ -45,9 +45,9 @@ class InbandPut:
                 f"{self._ns.block_bytes}), got {self._filled}", field="data",
             )
         if self._prepared.lease_id:
-            self._svc.commit_put(self._prepared.lease_id)
+            self._svc.commit_put(self._prepared.lease_id, inband=True)
         return ["already_present" if s.state == "already_present" else "stored"
                 for s in self._prepared.slots]  # fmt: skip
 
     def abort(self) -> None:
-        self._svc.release(self._prepared.lease_id)
+        self._svc.release(self._prepared.lease_id, inband=True)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from tierd.core.index import BlockEntry, NamespaceInfo
+from tierd.tiers.staging import StagingArea
 
 
 @dataclass
@@ -29,8 +30,12 @@ class PutLease:
     ns: NamespaceInfo
     slots: list[PutSlotLease]
     deadline: float
+    area: StagingArea  # the staging area its slots are in
     committing: bool = False
     writers: int = 0  # in-band chunks being copied into its slots right now
+    # Held by the daemon for an in-band stream: the client never sees its id, and the
+    # CommitPut / Release calls do not touch it.
+    inband: bool = False
 
 
 @dataclass
@@ -39,6 +44,7 @@ class GetLease:
     ns: NamespaceInfo
     entries: list[BlockEntry] = field(default_factory=list)
     deadline: float = 0.0
+    inband: bool = False  # held by the daemon for an in-band Get stream
 
 
 Lease = PutLease | GetLease

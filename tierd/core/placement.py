@@ -36,10 +36,18 @@ ROOM_WAIT_SECONDS = 10.0
 IDLE_SECONDS = 0.25
 
 
+class _Stopped(Exception):
+    """The placement thread was asked to stop."""
+
+
 def stamp_layer_sums(entry: BlockEntry, view: memoryview) -> bool:
-    """Give `entry` its per-layer checksums from trusted bytes (a host copy) as it is
-    written to a tier the daemon reads back from; True when they were computed now."""
-    if entry.layer_sums is not None:
+    """Give `entry` its per-layer checksums from its host copy as it is written to a tier
+    the daemon reads back from; True when they were computed now.
+
+    The copy is checked against the block checksum first (one more pass over bytes in
+    memory): sums taken from damaged bytes would vouch for the damage. A copy that fails
+    gets none, so every later read of it checks the whole block and finds the damage."""
+    if entry.layer_sums is not None or checksum(view) != entry.checksum:
         return False
     entry.layer_sums = layer_checksums(view, entry.ns.layout.num_layers)
     return True
@@ -255,21 +263,31 @@ class Placer:
 
     def _run(self) -> None:
         while True:
-            self.svc.reap()
-            with self.cond:
-                if self._stop:
-                    return
-                writes = self._plan_demotion()
-                if not writes:
+            try:
+                self._pass()
+            except _Stopped:
+                return
+            except Exception:  # keep the thread (and the daemon) alive: blocks stay put
+                log.exception("placement pass failed")
+                with self.cond:
                     self._passes += 1
                     self.cond.notify_all()
-                    if self._wanted == 0 or self._last_pass_freed == 0:
+                    if not self._stop:
                         self.cond.wait(IDLE_SECONDS)
-                    continue
-            try:
-                self._demote(writes)
-            except Exception:  # keep the daemon alive; the blocks simply stay in host
-                log.exception("demotion pass failed")
+
+    def _pass(self) -> None:
+        self.svc.reap()
+        with self.cond:
+            if self._stop:
+                raise _Stopped
+            writes = self._plan_demotion()
+            if not writes:
+                self._passes += 1
+                self.cond.notify_all()
+                if self._wanted == 0 or self._last_pass_freed == 0:
+                    self.cond.wait(IDLE_SECONDS)
+                return
+        self._demote(writes)
 
     def _host_goal(self) -> int:
         """Bytes to move out of host now (0 when occupancy is fine and nobody waits)."""
@@ -316,14 +334,18 @@ class Placer:
         if goal == 0:
             return []
         writes: list[tuple[BlockEntry, int]] = []
-        moved: list[tuple[bytes, bytes, int | None, int | None]] = []
-        for entry in self._host_victims(goal):
-            if entry.nvme_off is not None:  # clean: NVMe already has these bytes
-                svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
-                entry.host_off = None
-                svc.counters.demotions += 1
-                self._last_pass_freed += entry.nbytes
-                moved.append((entry.ns.id, entry.key, None, entry.nvme_off))
+        victims = self._host_victims(goal)
+        # Clean ones (NVMe already has their bytes) just drop the host copy, once that is
+        # on record.
+        clean = [e for e in victims if e.nvme_off is not None]
+        svc.catalog.update_locations([(e.ns.id, e.key, None, e.nvme_off) for e in clean])
+        for entry in clean:
+            svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
+            entry.host_off = None
+            svc.counters.demotions += 1
+            self._last_pass_freed += entry.nbytes
+        for entry in victims:
+            if entry.nvme_off is not None:
                 continue
             offset = self.allocate_nvme(entry.nbytes)
             if offset is None:
@@ -333,8 +355,7 @@ class Placer:
                 continue
             entry.moving = True
             writes.append((entry, offset))
-        svc.catalog.update_locations(moved)
-        if moved:
+        if clean:
             self.cond.notify_all()
         return writes
 
@@ -349,29 +370,40 @@ class Placer:
                 stamped.append(e)
         wait(futures)
         with self.cond:
-            svc.catalog.set_layer_sums(
-                (e.ns.id, e.key, e.layer_sums) for e in stamped if e.layer_sums is not None
-            )
-            moved: list[tuple[bytes, bytes, int | None, int | None]] = []
+            done: list[tuple[BlockEntry, int]] = []
             for (entry, offset), fut in zip(writes, futures):
                 entry.moving = False
                 if fut.exception() is not None:
                     log.error("NVMe write failed during demotion: %s", fut.exception())
                     svc.nvme.free(offset, entry.nbytes)
-                    continue
-                entry.nvme_off = offset
-                svc.counters.nvme.bytes_written += entry.nbytes
-                if entry.deleted:
+                elif entry.deleted:
+                    svc.nvme.free(offset, entry.nbytes)
                     if entry.idle:
                         svc.free_space(entry)
-                    continue
+                else:
+                    done.append((entry, offset))
+            # On record before memory changes: a catalog that cannot take the rows (its
+            # disk is full) leaves every block where it was, in host.
+            try:
+                rows = [(e.ns.id, e.key, e.host_off if e.readers else None, offset)
+                        for e, offset in done]  # fmt: skip
+                svc.catalog.update_locations(rows)
+                svc.catalog.set_layer_sums(
+                    (e.ns.id, e.key, e.layer_sums) for e in stamped if e.layer_sums is not None
+                )
+            except ResourceExhausted as exc:
+                log.error("demotion not recorded, blocks stay in host: %s", exc)
+                for entry, offset in done:
+                    svc.nvme.free(offset, entry.nbytes)
+                done = []
+            for entry, offset in done:
+                entry.nvme_off = offset
+                svc.counters.nvme.bytes_written += entry.nbytes
                 if entry.readers == 0 and entry.host_off is not None:
                     svc.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
                     entry.host_off = None
                     svc.counters.demotions += 1
                     self._last_pass_freed += entry.nbytes
-                moved.append((entry.ns.id, entry.key, entry.host_off, entry.nvme_off))
-            svc.catalog.update_locations(moved)
             self._passes += 1
             self.cond.notify_all()
 

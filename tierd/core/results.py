@@ -13,6 +13,19 @@ class SegmentInfo:
     size: int
     host_id: str
     staging_size: int
+    staging_generation: int  # a new staging area (after an expired lease) has a new one
+
+
+@dataclass(frozen=True)
+class ClientFds:
+    """Descriptors one client maps: its tenant's segment read-only, its staging area
+    read-write. Whoever holds them closes them once handed over."""
+
+    segment_fd: int
+    segment_size: int
+    staging_fd: int
+    staging_size: int
+    staging_generation: int
 
 
 @dataclass(frozen=True)

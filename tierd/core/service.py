@@ -14,6 +14,7 @@ reaping) runs in `tierd.core.placement` on its own thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_to_list
 from tierd.core.leases import GetLease, LeaseTable, PutLease, PutSlotLease
 from tierd.core.placement import Placer
 from tierd.core.results import (
+    ClientFds,
     GetSlot,
     LookupResult,
     PreparedGet,
@@ -49,6 +51,7 @@ from tierd.errors import (
 )
 from tierd.tiers.checksum import checksum
 from tierd.tiers.host import HostArena, segment_tag
+from tierd.tiers.staging import StagingArea, StagingAreas
 from tierd_client.hostinfo import host_id
 from tierd_client.keys import iter_block_keys, namespace_id
 from tierd_client.layout import KVLayout
@@ -58,6 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tierd.core")
 
+# How often memory a client faulted in by reading unallocated shared memory is given back.
+TRIM_SECONDS = 5.0
+
 
 class CacheService:
     def __init__(self, config: Config) -> None:
@@ -65,8 +71,14 @@ class CacheService:
         data_dir = config.data_dir
         self._lock_file, self.catalog, self.nvme = open_storage(config)
         tag = segment_tag(data_dir)
-        self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory,
-                              staging_bytes=config.limits.max_lease_bytes_per_tenant)  # fmt: skip
+        self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
+        # Uncommitted puts: per tenant as the limit says (default: the host tier), and never
+        # more in all than the host tier could take in.
+        self.staging = StagingAreas(
+            config.limits.max_lease_bytes_per_tenant or config.host.capacity_bytes,
+            config.host.capacity_bytes,
+        )
+        self._last_trim = 0.0
         self.index = Index()
         self.leases = LeaseTable()
         self.counters = Counters()
@@ -120,6 +132,7 @@ class CacheService:
         self.nvme.close()
         self.catalog.close()
         self.host.close()
+        self.staging.close()
         self._lock_file.close()  # releases the data dir for the next daemon
 
     # -- namespaces and lookup ------------------------------------------------------------
@@ -153,9 +166,21 @@ class CacheService:
                                   field="namespace_id")
         return ns
 
-    def segment_info(self, ns: NamespaceInfo) -> SegmentInfo:
+    def segment_info(self, ns: NamespaceInfo, area: StagingArea | None = None) -> SegmentInfo:
         seg = self.host.segment(ns.tenant)
-        return SegmentInfo(seg.size, self._host_id, self.host.staging(ns.tenant).size)
+        area = self.staging.current(ns.tenant) if area is None else area
+        return SegmentInfo(seg.size, self._host_id, area.size, area.generation)
+
+    def client_fds(self, tenant: str) -> ClientFds:
+        """Fresh descriptors for one client of `tenant`: its segment read-only, its current
+        staging area read-write. The caller closes them once handed over."""
+        seg_fd, seg_size = self.host.client_fd(tenant)
+        try:
+            staging_fd, staging_size, generation = self.staging.client_fd(tenant)
+        except BaseException:
+            os.close(seg_fd)
+            raise
+        return ClientFds(seg_fd, seg_size, staging_fd, staging_size, generation)
 
     def knows_tenant(self, tenant: str) -> bool:
         """Whether some namespace belongs to `tenant` (its shared memory may be handed out)."""
@@ -190,7 +215,7 @@ class CacheService:
 
     def prepare_put(
         self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str,
-        ttl_ms: int = 0,
+        ttl_ms: int = 0, *, inband: bool = False,
     ) -> PreparedPut:
         """Lease a staging slot per missing key; the client writes its blocks there."""
         self._check_open()
@@ -201,35 +226,45 @@ class CacheService:
         limits.check_put_lease(self, ns, keys)
         slots: list[PutSlot] = []
         leased: list[PutSlotLease] = []
+        area: StagingArea | None = None
         with self.cond:
             for key in keys:
                 if self.index.get(ns.id, key) is not None:
                     slots.append(PutSlot("already_present", 0))
                     continue
-                offset = self.host.allocate_staging(ns.tenant, ns.block_bytes)
-                if offset is None:
+                got = self.staging.allocate(ns.tenant, ns.block_bytes)
+                if got is None or (area is not None and got[0] is not area):
+                    if got is not None:
+                        self.staging.free(got[0], got[1], ns.block_bytes)
                     for slot in leased:
-                        self.host.free_staging(ns.tenant, slot.offset, ns.block_bytes)
+                        self.staging.free(area, slot.offset, ns.block_bytes)  # type: ignore[arg-type]
                     raise ResourceExhausted(
-                        f"{len(keys)} blocks of {ns.block_bytes} bytes do not fit in the "
-                        f"tenant's staging area ({self.host.staging_bytes} bytes, of which "
-                        f"{self.host.staging_used_bytes(ns.tenant)} are leased): commit or "
-                        "release open puts, or put fewer blocks per call", field="keys",
+                        f"{len(keys)} blocks of {ns.block_bytes} bytes do not fit in staging: "
+                        f"the tenant's leases hold {self.staging.used_bytes(ns.tenant)} of "
+                        f"{self.staging.per_tenant} bytes, all tenants' "
+                        f"{self.staging.used_bytes()} of {self.staging.total} (or /dev/shm "
+                        "is full): commit or release open puts, or put fewer blocks per call",
+                        field="keys",
                     )
+                area, offset = got
                 leased.append(PutSlotLease(key, offset))
                 slots.append(PutSlot("leased", offset))
             lease_id = 0
             if leased:
+                assert area is not None
                 lease_id = self.leases.next_id()
-                self.leases.add(PutLease(lease_id, ns, leased, time.monotonic() + ttl))
-        return PreparedPut(lease_id, slots, self.segment_info(ns))
+                self.leases.add(PutLease(lease_id, ns, leased, time.monotonic() + ttl, area,
+                                         inband=inband))  # fmt: skip
+        return PreparedPut(lease_id, slots, self.segment_info(ns, area))
 
-    def commit_put(self, lease_id: int) -> int:
+    def commit_put(self, lease_id: int, *, inband: bool = False) -> int:
         """Copy the lease's staging slots into the host tier, checksum the copies, and make
         them visible. The copy, not the client's staging bytes, is what is checksummed and
         served: nothing a client does to its staging area afterwards reaches a block."""
         with self.cond:
-            lease = self._live_put_lease(lease_id)
+            lease = self._live_put_lease(lease_id, inband=inband)
+            if lease.writers:
+                raise FailedPrecondition("the put lease is being written", field="lease_id")
             lease.committing = True  # the reaper leaves it alone from here on
             ns, bb = lease.ns, lease.ns.block_bytes
             todo = [s for s in lease.slots if self.index.get(ns.id, s.key) is None]
@@ -252,7 +287,7 @@ class CacheService:
         sums = []
         for slot, offset in zip(todo, targets):
             dst = self.host.view(ns.tenant, offset, bb)
-            dst[:] = self.host.staging_view(ns.tenant, slot.offset, bb)
+            dst[:] = self.staging.view(lease.area, slot.offset, bb)
             sums.append(checksum(dst))
         with self.cond:
             self.leases.pop(lease_id)
@@ -271,10 +306,10 @@ class CacheService:
                 raise
         return len(fresh)
 
-    def _live_put_lease(self, lease_id: int) -> PutLease:
+    def _live_put_lease(self, lease_id: int, *, inband: bool) -> PutLease:
         """The open, uncommitted put lease `lease_id`; caller holds `cond`."""
         lease = self.leases.get(lease_id)
-        if not isinstance(lease, PutLease) or lease.committing:
+        if not isinstance(lease, PutLease) or lease.committing or lease.inband != inband:
             raise FailedPrecondition(
                 "no put lease with this id (expired, released or committed)", field="lease_id"
             )
@@ -285,10 +320,10 @@ class CacheService:
         expired, was released or is committing takes no more bytes, and one being written
         is never reaped, so no byte lands in a slot that now belongs to another lease)."""
         with self.cond:
-            lease = self._live_put_lease(lease_id)
+            lease = self._live_put_lease(lease_id, inband=True)
             lease.writers += 1
         try:
-            self.host.staging_view(lease.ns.tenant, offset, len(data))[:] = data
+            self.staging.view(lease.area, offset, len(data))[:] = data
         finally:
             with self.cond:
                 lease.writers -= 1
@@ -341,16 +376,23 @@ class CacheService:
         with self.cond:
             for lease in self.leases.expired(now):
                 log.info("lease %d expired; releasing what it held", lease.id)
+                if isinstance(lease, PutLease) and not lease.inband:
+                    # Its client may still be writing into those slots: fence them off.
+                    self.staging.retire(lease.area)
                 self.end_lease(lease)
         if self._attend is not None:
             self._attend.reap(now)
+        if now - self._last_trim >= TRIM_SECONDS:
+            self._last_trim = now
+            self.host.trim()
+            self.staging.trim()
 
     def begin_inband_put(
         self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str
     ) -> InbandPut:
         """A put whose bytes arrive in chunks; each chunk is copied straight into its slot."""
         ns = self.namespace(ns_id)
-        return InbandPut(self, ns, self.prepare_put(ns_id, keys, dims, dtype))
+        return InbandPut(self, ns, self.prepare_put(ns_id, keys, dims, dtype, inband=True))
 
     # -- get ------------------------------------------------------------------------------
 
@@ -384,7 +426,8 @@ class CacheService:
         slots: list[GetSlot] = []
         now = time.time()
         with self.cond:
-            lease = GetLease(self.leases.next_id(), ns, deadline=time.monotonic() + ttl)
+            lease = GetLease(self.leases.next_id(), ns, deadline=time.monotonic() + ttl,
+                             inband=hold)  # fmt: skip
             for entry, tier in zip(held, tiers):
                 if entry is None or entry.host_off is None or entry.deleted:
                     if entry is not None:
@@ -412,8 +455,9 @@ class CacheService:
             lease = self.leases.get(lease_id)
             return lease.ns.tenant if lease is not None else None
 
-    def release(self, lease_id: int) -> bool:
-        """End a get lease, or abort an uncommitted put lease.
+    def release(self, lease_id: int, *, inband: bool = False) -> bool:
+        """End a get lease, or abort an uncommitted put lease. `inband`: the daemon ends a
+        lease it holds for a stream (a client's Release never touches those).
 
         False when no such lease was open (it expired, or was released or committed): a
         reader then knows the bytes it copied may have been reused under it."""
@@ -421,8 +465,9 @@ class CacheService:
             return True
         with self.cond:
             lease = self.leases.get(lease_id)
-            if lease is None or (isinstance(lease, PutLease) and lease.committing):
-                return False
+            if (lease is None or lease.inband != inband
+                    or (isinstance(lease, PutLease) and (lease.committing or lease.writers))):
+                return False  # fmt: skip
             self.leases.pop(lease_id)
             self.end_lease(lease)
             return True
@@ -431,7 +476,7 @@ class CacheService:
         """Undo what a lease holds; the caller holds `cond`."""
         if isinstance(lease, PutLease):
             for slot in lease.slots:
-                self.host.free_staging(lease.ns.tenant, slot.offset, lease.ns.block_bytes)
+                self.staging.free(lease.area, slot.offset, lease.ns.block_bytes)
         else:
             for entry in lease.entries:
                 self.drop_reader(entry)
@@ -458,31 +503,36 @@ class CacheService:
 
     def drop_corrupt_copy(self, entry: BlockEntry, tier: str, where: int | str) -> None:
         """A read of `entry`'s copy in `tier` (at NVMe offset or on CSD worker `where`)
-        failed its checksum: count it
-        and drop that copy (its bytes will not get better); a block left with no copy
-        leaves the cache. Idempotent: a copy already dropped or replaced is left alone."""
+        failed its checksum: count it and drop that copy (its bytes will not get better);
+        a block left with no copy leaves the cache. Idempotent: a copy already dropped or
+        replaced is left alone (and not counted again)."""
         with self.cond:
-            self.counters.corrupt_reads += 1
-            log.warning("block %s failed its checksum in %s; dropped that copy",
-                        entry.key.hex(), tier)  # fmt: skip
             if tier == "nvme" and entry.nvme_off is not None and entry.nvme_off == where:
                 self.nvme.free(entry.nvme_off, entry.nbytes)
                 entry.nvme_off = None
             elif tier == "csd" and entry.csd is not None and entry.csd == where:
                 entry.csd = None
-                self.catalog.set_csd([(entry.ns.id, entry.key, None)])
             else:
                 return
-            if entry.deleted:
-                return
-            if entry.host_off is None and entry.nvme_off is None and entry.csd is None:
+            self.counters.corrupt_reads += 1
+            log.warning("block %s failed its checksum in %s; dropped that copy",
+                        entry.key.hex(), tier)  # fmt: skip
+            gone = entry.host_off is None and entry.nvme_off is None and entry.csd is None
+            if gone and not entry.deleted:
                 self.index.remove(entry)
                 entry.deleted = True
-                self.catalog.delete_blocks([(entry.ns.id, entry.key)])
-            else:
-                self.catalog.update_locations(
-                    [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
-                )
+            try:
+                if gone:
+                    self.catalog.delete_blocks([(entry.ns.id, entry.key)])
+                else:
+                    self.catalog.set_csd([(entry.ns.id, entry.key, entry.csd)])
+                    self.catalog.update_locations(
+                        [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
+                    )
+            except ResourceExhausted as e:
+                # The copy is gone from memory either way; a stale row names bytes that
+                # fail their checksum again after a restart, so nothing wrong is served.
+                log.error("dropping a corrupt copy was not recorded: %s", e)
             self.cond.notify_all()
 
     # -- management -----------------------------------------------------------------------
@@ -497,20 +547,18 @@ class CacheService:
     def delete(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
-        gone: list[tuple[bytes, bytes]] = []
         with self.cond:
-            for key in keys:
-                entry = self.index.get(ns.id, key)
-                if entry is None:
-                    continue
+            entries = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys) if e]
+            # Off the record first: a catalog that cannot write (full disk) fails the call
+            # with nothing deleted, rather than leaving rows that name freed space.
+            self.catalog.delete_blocks((ns.id, e.key) for e in entries)
+            for entry in entries:
                 self.index.remove(entry)
                 entry.deleted = True
                 if entry.idle:
                     self.free_space(entry)
-                gone.append((ns.id, key))
-            self.catalog.delete_blocks(gone)
             self.cond.notify_all()
-        return len(gone)
+        return len(entries)
 
     def move(self, ns_id: bytes, keys: Sequence[bytes], tier: str) -> int:
         from tierd.core.moves import move
@@ -522,14 +570,12 @@ class CacheService:
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         if pinned:
             limits.check_pins(self, ns, keys)
-        changed: list[tuple[bytes, bytes]] = []
         with self.cond:
-            for key in keys:
-                entry = self.index.get(ns.id, key)
-                if entry is not None and entry.pinned != pinned:
-                    entry.pinned = pinned
-                    changed.append((ns.id, key))
-            self.catalog.set_pinned(changed, pinned)
+            changed = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys)
+                       if e is not None and e.pinned != pinned]  # fmt: skip
+            self.catalog.set_pinned([(ns.id, e.key) for e in changed], pinned)  # record first
+            for entry in changed:
+                entry.pinned = pinned
         return len(changed)
 
     def usage_by_tenant(self) -> dict[tuple[str, str], int]:

@@ -27,6 +27,7 @@ from tierd.core.index import BlockEntry, NamespaceInfo, layout_from_list
 from tierd.errors import ConfigError
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore, StoreInUse
+from tierd_client.layout import KVLayout
 
 CATALOG_FILE = "index.sqlite3"
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -149,6 +150,11 @@ def csd_pool(config: Config) -> CsdPool | None:
     return CsdPool(specs)
 
 
+def _sums_of(sums: tuple[int, ...] | None, layout: KVLayout) -> tuple[int, ...] | None:
+    """Per-layer checksums from the catalog, if they fit the layout (else: verify whole)."""
+    return sums if sums is not None and len(sums) == layout.num_layers else None
+
+
 def recover(svc: CacheService) -> None:
     """Rebuild the index from the catalog; adopt host copies whose segment survived."""
     for row in svc.catalog.namespaces():
@@ -184,7 +190,7 @@ def recover(svc: CacheService) -> None:
             moved.append((row.ns_id, row.key, host_off, nvme_off))
         svc.index.add(BlockEntry(
             ns, row.key, row.nbytes, row.checksum, host_off, nvme_off, csd, row.pinned,
-            row.last_access, host_verified=host_off is None, layer_sums=row.layer_sums,
+            row.last_access, host_verified=host_off is None, layer_sums=_sums_of(row.layer_sums, ns.layout),
         ))  # fmt: skip
     svc.nvme.finish_recovery()  # which reserved extents have no header (older files)
     svc.catalog.delete_blocks(dropped)

@@ -104,7 +104,7 @@ class Daemon:
                 raise OSError(f"cannot listen on {addr}")
         # Same-host clients get their tenant's shared memory beside the first unix socket.
         self.handoff = (
-            HandoffServer(handoff_path(self._sockets[0]), self.service.host,
+            HandoffServer(handoff_path(self._sockets[0]), self.service.client_fds,
                           self.servicer.authorize_shared_memory)
             if self._sockets else None
         )  # fmt: skip

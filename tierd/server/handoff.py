@@ -1,7 +1,8 @@
 """Handing a tenant's shared memory to its clients: descriptors over a unix socket, after
 the client proved its tenant. Clients never open shared memory by path.
 
-Primitives: `HandoffServer(path, arena, authorize)`, `start()`, `stop()`, `instance`.
+Primitives: `HandoffServer(path, fds_for, authorize)`, `start()`, `stop()`,
+`instance_of(staging_generation) -> bytes`; `handoff_path(socket_path)`.
 
 One exchange per connection (the client side is `tierd_client.shm.receive_fds`):
   client -> one JSON line, at most 4 KiB: {"tenant": "...", "token": "..." | null}
@@ -9,13 +10,16 @@ One exchange per connection (the client side is `tierd_client.shm.receive_fds`):
             with two descriptors attached (SCM_RIGHTS): the tenant's block segment opened
             read-only, and its sealed staging area read-write;
             or {"ok": false, "code": "...", "error": "..."} and nothing attached.
+`instance` names this daemon process and the staging area's generation, so a client
+knows when what it mapped is no longer what the daemon uses.
 
 `authorize(tenant, token)` returns the tenant the caller may map, or raises a TierdError
-(the same rules as the RPCs: with tenants configured the token names the tenant; in open
-mode the caller names it, and the socket's permissions are the guard). Each connection
-gets a short deadline, and a few threads serve them, so a client that connects and says
-nothing holds one thread for at most that long. The peer's credentials (SO_PEERCRED) are
-logged with every refusal.
+(the RPCs' rules: with tenants configured the token names the tenant; in open mode the
+caller names it, and the socket's permissions are the guard). Every connection has one
+deadline for the whole exchange, at most `MAX_CONNECTIONS` are served at once (more are
+closed at once), and the accept loop outlives transient failures such as running out of
+descriptors, so neither a flood nor a slow client can take shared memory away from the
+others for longer than the deadline. The peer's credentials are logged with refusals.
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tierd.core.results import ClientFds
 from tierd.errors import InvalidArgument, TierdError
-from tierd.tiers.host import HostArena
 
 log = logging.getLogger("tierd.handoff")
 
 MAX_REQUEST_BYTES = 4096
 DEADLINE_SECONDS = 2.0
-_THREADS = 4
+MAX_CONNECTIONS = 32
+_UNIX_PATH_MAX = 107
 
 
 def handoff_path(socket_path: Path) -> Path:
@@ -47,20 +52,33 @@ def handoff_path(socket_path: Path) -> Path:
 
 class HandoffServer:
     def __init__(
-        self, path: Path, arena: HostArena, authorize: Callable[[str, str | None], str]
-    ) -> None:
+        self, path: Path, fds_for: Callable[[str], ClientFds],
+        authorize: Callable[[str, str | None], str],
+    ) -> None:  # fmt: skip
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise OSError(f"the shared-memory socket {path} is longer than a unix socket path "
+                          "may be; choose a shorter server.listen path")  # fmt: skip
         self.path = path
         self.instance = os.urandom(8)
-        self._arena = arena
+        self._fds_for = fds_for
         self._authorize = authorize
-        self._pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="tierd-handoff")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        path.unlink(missing_ok=True)  # the caller made sure no live daemon owns the path
-        self._sock.bind(str(path))
-        os.chmod(path, 0o660)  # as the gRPC socket: owner and the inference workers' group
-        self._sock.listen(64)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            path.unlink(missing_ok=True)  # the daemon owns this path (its socket is live)
+            self._sock.bind(str(path))
+            os.chmod(path, 0o660)  # as the gRPC socket: owner and the inference workers' group
+            self._sock.listen(64)
+        except BaseException:
+            self._sock.close()
+            raise
         self._thread = threading.Thread(target=self._accept, name="tierd-handoff", daemon=True)
+
+    def instance_of(self, staging_generation: int) -> bytes:
+        return self.instance + staging_generation.to_bytes(8, "little")
 
     def start(self) -> None:
         self._thread.start()
@@ -72,49 +90,85 @@ class HandoffServer:
         except OSError:
             pass
         self._sock.close()
+        with self._open_lock:
+            for conn in self._open:  # wake threads blocked on a slow client
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._thread.join(timeout=5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
         self.path.unlink(missing_ok=True)
 
     def _accept(self) -> None:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                return  # closed by stop()
-            conn.settimeout(DEADLINE_SECONDS)
-            self._pool.submit(self._serve, conn)
+            except OSError as e:
+                if self._stopping.is_set():
+                    return
+                # Out of descriptors (a flood) or a transient error: keep serving.
+                log.warning("shared-memory socket: accept failed: %s", e)
+                self._stopping.wait(0.05)
+                continue
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # too many at once: the client retries or falls back in-band
+                continue
+            with self._open_lock:
+                self._open.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="tierd-handoff-conn",
+                             daemon=True).start()  # fmt: skip
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            peer = _peer(conn)
-            try:
-                request = _read_request(conn)
-                token = request.get("token")
-                tenant = self._authorize(request.get("tenant") or "",
-                                         token if isinstance(token, str) and token else None)  # fmt: skip
-                fds = self._arena.client_fds(tenant)
-            except TierdError as e:
-                log.warning("shared memory refused to %s: %s", peer, e)
-                _reply(conn, {"ok": False, "code": type(e).__name__, "error": str(e)})
-                return
-            except OSError as e:  # the peer went away or said nothing in time
-                log.warning("shared memory handoff with %s failed: %s", peer, e)
-                return
-            try:
-                reply = {"ok": True, "size": fds.segment_size, "staging_size": fds.staging_size,
-                         "instance": self.instance.hex()}  # fmt: skip
-                _reply(conn, reply, [fds.segment_fd, fds.staging_fd])
-            except OSError as e:
-                log.warning("shared memory handoff to %s failed: %s", peer, e)
-            finally:
-                os.close(fds.segment_fd)
-                os.close(fds.staging_fd)
+        try:
+            self._exchange(conn)
+        except OSError as e:  # the peer went away while it was answered
+            log.info("shared-memory handoff: peer gone: %s", e)
+        except Exception:  # a bug here must not take the accept loop with it
+            log.exception("shared-memory handoff failed")
+        finally:
+            with self._open_lock:
+                self._open.discard(conn)
+            conn.close()
+            self._slots.release()
+
+    def _exchange(self, conn: socket.socket) -> None:
+        peer = _peer(conn)
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        try:
+            request = _read_request(conn, deadline)
+            token = request.get("token")
+            tenant = self._authorize(request.get("tenant") or "",
+                                     token if isinstance(token, str) and token else None)  # fmt: skip
+            fds = self._fds_for(tenant)
+        except TierdError as e:
+            log.warning("shared memory refused to %s: %s", peer, e)
+            _reply(conn, deadline, {"ok": False, "code": type(e).__name__, "error": str(e)})
+            return
+        except OSError as e:  # the peer went away, said nothing in time, or no memory
+            log.warning("shared-memory handoff with %s failed: %s", peer, e)
+            return
+        try:
+            reply = {"ok": True, "size": fds.segment_size, "staging_size": fds.staging_size,
+                     "instance": self.instance_of(fds.staging_generation).hex()}  # fmt: skip
+            _reply(conn, deadline, reply, [fds.segment_fd, fds.staging_fd])
+        except OSError as e:
+            log.warning("shared-memory handoff to %s failed: %s", peer, e)
+        finally:
+            os.close(fds.segment_fd)
+            os.close(fds.staging_fd)
 
 
-def _read_request(conn: socket.socket) -> dict:
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the client took longer than the handoff deadline")
+    return left
+
+
+def _read_request(conn: socket.socket, deadline: float) -> dict:
     data = b""
     while b"\n" not in data:
+        conn.settimeout(_remaining(deadline))
         chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
         if not chunk:
             break
@@ -123,15 +177,16 @@ def _read_request(conn: socket.socket) -> dict:
             raise InvalidArgument(f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
         request = json.loads(data.split(b"\n", 1)[0])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgument(f"request is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidArgument(f"request is not JSON: {type(e).__name__}") from None
     if not isinstance(request, dict) or not isinstance(request.get("tenant", ""), str):
-        raise InvalidArgument("request is not a JSON object")
+        raise InvalidArgument('request is not {"tenant": "...", "token": "..."}')
     return request
 
 
-def _reply(conn: socket.socket, doc: dict, fds: list[int] | None = None) -> None:
+def _reply(conn: socket.socket, deadline: float, doc: dict, fds: list[int] | None = None) -> None:
     line = json.dumps(doc).encode() + b"\n"
+    conn.settimeout(_remaining(deadline))
     if fds:
         socket.send_fds(conn, [line], fds)
     else:

@@ -100,7 +100,8 @@ class TierdServicer(pb_grpc.TierdServicer):
             return pb.ShmSegment(host_id=seg.host_id)
         return pb.ShmSegment(
             size=seg.size, host_id=seg.host_id, handoff=str(self.handoff.path),
-            staging_size=seg.staging_size, instance=self.handoff.instance,
+            staging_size=seg.staging_size,
+            instance=self.handoff.instance_of(seg.staging_generation),
         )  # fmt: skip
 
     def authorize_shared_memory(self, tenant: str, token: str | None) -> str:
@@ -240,7 +241,7 @@ class TierdServicer(pb_grpc.TierdServicer):
                 for start in range(0, len(view), STREAM_CHUNK_BYTES):
                     yield pb.GetChunk(data=bytes(view[start : start + STREAM_CHUNK_BYTES]))
         finally:
-            self.svc.release(prepared.lease_id)
+            self.svc.release(prepared.lease_id, inband=True)
 
     @translate_errors
     def Locate(self, request: pb.KeysRequest, context: grpc.ServicerContext):

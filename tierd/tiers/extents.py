@@ -149,6 +149,10 @@ class ExtentAllocator:
         self._fold_sized_lists()
         return drained
 
+    def holes(self) -> list[tuple[int, int]]:
+        """Free space that is not kept warm: never allocated, or released to the OS."""
+        return list(zip(self._hole_off, self._hole_len))
+
     def free_extents(self) -> list[tuple[int, int]]:
         """Every free (offset, length), coalesced: what may be released back to the OS."""
         self._fold_sized_lists()

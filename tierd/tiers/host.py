@@ -1,32 +1,29 @@
-"""Host tier: a shared-memory arena, one segment per tenant, bounded by one budget, plus a
-staging area per tenant where clients write the blocks they put.
+"""Host tier: a shared-memory arena, one segment per tenant, bounded by one budget.
 
-Primitives: `HostArena(capacity, tag, staging_bytes=...)`, `segment(tenant)`,
-`allocate(tenant, n) -> off | None`, `free(tenant, off, n)`, `reserve(tenant, off, n)`,
-`view(tenant, off, n) -> memoryview`, `release_unused()`, `used_bytes`, `capacity`,
-`close()`; staging: `allocate_staging(tenant, n) -> off | None`, `free_staging(...)`,
-`staging_view(tenant, off, n)`; `client_fds(tenant) -> ClientFds` (what a client maps).
+Primitives: `HostArena(capacity, tag)`, `segment(tenant)`, `allocate(tenant, n) -> off |
+None`, `free(tenant, off, n)`, `reserve(tenant, off, n)`, `view(tenant, off, n) ->
+memoryview`, `client_fd(tenant) -> (fd, size)`, `release_unused()`, `trim()`,
+`used_bytes`, `capacity`, `close()`.
 
 Each tenant's segment is a file under /dev/shm with owner-only permissions. It outlives
 the daemon process: after a crash or restart, the committed blocks the catalog names are
 still there. Clients never open it by path: an authenticated client receives a read-only
-descriptor of it (see `tierd.server.handoff`) and reads blocks in place with one memcpy;
-it can neither write nor truncate what it maps. Segments are sparse; what counts against
-the budget is memory that holds blocks plus freed extents kept warm for reuse. When the
-budget is hit, warm extents of any tenant are released to the kernel (MADV_REMOVE).
+descriptor of it (`client_fd`, handed over by `tierd.server.handoff`) and copies blocks
+out with one memcpy; it can neither write nor truncate what it maps. Puts are written to
+a staging area (`tierd.tiers.staging`) and copied in by the daemon.
 
-Puts go through staging: an anonymous memory file (memfd) per tenant, sealed so nobody can
-shrink or grow it, handed to the tenant's clients read-write. A put lease owns staging
-slots; on commit the daemon copies each slot into the segment and checksums the copy, so
-a client that keeps writing after its lease ended damages at worst its own tenant's
-uncommitted slots, and no client can make the daemon touch a page that is not there
-(SIGBUS). Staging holds only uncommitted bytes, so it needs no durability.
+Segments are sparse; what counts against the budget is memory that holds blocks plus
+freed extents kept warm for reuse. When the budget is hit, warm extents of any tenant are
+released to the kernel (MADV_REMOVE). Every extent is backed (fallocate) when it is
+allocated, so a full /dev/shm fails the allocation instead of killing the daemon with
+SIGBUS on first touch; and since a client can fault pages in by merely reading holes of
+its read-only mapping, `trim()` gives the pages of never-allocated space back.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import threading
@@ -34,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tierd.tiers.extents import ExtentAllocator, align_up
+
+log = logging.getLogger("tierd.host")
 
 SHM_DIR = Path("/dev/shm")
 # Address space per segment, as a multiple of the budget: slack so fragmentation between
@@ -47,28 +46,9 @@ class Segment:
     tenant: str
     path: Path
     size: int
+    fd: int  # kept open to back extents (fallocate) as they are allocated
     mm: mmap.mmap
     alloc: ExtentAllocator
-
-
-@dataclass
-class Staging:
-    tenant: str
-    fd: int  # the sealed memfd; duplicated for each client that maps it
-    size: int
-    mm: mmap.mmap
-    alloc: ExtentAllocator
-
-
-@dataclass(frozen=True)
-class ClientFds:
-    """Descriptors a client maps: the segment read-only, staging read-write. The caller
-    owns (closes) both after handing them over."""
-
-    segment_fd: int
-    segment_size: int
-    staging_fd: int
-    staging_size: int
 
 
 def segment_tag(data_dir: Path) -> str:
@@ -88,17 +68,13 @@ def segment_name(tag: str, tenant: str) -> str:
 
 class HostArena:
     def __init__(
-        self, capacity: int, tag: str, *, shm_dir: Path = SHM_DIR, pin: bool = False,
-        staging_bytes: int = 0,
+        self, capacity: int, tag: str, *, shm_dir: Path = SHM_DIR, pin: bool = False
     ) -> None:
         self.capacity = capacity
         self.tag = tag
         self._dir = shm_dir
         self._pin = pin
-        # Uncommitted bytes one tenant's leases may hold (0: as much as the tier holds).
-        self.staging_bytes = align_up(staging_bytes or max(capacity, 4096), 4096)
         self._segments: dict[str, Segment] = {}
-        self._staging: dict[str, Staging] = {}
         self._paths: set[Path] = set()  # every segment file opened, for destroy()
         self._lock = threading.Lock()
 
@@ -116,14 +92,15 @@ class HostArena:
     def _open_segment(self, tenant: str) -> Segment:
         path = self._dir / segment_name(self.tag, tenant)
         want = align_up(max(self.capacity * _ADDRESS_SLACK, _SEGMENT_ALIGN), _SEGMENT_ALIGN)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
             size = max(os.fstat(fd).st_size, want)
             os.ftruncate(fd, size)  # sparse: no memory is used until written
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         # 2 MiB pages where the kernel allows them for shared memory (shmem_enabled=advise):
         # attention streams whole blocks, and 4 KiB pages cost it TLB misses and faults.
         try:
@@ -132,7 +109,7 @@ class HostArena:
             pass
         if self._pin:
             _cuda_host_register(mm, size)
-        return Segment(tenant, path, size, mm, ExtentAllocator(size))
+        return Segment(tenant, path, size, fd, mm, ExtentAllocator(size))
 
     def segments(self) -> list[Segment]:
         with self._lock:
@@ -161,7 +138,16 @@ class HostArena:
                 excess = self._resident_bytes() + size - self.capacity
                 if excess > 0:
                     self._release_warm(excess, keep=seg)
-            return seg.alloc.allocate(nbytes)
+            offset = seg.alloc.allocate(nbytes)
+            if offset is None:
+                return None
+            try:
+                os.posix_fallocate(seg.fd, offset, size)
+            except OSError as e:  # /dev/shm is full (or over its inode or memory limit)
+                seg.alloc.free(offset, nbytes)
+                log.warning("cannot back %d bytes of host memory: %s", size, e)
+                return None
+            return offset
 
     def _release_warm(self, need: int, keep: Segment) -> None:
         """Give `need` bytes of warm free extents back to the kernel, others' first."""
@@ -203,68 +189,23 @@ class HostArena:
         seg = self.segment(tenant)
         return memoryview(seg.mm)[offset : offset + nbytes]
 
-    # -- staging --------------------------------------------------------------------------
-
-    def staging(self, tenant: str) -> Staging:
-        with self._lock:
-            st = self._staging.get(tenant)
-            if st is None:
-                # Address space beyond the budget, as for segments: fragmentation between
-                # block sizes must not fail a lease the budget has room for.
-                size = self.staging_bytes * _ADDRESS_SLACK
-                st = self._staging[tenant] = _open_staging(tenant, size)
-            return st
-
-    def allocate_staging(self, tenant: str, nbytes: int) -> int | None:
-        st = self.staging(tenant)
-        with self._lock:
-            if st.alloc.used_bytes + st.alloc.extent_bytes(nbytes) > self.staging_bytes:
-                return None
-            return st.alloc.allocate(nbytes)
-
-    def free_staging(self, tenant: str, offset: int, nbytes: int) -> None:
-        st = self.staging(tenant)
-        with self._lock:
-            st.alloc.free(offset, nbytes)
-            # Keep a quarter of the budget warm for the next puts; release the rest.
-            excess = st.alloc.cached_free_bytes - self.staging_bytes // 4
-            if excess > 0:
-                for off, length in st.alloc.release_cached(excess):
-                    st.mm.madvise(mmap.MADV_REMOVE, off, length)
-
-    def staging_view(self, tenant: str, offset: int, nbytes: int) -> memoryview:
-        st = self.staging(tenant)
-        return memoryview(st.mm)[offset : offset + nbytes]
-
-    def staging_used_bytes(self, tenant: str) -> int:
-        with self._lock:
-            st = self._staging.get(tenant)
-            return st.alloc.used_bytes if st is not None else 0
-
-    def client_fds(self, tenant: str) -> ClientFds:
-        """Fresh descriptors for one client of `tenant`: its segment read-only (a write or
-        a truncation through it fails), its staging area read-write (sealed: a truncation
-        fails)."""
+    def client_fd(self, tenant: str) -> tuple[int, int]:
+        """A new read-only descriptor of the tenant's segment, and its size: a write, a
+        writable mapping or a truncation through it fails."""
         seg = self.segment(tenant)
-        st = self.staging(tenant)
-        seg_fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            staging_fd = os.dup(st.fd)
-        except BaseException:
-            os.close(seg_fd)
-            raise
-        return ClientFds(seg_fd, seg.size, staging_fd, st.size)
+        return os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC), seg.size
+
+    def trim(self) -> None:
+        """Give back the pages of never-allocated space (see the module docstring)."""
+        with self._lock:
+            for seg in self._segments.values():
+                for off, length in seg.alloc.holes():
+                    seg.mm.madvise(mmap.MADV_REMOVE, off, length)
 
     def close(self) -> None:
         with self._lock:
-            for st in self._staging.values():
-                try:
-                    st.mm.close()
-                except BufferError:
-                    pass
-                os.close(st.fd)
-            self._staging.clear()
             for seg in self._segments.values():
+                os.close(seg.fd)
                 try:
                     seg.mm.close()
                 except BufferError:
@@ -276,23 +217,6 @@ class HostArena:
         self.close()
         for p in self._paths:
             p.unlink(missing_ok=True)
-
-
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-
-def _open_staging(tenant: str, size: int) -> Staging:
-    """A sealed anonymous memory file of `size` bytes (sparse until written)."""
-    name = "tierd-staging-" + hashlib.blake2b(tenant.encode(), digest_size=6).hexdigest()
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(fd)
-        raise
-    return Staging(tenant, fd, size, mm, ExtentAllocator(size))
 
 
 def _cuda_host_register(mm: mmap.mmap, size: int) -> None:
