@@ -4,7 +4,8 @@ Primitives: `Daemon(config)`, `start()`, `reload(config)`, `stop()`;
 `serve(config, config_path)` runs one until SIGTERM/SIGINT and returns the exit status.
 
 systemd sees READY once the listeners accept, RELOADING/READY around a SIGHUP, WATCHDOG
-while the placement thread lives, and STOPPING on SIGTERM. The drain: health turns
+while the placement thread lives and a health call through the daemon's own listener
+answers, and STOPPING on SIGTERM. The drain: health turns
 NOT_SERVING, the server stops accepting, in-flight calls get up to
 `server.drain_seconds` to finish, host-only blocks are written to NVMe if
 `server.flush_on_stop`, then the core closes (the catalog and the host segments stay, so
@@ -34,8 +35,10 @@ from tierd.metrics import Metrics
 from tierd.server.decoding import DecodeGuard
 from tierd.server.handoff import HandoffServer, handoff_path
 from tierd.server.listeners import claim_unix_socket, refuse_live_sockets
+from tierd.server.liveness import RpcProbe
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
+from tierd.server.streams import StreamGuard
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 
@@ -64,6 +67,18 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials:
     )
 
 
+def _connection_options(config: Config) -> list[tuple[str, int]]:
+    """Dead peers found by keepalive pings (even on a quiet stream); idle connections
+    closed, so a peer cannot hold connections it does not use."""
+    lim = config.limits
+    return [
+        ("grpc.keepalive_time_ms", lim.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", lim.keepalive_timeout_ms),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_idle_ms", lim.connection_idle_ms),
+    ]
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -75,12 +90,15 @@ class Daemon:
             ("grpc.max_send_message_length", config.server.max_message_bytes),
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *_connection_options(config),
         ]
+        pool = futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="tierd-rpc")
+        self.streams = StreamGuard(lambda: self.config.limits, config.server.workers,
+                                   lambda ctx: self.servicer.auth.identify(ctx))  # fmt: skip
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="tierd-rpc"),
-            options=opts,
-            interceptors=[self.metrics.interceptor(), DecodeGuard()],
-        )
+            pool, options=opts,
+            interceptors=[self.metrics.interceptor(), self.streams, DecodeGuard()],
+        )  # fmt: skip
         self.servicer = TierdServicer(self.service)
         pb_grpc.add_TierdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
@@ -109,6 +127,7 @@ class Daemon:
             if self._sockets else None
         )  # fmt: skip
         self.servicer.handoff = self.handoff
+        self._probe = RpcProbe(f"unix:{self._sockets[0]}" if self._sockets else None, pool)
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -125,7 +144,7 @@ class Daemon:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.notifier.ready(self._status())
-        self.notifier.start_watchdog(alive=self.service.placer.alive)
+        self.notifier.start_watchdog(alive=self._alive)
         cfg = self.config
         log.info(
             "ready: listening on %s; host tier %s, nvme tier %s at %s (%s)",
@@ -135,6 +154,11 @@ class Daemon:
         if anonymous := anonymous_listeners(cfg):  # validation let it through only on purpose
             log.warning("server.allow_anonymous: %s admit any peer that completes TLS "
                         "(no tenants, no client CA)", ", ".join(anonymous))  # fmt: skip
+
+    def _alive(self) -> bool:
+        """The watchdog's sign of life: placement runs and the RPC path answers in time."""
+        timeout = min(2.0, max(0.05, self.notifier.watchdog_interval))
+        return self.service.placer.alive() and self._probe.answers(timeout)
 
     def _status(self) -> str:
         s = self.service.stats()
@@ -170,6 +194,7 @@ class Daemon:
             log.warning("%d leases still open at shutdown; they expire with the process",
                         len(self.service.leases))
         self.server.stop(grace=max(0.0, deadline - time.monotonic())).wait()
+        self.streams.close()
         if self.config.server.flush_on_stop:
             n = self.service.placer.flush(deadline)
             log.info("flushed %d host blocks to NVMe", n)
@@ -180,6 +205,7 @@ class Daemon:
         for path in self._sockets:
             path.unlink(missing_ok=True)
         self.notifier.close()
+        self._probe.close()
         log.info("stopped after draining for %.2f s", time.monotonic() - started)
 
     def wait(self) -> None:

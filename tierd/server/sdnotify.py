@@ -43,6 +43,11 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
+    @property
+    def watchdog_interval(self) -> float:
+        """Seconds between keep-alive pings (0: no watchdog)."""
+        return self._watchdog_usec / 2e6
+
     def send(self, **fields: str | int) -> None:
         if self._sock is None or self._address is None:
             return

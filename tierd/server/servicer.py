@@ -205,6 +205,7 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def Put(self, request_iterator: Iterator[pb.PutChunk], context: grpc.ServicerContext):
+        self.auth.identify(context)  # from metadata, before a byte of the stream is read
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise InvalidArgument("the first chunk must carry the header", field="header")
@@ -302,6 +303,7 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     @translate_errors
     def AttendStream(self, request_iterator: Iterator[pb.AttendRequest], context):
+        self.auth.identify(context)  # from metadata, before a byte of the stream is read
         for request in request_iterator:
             yield _attend_response(self._attend(request, context))
 
