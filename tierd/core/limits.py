@@ -90,6 +90,9 @@ def check_namespace(
     check_layout(config, layout, svc.host.capacity)
     with svc.cond:
         spaces = list(svc.index.namespaces.values())
+    wanted = (tenant, model, layout, tuple(extra_keys))
+    if any((ns.tenant, ns.model, ns.layout, ns.extra_keys) == wanted for ns in spaces):
+        return  # reopening what exists adds nothing
     mine = sum(1 for ns in spaces if ns.tenant == tenant)
     if mine == 0 and not config.tenants:
         tenants = len({ns.tenant for ns in spaces})
