@@ -161,7 +161,7 @@ class StreamGuard(grpc.ServerInterceptor):
 
     def _refusal(self, s: _Stream, lim: LimitsConfig) -> TierdError | None:
         """Why this stream may not hold a thread now (None: it may). Caller holds `_cond`."""
-        cap = self._workers - lim.stream_reserve_workers
+        cap = max(1, self._workers - lim.stream_reserve_workers)  # a reload cannot starve them
         if len(self._streams) >= cap:
             return ResourceExhausted(
                 f"{len(self._streams)} streams hold RPC threads; server.workers - "
