@@ -199,7 +199,7 @@ class Chaos:
         try:
             self.mount.mount()
             self.daemon.start()
-            self.t0 = time.monotonic()
+            self.t0 = self.ledger.t0 = time.monotonic()
             clients = [
                 Client(i, self.daemon.address, self.ledger, self.stop,
                        transport="inband" if i == 0 else "auto", max_blocks=self.args.max_blocks)

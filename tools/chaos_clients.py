@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -55,6 +56,7 @@ class Ledger:
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
+        self.t0 = time.monotonic()  # the run's start, for the times of wrong answers
         self.lock = threading.Lock()
         self.committed: list[bytes] = []
         self.committed_set: set[bytes] = set()
@@ -113,7 +115,7 @@ class Ledger:
         with self.lock:
             self.wrong += 1
             if len(self.wrong_examples) < EXAMPLES:
-                self.wrong_examples.append(what)
+                self.wrong_examples.append(f"{time.monotonic() - self.t0:.1f}s {what}")
 
 
 def attend_error(out: Any, q: torch.Tensor, blocks: list[np.ndarray], layer: int) -> str | None:
@@ -225,7 +227,25 @@ class Client(threading.Thread):
         why = attend_error(out, q, [self.ledger.content(k) for k in keys], layer)
         if why is not None:
             names = ",".join(k.hex()[:12] for k in keys)
-            self.ledger.wrong_answer(f"attend layer {layer} over [{names}]: {why}")
+            self.ledger.wrong_answer(
+                f"attend layer {layer} over [{names}]: {why}; {self._diagnose(c, ns, keys)}"
+            )
+
+    def _diagnose(self, c: TierdClient, ns: Namespace, keys: list[bytes]) -> str:
+        """Where the blocks of a wrong answer are, and whether get serves their bytes right
+        (tells a bad stored copy from a bad attend path). Not counted as calls."""
+        try:
+            tiers = c.locate(ns, keys)
+            got = c.get(ns, keys)
+        except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the verdict
+            return f"diagnosis failed: {error_code(e)}"
+        verdicts = [
+            "missing" if not found
+            else "bytes ok" if np.asarray(row).tobytes() == self.ledger.content(k).tobytes()
+            else "BYTES DIFFER"
+            for k, found, row in zip(keys, got.found, got.blocks, strict=True)
+        ]  # fmt: skip
+        return "then " + ", ".join(f"{t}: {v}" for t, v in zip(tiers, verdicts, strict=True))
 
     def move(self, c: TierdClient, ns: Namespace, tier: str | None = None) -> None:
         if tier is None:
