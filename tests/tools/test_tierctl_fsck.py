@@ -27,11 +27,15 @@ from tests.core.conftest import (
 from tierctl.cli import main
 from tierctl.datalock import LOCK_NAME
 from tierctl.fsck_scan import shm_tag
+from tierctl.rebuild import rebuild_catalog
 from tierd.core.catalog import BlockRow, Catalog
+from tierd.core.index import layout_to_list
+from tierd.tiers.block_header import BlockHeader, NamespaceMeta
 from tierd.tiers.checksum import checksum
 from tierd.tiers.host import SHM_DIR, segment_name
 from tierd.tiers.io_backend import PosixBackend
 from tierd.tiers.nvme import NvmeStore
+from tierd_client.keys import namespace_id
 
 TENANT = "fsck-tenant"
 
@@ -381,3 +385,29 @@ def test_blocks_of_the_previous_format_stay_readable_but_cannot_be_rebuilt(
         ]
     finally:
         h.close_all(destroy=True)
+
+
+def test_rebuild_keeps_the_newest_of_two_headers_of_one_block(tmp_path: Path) -> None:
+    """A crash between writing a block's new copy and zeroing the old one's header leaves
+    two; the later write wins, the other header is zeroed."""
+    layout = layout_to_list(LAYOUT)
+    ns_id = namespace_id(TENANT, "model", layout, [])
+    meta = NamespaceMeta(TENANT, "model", layout, [])
+    key = keys_for(ns_id, 1)[0]
+    old, new = bytes(BB), block_bytes_for(key)
+    data = tmp_path / "data"
+    with NvmeStore(data / "nvme", 64 * BB, backend=PosixBackend(), headers=True) as store:
+        offsets = []
+        for gen, payload in ((2, new), (1, old)):  # the older one later in the file
+            off = store.allocate(BB)
+            assert off is not None
+            store.write(off, payload, BlockHeader(ns_id, key, BB, checksum(payload), meta, gen))
+            offsets.append(off)
+    out = rebuild_catalog(data, data / "nvme")
+    assert (out.nvme_blocks, out.duplicates, out.corrupt) == (1, 1, [])
+    with closing(Catalog(data / "index.sqlite3")) as cat:
+        assert [(r.key, r.nvme_off, r.checksum) for r in cat.blocks()] == [
+            (key, offsets[0], checksum(new))
+        ]
+    with NvmeStore(data / "nvme", 64 * BB, backend=PosixBackend(), headers=True) as store:
+        assert [b.offset for b in store.scan_headers()] == [offsets[0]]

@@ -55,6 +55,15 @@ class BlockHeader:
     generation: int = 0  # 0: stamped with the time of encoding
 
 
+@dataclass(frozen=True)
+class ScannedBlock:
+    """A block found by scanning a data file for headers."""
+
+    offset: int  # of the data, as the store's allocate() returns it
+    header: BlockHeader
+    intact: bool  # the data matches the header's checksum
+
+
 def encode(header: BlockHeader, mac_key: bytes) -> bytes:
     doc: dict[str, object] = {
         "ns": header.ns_id.hex(),

@@ -47,11 +47,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from tierd.tiers.block_header import HEADER_BYTES, MAGIC, BlockHeader, decode, encode
+from tierd.tiers.block_header import (
+    HEADER_BYTES,
+    MAGIC,
+    BlockHeader,
+    ScannedBlock,
+    decode,
+    encode,
+)
 from tierd.tiers.checksum import checksum
 from tierd.tiers.extents import ExtentAllocator, align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, IOHandle, as_bytes_view
@@ -90,13 +96,6 @@ class _TailBounce(threading.local):
         return view
 
 
-@dataclass(frozen=True)
-class ScannedBlock:
-    offset: int  # of the data, as allocate() returns it
-    header: BlockHeader
-    intact: bool  # the data matches the header's checksum
-
-
 class NvmeStore:
     def __init__(
         self,
@@ -125,20 +124,21 @@ class NvmeStore:
         data_path = self.directory / DATA_FILE
         self._hdr = HEADER_BYTES if headers else 0
         self._mac_key: bytes | None = None
-        # Before the first header is written, so every header's key is on disk.
         self._upgrading = False  # a file of the previous format: what recovery finds is legacy
         self._legacy_known: set[int] = set()  # legacy offsets on record, until recovered
         self._legacy: set[int] = set()  # legacy extents reserved now
-        if headers:
-            self._mac_key = load_mac_key(self.directory / KEY_FILE)
-            if self._mac_key is None and data_path.exists():
-                self._upgrading = True
-            elif self._mac_key is None:
-                self._mac_key = create_mac_key(self.directory / KEY_FILE)
-            else:
-                self._legacy_known = read_legacy(self.directory / LEGACY_FILE)
-        self._lock_fd = lock_data_file(data_path)
+        existed = data_path.exists()
+        self._lock_fd = lock_data_file(data_path)  # first: the key files are ours to write
         try:
+            if headers:
+                self._mac_key = load_mac_key(self.directory / KEY_FILE)
+                if self._mac_key is None and existed:
+                    self._upgrading = True
+                elif self._mac_key is None:
+                    # Before the first header is written, so every header's key is on disk.
+                    self._mac_key = create_mac_key(self.directory / KEY_FILE)
+                else:
+                    self._legacy_known = read_legacy(self.directory / LEGACY_FILE)
             self._handle: IOHandle = backend.open(data_path, capacity)
         except BaseException:
             os.close(self._lock_fd)
@@ -227,6 +227,7 @@ class NvmeStore:
                 return
             page = offset - self._hdr
             self._zeroing.add(page)
+        fut: Future[Any]
         try:
             fut = self._hdr_pool.submit(self._backend.pwrite, self._handle,
                                         memoryview(self._zero_page), page)  # fmt: skip
