@@ -37,7 +37,7 @@ from tierd.tiers.host import segments_of
 from tierd_client import TierdClient, TierdError
 
 START_DEADLINE_S = 60.0
-STOP_DEADLINE_S = 20.0
+STOP_DEADLINE_S = 15.0
 NVME_FILE = Path("nvme") / "blocks.dat"
 CATALOG_FILE = "index.sqlite3"
 SHARD_FILE, SHARD_CATALOG = "blocks.dat", "shard.sqlite3"
