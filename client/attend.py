@@ -62,36 +62,58 @@ def outputs_of(resp: pb.AttendResponse, as_torch: bool) -> list[AttendOutput]:
 
 
 class AttendStream:
-    """One open AttendStream call: each `send` is one request and its one response."""
+    """An AttendStream call: each `send` is one request and its one response.
+
+    The call opens at the first `send`, and opens again at the next `send` after it ended:
+    the daemon cancels a stream that idles past its limits (before the first request, or
+    between generations), and a request is never sent on a call that already ended."""
 
     def __init__(self, stub: Any, timeout: float | None, as_torch: bool,
-                 metadata: Any = None) -> None:
-        self._requests: queue.Queue[pb.AttendRequest | None] = queue.Queue()
+                 metadata: Any = None) -> None:  # fmt: skip
+        self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._as_torch = as_torch
         self._lock = threading.Lock()
-        self._responses: Iterator[pb.AttendResponse] = stub.AttendStream(
-            self._request_iter(), timeout=timeout, metadata=metadata
-        )
+        self._call: tuple[queue.Queue[pb.AttendRequest | None], Any] | None = None
 
-    def _request_iter(self) -> Iterator[pb.AttendRequest]:
-        while (req := self._requests.get()) is not None:
-            yield req
+    def _open(self) -> tuple[queue.Queue[pb.AttendRequest | None], Any]:
+        requests: queue.Queue[pb.AttendRequest | None] = queue.Queue()
+
+        def request_iter() -> Iterator[pb.AttendRequest]:
+            while (req := requests.get()) is not None:
+                yield req
+
+        call = self._stub.AttendStream(request_iter(), timeout=self._timeout,
+                                       metadata=self._metadata)  # fmt: skip
+        return requests, call
 
     def send(self, items: Sequence[AttendItem]) -> list[AttendOutput]:
         with self._lock:  # responses come back in order: one caller at a time
-            self._requests.put(request_of(items))
+            if self._call is None or self._call[1].done():
+                self._end_call()
+                self._call = self._open()
+            requests, responses = self._call
+            requests.put(request_of(items))
             try:
-                resp = next(self._responses)
+                resp = next(responses)
             except grpc.RpcError as e:
                 raise error_from_rpc(e) from e
         return outputs_of(resp, self._as_torch)
 
-    def close(self) -> None:
-        self._requests.put(None)
-        cancel = getattr(self._responses, "cancel", None)
-        if cancel is not None:
-            for _ in self._responses:  # drain the end of the stream
+    def _end_call(self) -> None:
+        if self._call is None:
+            return
+        requests, responses = self._call
+        self._call = None
+        requests.put(None)
+        try:
+            for _ in responses:  # drain the end of the stream
                 pass
+        except grpc.RpcError:
+            pass  # it had ended already (cancelled while idle)
+
+    def close(self) -> None:
+        with self._lock:
+            self._end_call()
 
     def __enter__(self) -> Self:
         return self

@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tierd.tiers.host import segments_of
-from tierd_client import KVLayout, TierdClient
+from tierd_client import AttendItem, InvalidArgument, KVLayout, TierdClient
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 from tierd_client.status import FIELD_METADATA_KEY
@@ -257,6 +257,35 @@ def test_a_stream_idle_between_messages_is_cancelled(daemon: Daemon) -> None:
         finally:
             release.set()
             call.cancel()
+
+
+def test_a_decode_loop_pausing_past_the_idle_limit_carries_on(daemon: Daemon) -> None:
+    """The client's stream reopens after the daemon cancelled it for idling (a pause between
+    generations), and nothing is sent twice: the tail holds each appended token once."""
+    rng = np.random.default_rng(3)
+    layout = KVLayout(1, 1, 8, "float32", 16)
+    with TierdClient(daemon.unix, tenant="alpha", token=TOKENS["alpha"]) as c:
+        ns = c.open_namespace("pause", layout)
+        seq = c.open_sequence(ns, [])
+
+        def step(stream: Any, token: int) -> None:
+            kv = rng.standard_normal((2, 1, 1, 8)).astype(np.float32)
+            q = rng.standard_normal((1, 1, 8)).astype(np.float32)
+            (out,) = stream.send([AttendItem(seq, 0, q, kv[0], kv[1], [token])])
+            assert out.out.shape == (1, 1, 8)
+
+        with c.attend_stream(as_torch=False) as stream:
+            step(stream, 1)
+            call = stream._call[1]
+            wait_for(call.done, 15, "the daemon to cancel the idle stream")
+            step(stream, 2)  # a new call under the hood
+            step(stream, 3)
+        # Three tokens appended once each: a query over the last 3 is accepted, one over
+        # 4 is refused (a multi-token query may not reach past the open tail).
+        q = rng.standard_normal((4, 1, 8)).astype(np.float32)
+        assert c.attend([AttendItem(seq, 0, q[:3])])[0].out.shape == (3, 1, 8)
+        with pytest.raises(InvalidArgument):
+            c.attend([AttendItem(seq, 0, q)])
 
 
 @pytest.mark.skipif(not HAS_OPENSSL, reason="needs the openssl CLI for a TLS listener")
