@@ -133,20 +133,32 @@ def test_flipped_csd_byte_fails_attend_naming_the_block(csd_core: CacheService) 
     assert svc.stats().corrupt_reads >= 1
 
 
-def test_damaged_host_copy_written_out_is_never_vouched_for(core: CacheService) -> None:
+def test_damaged_host_copy_is_never_written_out(core: CacheService) -> None:
     """A host copy that no longer matches its checksum (adopted after a restart, say) is
-    written to NVMe without per-layer checksums, so attend checks the whole block there
-    and refuses it, instead of verifying the damage against sums taken from it."""
+    dropped when a move or a demotion would write it to NVMe: the damage is not spread,
+    nor vouched for by per-layer checksums taken from it."""
+    import time
+
     svc = core
     lay = layout("float32")
-    ns, keys, _, _ = put_blocks(svc, lay, 3, seed=5)
-    victim = svc.index.get(ns.id, keys[1])
-    view = svc.host.view(ns.tenant, victim.host_off, victim.nbytes)
-    view[100] ^= 0xFF  # damage behind the daemon's back
-    victim.host_verified = False
-    assert svc.move(ns.id, keys, "nvme") == 3
-    assert victim.layer_sums is None and svc.index.get(ns.id, keys[0]).layer_sums is not None
-    seq_id, _ = svc.attend.open_sequence(ns.id, keys)
-    with pytest.raises(DataLoss) as e:
-        attend(svc, seq_id, 0)
+    ns, keys, _, kv = put_blocks(svc, lay, 4, seed=5)
+    for i in (1, 3):
+        victim = svc.index.get(ns.id, keys[i])
+        svc.host.view(ns.tenant, victim.host_off, victim.nbytes)[100] ^= 0xFF
+        victim.host_verified = False
+    before = svc.stats().corrupt_reads
+    with pytest.raises(DataLoss) as e:  # an explicit move names the block
+        svc.move(ns.id, keys[:2], "nvme")
     assert keys[1].hex() in e.value.message
+    assert svc.index.get(ns.id, keys[1]) is None
+    assert svc.placer.flush(time.monotonic() + 5) == 2  # demotion tries 2 and 3: 3 dropped
+    assert svc.index.get(ns.id, keys[3]) is None
+    assert svc.stats().corrupt_reads == before + 2
+    intact = [keys[0], keys[2]]
+    assert all(svc.index.get(ns.id, k).layer_sums is not None for k in intact)
+    seq_id, _ = svc.attend.open_sequence(ns.id, intact)
+    t = lay.block_tokens
+    cols = torch.cat([torch.arange(0, t), torch.arange(2 * t, 3 * t)])
+    want = dense(query(1), kv[1, 0][:, cols], kv[1, 1][:, cols])
+    out = attend(svc, seq_id, 1)
+    assert ((out.double() - want).norm() / want.norm()) <= 1e-5

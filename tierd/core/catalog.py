@@ -47,6 +47,24 @@ CREATE TABLE IF NOT EXISTS blocks (
 _I64 = 1 << 63
 
 
+def write_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -> None:
+    """`sql` for each row in one transaction: all or nothing. A full disk is
+    ResourceExhausted (nothing recorded), not an internal error. Caller serialises."""
+    try:
+        db.execute("BEGIN")
+        try:
+            db.executemany(sql, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as e:
+        if "full" in str(e):  # SQLITE_FULL: the disk under the catalog is full
+            raise ResourceExhausted(f"the catalog's disk is full ({e}); nothing was recorded") from e
+        raise
+
+
 def to_sql_u64(v: int) -> int:
     """SQLite integers are signed 64-bit; checksums are unsigned."""
     return v - (1 << 64) if v >= _I64 else v
@@ -100,21 +118,7 @@ class Catalog:
 
     def _write(self, sql: str, rows: Iterable[tuple]) -> None:
         with self._lock:
-            try:
-                self._db.execute("BEGIN")
-                try:
-                    self._db.executemany(sql, rows)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as e:
-                if "full" in str(e):  # SQLITE_FULL: the disk under the catalog is full
-                    raise ResourceExhausted(
-                        f"the catalog's disk is full ({e}); nothing was recorded"
-                    ) from e
-                raise
+            write_rows(self._db, sql, rows)
 
     def upsert_namespace(self, row: NamespaceRow) -> None:
         self._write(

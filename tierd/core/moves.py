@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 from tierd.core import validate
 from tierd.core.index import BlockEntry
 from tierd.core.nvme_headers import nvme_header
-from tierd.core.placement import stamp_layer_sums
-from tierd.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from tierd.core.placement import host_copy_intact
+from tierd.errors import DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
+from tierd.tiers.checksum import checksum
 
 # How long a move waits for another call that is writing the same block out.
 MOVE_WAIT_SECONDS = 30.0
@@ -51,15 +52,32 @@ def move(svc: CacheService, ns_id: bytes, keys: Sequence[bytes], tier: str) -> i
 
 
 def _bytes_of(svc: CacheService, entry: BlockEntry) -> memoryview:
-    """The block's bytes from host (in place) or NVMe (into a fresh aligned buffer)."""
+    """The block's bytes from host (in place) or NVMe (into a fresh aligned buffer),
+    checked against its checksum (and the entry given its per-layer checksums): a copy
+    that fails is dropped and the move answers DataLoss, so damage never spreads. The
+    caller holds one reader reference."""
     if entry.host_off is not None:
-        return svc.host.view(entry.ns.tenant, entry.host_off, entry.nbytes)
+        offset = entry.host_off
+        view = svc.host.view(entry.ns.tenant, offset, entry.nbytes)
+        if not host_copy_intact(entry, view):
+            svc.drop_corrupt_copy(entry, "host", offset, own_readers=1)
+            raise _corrupt(entry, "host")
+        return view
     if entry.nvme_off is not None:
+        offset = entry.nvme_off
         buf = mmap.mmap(-1, entry.nbytes)
         view = memoryview(buf)
-        svc.nvme.read_into(entry.nvme_off, view)
+        svc.nvme.read_into(offset, view)
+        if checksum(view) != entry.checksum:
+            svc.drop_corrupt_copy(entry, "nvme", offset)
+            raise _corrupt(entry, "nvme")
         return view
     raise FailedPrecondition("block has no local copy to move", field="keys")
+
+
+def _corrupt(entry: BlockEntry, tier: str) -> DataLoss:
+    return DataLoss(f"block {entry.key.hex()} failed its checksum in the {tier} tier and was "
+                    "dropped; recompute it", field="keys")  # fmt: skip
 
 
 def _drop_host_copy(svc: CacheService, entry: BlockEntry) -> None:
@@ -99,9 +117,10 @@ def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
         stamped = False
         try:
             if offset is not None:
+                had_sums = entry.layer_sums is not None
                 data = _bytes_of(svc, entry)
+                stamped = not had_sums and entry.layer_sums is not None
                 svc.nvme.write(offset, data, header=nvme_header(entry))
-                stamped = entry.host_off is not None and stamp_layer_sums(entry, data)
         except BaseException:
             with svc.cond:
                 svc.nvme.free(offset or 0, entry.nbytes)

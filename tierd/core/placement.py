@@ -40,16 +40,17 @@ class _Stopped(Exception):
     """The placement thread was asked to stop."""
 
 
-def stamp_layer_sums(entry: BlockEntry, view: memoryview) -> bool:
-    """Give `entry` its per-layer checksums from its host copy as it is written to a tier
-    the daemon reads back from; True when they were computed now.
+def host_copy_intact(entry: BlockEntry, view: memoryview) -> bool:
+    """Check a host copy about to be written to another tier against its checksum, and
+    give the entry its per-layer checksums from it if it has none yet.
 
-    The copy is checked against the block checksum first (one more pass over bytes in
-    memory): sums taken from damaged bytes would vouch for the damage. A copy that fails
-    gets none, so every later read of it checks the whole block and finds the damage."""
-    if entry.layer_sums is not None or checksum(view) != entry.checksum:
+    One pass over bytes in memory (~18 GB/s), next to a disk write: a copy adopted after a
+    restart may be stale, and writing it out (or taking per-layer sums from it, which
+    would then vouch for the damage) would spread it."""
+    if checksum(view) != entry.checksum:
         return False
-    entry.layer_sums = layer_checksums(view, entry.ns.layout.num_layers)
+    if entry.layer_sums is None:
+        entry.layer_sums = layer_checksums(view, entry.ns.layout.num_layers)
     return True
 
 
@@ -245,19 +246,26 @@ class Placer:
         if corrupt:
             svc.counters.corrupt_reads += 1
             log.warning("block failed its checksum; dropped that copy")
-        if moved and not entry.deleted:
-            if entry.host_off is None and entry.nvme_off is None and entry.csd is None:
-                svc.index.remove(entry)
-                entry.deleted = True
-                svc.catalog.delete_blocks([(entry.ns.id, entry.key)])
-            else:
-                svc.catalog.update_locations(
-                    [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
-                )
-        fut, entry.loading = entry.loading, None
-        if fut is not None:
-            fut.set_result(ok)
-        self.cond.notify_all()
+        try:
+            if moved and not entry.deleted:
+                if entry.host_off is None and entry.nvme_off is None and entry.csd is None:
+                    svc.index.remove(entry)
+                    entry.deleted = True
+                    svc.catalog.delete_blocks([(entry.ns.id, entry.key)])
+                else:
+                    svc.catalog.update_locations(
+                        [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
+                    )
+        except ResourceExhausted as e:
+            # Not on record (the catalog's disk is full): a promoted copy is then simply
+            # not adopted after a restart, and a dropped one fails its checksum again.
+            log.error("a load's outcome was not recorded: %s", e)
+        finally:
+            # Whatever happened, whoever waits on this load is woken.
+            fut, entry.loading = entry.loading, None
+            if fut is not None:
+                fut.set_result(ok)
+            self.cond.notify_all()
 
     # -- the background pass --------------------------------------------------------------
 
@@ -361,19 +369,23 @@ class Placer:
 
     def _demote(self, writes: list[tuple[BlockEntry, int]]) -> None:
         svc = self.svc
-        futures = []
-        stamped: list[BlockEntry] = []
+        futures: list[Future[None] | None] = []
         for e, offset in writes:
             view = svc.host.view(e.ns.tenant, e.host_off or 0, e.nbytes)
-            futures.append(svc.nvme.write_async(offset, view, header=nvme_header(e)))
-            if stamp_layer_sums(e, view):
-                stamped.append(e)
-        wait(futures)
+            ok = host_copy_intact(e, view)
+            futures.append(svc.nvme.write_async(offset, view, header=nvme_header(e)) if ok
+                           else None)  # fmt: skip
+        wait([f for f in futures if f is not None])
+        stamped = [e for (e, _), f in zip(writes, futures) if f is not None]
+        bad: list[BlockEntry] = []
         with self.cond:
             done: list[tuple[BlockEntry, int]] = []
             for (entry, offset), fut in zip(writes, futures):
                 entry.moving = False
-                if fut.exception() is not None:
+                if fut is None:
+                    svc.nvme.free(offset, entry.nbytes)
+                    bad.append(entry)
+                elif fut.exception() is not None:
                     log.error("NVMe write failed during demotion: %s", fut.exception())
                     svc.nvme.free(offset, entry.nbytes)
                 elif entry.deleted:
@@ -406,6 +418,8 @@ class Placer:
                     self._last_pass_freed += entry.nbytes
             self._passes += 1
             self.cond.notify_all()
+        for entry in bad:  # the host copy is not what was stored: drop it, never spread it
+            svc.drop_corrupt_copy(entry, "host", entry.host_off or 0)
 
     # -- NVMe space -----------------------------------------------------------------------
 

@@ -501,13 +501,23 @@ class CacheService:
             self.csd.drop_later(entry.csd, entry.ns.id, [entry.key])
             entry.csd = None
 
-    def drop_corrupt_copy(self, entry: BlockEntry, tier: str, where: int | str) -> None:
-        """A read of `entry`'s copy in `tier` (at NVMe offset or on CSD worker `where`)
-        failed its checksum: count it and drop that copy (its bytes will not get better);
-        a block left with no copy leaves the cache. Idempotent: a copy already dropped or
-        replaced is left alone (and not counted again)."""
+    def drop_corrupt_copy(
+        self, entry: BlockEntry, tier: str, where: int | str, *, own_readers: int = 0
+    ) -> None:
+        """A read of `entry`'s copy in `tier` (at a host or NVMe offset, or on CSD worker
+        `where`) failed its checksum: count it and drop that copy (its bytes will not get
+        better); a block left with no copy leaves the cache. Idempotent: a copy already
+        dropped or replaced is left alone (and not counted again). A host copy that others
+        are reading (beyond the caller's `own_readers`) is only marked for a check, which
+        the next reader's load runs."""
         with self.cond:
-            if tier == "nvme" and entry.nvme_off is not None and entry.nvme_off == where:
+            if tier == "host" and entry.host_off is not None and entry.host_off == where:
+                if entry.readers > own_readers:
+                    entry.host_verified = False
+                    return
+                self.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
+                entry.host_off = None
+            elif tier == "nvme" and entry.nvme_off is not None and entry.nvme_off == where:
                 self.nvme.free(entry.nvme_off, entry.nbytes)
                 entry.nvme_off = None
             elif tier == "csd" and entry.csd is not None and entry.csd == where:

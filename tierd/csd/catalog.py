@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierd.core.catalog import from_sql_u64, to_sql_u64
+from tierd.core.catalog import from_sql_u64, to_sql_u64, write_rows
 from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 from tierd_client.layout import KVLayout
 
@@ -111,10 +111,4 @@ class ShardCatalog:
 
     def _write(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(sql, rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            write_rows(self._db, sql, rows)
