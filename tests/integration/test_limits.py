@@ -4,13 +4,15 @@ in the message, nothing kept, and the daemon still serving."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from tests.integration.conftest import DaemonProcess, _short_tmpdir
+from tests.integration.conftest import DaemonProcess
 from tierd_client import AttendItem, KVLayout, TierdClient
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
@@ -34,7 +36,7 @@ TENANTS = ("lookup", "attend", "leases")  # opened first: max_open_tenants leave
 
 @pytest.fixture(scope="module")
 def address() -> Iterator[str]:
-    base = _short_tmpdir()
+    base = Path(tempfile.mkdtemp(prefix="lim-"))  # short: unix socket paths are limited
     (base / "limits.toml").write_text(LIMITS)
     daemon = DaemonProcess(base)
     daemon.cmd += ["--config", str(base / "limits.toml")]
