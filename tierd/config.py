@@ -115,7 +115,7 @@ def default_nvme_capacity(path: Path) -> int:
 class ServerConfig:
     listen: tuple[str, ...] = ()
     max_message_bytes: int = 64 * MiB
-    workers: int = 16
+    workers: int = 64  # each stream holds one while it waits on its client
     drain_seconds: float = 10.0
     flush_on_stop: bool = False  # write host-only blocks to NVMe on SIGTERM (survive reboot)
     # TLS for TCP listeners (required for them); a client CA turns on mutual TLS.
@@ -207,16 +207,16 @@ class LimitsConfig:
     # One tenant; without [[tenants]], each tenant name callers use.
     max_open_tenants: int = _limit(64, 1, 1 << 16)  # tenant names in open mode
     max_namespaces_per_tenant: int = _limit(1024, 1, 1 << 20)
-    max_sequences_per_tenant: int = _limit(256, 1, 1 << 20)
+    max_sequences_per_tenant: int = _limit(4096, 1, 1 << 20)
     max_leases_per_tenant: int = _limit(1024, 1, 1 << 20)
     max_lease_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: host quota, else host tier
     max_pinned_bytes_per_tenant: int = _limit(0, 0, 1 << 50)  # 0: quotas, else the tiers
     # Streaming calls: each holds an RPC thread while it waits on its client.
     stream_first_message_ms: int = _limit(5_000, 1, 3_600_000)
     stream_idle_ms: int = _limit(60_000, 1, 86_400_000)
-    stream_reserve_workers: int = _limit(4, 0, 1023)  # threads kept for unary calls, health
-    max_streams_per_peer: int = _limit(8, 1, 1 << 16)  # per TCP peer address
-    max_streams_per_tenant: int = _limit(8, 1, 1 << 16)
+    stream_reserve_workers: int = _limit(8, 0, 1023)  # threads kept for unary calls, health
+    max_streams_per_peer: int = _limit(32, 1, 1 << 16)  # per TCP peer address
+    max_streams_per_tenant: int = _limit(32, 1, 1 << 16)
     # Connections (at start): keepalive pings, and idle connections closed.
     keepalive_time_ms: int = _limit(60_000, 1_000, 86_400_000)
     keepalive_timeout_ms: int = _limit(20_000, 1_000, 3_600_000)

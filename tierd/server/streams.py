@@ -9,9 +9,9 @@ is answered. So every streaming call, before anything is read from it:
 - is authenticated from its metadata (tierd's own methods: a stream without a valid token
   or certificate ends at once, UNAUTHENTICATED);
 - is admitted only while fewer than `server.workers - limits.stream_reserve_workers`
-  streams hold threads, fewer than `limits.max_streams_per_tenant` of its tenant and
-  `limits.max_streams_per_peer` of its TCP peer address; otherwise RESOURCE_EXHAUSTED
-  naming the limit. The reserve always serves unary calls: health, Stats, Lookup, the
+  streams hold threads (else UNAVAILABLE, which clients retry), fewer than
+  `limits.max_streams_per_tenant` of its tenant and `limits.max_streams_per_peer` of its
+  TCP peer address (else RESOURCE_EXHAUSTED naming the limit). The reserve always serves unary calls: health, Stats, Lookup, the
   shared-memory puts and gets;
 - is cancelled when its client keeps the daemon waiting longer than
   `limits.stream_first_message_ms` for the first message or `limits.stream_idle_ms` for a
@@ -22,8 +22,9 @@ Admission runs on the call's pool thread (a refusal costs microseconds), with it
 taken and given back in one try/finally there, so a call that ends by any path, or never
 runs, cannot leak a slot. Unix-socket peers all look alike to gRPC ("unix:"), so on a
 socket the tenant is the unit; in open mode (no tenants) only the global cap applies.
-Streams of other services (health Watch, reflection) count against the global and
-per-peer caps and are cancelled after `limits.stream_idle_ms` without a message.
+Streams of other services (health Watch, reflection) need no credentials: at most
+`OTHER_STREAMS` are open at once, they count against the global and per-peer caps, and
+they are cancelled after `limits.stream_idle_ms` without a message.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ from typing import Any
 import grpc
 
 from tierd.config import LimitsConfig
-from tierd.errors import ResourceExhausted, TierdError
+from tierd.errors import ResourceExhausted, TierdError, Unavailable
 from tierd.server.status import abort
 
 log = logging.getLogger("tierd.streams")
 
 TIERD_METHODS = "/tierd.v1.Tierd/"
+# Streams of other services (health Watch, reflection) need no credentials, so they get a
+# small share of their own: nobody can fill the stream slots with them.
+OTHER_STREAMS = 2
 
 
 def peer_address(peer: str) -> str | None:
@@ -163,11 +167,20 @@ class StreamGuard(grpc.ServerInterceptor):
         """Why this stream may not hold a thread now (None: it may). Caller holds `_cond`."""
         cap = max(1, self._workers - lim.stream_reserve_workers)  # a reload cannot starve them
         if len(self._streams) >= cap:
-            return ResourceExhausted(
+            # The daemon is busy, not the caller over a quota: UNAVAILABLE, which clients
+            # retry with backoff.
+            return Unavailable(
                 f"{len(self._streams)} streams hold RPC threads; server.workers - "
                 f"limits.stream_reserve_workers is {cap} (the rest serve unary calls): retry "
                 "later", field="limits.stream_reserve_workers",
             )  # fmt: skip
+        if not s.method.startswith(TIERD_METHODS):
+            others = sum(1 for t in self._streams if not t.method.startswith(TIERD_METHODS))
+            if others >= OTHER_STREAMS:  # health Watch, reflection: no token to limit them by
+                return ResourceExhausted(
+                    f"{others} health or reflection streams are open; at most "
+                    f"{OTHER_STREAMS} at once", field="streams",
+                )
         if s.tenant is not None and self._by_tenant[s.tenant] >= lim.max_streams_per_tenant:
             return ResourceExhausted(
                 f"the tenant has {self._by_tenant[s.tenant]} open streams; "
