@@ -261,3 +261,38 @@ def test_pages_a_reader_faults_in_are_given_back(daemon: Daemonish) -> None:
     assert os.fstat(seg.fd).st_blocks >= before + len(m.store) // 2 // 512  # it cost memory
     daemon.arena.trim()
     assert os.fstat(seg.fd).st_blocks <= before
+
+
+def test_one_user_flooding_leaves_room_for_others(daemon: Daemonish) -> None:
+    """Connections of one OS user are capped, so a flood by one user leaves the handoff
+    answering another user at once."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    flood = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(daemon.server.path))
+            flood.append(s)
+        os.chmod(daemon.server.path.parent, 0o755)
+        os.chmod(daemon.server.path, 0o666)
+        probe = (
+            "import os, socket, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(1.5)\n"
+            f"s.connect({str(daemon.server.path)!r})\n"
+            's.sendall(b\'{"tenant": "stranger"}\\n\')\n'
+            "sys.stdout.write(s.recv(4096).decode())\n"
+        )
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             timeout=30, check=True).stdout  # fmt: skip
+        reply = json.loads(out)
+        assert reply["ok"] is False and reply["code"] == "NotFound"  # served, and refused
+    finally:
+        for s in flood:
+            s.close()

@@ -16,10 +16,11 @@ knows when what it mapped is no longer what the daemon uses.
 `authorize(tenant, token)` returns the tenant the caller may map, or raises a TierdError
 (the RPCs' rules: with tenants configured the token names the tenant; in open mode the
 caller names it, and the socket's permissions are the guard). Every connection has one
-deadline for the whole exchange, at most `MAX_CONNECTIONS` are served at once (more are
-closed at once), and the accept loop outlives transient failures such as running out of
-descriptors, so neither a flood nor a slow client can take shared memory away from the
-others for longer than the deadline. The peer's credentials are logged with refusals.
+deadline for the whole exchange; at most `MAX_CONNECTIONS` are served at once, and at most
+`MAX_CONNECTIONS_PER_USER` for one peer OS user (more are closed at once); the accept loop
+outlives transient failures such as running out of descriptors. So neither a flood nor a
+slow client takes shared memory away from other users' clients for longer than the
+deadline. The peer's credentials are logged with refusals.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger("tierd.handoff")
 MAX_REQUEST_BYTES = 4096
 DEADLINE_SECONDS = 2.0
 MAX_CONNECTIONS = 32
+MAX_CONNECTIONS_PER_USER = 8  # one OS user cannot take every slot
 _UNIX_PATH_MAX = 107
 
 
@@ -64,6 +66,7 @@ class HandoffServer:
         self._authorize = authorize
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._open: set[socket.socket] = set()
+        self._by_uid: dict[int, int] = {}  # connections being served, per peer user
         self._open_lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -110,15 +113,28 @@ class HandoffServer:
                 log.warning("shared-memory socket: accept failed: %s", e)
                 self._stopping.wait(0.05)
                 continue
-            if not self._slots.acquire(blocking=False):
+            uid = _peer_uid(conn)
+            with self._open_lock:
+                crowded = self._by_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_USER
+                if not crowded:
+                    self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
+            if crowded or not self._slots.acquire(blocking=False):
+                if not crowded:
+                    self._forget(uid)
                 conn.close()  # too many at once: the client retries or falls back in-band
                 continue
             with self._open_lock:
                 self._open.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="tierd-handoff-conn",
+            threading.Thread(target=self._serve, args=(conn, uid), name="tierd-handoff-conn",
                              daemon=True).start()  # fmt: skip
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _forget(self, uid: int) -> None:
+        with self._open_lock:
+            self._by_uid[uid] -= 1
+            if not self._by_uid[uid]:
+                del self._by_uid[uid]
+
+    def _serve(self, conn: socket.socket, uid: int) -> None:
         try:
             self._exchange(conn)
         except OSError as e:  # the peer went away while it was answered
@@ -130,6 +146,7 @@ class HandoffServer:
                 self._open.discard(conn)
             conn.close()
             self._slots.release()
+            self._forget(uid)
 
     def _exchange(self, conn: socket.socket) -> None:
         peer = _peer(conn)
@@ -191,6 +208,14 @@ def _reply(conn: socket.socket, deadline: float, doc: dict, fds: list[int] | Non
         socket.send_fds(conn, [line], fds)
     else:
         conn.sendall(line)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except OSError:
+        return -1
 
 
 def _peer(conn: socket.socket) -> str:
