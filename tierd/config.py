@@ -132,6 +132,7 @@ class HostTierConfig:
     high_watermark: float = 0.90  # demotion starts above this occupancy...
     low_watermark: float = 0.75  # ...and stops below this one
     pin_memory: bool = True  # cudaHostRegister the arena where CUDA exists
+    policy: str = "lru"  # eviction order (tierd.core.policies): lru | lfu | s3fifo | cost ...
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class NvmeTierConfig:
     path: Path | None = None  # default: <data_dir>/nvme
     capacity_bytes: int = 0  # 0: sized from free disk at start
     backend: str = "auto"  # auto | posix | kvikio
+    policy: str = "lru"  # eviction order and admission (e.g. second_hit), as host.policy
     direct_io: bool = True
     io_threads: int = 8
     chunk_bytes: int = 1 * MiB

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tierd.core.policies import POLICIES
 from tierd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -110,6 +111,9 @@ def _check_tiers(cfg: Config) -> None:
         _number(f"host.{name}", getattr(host, name), 0, 1)
     if not 0 < host.low_watermark < host.high_watermark <= 1:
         raise ConfigError("host.low_watermark", "need 0 < low_watermark < high_watermark <= 1")
+    for key, name in (("host.policy", host.policy), ("nvme.policy", nvme.policy)):
+        if name not in POLICIES:
+            raise ConfigError(key, f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     _path("nvme.path", nvme.path)
     _number("nvme.capacity", nvme.capacity_bytes, 0, MAX_SIZE)
     if nvme.backend not in ("auto", "posix", "kvikio"):

@@ -1,19 +1,21 @@
 """Weighted fair sharing of contended capacity between tenants (after FairServe).
 
 Primitives: `fair_victim_order(candidates, usage, config, priority, tier) -> entries`,
+`fair_victims(candidates, usage, config, order, tier) -> iterator` (lazy, per-policy order),
 `over_quota(config, tenant, tier, usage_after) -> bool`.
 
 When a tier must give up space, the tenant holding the most per unit of weight gives
 first: victims are taken one at a time from whoever currently has the largest
 usage / weight, so under pressure each tenant's share converges to its weight rather than
 to how early it arrived. A tenant over its configured quota for the tier pays before
-anyone else. Within a tenant, the eviction policy (LRU by default) picks the block.
+anyone else. Within a tenant, the tier's placement policy (LRU by default) picks the block.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from tierd.config import Config
 from tierd.core.index import BlockEntry
@@ -42,27 +44,39 @@ def fair_victim_order(
     candidates: Iterable[BlockEntry],
     usage: dict[str, int],
     config: Config,
-    priority: Callable[[BlockEntry], float],
+    priority: Callable[[BlockEntry], Any],
     tier: str,
 ) -> list[BlockEntry]:
     """All candidates, in the order they should leave `tier`."""
+    return list(fair_victims(candidates, usage, config,
+                             lambda es: iter(sorted(es, key=priority)), tier))  # fmt: skip
+
+
+def fair_victims(
+    candidates: Iterable[BlockEntry],
+    usage: dict[str, int],
+    config: Config,
+    order: Callable[[list[BlockEntry]], Iterator[BlockEntry]],
+    tier: str,
+) -> Iterator[BlockEntry]:
+    """The candidates in the order they should leave `tier`, each tenant's own blocks in
+    `order` (a policy's `victims`), pulled lazily: a policy whose ordering changes its
+    state as it goes (S3-FIFO) only does so for the blocks the caller actually took."""
     by_tenant: dict[str, list[BlockEntry]] = {}
     for entry in candidates:
         by_tenant.setdefault(entry.ns.tenant, []).append(entry)
-    for entries in by_tenant.values():
-        entries.sort(key=priority, reverse=True)  # pop() yields the lowest priority
+    queues = {t: order(entries) for t, entries in by_tenant.items()}
     usage = dict(usage)
     heap = [(_neg(_pressure(config, t, tier, usage.get(t, 0))), t) for t in by_tenant]
     heapq.heapify(heap)
-    order: list[BlockEntry] = []
     while heap:
         _, tenant = heapq.heappop(heap)
-        entry = by_tenant[tenant].pop()
-        order.append(entry)
+        entry = next(queues[tenant], None)
+        if entry is None:
+            continue
+        yield entry
         usage[tenant] = usage.get(tenant, 0) - entry.nbytes
-        if by_tenant[tenant]:
-            heapq.heappush(heap, (_neg(_pressure(config, tenant, tier, usage[tenant])), tenant))
-    return order
+        heapq.heappush(heap, (_neg(_pressure(config, tenant, tier, usage[tenant])), tenant))
 
 
 def _neg(key: tuple[int, float]) -> tuple[int, float]:

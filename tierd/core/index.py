@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from tierd_client.layout import KVLayout
 
@@ -59,6 +60,10 @@ class BlockEntry:
     # from NVMe; set when the block is first written out, None for older catalog rows.
     layer_sums: tuple[int, ...] | None = field(default=None, repr=False)
     loading: Future[bool] | None = field(default=None, repr=False)  # promotion in flight
+    # Placement policies' state, by tier name (tierd.core.policies), and the block's
+    # position in its prefix as the last lookup saw it (-1: never looked up).
+    policy_state: dict[str, Any] = field(default_factory=dict, repr=False)
+    depth: int = -1
 
     @property
     def tier(self) -> str:

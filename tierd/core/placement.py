@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING
 
-from tierd.core.fairness import fair_victim_order, over_quota
+from tierd.core.fairness import fair_victims, over_quota
 from tierd.core.index import BlockEntry
 from tierd.core.nvme_headers import nvme_header
 from tierd.errors import ResourceExhausted
@@ -236,6 +236,7 @@ class Placer:
             entry.host_off = staging
             entry.host_verified = True
             svc.counters.promotions += 1
+            svc.policies["host"].on_insert(entry)
             moved = True
         else:
             svc.host.free(entry.ns.tenant, staging, entry.nbytes)
@@ -324,12 +325,10 @@ class Placer:
 
     def _host_victims(self, goal: int) -> list[BlockEntry]:
         candidates = [e for e in self.svc.index.entries() if e.host_off is not None and e.movable]
-        candidates = fair_victim_order(candidates, self._tier_usage("host"), self.svc.config,
-                                       self.svc.policy.priority, "host")  # fmt: skip
+        order = fair_victims(candidates, self._tier_usage("host"), self.svc.config,
+                             self.svc.policies["host"].victims, "host")  # fmt: skip
         picked, total = [], 0
-        for entry in candidates:
-            if total >= goal:
-                break
+        while total < goal and (entry := next(order, None)) is not None:
             picked.append(entry)
             total += entry.nbytes
         return picked
@@ -350,10 +349,15 @@ class Placer:
         for entry in clean:
             svc.host.free(entry.ns.tenant, entry.host_off or 0, entry.nbytes)
             entry.host_off = None
+            svc.policies["host"].on_evict(entry)
             svc.counters.demotions += 1
             self._last_pass_freed += entry.nbytes
         for entry in victims:
             if entry.nvme_off is not None:
+                continue
+            if not entry.pinned and not svc.policies["nvme"].admit(entry):
+                self._evict(entry, tier="host")  # the slower tier's filter turned it away
+                self._last_pass_freed += entry.nbytes
                 continue
             offset = self.allocate_nvme(entry.nbytes)
             if offset is None:
@@ -410,10 +414,12 @@ class Placer:
                 done = []
             for entry, offset in done:
                 entry.nvme_off = offset
+                svc.policies["nvme"].on_insert(entry)
                 svc.counters.nvme.bytes_written += entry.nbytes
                 if entry.readers == 0 and entry.host_off is not None:
                     svc.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
                     entry.host_off = None
+                    svc.policies["host"].on_evict(entry)
                     svc.counters.demotions += 1
                     self._last_pass_freed += entry.nbytes
             self._passes += 1
@@ -434,12 +440,10 @@ class Placer:
             e for e in self.svc.index.entries()
             if e.nvme_off is not None and e.movable and not (e.pinned and e.host_off is None)
         ]  # fmt: skip
-        candidates = fair_victim_order(candidates, self._tier_usage("nvme"), self.svc.config,
-                                       self.svc.policy.priority, "nvme")  # fmt: skip
+        order = fair_victims(candidates, self._tier_usage("nvme"), self.svc.config,
+                             self.svc.policies["nvme"].victims, "nvme")  # fmt: skip
         freed = 0
-        for entry in candidates:
-            if freed >= goal:
-                break
+        while freed < goal and (entry := next(order, None)) is not None:
             freed += entry.nbytes
             self._evict(entry, tier="nvme")
         return nvme.allocate(nbytes)
@@ -448,6 +452,10 @@ class Placer:
         """Drop one copy; a block left with no copy leaves the cache."""
         svc = self.svc
         svc.counters.tier(tier).evictions += 1
+        # Only the NVMe copy leaves when a host copy stays; otherwise the whole block does.
+        leaving = [tier] if tier == "nvme" and entry.host_off is not None else list(svc.policies)
+        for name in leaving:
+            svc.policies[name].on_evict(entry)
         if tier == "nvme" and entry.host_off is not None:
             svc.nvme.free(entry.nvme_off or 0, entry.nbytes)
             entry.nvme_off = None

@@ -27,11 +27,11 @@ import numpy as np
 from tierd.config import Config
 from tierd.core import limits, validate
 from tierd.core.catalog import BlockRow, NamespaceRow
-from tierd.core.eviction import make_policy
 from tierd.core.inband import InbandPut
 from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_to_list
 from tierd.core.leases import GetLease, LeaseTable, PutLease, PutSlotLease
 from tierd.core.placement import Placer
+from tierd.core.policies import make_policy
 from tierd.core.results import (
     ClientFds,
     GetSlot,
@@ -83,7 +83,8 @@ class CacheService:
         self.leases = LeaseTable()
         self.counters = Counters()
         self.cond = threading.Condition()
-        self.policy = make_policy("lru")
+        self.policies = {"host": make_policy(config.host.policy, "host"),
+                         "nvme": make_policy(config.nvme.policy, "nvme")}  # fmt: skip
         self._host_id = host_id()
         self.csd = csd_pool(config)  # None without workers; started in start()
         recover(self)
@@ -204,6 +205,7 @@ class CacheService:
                         missed = True
                         break
                     entry.last_access = now
+                    entry.depth = len(found)
                     found.append((key, entry.tier))
             batch = min(2 * batch, 1024)
         with self.cond:
@@ -345,6 +347,7 @@ class CacheService:
         )
         for entry in entries:
             self.index.add(entry)
+            self.policies["host"].on_insert(entry)
         self.counters.host.bytes_written += len(entries) * ns.block_bytes
         self.placer.kick()
         return entries
@@ -437,6 +440,9 @@ class CacheService:
                     continue
                 entry.last_access = now
                 entry.hits += 1
+                for name, present in (("host", entry.host_off), ("nvme", entry.nvme_off)):
+                    if present is not None:
+                        self.policies[name].on_hit(entry)
                 self.counters.tier(tier).hits += 1
                 self.counters.tier(tier).bytes_read += entry.nbytes
                 lease.entries.append(entry)
