@@ -72,15 +72,17 @@ def blocks(n: int, seed: int) -> np.ndarray:
 def test_calls_without_valid_credentials_are_refused(address: str) -> None:
     with TierdClient(address, max_retries=0) as anonymous, pytest.raises(Unauthenticated):
         anonymous.open_namespace("m", LAYOUT)
-    with TierdClient(address, token="not-a-token", max_retries=0) as forged:
-        with pytest.raises(Unauthenticated):
-            forged.stats()
+    with TierdClient(address, token="not-a-token", max_retries=0) as forged, pytest.raises(
+        Unauthenticated
+    ):
+        forged.stats()
 
 
 def test_a_tenant_cannot_claim_another(address: str) -> None:
-    with TierdClient(address, tenant="beta", token=TOKENS["alpha"]) as c:
-        with pytest.raises(PermissionDenied):
-            c.open_namespace("m", LAYOUT)
+    with TierdClient(address, tenant="beta", token=TOKENS["alpha"]) as c, pytest.raises(
+        PermissionDenied
+    ):
+        c.open_namespace("m", LAYOUT)
 
 
 def test_foreign_blocks_look_absent(address: str) -> None:
