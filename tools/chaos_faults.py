@@ -106,7 +106,7 @@ class Mount:
         try:
             self.path.rmdir()
         except OSError:
-            pass
+            pass  # something was left inside: keep the directory rather than fail cleanup
 
 
 class Daemon:
@@ -226,7 +226,7 @@ def _kill_all(worker_pids: Iterable[int]) -> None:
                 p.kill()
                 left.append(p)
         except psutil.Error:
-            pass
+            pass  # it exited while we looked: nothing to kill
     psutil.wait_procs(left, timeout=STOP_DEADLINE_S)
 
 

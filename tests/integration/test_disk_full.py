@@ -123,7 +123,7 @@ def test_full_catalog_disk_refuses_puts_and_leaves_no_trace(small_fs: Path) -> N
                     while True:
                         f.write(b"\0" * 4096)
                 except OSError:
-                    pass
+                    pass  # ENOSPC: the disk is full, which is the point
             refused = []
             for i in range(2000):
                 key = hashlib.blake2b(b"c" + i.to_bytes(4, "little"), digest_size=16).digest()

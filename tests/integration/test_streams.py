@@ -343,7 +343,7 @@ class NotifySocket:
             while True:
                 self.sock.recv(65536)
         except BlockingIOError:
-            pass
+            pass  # drained: nothing more is buffered
         finally:
             self.sock.setblocking(True)
 

@@ -301,8 +301,8 @@ def test_a_second_store_on_one_data_file_is_refused(tmp_path: Path) -> None:
         pytest.raises(StoreInUse, match=str(tmp_path / "n" / DATA_FILE)),
     ):
         _store(tmp_path / "n", capacity=MiB)
-    with _store(tmp_path / "n", capacity=MiB):  # closing released it
-        pass
+    with _store(tmp_path / "n", capacity=MiB):  # closing released it: opening succeeds
+        assert (tmp_path / "n" / DATA_FILE).exists()
 
 
 def test_headers_describe_blocks_and_a_scan_finds_them(tmp_path: Path) -> None:

@@ -91,14 +91,14 @@ class HandoffServer:
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
-            pass
+            pass  # not connected or closed already: closing below is what matters
         self._sock.close()
         with self._open_lock:
             for conn in self._open:  # wake threads blocked on a slow client
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    pass
+                    pass  # the peer hung up already: its thread is ending anyway
         self._thread.join(timeout=5)
         self.path.unlink(missing_ok=True)
 

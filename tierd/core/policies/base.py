@@ -12,13 +12,14 @@ use. Orderings are computed over the candidates the placer hands in; nothing is 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tierd.core.index import BlockEntry
 
 
-class Policy:
+class Policy(ABC):
     name = ""
 
     def __init__(self, tier: str = "host") -> None:
@@ -55,9 +56,9 @@ class Policy:
         dropped from the cache). Pinned blocks and explicit moves are never asked."""
         return True
 
+    @abstractmethod
     def priority(self, entry: BlockEntry) -> Any:
-        """Sort key: the lowest leaves first."""
-        raise NotImplementedError
+        """Sort key: the lowest leaves first (each policy's own rule)."""
 
     def victims(self, candidates: Iterable[BlockEntry]) -> Iterator[BlockEntry]:
         """The candidates in the order they should leave, consumed lazily by the placer."""
