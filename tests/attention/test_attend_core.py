@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tierd.attention.attend import AttendCall
-from tierd.config import Config, HostTierConfig, NvmeTierConfig
+from tierd.config import Config, CsdConfig, HostTierConfig, NvmeTierConfig
 from tierd.core.service import CacheService
 from tierd.errors import InvalidArgument, NotFound
 from tierd_client.keys import block_keys
@@ -20,19 +20,26 @@ def layout(dtype: str) -> KVLayout:
     return KVLayout(LAYERS, KV_HEADS, DIM, dtype, T)
 
 
-@pytest.fixture
-def svc(tmp_path):
-    lay = layout("float32")
+def service(tmp_path, blocks: int, csd_workers: int = 0):
+    """A started CacheService with room for `blocks` float32 blocks per tier (and per CSD
+    worker), torn down completely after the test."""
+    bb = layout("float32").block_bytes
     cfg = Config(
         data_dir=tmp_path / "data",
-        host=HostTierConfig(capacity_bytes=256 * lay.block_bytes, pin_memory=False),
-        nvme=NvmeTierConfig(capacity_bytes=256 * lay.block_bytes, io_threads=4),
+        host=HostTierConfig(capacity_bytes=blocks * bb, pin_memory=False),
+        nvme=NvmeTierConfig(capacity_bytes=blocks * bb, io_threads=4),
+        csd=CsdConfig(workers=csd_workers, capacity_bytes=blocks * bb),
     ).resolved()
     s = CacheService(cfg)
     s.start()
     yield s
     s.close()
     s.host.destroy()
+
+
+@pytest.fixture
+def svc(tmp_path):
+    yield from service(tmp_path, 256)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -19,27 +19,16 @@ from tests.attention.test_attend_core import (
     dense,
     layout,
     put_sequence,
+    service,
 )
 from tierd.attention.attend import AttendCall
-from tierd.config import Config, CsdConfig, HostTierConfig, NvmeTierConfig
 from tierd.core.service import CacheService
 from tierd.errors import FailedPrecondition, Unavailable
 
 
 @pytest.fixture
 def svc(tmp_path):
-    lay = layout("float32")
-    cfg = Config(
-        data_dir=tmp_path / "data",
-        host=HostTierConfig(capacity_bytes=128 * lay.block_bytes, pin_memory=False),
-        nvme=NvmeTierConfig(capacity_bytes=128 * lay.block_bytes, io_threads=4),
-        csd=CsdConfig(workers=2, capacity_bytes=128 * lay.block_bytes),
-    ).resolved()
-    s = CacheService(cfg)
-    s.start()
-    yield s
-    s.close()
-    s.host.destroy()
+    yield from service(tmp_path, 128, csd_workers=2)
 
 
 def check(svc: CacheService, seq_id: int, kv: torch.Tensor, seed: int) -> None:

@@ -9,39 +9,23 @@ import sqlite3
 import pytest
 import torch
 
-from tests.attention.test_attend_core import DIM, GROUP, KV_HEADS, LAYERS, dense, layout
+from tests.attention.test_attend_core import DIM, GROUP, KV_HEADS, LAYERS, dense, layout, service
 from tests.attention.test_attend_core import put_sequence as put_blocks
 from tierd.attention.attend import AttendCall
-from tierd.config import Config, CsdConfig, HostTierConfig, NvmeTierConfig
 from tierd.core.service import CacheService
 from tierd.csd.shard import CATALOG_FILE
 from tierd.errors import DataLoss, FailedPrecondition
 from tierd.tiers.nvme import DATA_FILE
 
 
-def _service(tmp_path, csd_workers: int):
-    lay = layout("float32")
-    cfg = Config(
-        data_dir=tmp_path / "data",
-        host=HostTierConfig(capacity_bytes=64 * lay.block_bytes, pin_memory=False),
-        nvme=NvmeTierConfig(capacity_bytes=64 * lay.block_bytes, io_threads=4),
-        csd=CsdConfig(workers=csd_workers, capacity_bytes=64 * lay.block_bytes),
-    ).resolved()
-    s = CacheService(cfg)
-    s.start()
-    yield s
-    s.close()
-    s.host.destroy()
-
-
 @pytest.fixture
 def core(tmp_path):
-    yield from _service(tmp_path, 0)
+    yield from service(tmp_path, 64)
 
 
 @pytest.fixture
 def csd_core(tmp_path):
-    yield from _service(tmp_path, 1)
+    yield from service(tmp_path, 64, csd_workers=1)
 
 
 def flip(path: os.PathLike, offset: int) -> None:

@@ -248,19 +248,8 @@ class Placer:
             svc.counters.corrupt_reads += 1
             log.warning("block failed its checksum; dropped that copy")
         try:
-            if moved and not entry.deleted:
-                if entry.host_off is None and entry.nvme_off is None and entry.csd is None:
-                    svc.index.remove(entry)
-                    entry.deleted = True
-                    svc.catalog.delete_blocks([(entry.ns.id, entry.key)])
-                else:
-                    svc.catalog.update_locations(
-                        [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
-                    )
-        except ResourceExhausted as e:
-            # Not on record (the catalog's disk is full): a promoted copy is then simply
-            # not adopted after a restart, and a dropped one fails its checksum again.
-            log.error("a load's outcome was not recorded: %s", e)
+            if moved:
+                svc.record_copies(entry)
         finally:
             # Whatever happened, whoever waits on this load is woken.
             fut, entry.loading = entry.loading, None

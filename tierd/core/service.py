@@ -533,23 +533,30 @@ class CacheService:
             self.counters.corrupt_reads += 1
             log.warning("block %s failed its checksum in %s; dropped that copy",
                         entry.key.hex(), tier)  # fmt: skip
-            gone = entry.host_off is None and entry.nvme_off is None and entry.csd is None
-            if gone and not entry.deleted:
-                self.index.remove(entry)
-                entry.deleted = True
-            try:
-                if gone:
-                    self.catalog.delete_blocks([(entry.ns.id, entry.key)])
-                else:
-                    self.catalog.set_csd([(entry.ns.id, entry.key, entry.csd)])
-                    self.catalog.update_locations(
-                        [(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)]
-                    )
-            except ResourceExhausted as e:
-                # The copy is gone from memory either way; a stale row names bytes that
-                # fail their checksum again after a restart, so nothing wrong is served.
-                log.error("dropping a corrupt copy was not recorded: %s", e)
+            self.record_copies(entry, csd_changed=tier == "csd")
             self.cond.notify_all()
+
+    def record_copies(self, entry: BlockEntry, *, csd_changed: bool = False) -> None:
+        """Put on record where `entry`'s copies now are; a block left with none leaves the
+        cache. Caller holds `cond`. A catalog that cannot write (its disk is full) is only
+        logged: the copies are gone from memory either way, and a stale row names bytes
+        that fail their checksum after a restart (or a copy that is simply not adopted),
+        so nothing wrong is ever served."""
+        if entry.deleted:
+            return
+        gone = entry.host_off is None and entry.nvme_off is None and entry.csd is None
+        if gone:
+            self.index.remove(entry)
+            entry.deleted = True
+        try:
+            if gone:
+                self.catalog.delete_blocks([(entry.ns.id, entry.key)])
+                return
+            if csd_changed:
+                self.catalog.set_csd([(entry.ns.id, entry.key, entry.csd)])
+            self.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
+        except ResourceExhausted as e:
+            log.error("where block %s's copies are was not recorded: %s", entry.key.hex(), e)
 
     # -- management -----------------------------------------------------------------------
 
