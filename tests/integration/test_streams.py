@@ -396,14 +396,14 @@ def test_health_watch_streams_cannot_take_the_stream_slots(daemon: Any) -> None:
     watches = [health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
                for ch in channels]  # fmt: skip
     try:
-        for w in watches[:2]:  # the first two are admitted: they see SERVING
-            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
-        refused = []
-        for w in watches[2:]:
-            with pytest.raises(grpc.RpcError) as e:
-                next(w)
-            refused.append(e.value.code())
-        assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        admitted, refused = 0, []
+        for w in watches:  # all six race for admission: any two win
+            try:
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+                admitted += 1
+            except grpc.RpcError as e:
+                refused.append(e.code())
+        assert admitted == 2 and refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
         with TierdClient(daemon.unix, tenant="alpha", token=TOKENS["alpha"], timeout=ANSWER_S,
                          max_retries=0) as c:  # fmt: skip
             ns = c.open_namespace("watch-flood", LAYOUT)
