@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierd.errors import ResourceExhausted
+from tierd.sqlite_rows import from_sql_u64, to_sql_u64, write_rows
 from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 
 _SCHEMA = """
@@ -43,35 +43,6 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (ns_id, key)
 ) WITHOUT ROWID;
 """
-
-_I64 = 1 << 63
-
-
-def write_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -> None:
-    """`sql` for each row in one transaction: all or nothing. A full disk is
-    ResourceExhausted (nothing recorded), not an internal error. Caller serialises."""
-    try:
-        db.execute("BEGIN")
-        try:
-            db.executemany(sql, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-    except sqlite3.OperationalError as e:
-        if "full" in str(e):  # SQLITE_FULL: the disk under the catalog is full
-            raise ResourceExhausted(f"the catalog's disk is full ({e}); nothing was recorded") from e
-        raise
-
-
-def to_sql_u64(v: int) -> int:
-    """SQLite integers are signed 64-bit; checksums are unsigned."""
-    return v - (1 << 64) if v >= _I64 else v
-
-
-def from_sql_u64(v: int) -> int:
-    return v + (1 << 64) if v < 0 else v
 
 
 @dataclass(frozen=True)

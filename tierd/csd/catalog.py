@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierd.core.catalog import from_sql_u64, to_sql_u64, write_rows
+from tierd.sqlite_rows import columns, connect, from_sql_u64, to_sql_u64, write_rows
 from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 from tierd_client.layout import KVLayout
 
@@ -65,13 +64,9 @@ def layout_from_json(text: str) -> KVLayout:
 class ShardCatalog:
     def __init__(self, path: Path) -> None:
         # One connection under our own lock: the shard serialises metadata anyway.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = connect(path, _SCHEMA)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}
-        if "layer_sums" not in columns:  # shards written before per-layer checksums
+        if "layer_sums" not in columns(self._db, "blocks"):  # shards before per-layer checksums
             self._db.execute("ALTER TABLE blocks ADD COLUMN layer_sums BLOB")
 
     def close(self) -> None:

@@ -26,8 +26,9 @@ from urllib.parse import quote
 
 from tierctl.errors import UsageError
 from tierctl.progress import Progress
-from tierd.core.catalog import BlockRow, from_sql_u64
+from tierd.core.catalog import BlockRow
 from tierd.core.index import layout_from_list
+from tierd.sqlite_rows import from_sql_u64
 from tierd.tiers.checksum import checksum
 from tierd.tiers.extents import align_up
 from tierd.tiers.host import segment_name, segment_tag

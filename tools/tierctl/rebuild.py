@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from tierd.core.catalog import BlockRow, NamespaceRow, from_sql_u64
+from tierd.core.catalog import BlockRow, NamespaceRow
 from tierd.core.catalog_check import create_catalog, move_aside
+from tierd.sqlite_rows import from_sql_u64
 from tierd.tiers.block_header import NamespaceMeta
 from tierd.tiers.io_backend import ALIGNMENT, PosixBackend
 from tierd.tiers.nvme import DATA_FILE, NvmeStore
