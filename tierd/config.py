@@ -147,6 +147,26 @@ class NvmeTierConfig:
 
 
 @dataclass(frozen=True)
+class TierSpec:
+    """One tier of the chain, in order from fastest to slowest. Built from a `[[tiers]]`
+    table, or expanded from the `[host]`, `[nvme]` and `[csd]` shorthand sections."""
+
+    name: str
+    kind: str  # a kind registered in tierd.tiers.registry: host | nvme | csd ...
+    capacity_bytes: int = 0  # 0: sized by the kind from free space at start
+    path: Path | None = None  # where a storage kind keeps its files
+    high_watermark: float = 0.90  # the placer makes room above this occupancy...
+    low_watermark: float = 0.75  # ...down to this one
+    policy: str = "lru"  # eviction order and admission (tierd.core.policies)
+    codec: str = "raw"  # how copies are encoded in this tier (raw only, for now)
+    spill: bool = True  # takes the blocks the tier above it demotes
+    options: tuple[tuple[str, Any], ...] = ()  # the kind's own keys (kind.OPTIONS)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+
+@dataclass(frozen=True)
 class LeaseConfig:
     default_ttl_ms: int = 30_000
     max_ttl_ms: int = 600_000
@@ -163,8 +183,19 @@ class TenantConfig:
     token_sha256: str = ""  # hex SHA-256 of the bearer token (the token itself is not kept)
     cert_cn: str = ""  # client certificate common name (mutual TLS)
     weight: float = 1.0  # share of contended capacity, relative to the other tenants
-    host_quota: int = 0  # bytes in the host tier; 0: no quota
+    host_quota: int = 0  # bytes in the host tier; 0: no quota (shorthand for quotas.host)
     nvme_quota: int = 0
+    quotas: tuple[tuple[str, int], ...] = ()  # (tier name, bytes) from `quotas = {...}`
+
+    def quota(self, tier: str) -> int:
+        """This tenant's quota in `tier` (0: none)."""
+        given = dict(self.quotas)
+        if tier in given:
+            return given[tier]
+        return {"host": self.host_quota, "nvme": self.nvme_quota}.get(tier, 0)
+
+    def all_quotas(self) -> dict[str, int]:
+        return {"host": self.host_quota, "nvme": self.nvme_quota, **dict(self.quotas)}
 
 
 @dataclass(frozen=True)
@@ -249,9 +280,30 @@ class Config:
     csd: CsdConfig = CsdConfig()
     limits: LimitsConfig = LimitsConfig()
     tenants: tuple[TenantConfig, ...] = ()
+    tier_list: tuple[TierSpec, ...] = ()  # [[tiers]]; empty: the shorthand sections
 
     def tenant(self, name: str) -> TenantConfig | None:
         return next((t for t in self.tenants if t.name == name), None)
+
+    @property
+    def tiers(self) -> tuple[TierSpec, ...]:
+        """The tier chain, fastest first: `[[tiers]]`, or `[host]`, `[nvme]`, `[csd]`."""
+        if self.tier_list:
+            return self.tier_list
+        host, nvme, csd = self.host, self.nvme, self.csd
+        chain = [
+            TierSpec("host", "host", host.capacity_bytes, None, host.high_watermark,
+                     host.low_watermark, host.policy, options=(("pin_memory", host.pin_memory),)),
+            TierSpec("nvme", "nvme", nvme.capacity_bytes, self.nvme_path, policy=nvme.policy,
+                     options=(("backend", nvme.backend), ("direct_io", nvme.direct_io),
+                              ("io_threads", nvme.io_threads), ("chunk_bytes", nvme.chunk_bytes))),
+        ]  # fmt: skip
+        if csd.workers or csd.remote:
+            # Blocks reach CSD workers by an explicit move, not by demotion.
+            chain.append(TierSpec("csd", "csd", csd.capacity_bytes, self.data_dir / "csd",
+                                  spill=False, options=(("workers", csd.workers),
+                                                        ("remote", csd.remote))))  # fmt: skip
+        return tuple(chain)
 
     @property
     def nvme_path(self) -> Path:
@@ -268,6 +320,7 @@ class Config:
             limits=dataclasses.replace(new.limits, **{k: getattr(self.limits, k)
                                                       for k in LimitsConfig.RESTART_KEYS}),
             tenants=new.tenants,
+            tier_list=_live_tiers(self.tier_list, new.tier_list),
             server=dataclasses.replace(self.server, drain_seconds=new.server.drain_seconds,
                                        flush_on_stop=new.server.flush_on_stop),
         )  # fmt: skip
@@ -279,6 +332,8 @@ class Config:
         ]
         if live.data_dir != new.data_dir:
             restart.append("data_dir")
+        if live.tier_list != new.tier_list:
+            restart.append("tiers")
         return live, restart
 
     def resolved(self) -> Config:
@@ -288,6 +343,7 @@ class Config:
         if not server.listen:
             server = dataclasses.replace(server, listen=default_listen(self.data_dir))
         host, nvme = self.host, self.nvme
+        specs = list(self.tier_list)
         try:
             if host.capacity_bytes == 0:
                 host = dataclasses.replace(host, capacity_bytes=default_host_capacity())
@@ -295,13 +351,20 @@ class Config:
                 nvme = dataclasses.replace(
                     nvme, capacity_bytes=default_nvme_capacity(self.nvme_path)
                 )
+            for i, spec in enumerate(specs):
+                if spec.capacity_bytes == 0:
+                    size = (default_host_capacity() if spec.kind == "host" else
+                            default_nvme_capacity(spec.path or self.data_dir / spec.name))
+                    specs[i] = dataclasses.replace(spec, capacity_bytes=size)
         except OSError as e:
             raise ConfigError("capacity", f"cannot size a tier from free space: {e}") from e
-        for key, size in (("host.capacity", host.capacity_bytes),
-                          ("nvme.capacity", nvme.capacity_bytes)):  # fmt: skip
+        sized = [("host.capacity", host.capacity_bytes), ("nvme.capacity", nvme.capacity_bytes)]
+        sized += [(f"tiers[{i}].capacity", s.capacity_bytes) for i, s in enumerate(specs)]
+        for key, size in sized:
             if size <= 0:
                 raise ConfigError(key, "no free space to size this tier from; set it")
-        cfg = dataclasses.replace(self, server=server, host=host, nvme=nvme)
+        cfg = dataclasses.replace(self, server=server, host=host, nvme=nvme,
+                                  tier_list=tuple(specs))  # fmt: skip
         cfg.validate()
         return cfg
 
@@ -335,6 +398,8 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
             value = tuple(value)
         elif name in ("path", "tls_cert", "tls_key", "tls_client_ca"):
             value = _path(value, where)
+        elif name == "quotas" and cls is TenantConfig:
+            value = _build_quotas(value, where)
         else:
             expected = type(getattr(cls(), name))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -345,6 +410,63 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
                 raise ConfigError(where, f"must be a finite number, got {show(value)}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _live_tiers(old: tuple[TierSpec, ...], new: tuple[TierSpec, ...]) -> tuple[TierSpec, ...]:
+    """The running chain with the new watermarks of the tiers both chains have (same name
+    and kind); everything else about a tier needs a restart."""
+    by_name = {s.name: s for s in new}
+    out = []
+    for spec in old:
+        n = by_name.get(spec.name)
+        if n is not None and n.kind == spec.kind:
+            spec = dataclasses.replace(spec, high_watermark=n.high_watermark,
+                                       low_watermark=n.low_watermark)  # fmt: skip
+        out.append(spec)
+    return tuple(out)
+
+
+_TIER_KEYS = {f.name for f in dataclasses.fields(TierSpec)} - {"options", "capacity_bytes"}
+
+
+def _build_tier(raw: dict[str, Any], where: str) -> TierSpec:
+    """One [[tiers]] table: the common keys typed here, the rest kept as the kind's options
+    (checked against the kind by config_checks)."""
+    common = {k: v for k, v in raw.items() if k in _TIER_KEYS or k in ("capacity",
+                                                                         "capacity_bytes")}
+    for key in ("name", "kind"):
+        if not isinstance(common.get(key), str) or not common[key]:
+            raise ConfigError(f"{where}.{key}", "every tier needs a name and a kind")
+    options = []
+    for key, value in raw.items():
+        if key in common:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        options.append((key_name(key), value))
+    name, kind = common.pop("name"), common.pop("kind")
+    base = _build_section(_TierCommon, common, where)
+    return TierSpec(name, kind, **dataclasses.asdict(base), options=tuple(options))
+
+
+@dataclass(frozen=True)
+class _TierCommon:
+    """The typed keys of a [[tiers]] table besides name and kind (parsing only)."""
+
+    capacity_bytes: int = 0
+    path: Path | None = None
+    high_watermark: float = 0.90
+    low_watermark: float = 0.75
+    policy: str = "lru"
+    codec: str = "raw"
+    spill: bool = True
+
+
+def _build_quotas(value: object, where: str) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(where, "expected a table of tier name = size")
+    return tuple((key_name(k), parse_size(v, key=f"{where}.{key_name(k)}"))
+                 for k, v in value.items())  # fmt: skip
 
 
 def _path(value: object, where: str) -> Path:
@@ -384,13 +506,18 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             kwargs["tenants"] = tuple(
                 _build_section(TenantConfig, t, f"tenants[{i}]") for i, t in enumerate(value)
             )
+        elif key == "tiers":
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise ConfigError(key, "expected [[tiers]] tables")
+            kwargs["tier_list"] = tuple(_build_tier(t, f"tiers[{i}]") for i, t in enumerate(value))
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(key, "expected a table")
             kwargs[key] = _build_section(_SECTIONS[key], value, key)
         else:
             raise ConfigError(
-                key_name(key), f"unknown section (known: data_dir, {', '.join(_SECTIONS)})"
+                key_name(key),
+                f"unknown section (known: data_dir, tiers, tenants, {', '.join(_SECTIONS)})",
             )
     return Config(**kwargs)
 

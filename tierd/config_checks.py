@@ -129,6 +129,55 @@ def _check_tiers(cfg: Config) -> None:
         _address("csd.remote", addr)
 
 
+_TIER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
+
+
+def _check_tier_list(cfg: Config) -> None:
+    """The [[tiers]] chain: names, kinds, each kind's own keys, and the shape of the chain."""
+    from tierd.config import CsdConfig, HostTierConfig, NvmeTierConfig
+    from tierd.tiers.registry import KINDS, kind_class
+
+    if not cfg.tier_list:
+        return
+    for section, default in (("host", HostTierConfig()), ("nvme", NvmeTierConfig()),
+                             ("csd", CsdConfig())):  # fmt: skip
+        if getattr(cfg, section) != default:
+            raise ConfigError(section, "[[tiers]] replaces the [host], [nvme] and [csd] "
+                              "sections: set this tier's keys in its [[tiers]] table")  # fmt: skip
+    names = [s.name for s in cfg.tier_list]
+    for i, spec in enumerate(cfg.tier_list):
+        where = f"tiers[{i}]"
+        if not _TIER_NAME_RE.fullmatch(spec.name) or names.count(spec.name) > 1:
+            raise ConfigError(f"{where}.name", "every tier needs a unique name of lowercase "
+                              "letters, digits, - and _ (at most 32)")  # fmt: skip
+        if spec.kind not in KINDS:
+            raise ConfigError(f"{where}.kind", f"unknown tier kind {show(spec.kind)}; known: "
+                              f"{', '.join(KINDS)}")  # fmt: skip
+        kind = kind_class(spec.kind)
+        if (i == 0) != kind.memory:
+            raise ConfigError(f"{where}.kind", "the first tier must be a memory tier clients "
+                              "map (kind host), and only the first" if i == 0 else
+                              "only the first tier may be a memory tier")  # fmt: skip
+        _number(f"{where}.capacity", spec.capacity_bytes, 0, MAX_SIZE)
+        _path(f"{where}.path", spec.path)
+        if not 0 < spec.low_watermark < spec.high_watermark <= 1:
+            raise ConfigError(f"{where}.low_watermark",
+                              "need 0 < low_watermark < high_watermark <= 1")  # fmt: skip
+        if spec.policy not in POLICIES:
+            raise ConfigError(f"{where}.policy", f"unknown policy {spec.policy!r}; known: "
+                              f"{', '.join(POLICIES)}")  # fmt: skip
+        if spec.codec != "raw":
+            raise ConfigError(f"{where}.codec", f"unknown codec {show(spec.codec)}; known: raw")
+        for key, value in spec.options:
+            if key not in kind.OPTIONS:
+                known = ", ".join(sorted(kind.OPTIONS)) or "none"
+                raise ConfigError(f"{where}.{key}", f"unknown key for a {spec.kind} tier "
+                                  f"(its own keys: {known})")  # fmt: skip
+            want = type(kind.OPTIONS[key])
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ConfigError(f"{where}.{key}", f"expected {want.__name__}, got {show(value)}")
+
+
 def _check_leases(cfg: Config) -> None:
     leases = cfg.leases
     # Lease TTLs travel as uint32 milliseconds; a day is far past any useful lease.
@@ -156,6 +205,12 @@ def _check_tenants(cfg: Config) -> None:
             raise ConfigError(f"{where}.weight", "must be positive")
         _number(f"{where}.host_quota", t.host_quota, 0, MAX_SIZE)
         _number(f"{where}.nvme_quota", t.nvme_quota, 0, MAX_SIZE)
+        tiers = {s.name for s in cfg.tiers}
+        for tier, size in t.quotas:
+            if tier not in tiers:
+                raise ConfigError(f"{where}.quotas.{tier}", f"no tier named {show(tier)} "
+                                  f"(tiers: {', '.join(sorted(tiers))})")  # fmt: skip
+            _number(f"{where}.quotas.{tier}", size, 0, MAX_SIZE)
 
 
 def check_config(cfg: Config) -> None:
@@ -163,6 +218,7 @@ def check_config(cfg: Config) -> None:
     _path("data_dir", cfg.data_dir)
     _check_server(cfg)
     _check_tiers(cfg)
+    _check_tier_list(cfg)
     _check_leases(cfg)
     _check_tenants(cfg)
     listen = cfg.metrics.listen

@@ -1,0 +1,161 @@
+"""The CSD tier kind: computational-storage workers (`tierd.csd.pool`) as a chain tier.
+
+A copy's location is the name of the worker holding it. Workers verify what they store and
+serve, and attend next to their blocks (`partial_attend`), so only a query and one partial
+result cross the wire. Space is accounted here per worker (each has `capacity` bytes);
+drops are queued, never waited on, so the core may free copies under its lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from tierd.config import TierSpec
+from tierd.tiers.base import BlockRef, Copy, Location, Tier
+from tierd.tiers.registry import TierContext
+
+if TYPE_CHECKING:
+    import torch
+
+    from tierd.csd.pool import CsdPool
+
+
+class CopyMissing(Exception):
+    """The worker does not hold the block (dropped, or it failed the worker's check)."""
+
+
+class CsdTier(Tier):
+    kind = "csd"
+    OPTIONS: ClassVar[dict[str, Any]] = {"workers": 0, "remote": ()}
+
+    def __init__(self, spec: TierSpec, pool: CsdPool, capacity: int) -> None:
+        super().__init__(spec)
+        self.pool = pool
+        self._capacity = capacity
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, spec: TierSpec, context: TierContext) -> CsdTier:
+        from tierd.csd.pool import CsdPool
+        from tierd.csd.supervisor import CsdWorkerSpec
+
+        base = spec.path or context.data_dir / spec.name
+        local = int(spec.option("workers", 0))
+        remote = tuple(spec.option("remote", ()))
+        specs = [
+            CsdWorkerSpec(f"w{i}", base / f"w{i}", f"unix:{base}/w{i}.sock",
+                          spec.capacity_bytes, spawn=True)
+            for i in range(local)
+        ] + [CsdWorkerSpec(f"r{i}", None, addr, 0, spawn=False)
+             for i, addr in enumerate(remote)]  # fmt: skip
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return cls(spec, CsdPool(specs), spec.capacity_bytes * max(1, len(specs)))
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._used.values())
+
+    @property
+    def backend(self) -> str:
+        return "workers"
+
+    def available(self) -> bool:
+        return any(self.pool.healthy(n) for n in self.pool.names)
+
+    def details(self) -> dict[str, Any]:
+        return {"workers": {n: self.pool.healthy(n) for n in self.pool.names}}
+
+    def start(self) -> list[str]:
+        return self.pool.start()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- space ------------------------------------------------------------------------------
+
+    def _take(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            self._used[name] = self._used.get(name, 0) + nbytes
+
+    def reserve(self, tenant: str, nbytes: int) -> Location | None:
+        if self.used_bytes + nbytes > self._capacity:
+            return None
+        name = self.pool.pick(1)[0]
+        self._take(name, nbytes)
+        return name
+
+    def locations_for(self, n: int) -> list[Location] | None:
+        return list(self.pool.pick(n))
+
+    def adopt(self, tenant: str, location: Location, nbytes: int) -> bool:
+        if location not in self.pool.names:
+            return False
+        self._take(str(location), nbytes)
+        return True
+
+    def release(self, tenant: str, location: Location, nbytes: int) -> None:
+        """Give back space `reserve` gave that never got a copy."""
+        self._take(str(location), -nbytes)
+
+    def free(self, block: BlockRef, copy: Copy) -> None:
+        # A drop that fails leaves an orphan on the worker, which the daemon never names.
+        self.pool.drop_later(str(copy.location), block.ns.id, [block.key])
+        self._take(str(copy.location), -copy.length)
+
+    # -- bytes --------------------------------------------------------------------------------
+
+    def write(self, block: BlockRef, location: Location, data: memoryview) -> Future[None]:
+        return self.write_many([(block, location, data)])[0]
+
+    def write_many(
+        self, items: Sequence[tuple[BlockRef, Location, memoryview]]
+    ) -> list[Future[None]]:
+        """One request per worker and namespace (all-or-nothing on the worker)."""
+        futures: list[Future[None]] = [Future() for _ in items]
+        groups: dict[tuple[str, bytes], list[int]] = {}
+        for i, (block, location, _) in enumerate(items):
+            groups.setdefault((str(location), block.ns.id), []).append(i)
+        for (name, ns_id), idx in groups.items():
+            try:
+                layout = items[idx[0]][0].ns.layout
+                self.pool.store(name, layout, ns_id,
+                                [(items[i][0].key, items[i][0].checksum, items[i][2])
+                                 for i in idx])  # fmt: skip
+            except BaseException as e:  # noqa: BLE001 - each waiter gets the failure
+                for i in idx:
+                    futures[i].set_exception(e)
+                continue
+            for i in idx:
+                futures[i].set_result(None)
+        return futures
+
+    def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:
+        done: Future[None] = Future()
+        try:
+            data = self.pool.read(str(copy.location), block.ns.id, [block.key]).get(block.key)
+            if data is None or len(data) != len(out):
+                raise CopyMissing(f"csd worker {copy.location} does not hold the block")
+            out[:] = data
+            done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiter
+            done.set_exception(e)
+        return done
+
+    def partial_attend(
+        self, location: Location, blocks: Sequence[BlockRef], layer: int, q: torch.Tensor,
+        scale: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bytes]] | None:
+        ns = blocks[0].ns
+        out, lse, missing = self.pool.partial_attend(
+            str(location), ns.id, ns.layout, [b.key for b in blocks], layer, q, scale or 0.0
+        )
+        return out, lse, missing
