@@ -25,11 +25,11 @@ from tests.core.conftest import (
     put_blocks,
 )
 from tierctl.cli import main
-from tierctl.datalock import LOCK_NAME
 from tierctl.fsck_scan import shm_tag
 from tierctl.rebuild import rebuild_catalog
 from tierd.core.catalog import BlockRow, Catalog
 from tierd.core.index import layout_to_list
+from tierd.filelock import DATA_DIR_LOCK
 from tierd.tiers.block_header import BlockHeader, NamespaceMeta
 from tierd.tiers.checksum import checksum
 from tierd.tiers.host import SHM_DIR, segment_name
@@ -234,7 +234,7 @@ def test_refuses_while_the_data_dir_is_in_use(
     assert "is locked" in capsys.readouterr().err  # the service holds the data dir's lock
     populated.harness.close_all()
     # 2. Someone holds the data dir's lock (a daemon that takes it, or another fsck).
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fd = os.open(data_dir / DATA_DIR_LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         code = main(["fsck", "--data-dir", str(data_dir)])

@@ -12,7 +12,6 @@ Whatever keeps the daemon from starting is a `ConfigError` naming the key and th
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shlex
@@ -25,6 +24,7 @@ from tierd.core.catalog import Catalog
 from tierd.core.catalog_check import CatalogDamaged, CatalogTooNew, open_catalog
 from tierd.core.index import BlockEntry, NamespaceInfo, layout_from_list
 from tierd.errors import ConfigError
+from tierd.filelock import lock_data_dir
 from tierd.tiers.io_backend import select_backend
 from tierd.tiers.nvme import NvmeStore, StoreInUse
 from tierd_client.layout import KVLayout
@@ -113,22 +113,6 @@ def _open_nvme(config: Config) -> NvmeStore:
                                                f"bytes under {path}: {e.strerror or e}") from None  # fmt: skip
         raise ConfigError("nvme.path", f"cannot use {e.filename or path}: "
                                        f"{e.strerror or e}") from None  # fmt: skip
-
-
-def lock_data_dir(data_dir: Path) -> IO[bytes]:
-    """One daemon per data dir: two would hand out the same extents. `tierctl fsck` takes
-    the same lock, so it never checks a catalog a daemon is writing."""
-    try:
-        f = open(data_dir / "tierd.lock", "a+b")  # noqa: SIM115 - held for the daemon's life
-    except OSError as e:
-        raise ConfigError("data_dir", f"cannot open {data_dir / 'tierd.lock'}: "
-                                      f"{e.strerror or e}") from None  # fmt: skip
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError("data_dir", f"{data_dir} is in use by another tierd process") from None
-    return f
 
 
 def csd_pool(config: Config) -> CsdPool | None:

@@ -5,8 +5,6 @@ Primitives: `aligned_buffer(n)`, `wait_all(futures)`, `lock_directory(dir) -> fd
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tierd.errors import FailedPrecondition
+from tierd.filelock import FileLocked, lock_file
 from tierd.tiers.io_backend import ALIGNMENT
 
 
@@ -36,17 +35,11 @@ def wait_all(futures: Sequence[Future[None]]) -> None:
 
 
 def lock_directory(directory: Path, name: str = "shard.lock") -> int:
-    """An exclusive flock on the shard: two workers on one directory would corrupt it.
-
-    The kernel drops the lock when the process dies, kill -9 included, so a restarted
-    worker gets it at once.
-    """
-    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """An exclusive lock on the shard: two workers on one directory would corrupt it. A
+    killed worker's lock goes with it, so its restart gets the lock at once."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        return lock_file(directory / name)
+    except FileLocked:
         raise FailedPrecondition(
             f"csd shard {directory} is in use by another process", field="dir"
         ) from None
-    return fd

@@ -8,11 +8,11 @@ Primitives: `lock_data_file(path) -> fd` (`StoreInUse`), `load_mac_key(path)`,
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import secrets
 from pathlib import Path
+
+from tierd.filelock import FileLocked, lock_file
 
 DATA_FILE = "blocks.dat"
 KEY_FILE = "blocks.key"
@@ -20,27 +20,20 @@ LEGACY_FILE = "blocks.legacy"
 MAC_KEY_BYTES = 32
 
 
-class StoreInUse(Exception):
+class StoreInUse(FileLocked):
     """Another process holds the data file."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} is in use by another process (a tierd daemon or tierctl)")
-        self.path = path
+        super().__init__(path, "is in use by another process (a tierd daemon or tierctl)")
 
 
 def lock_data_file(path: Path) -> int:
-    """An exclusive flock on the data file, held while the returned descriptor is open: two
-    daemons sharing one file would hand out the same extents. The kernel drops it when the
-    holder dies, kill -9 included."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """An exclusive lock on the data file, held while the returned descriptor is open: two
+    daemons sharing one file would hand out the same extents."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StoreInUse(path) from None
-        raise
-    return fd
+        return lock_file(path)
+    except FileLocked:
+        raise StoreInUse(path) from None
 
 
 def load_mac_key(path: Path) -> bytes | None:

@@ -4,17 +4,13 @@ Primitives: `DataDirLock(data_dir)` (context manager; raises `DataDirBusy`),
 `processes_using(paths) -> list[str]`, `socket_answers(path) -> bool`,
 `ensure_offline(data_dir, files, sockets)` (all three, holding the lock on success).
 
-The lock is `<data_dir>/tierd.lock`, taken with flock(LOCK_EX | LOCK_NB). The kernel drops
-it when its holder dies, kill -9 included, so a crashed daemon never leaves a stale lock.
-If the daemon takes the same lock for its lifetime (proposed; not yet in tierd), the lock
-alone is proof. Until then, a daemon shows itself by holding the catalog or the NVMe data
-file open (what the scan looks for) or by answering on its socket.
+The lock is the one the daemon holds for its life (`tierd.filelock.lock_data_dir`), so
+a daemon of this data dir is caught by the lock alone; the scan and the probe catch what
+the lock cannot: a daemon of another data dir sharing the NVMe file or the socket.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import socket
 from pathlib import Path
@@ -22,7 +18,7 @@ from typing import Self
 
 import psutil
 
-LOCK_NAME = "tierd.lock"
+from tierd.filelock import DATA_DIR_LOCK, FileLocked, lock_file
 
 
 class DataDirBusy(Exception):
@@ -31,7 +27,7 @@ class DataDirBusy(Exception):
 
 class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / LOCK_NAME
+        self.path = data_dir / DATA_DIR_LOCK
         self._fd = -1
         self.held = False
 
@@ -39,22 +35,18 @@ class DataDirLock:
         if self.held:
             return  # flock conflicts between two descriptors of one process: take it once
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except PermissionError:
-            # A read-only look by someone who cannot create it: use it if it exists.
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                self.held = True  # nothing to lock: nobody who honours the lock holds it
-                return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DataDirBusy(f"{self.path} is locked: a tierd daemon (or another "
-                                  "tierctl) is using this data dir") from None  # fmt: skip
-            raise
+                fd = lock_file(self.path)
+            except PermissionError:
+                # A read-only look by someone who cannot create it: use it if it exists.
+                try:
+                    fd = lock_file(self.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    self.held = True  # nothing to lock: nobody who honours the lock holds it
+                    return
+        except FileLocked:
+            raise DataDirBusy(f"{self.path} is locked: a tierd daemon (or another "
+                              "tierctl) is using this data dir") from None  # fmt: skip
         self._fd = fd
         self.held = True
 
