@@ -1,6 +1,8 @@
 """Daemon addresses: "unix:/abs/path", "unix:///abs/path" or "host:port".
 
-Primitives: `parse_address(text) -> Address` (`.target` for grpc, `.unix_path`).
+Primitives: `parse_address(text) -> Address` (`.target` for grpc, `.unix_path`);
+`unix_socket_path(text) -> str | None`, the one reading of a unix address, which the
+daemon's listeners and config checks share.
 
 Checked here rather than left to grpc, whose errors for a bad target only appear at the
 first call, as a bare UNAVAILABLE that the retry loop would then spin on.
@@ -20,13 +22,19 @@ class Address:
     unix_path: str | None = None  # set for unix-domain sockets
 
 
+def unix_socket_path(text: str) -> str | None:
+    """The socket path of a "unix:" address (None for any other): "unix:///abs" has an
+    empty authority, so it names the same path as "unix:/abs"."""
+    if not text.startswith("unix:"):
+        return None
+    return text.removeprefix("unix:").removeprefix("//")
+
+
 def _parse_unix(text: str) -> Address:
-    rest = text[len("unix:") :]
-    if rest.startswith("//"):
-        # "unix:///abs" has an empty authority; "unix://name" would be a host, not a path.
-        rest = rest[2:]
-        if not rest.startswith("/"):
-            raise ValueError(f"address {text!r}: use unix:/abs/path or unix:///abs/path")
+    rest = unix_socket_path(text) or ""
+    if text.startswith("unix://") and not rest.startswith("/"):
+        # "unix://name" would be a host, not a path.
+        raise ValueError(f"address {text!r}: use unix:/abs/path or unix:///abs/path")
     if not rest.startswith("/"):
         raise ValueError(f"address {text!r}: the socket path must be absolute")
     if len(rest.encode()) > _MAX_UNIX_PATH:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tierd.core.policies import POLICIES
 from tierd.errors import ConfigError
+from tierd_client.address import unix_socket_path
 
 if TYPE_CHECKING:
     from tierd.config import Config
@@ -60,8 +61,8 @@ def _path(key: str, path: Path | None) -> None:
 
 def _address(key: str, addr: str) -> bool:
     """Check unix:PATH or HOST:PORT; True for a TCP address."""
-    if addr.startswith("unix:"):
-        sock = addr.removeprefix("unix:").removeprefix("//")
+    sock = unix_socket_path(addr)
+    if sock is not None:
         if not sock or "\0" in sock:
             raise ConfigError(key, f"{show(addr)}: unix socket path is empty or has a NUL byte")
         return False

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tierd.csd.shard import CsdShard, StoreItem
 from tierd.csd.supervisor import MAX_MESSAGE_BYTES, PARENT_ENV
 from tierd.errors import InvalidArgument, TierdError
+from tierd.server.listeners import bind_address
 from tierd.server.status import translate_errors
 from tierd_client._proto import csd_pb2 as cpb
 from tierd_client._proto import csd_pb2_grpc as cpb_grpc
@@ -104,14 +105,6 @@ class CsdWorkerServicer(cpb_grpc.CsdWorkerServicer):
         return cpb.WorkerStatsResponse(blocks=s.blocks, used_bytes=s.used_bytes,
                                        capacity_bytes=s.capacity_bytes,
                                        corrupt_reads=s.corrupt_reads)  # fmt: skip
-
-
-def bind_address(addr: str) -> tuple[str, Path | None]:
-    """gRPC's form of a listen address, and the socket path for unix ones."""
-    if addr.startswith("unix:"):
-        path = Path(addr.removeprefix("unix:").removeprefix("//"))
-        return f"unix:{path}", path
-    return addr, None
 
 
 class CsdWorkerServer:

@@ -34,7 +34,7 @@ from tierd.errors import ConfigError
 from tierd.metrics import Metrics
 from tierd.server.decoding import DecodeGuard
 from tierd.server.handoff import HandoffServer, handoff_path
-from tierd.server.listeners import claim_unix_socket, refuse_live_sockets
+from tierd.server.listeners import bind_address, claim_unix_socket, refuse_live_sockets
 from tierd.server.liveness import RpcProbe
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
@@ -45,14 +45,6 @@ from tierd_client._proto import tierd_pb2_grpc as pb_grpc
 log = logging.getLogger("tierd")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tierd"].full_name
-
-
-def _bind_address(addr: str) -> tuple[str, Path | None]:
-    """gRPC's form of a listen address, and the socket path for unix ones."""
-    if addr.startswith("unix:"):
-        path = Path(addr.removeprefix("unix:").removeprefix("//"))
-        return f"unix:{path}", path
-    return addr, None
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:
@@ -108,7 +100,7 @@ class Daemon:
         )
         self._sockets: list[Path] = []
         for addr in config.server.listen:
-            target, path = _bind_address(addr)
+            target, path = bind_address(addr)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
                 claim_unix_socket(path)  # a stale socket of a dead daemon goes; a live one stays

@@ -1,7 +1,7 @@
 """Unix socket paths a daemon is about to listen on: take over a stale one, never a live one.
 
-Primitives: `unix_socket_path(addr) -> Path | None`, `claim_unix_socket(path)`,
-`refuse_live_sockets(listen)`.
+Primitives: `unix_socket_path(addr) -> Path | None`, `bind_address(addr) -> (target, path)`,
+`claim_unix_socket(path)`, `refuse_live_sockets(listen)`.
 
 gRPC unlinks whatever is at a unix path before binding, so without a look first a second
 daemon would silently steal the socket of a running one (whose clients then talk to the
@@ -19,15 +19,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tierd.errors import ConfigError
+from tierd_client.address import unix_socket_path as socket_path_of
 
 _PROBE_TIMEOUT_S = 1.0
 _STALE = (errno.ECONNREFUSED, errno.ENOENT)
 
 
 def unix_socket_path(addr: str) -> Path | None:
-    if not addr.startswith("unix:"):
-        return None
-    return Path(addr.removeprefix("unix:").removeprefix("//"))
+    path = socket_path_of(addr)
+    return Path(path) if path is not None else None
+
+
+def bind_address(addr: str) -> tuple[str, Path | None]:
+    """gRPC's form of a listen address, and the socket path for unix ones."""
+    path = unix_socket_path(addr)
+    return (f"unix:{path}", path) if path is not None else (addr, None)
 
 
 def _check(path: Path) -> bool:
