@@ -8,7 +8,8 @@ blocks), KV in the host tier and in the NVMe tier. For each size and tier:
   get+local   the client gets every block (shared memory) and runs the same CPU kernel
 It reports per-step latency, bytes crossing the client boundary per step, and attend's KV
 throughput as a fraction of memcpy (host) and of raw O_DIRECT read (NVMe), both measured
-in the same run on the same machine.
+in the same run on the same machine. `--tree`/`--trees` compare checkouts of this
+repository in one run (see bench_trees.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_kv module
+import bench_trees
 from bench_kv import Daemon, bench_disk, bench_memcpy, gbps
 
 from tierd_client import AttendItem, KVLayout, TierdClient
@@ -90,7 +92,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dir", type=Path, help="work dir on the disk to measure (default: cwd)")
     p.add_argument("--json", type=Path)
+    bench_trees.add_arguments(p)
     args = p.parse_args()
+    if bench_trees.trees_of(args):
+        return bench_trees.compare(Path(__file__), args, metrics)
     sizes = [int(s) for s in args.tokens.split(",")]
     most = max(sizes) // BLOCK_TOKENS * LAYOUT.block_bytes
     torch.manual_seed(0)
@@ -115,9 +120,18 @@ def main() -> int:
     print_table(results, memcpy, disk_read)
     if args.json:
         doc = summary(results, memcpy, disk_read)
+        bench_trees.stamp(doc)
         args.json.write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def metrics(doc: dict) -> dict[str, float]:
+    """The figures a revision comparison sets side by side (bench_trees)."""
+    keep = ("attend_ms", "get_ms", "attend_kv_gbps")
+    per = bench_trees.flatten(doc["results"])
+    out = {k: v for k, v in per.items() if k.rsplit(".", 1)[-1] in keep}
+    return {"memcpy_gbps": doc["memcpy_gbps"], "disk_read_gbps": doc["disk_read_gbps"], **out}
 
 
 def summary(results, memcpy: float, disk_read: float) -> dict:

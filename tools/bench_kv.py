@@ -10,7 +10,8 @@ For each block size it measures, on the same machine and the same bytes:
   disk O_DIRECT     raw aligned reads/writes of a file in the data dir (the NVMe ceiling)
   tierd nvme get    get of blocks that demotion has moved to the NVMe tier
 and prints GB/s with the ratios the targets are stated in. `--json` writes the figures;
-the top-level keys are those of the 2 MiB size.
+the top-level keys are those of the 2 MiB size. `--tree`/`--trees` compare checkouts of
+this repository in one run (see bench_trees.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_trees module
+import bench_trees
 
 from tierd.config import format_size, parse_size
 from tierd.tiers.host import segments_of
@@ -319,7 +323,10 @@ def main() -> int:
     p.add_argument("--dir", type=Path, help="work dir on the disk to measure (default: cwd)")
     p.add_argument("--io-threads", type=int, default=8)
     p.add_argument("--json", type=Path, help="write the figures here")
+    bench_trees.add_arguments(p)
     args = p.parse_args()
+    if bench_trees.trees_of(args):
+        return bench_trees.compare(Path(__file__), args, lambda d: bench_trees.flatten(d["sizes"]))
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     total = parse_size(args.total)
     base = args.dir or Path.cwd()
@@ -329,6 +336,7 @@ def main() -> int:
     if args.json:
         headline = results.get("2MiB") or next(iter(results.values()))
         doc = {**headline, **ratios(headline), "total_bytes": total, "sizes": results}
+        bench_trees.stamp(doc)
         args.json.write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}")
     return 0
