@@ -3,6 +3,7 @@ one service whose host policy decides which blocks are demoted."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -14,13 +15,15 @@ from tierd.core.policies.cost import CostAware
 from tierd.core.policies.lfu import LFU
 from tierd.core.policies.s3fifo import S3FIFO
 from tierd.core.policies.second_hit import SecondHit
+from tierd.core.policies.spin import Spin
+from tierd.core.policies.tinylfu import TinyLFU
 from tierd.core.service import CacheService
 
 NS = NamespaceInfo(b"n" * 16, "t", "m", LAYOUT, ())
 
 
 def blocks(names: str) -> dict[str, BlockEntry]:
-    return {n: BlockEntry(NS, n.encode().ljust(16, b"\0"), 100, 0, host_off=0) for n in names}
+    return {n: BlockEntry(NS, n.encode().ljust(16, b"\0"), 100, 0) for n in names}
 
 
 def order(policy, entries: dict[str, BlockEntry]) -> str:
@@ -29,7 +32,7 @@ def order(policy, entries: dict[str, BlockEntry]) -> str:
 
 
 def test_registry_names_and_unknown_name() -> None:
-    assert list(POLICIES) == ["lru", "lfu", "s3fifo", "cost", "second_hit"]
+    assert list(POLICIES) == ["lru", "lfu", "s3fifo", "cost", "second_hit", "spin", "tinylfu"]
     with pytest.raises(ValueError, match="unknown eviction policy 'mru'; known: lru, lfu"):
         make_policy("mru")
 
@@ -163,3 +166,139 @@ def test_host_policy_decides_what_is_demoted(harness: Harness, policy: str, demo
     # LFU demotes the never-read blocks, oldest first; LRU the blocks read longest ago.
     assert moved == (set(cold) if demoted == "cold" else set(hot[:4]))
     assert sum(t == "host" for t in tiers.values()) == 12
+
+
+# -- spin and tinylfu ---------------------------------------------------------------------
+
+
+def order_of(policy, entries: dict[str, BlockEntry], **kw) -> str:
+    """The incremental order (`victims_of`), every block live."""
+    by_id = {id(e): n for n, e in entries.items()}
+    gen = policy.victims_of("t", kw.pop("live", lambda e: True), **kw)
+    try:
+        return "".join(by_id[id(e)] for e in gen)
+    finally:
+        gen.close()
+
+
+def test_spin_budget_then_cohorts_deepest_first() -> None:
+    p, e = Spin(bucket_ticks=4, budget=3), blocks("abcd")
+    for depth, n in enumerate("abcd"):  # one request's prefix, ticks 1..4
+        e[n].depth = depth
+        p.on_insert(e[n])
+    # d is past the budget of 3 blocks: first out. a, b, c share cohort 0: deepest first.
+    assert order(p, e) == order_of(p, e) == "dcba"
+    e.update(blocks("e"))
+    p.on_insert(e["e"])  # tick 5, cohort 1
+    p.on_hit(e["a"])  # tick 6, cohort 1: a now outlives the cohort-0 blocks after it
+    assert order(p, e) == order_of(p, e) == "dcbea"
+    lru = make_policy("lru")  # LRU on the same touches breaks the prefix at its head
+    for n in "abcde":
+        lru.on_insert(e[n])
+    lru.on_hit(e["a"])
+    assert order(lru, e) == "bcdea"
+
+
+def test_tinylfu_admits_only_what_beats_its_victim() -> None:
+    p, e = TinyLFU(), blocks("abcd")
+    for n in "aaabcc":
+        p.on_access(e[n])
+    # estimates: a 3 (doorkeeper + 2), b 1, c 2, d 0 (never seen)
+    assert [p.estimate(e[n]) for n in "abcd"] == [3, 1, 2, 0]
+    assert p.admit(e["a"], victim=e["b"]) and not p.admit(e["b"], victim=e["a"])
+    assert not p.admit(e["c"], victim=e["c"])  # a tie keeps the incumbent
+    assert p.admit(e["d"])  # room in the tier: nothing displaced, admitted
+    p.on_insert(e["a"])
+    p.on_insert(e["b"])
+    assert order(p, {n: e[n] for n in "ab"}) == order_of(p, e) == "ab"  # inside: LRU
+
+
+def test_tinylfu_halves_counts_and_clears_doorkeeper_each_window() -> None:
+    p, e = TinyLFU(min_sample=4096), blocks("ab")
+    for _ in range(7):
+        p.on_access(e["a"])  # doorkeeper + 6
+    p.on_access(e["b"])
+    assert p.estimate(e["a"]) == 7 and p.estimate(e["b"]) == 1
+    filler = [BlockEntry(NS, i.to_bytes(16, "little"), 100, 0) for i in range(4096 - 8)]
+    for f in filler:  # the window is 4096 accesses
+        p.on_access(f)
+    assert p.estimate(e["a"]) == 3 and p.estimate(e["b"]) == 0
+    # Counts stop at 15, so one block hammered for ever ages out within a few windows.
+    for _ in range(40):
+        p.on_access(e["b"])
+    assert p.estimate(e["b"]) == 16
+
+
+# -- incremental victim order ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_victims_of_skips_busy_forgets_dead_and_restores_untaken(name: str) -> None:
+    p, e = make_policy(name), blocks("abcd")
+    for n in "abcd":
+        p.on_insert(e[n])
+    full = order(p, e) if name != "s3fifo" else "abcd"  # S3-FIFO: FIFO, nothing hit
+    first, second, third, fourth = (e[n] for n in full)
+    assert order_of(p, e) == full
+    assert order_of(p, e, busy=lambda x: x is first) == full[1:]
+    assert order_of(p, e) == full  # the busy block is still there
+    gen = p.victims_of("t", lambda x: True)
+    assert next(gen) is first and next(gen) is second
+    p.on_evict(first)  # taken; the second one was not
+    gen.close()
+    assert order_of(p, e) == full[1:]
+    assert order_of(p, e, live=lambda x: x is not third) == full[1] + full[3]
+    assert order_of(p, e) == full[1] + full[3]  # the dead block is forgotten
+    assert p.tenants() == ["t"]
+    p.on_evict(second)
+    p.on_evict(fourth)
+    assert p.tenants() == [] and order_of(p, e) == ""
+
+
+def tenant_ns(tenant: str) -> NamespaceInfo:
+    return NamespaceInfo(tenant.encode().ljust(16, b"\0"), tenant, "m", LAYOUT, ())
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_victims_of_matches_victims_on_random_workloads(name: str) -> None:
+    """Two instances of the policy (tiers x and y) see the same hooks; x is asked through
+    `victims_of`, y through `victims` over all its blocks: every answer is the same."""
+    rng = random.Random(sum(map(ord, name)))
+    x, y = POLICIES[name]("x"), POLICIES[name]("y")
+    spaces = [tenant_ns(t) for t in ("t0", "t1", "t2")]
+    pool = [BlockEntry(spaces[i % 3], i.to_bytes(16, "little"), 100 + 50 * (i % 4), 0)
+            for i in range(120)]  # fmt: skip
+    held: set[int] = set()
+    for step in range(1, 1500):
+        i, action = rng.randrange(len(pool)), rng.random()
+        entry = pool[i]
+        if action < 0.45:
+            entry.depth = rng.randrange(40)
+            entry.last_access = float(step)
+            entry.hits += i in held
+            for p in (x, y):
+                p.on_access(entry)
+                (p.on_hit if i in held else p.on_insert)(entry)
+            held.add(i)
+        elif action < 0.55:
+            entry.last_access = float(step)  # a lookup's refresh, no hook
+        elif action < 0.65 and i in held:
+            for p in (x, y):
+                p.on_evict(entry)
+            held.discard(i)
+        elif action > 0.9:  # an eviction pass: the first few victims of one tenant leave
+            tenant, take = spaces[rng.randrange(3)].tenant, rng.randrange(1, 6)
+            mine = [pool[j] for j in sorted(held) if pool[j].ns.tenant == tenant]
+            gen = x.victims_of(tenant, lambda e: True)
+            got = [v for v, _ in zip(gen, range(take))]
+            gen.close()
+            want = [v for v, _ in zip(y.victims(mine), range(take))]
+            assert got == want, f"step {step}"
+            for v in got:
+                for p in (x, y):
+                    p.on_evict(v)
+                held.discard(pool.index(v))
+    assert sorted(x.tenants()) == sorted({pool[j].ns.tenant for j in held})
+    for ns in spaces:
+        mine = [pool[j] for j in sorted(held) if pool[j].ns is ns]
+        assert list(x.victims_of(ns.tenant, lambda e: True)) == list(y.victims(mine))

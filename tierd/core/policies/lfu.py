@@ -37,6 +37,7 @@ class LFU(Policy):
         now = self.tick()
         st[0] = self.decayed(st, now) + 1.0
         st[1] = float(now)
+        self.track(entry)
 
     def priority(self, entry: BlockEntry) -> float:
         count, at = self.state(entry)

@@ -15,6 +15,7 @@ class LRU(Policy):
 
     def on_hit(self, entry: BlockEntry) -> None:
         entry.policy_state[self.tier] = self.tick()
+        self.track(entry)
 
     def priority(self, entry: BlockEntry) -> tuple[float, int]:
         return (entry.last_access, self.state(entry))

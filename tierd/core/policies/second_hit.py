@@ -26,7 +26,7 @@ class SecondHit(LRU):
         self.ghost_keys = ghost_keys
         self.ghost: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
 
-    def admit(self, entry: BlockEntry) -> bool:
+    def admit(self, entry: BlockEntry, victim: BlockEntry | None = None) -> bool:
         ident = (entry.ns.id, entry.key)
         if entry.hits > 0 or ident in self.ghost:
             self.ghost.pop(ident, None)
