@@ -9,6 +9,7 @@ callers get them as uint16/uint8 arrays, torch callers get the real dtype.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -30,6 +31,9 @@ _TORCH_NAMES = {pb.DTYPE_FLOAT16: "float16", pb.DTYPE_FLOAT32: "float32",
                 pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT8_E4M3: "float8_e4m3fn",
                 pb.DTYPE_UINT8: "uint8"}  # fmt: skip
 _RAW = {"bfloat16": "int16", "float8_e4m3fn": "uint8"}
+# Bounds numpy can reshape to (an empty tensor may have any other dimension).
+_MAX_DIMS = 32
+_MAX_DIM = 1 << 40
 
 
 def to_message(x: Any) -> pb.Tensor:
@@ -54,7 +58,12 @@ def to_numpy(msg: pb.Tensor, field: str = "tensor") -> np.ndarray:
     if dtype is None:
         raise InvalidArgument("unknown or unspecified dtype", field=f"{field}.dtype")
     shape = tuple(int(d) for d in msg.shape)
-    count = int(np.prod(shape)) if shape else 1
+    if len(shape) > _MAX_DIMS or any(d > _MAX_DIM for d in shape):
+        raise InvalidArgument(
+            f"shape {list(shape)}: at most {_MAX_DIMS} dimensions of at most {_MAX_DIM}",
+            field=f"{field}.shape",
+        )
+    count = math.prod(shape)  # Python ints: np.prod would wrap around past 2**63
     if count * dtype.itemsize != len(msg.data):
         raise InvalidArgument(
             f"shape {list(shape)} of {dtype} needs {count * dtype.itemsize} bytes, "

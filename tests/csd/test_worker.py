@@ -6,6 +6,7 @@ straight from the tensors the blocks were made of.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tierd.csd.shard import CATALOG_FILE
 from tierd.csd.worker import CsdWorkerServer
+from tierd.errors import ExtentError
 from tierd.tiers.checksum import checksum
 from tierd.tiers.nvme import DATA_FILE
 from tierd_client._proto import csd_pb2 as cpb
@@ -225,3 +227,41 @@ def test_restart_keeps_blocks_and_catches_corruption(worker: Worker) -> None:
     ref_out, _ = reference_attention(q, [blocks[0], blocks[2]], last, 1 / 8)
     assert _rel(tensor_from_proto(resp.out, "out"), ref_out) < 1e-5
     assert worker.stub.Stats(cpb.WorkerStatsRequest()).corrupt_reads == 1
+
+
+def test_a_broken_shard_invariant_is_internal_and_logged(
+    worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = _layout("float16")
+    worker.stub.StoreBlocks(_store_req(layout, _make_blocks(layout, 1, seed=8)), timeout=10)
+    assert worker.server is not None
+    shard = worker.server.shard
+    row = next(r for r in shard._catalog.rows() if r.key == _key(0))
+    shard._nvme.free(row.offset, row.nbytes)  # the extent freed behind the shard's back
+    with caplog.at_level(logging.ERROR, logger="tierd.server"), pytest.raises(grpc.RpcError) as e:
+        worker.stub.DropBlocks(cpb.CsdKeys(namespace_id=NS, keys=[_key(0)]), timeout=10)
+    # The shard freeing it again is a double free: the daemon's bug, not the caller's.
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert field_from_metadata(e.value.trailing_metadata()) is None
+    details = e.value.details()
+    assert "ExtentError" in details and f"offset={row.offset}" not in details
+    ref = details.split()[2]  # "internal error <ref> (...)"
+    [logged] = [r for r in caplog.records if ref in r.getMessage()]
+    assert logged.exc_info is not None and isinstance(logged.exc_info[1], ExtentError)
+    assert f"offset={row.offset}" in str(logged.exc_info[1])
+
+
+def test_an_impossible_query_shape_is_invalid_argument_naming_the_field(worker: Worker) -> None:
+    layout = _layout("float32")
+    worker.stub.StoreBlocks(_store_req(layout, _make_blocks(layout, 1, seed=9)), timeout=10)
+    for shape, field in [([1 << 32, 1 << 32, 64], "q.data"), ([1 << 63, 6, 64], "q.shape")]:
+        q = tensor_to_proto(torch.zeros(1, 6, 64))
+        del q.shape[:]
+        q.shape.extend(shape)
+        q.data = b""
+        req = cpb.PartialAttendRequest(namespace_id=NS, layout=layout.to_proto(), keys=[_key(0)],
+                                       layer=0, q=q)  # fmt: skip
+        with pytest.raises(grpc.RpcError) as e:
+            worker.stub.PartialAttend(req, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_from_metadata(e.value.trailing_metadata()) == field

@@ -131,3 +131,17 @@ def test_over_capacity_is_resource_exhausted(stub: pb_grpc.TierdStub, ns_id: byt
                                                         shape=big_shape)))  # fmt: skip
     stub.Release(pb.ReleaseRequest(lease_id=prep.lease_id))
     assert stub.Stats(pb.StatsRequest()).active_leases == stats.active_leases
+
+
+def test_impossible_tensor_shapes_name_their_field(stub: pb_grpc.TierdStub) -> None:
+    # Dimensions whose product wraps past 2**64 once claimed to match an empty payload.
+    wrapping = pb.Tensor(shape=[1 << 32, 1 << 32, 64], dtype=pb.DTYPE_FLOAT32)
+    fine = pb.Tensor(shape=[1, 2, 64], dtype=pb.DTYPE_FLOAT32, data=bytes(4 * 2 * 64))
+    items = [
+        ("items[0].q.data", pb.AttendItem(sequence_id=1, q=wrapping)),
+        ("items[0].k_new.data", pb.AttendItem(sequence_id=1, q=fine, k_new=wrapping, v_new=fine)),
+        ("items[0].q.shape", pb.AttendItem(sequence_id=1, q=pb.Tensor(
+            shape=[0, 1 << 62], dtype=pb.DTYPE_FLOAT32))),
+    ]  # fmt: skip
+    for field, item in items:
+        expect(INVALID, field, lambda item=item: stub.Attend(pb.AttendRequest(items=[item])))

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from tierd.errors import ExtentError
 from tierd.tiers.extents import ExtentAllocator, align_up
 
 A = 4096
@@ -16,7 +17,7 @@ def test_capacity_rounds_down_and_sizes_align() -> None:
     assert alloc.extent_bytes(1) == A
     assert alloc.extent_bytes(A) == A
     assert alloc.extent_bytes(A + 1) == 2 * A
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.extent_bytes(-1)
 
 
@@ -84,19 +85,19 @@ def test_free_rejects_bad_and_double_frees() -> None:
     off = alloc.allocate(A)
     other = alloc.allocate(A)
     assert off is not None and other is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.free(off + 1, A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.free(-A, A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.free(4 * A, A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.free(3 * A, A)  # in a hole: never allocated
     alloc.free(off, A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.free(off, A)  # still on the size list
     alloc.drain_cached()
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.free(off, A)  # now in a hole
     assert alloc.used_bytes == A
 
@@ -115,7 +116,7 @@ def test_reserve_after_restart() -> None:
     for off, size in live.items():
         second.reserve(off, size)
     assert second.used_bytes == first.used_bytes
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         second.reserve(next(iter(live)), A)  # already reserved
     # What is left is handed out without touching a reserved extent.
     taken = []
@@ -129,11 +130,11 @@ def test_reserve_after_restart() -> None:
 
 def test_reserve_rejects_bad_extents_and_sees_cached_frees() -> None:
     alloc = ExtentAllocator(8 * A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.reserve(100, A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.reserve(7 * A, 2 * A)
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         alloc.reserve(-A, A)
     off = alloc.allocate(2 * A)
     assert off is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.errors import Internal
 from tierd.tiers import io_backend
 from tierd.tiers.io_backend import (
     ALIGNMENT,
@@ -57,7 +58,7 @@ def test_open_creates_preallocates_and_never_shrinks(tmp_path: Path) -> None:
     assert h.size == 32 * A
     backend.close(h)
     backend.close(h)  # idempotent
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(Internal, match="closed"):
         backend.pread(h, _aligned(A), 0)
 
 
@@ -92,7 +93,7 @@ def test_bytes_source_goes_through_bounce(tmp_path: Path) -> None:
     out = bytearray(2 * A)
     backend.pread(h, memoryview(out), 2 * A)
     assert out == data
-    with pytest.raises(ValueError, match="writable"):
+    with pytest.raises(Internal, match="writable"):
         backend.pread(h, memoryview(bytes(A)), 0)
     backend.close(h)
 
@@ -100,9 +101,9 @@ def test_bytes_source_goes_through_bounce(tmp_path: Path) -> None:
 def test_direct_rejects_unaligned_offset_or_length(tmp_path: Path) -> None:
     backend = PosixBackend()
     h = backend.open(tmp_path / "d", 8 * A)
-    with pytest.raises(ValueError, match="aligned"):
+    with pytest.raises(Internal, match="aligned"):
         backend.pwrite(h, _aligned(100), 0)
-    with pytest.raises(ValueError, match="aligned"):
+    with pytest.raises(Internal, match="aligned"):
         backend.pread(h, _aligned(A), 512)
     backend.close(h)
 

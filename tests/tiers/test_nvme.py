@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.errors import ExtentError, Internal
 from tierd.tiers.block_header import BlockHeader, NamespaceMeta, encode
 from tierd.tiers.checksum import checksum
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, PosixBackend
@@ -118,13 +119,13 @@ def test_async_round_trip(store: NvmeStore) -> None:
 
 
 def test_bad_requests(store: NvmeStore) -> None:
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ExtentError, match="multiple"):
         store.write(100, b"x")
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(ExtentError, match="capacity"):
         store.write(store.capacity - A, bytes(A + 1))
-    with pytest.raises(ValueError, match="writable"):
+    with pytest.raises(Internal, match="writable"):
         store.read_into(0, b"abc")
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError):
         store.free(0, A)  # never allocated
 
 
@@ -277,9 +278,9 @@ def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
     s = _store(tmp_path / "n", capacity=MiB)
     s.close()
     s.close()
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(Internal, match="closed"):
         s.write(0, b"x")
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(Internal, match="closed"):
         s.read_async(0, bytearray(1))
 
 
@@ -401,7 +402,7 @@ def test_a_file_of_the_previous_format_stays_readable(tmp_path: Path) -> None:
         off_new = s.allocate(A)
         assert off_new is not None and off_new - A >= max(legacy) + 2 * A
         s.write(off_new, new, header=_header(b"x" * 16, new))
-        with pytest.raises(ValueError, match="no header page"):
+        with pytest.raises(ExtentError, match="no header page"):
             s.write_header(0, _header(b"y" * 16, new))
         gone = next(iter(legacy))
         s.free(gone, A + 1)
@@ -427,5 +428,5 @@ def test_a_file_of_the_previous_format_stays_readable(tmp_path: Path) -> None:
 def test_header_needs_a_headed_store(store: NvmeStore) -> None:
     off = store.allocate(A)
     assert off is not None
-    with pytest.raises(ValueError, match="without block headers"):
+    with pytest.raises(Internal, match="without block headers"):
         store.write(off, bytes(A), header=_header(b"k" * 16, bytes(A)))

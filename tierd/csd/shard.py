@@ -33,7 +33,7 @@ import numpy as np
 
 from tierd.csd.catalog import ShardCatalog, ShardRow
 from tierd.csd.files import aligned_buffer, lock_directory, wait_all
-from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tierd.errors import ExtentError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
@@ -126,7 +126,7 @@ class CsdShard:
         for row in self._catalog.rows():
             try:
                 self._nvme.reserve(row.offset, row.nbytes)
-            except ValueError:
+            except ExtentError:
                 # Past a smaller capacity, or overlapping another row: unusable.
                 dropped.append((row.ns_id, row.key))
                 continue

@@ -2,6 +2,12 @@
 
 Primitives: `translate_errors` (decorator for servicer methods, unary and streaming).
 The code table itself is `tierd_client.status.STATUS_OF`, shared with the client.
+
+Bad input is rejected where it is validated, as `InvalidArgument` naming its field; any
+other exception reaching here (an `Internal` a tier raised on a broken invariant, or an
+unexpected ValueError, KeyError, ...) is a bug of the daemon. It is logged with its
+traceback under a short reference, and the client gets INTERNAL with that reference only:
+the details can name other tenants' offsets and the daemon's paths.
 """
 
 from __future__ import annotations
@@ -9,12 +15,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
 
-from tierd.errors import Internal, InvalidArgument, TierdError
+from tierd.errors import Internal, TierdError
 from tierd_client.status import FIELD_METADATA_KEY, status_of
 
 log = logging.getLogger("tierd.server")
@@ -27,14 +34,13 @@ def abort(context: grpc.ServicerContext, err: TierdError) -> NoReturn:
     raise AssertionError("unreachable: context.abort raises")
 
 
-def _as_tierd_error(exc: Exception) -> TierdError:
-    if isinstance(exc, TierdError):
+def _as_tierd_error(exc: Exception, method: str) -> TierdError:
+    if isinstance(exc, TierdError) and not isinstance(exc, Internal):
         return exc
-    if isinstance(exc, (ValueError, OverflowError)):
-        # Raised by message decoding and dataclass validation on client-supplied values.
-        return InvalidArgument(str(exc))
-    log.exception("unexpected error in a call")
-    return Internal(f"internal error: {type(exc).__name__}: {exc}")
+    ref = secrets.token_hex(4)
+    log.error("internal error %s in %s", ref, method, exc_info=exc)
+    return Internal(f"internal error {ref} ({type(exc).__name__}); the daemon's log has "
+                    "the details")  # fmt: skip
 
 
 def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,7 +54,7 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 if isinstance(exc, grpc.RpcError) or context.code() is not None:
                     raise
-                abort(context, _as_tierd_error(exc))
+                abort(context, _as_tierd_error(exc, method.__name__))
 
         return stream
 
@@ -59,6 +65,6 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             if isinstance(exc, grpc.RpcError) or context.code() is not None:
                 raise
-            abort(context, _as_tierd_error(exc))
+            abort(context, _as_tierd_error(exc, method.__name__))
 
     return unary

@@ -18,6 +18,8 @@ from typing import Any
 
 import xxhash
 
+from tierd.errors import Internal
+
 
 def checksum(buf: Any) -> int:
     return xxhash.xxh3_64_intdigest(buf)
@@ -28,7 +30,7 @@ def layer_checksums(buf: Any, num_layers: int) -> tuple[int, ...]:
     view = memoryview(buf).cast("B")
     span, rest = divmod(len(view), num_layers)
     if rest or num_layers < 1:
-        raise ValueError(f"{len(view)} bytes do not split into {num_layers} layers")
+        raise Internal(f"{len(view)} bytes do not split into {num_layers} layers")
     return tuple(xxhash.xxh3_64_intdigest(view[i * span : (i + 1) * span])
                  for i in range(num_layers))  # fmt: skip
 

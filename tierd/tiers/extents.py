@@ -1,7 +1,8 @@
 """Space allocator for fixed regions (a shared-memory segment, a preallocated file).
 
 Primitives: `allocate(nbytes) -> offset | None`, `free(offset, nbytes)`,
-`reserve(offset, nbytes)` (rebuild after restart), `used_bytes`, `capacity`.
+`reserve(offset, nbytes)` (rebuild after restart), `used_bytes`, `capacity`. An extent
+that does not fit the books (a double free, an overlapping reserve) is an `ExtentError`.
 
 KV blocks of one namespace all have one size, so freed extents are kept on exact-size
 free lists and handed back LIFO (the most recently touched memory is reused first, which
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+
+from tierd.errors import ExtentError
 
 
 def align_up(n: int, alignment: int) -> int:
@@ -47,7 +50,7 @@ class ExtentAllocator:
     def extent_bytes(self, nbytes: int) -> int:
         """The space an allocation of `nbytes` really takes."""
         if nbytes < 0:
-            raise ValueError(f"negative size: {nbytes}")
+            raise ExtentError(f"negative size: {nbytes}")
         return align_up(max(nbytes, 1), self.alignment)
 
     def can_allocate(self, nbytes: int) -> bool:
@@ -94,7 +97,7 @@ class ExtentAllocator:
             or offset in self._sized_offsets
             or self._in_hole(offset)
         ):
-            raise ValueError(f"free of an extent never allocated: offset={offset} size={size}")
+            raise ExtentError(f"free of an extent never allocated: offset={offset} size={size}")
         self._used -= size
         self._sized[size].append(offset)
         self._sized_offsets.add(offset)
@@ -104,14 +107,14 @@ class ExtentAllocator:
         """Mark a known extent as allocated (used when rebuilding from a persisted index)."""
         size = self.extent_bytes(nbytes)
         if offset < 0 or offset % self.alignment or offset + size > self.capacity:
-            raise ValueError(f"extent offset={offset} size={size} is misaligned or out of range")
+            raise ExtentError(f"extent offset={offset} size={size} is misaligned or out of range")
         i = self._containing_hole(offset, size)
         if i < 0 and self._sized_bytes:
             # The extent may sit on a size list (freed, not yet folded): it is free too.
             self._fold_sized_lists()
             i = self._containing_hole(offset, size)
         if i < 0:
-            raise ValueError(f"extent offset={offset} size={size} overlaps an allocated one")
+            raise ExtentError(f"extent offset={offset} size={size} overlaps an allocated one")
         h_off, h_len = self._hole_off[i], self._hole_len[i]
         del self._hole_off[i], self._hole_len[i]
         self._insert_hole(h_off, offset - h_off)

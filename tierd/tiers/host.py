@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tierd.errors import ExtentError
 from tierd.tiers.extents import ExtentAllocator, align_up
 
 log = logging.getLogger("tierd.host")
@@ -171,7 +172,7 @@ class HostArena:
                 return False
             try:
                 seg.alloc.reserve(offset, nbytes)
-            except ValueError:
+            except ExtentError:
                 return False
             return True
 

@@ -12,7 +12,8 @@ Primitives (every backend):
 
 Direct (page-cache bypassing) I/O wants the file offset, the length and the buffer
 address 4096-aligned. Callers align offsets and lengths; a backend copes with an
-unaligned buffer address itself (bounce buffer), so callers can pass `bytes`.
+unaligned buffer address itself (bounce buffer), so callers can pass `bytes`. A misaligned
+request, a read-only destination or a closed file is the caller's bug: `Internal`.
 
 Backends: `PosixBackend` (O_DIRECT where the filesystem allows it, buffered otherwise)
 and `KvikioBackend` (GPU-direct storage through kvikio; needs a working CUDA driver).
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tierd.errors import Internal
 
 ALIGNMENT = 4096
 # Unaligned buffers go through the bounce buffer in pieces of at most this size, so a
@@ -164,7 +167,7 @@ class PosixBackend(IOBackend):
         h = _posix(handle)
         dst = as_bytes_view(dst)
         if dst.readonly:
-            raise ValueError("pread needs a writable buffer")
+            raise Internal("pread needs a writable buffer")
         if not h.direct:
             return _read_full(h.fd, dst, offset)
         _check_direct(offset, len(dst))
@@ -220,13 +223,13 @@ def _posix(handle: IOHandle) -> PosixHandle:
     if not isinstance(handle, PosixHandle):
         raise TypeError(f"not a posix handle: {handle!r}")
     if handle.fd < 0:
-        raise ValueError(f"I/O on a closed file: {handle.path}")
+        raise Internal(f"I/O on a closed file: {handle.path}")
     return handle
 
 
 def _check_direct(offset: int, length: int) -> None:
     if offset % ALIGNMENT or length % ALIGNMENT:
-        raise ValueError(
+        raise Internal(
             f"direct I/O needs {ALIGNMENT}-aligned offset and length, got {offset}, {length}"
         )
 
@@ -326,7 +329,7 @@ def _kvikio(handle: IOHandle) -> Any:
     if not isinstance(handle, KvikioHandle):
         raise TypeError(f"not a kvikio handle: {handle!r}")
     if handle.cufile is None:
-        raise ValueError(f"I/O on a closed file: {handle.path}")
+        raise Internal(f"I/O on a closed file: {handle.path}")
     return handle.cufile
 
 

@@ -50,6 +50,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
+from tierd.errors import ExtentError, Internal
 from tierd.tiers.block_header import (
     HEADER_BYTES,
     MAGIC,
@@ -385,13 +386,13 @@ class NvmeStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("NvmeStore is closed")
+            raise Internal("NvmeStore is closed")
 
     def _check_headed(self, offset: int) -> None:
         if not self._hdr:
-            raise ValueError("this store was opened without block headers")
+            raise Internal("this store was opened without block headers")
         if offset < self._hdr or offset in self._legacy:
-            raise ValueError(f"no header page in front of offset {offset}")
+            raise ExtentError(f"no header page in front of offset {offset}")
 
     def _finish_recovery_locked(self) -> None:
         if not self._hdr:
@@ -442,16 +443,16 @@ class NvmeStore:
     def _writable(dst: Any) -> memoryview:
         view = as_bytes_view(dst)
         if view.readonly:
-            raise ValueError("read destination must be a writable buffer")
+            raise Internal("read destination must be a writable buffer")
         return view
 
     def _plan(self, offset: int, length: int) -> list[_Piece]:
         """Split [0, length) into aligned chunks plus an optional partial last page."""
         self._check_open()
         if offset < 0 or offset % ALIGNMENT:
-            raise ValueError(f"offset must be a non-negative multiple of {ALIGNMENT}: {offset}")
+            raise ExtentError(f"offset must be a non-negative multiple of {ALIGNMENT}: {offset}")
         if offset + align_up(length, ALIGNMENT) > self.capacity:
-            raise ValueError(
+            raise ExtentError(
                 f"extent [{offset}, +{length}) runs past the store's capacity {self.capacity}"
             )
         body = length // ALIGNMENT * ALIGNMENT

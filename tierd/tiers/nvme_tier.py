@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from tierd.config import TierSpec
-from tierd.errors import ConfigError
+from tierd.errors import ConfigError, ExtentError
 from tierd.tiers.base import BlockRef, Copy, Location, Tier
 from tierd.tiers.block_header import BlockHeader, NamespaceMeta
 from tierd.tiers.io_backend import ALIGNMENT, select_backend
@@ -92,7 +92,7 @@ class NvmeTier(Tier):
             return False
         try:
             self.store.reserve(location, nbytes)
-        except ValueError:  # overlaps another copy on record, or past the file's end
+        except ExtentError:  # overlaps another copy on record, or past the file's end
             return False
         return True
 
