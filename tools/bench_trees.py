@@ -50,7 +50,7 @@ _PROBE = (
     "mods = [__import__(n) for n in names]\n"
     "print(json.dumps({n: os.path.realpath(m.__file__) for n, m in zip(names, mods)}))\n"
 )
-_OWN_OPTIONS = {"--tree": True, "--trees": True, "--rounds": True, "--json": True}
+_OWN_OPTIONS = ("--tree", "--trees", "--rounds", "--json")  # the comparison's, not the bench's
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="rounds per tree, alternating A, B, A, B... (default 2)",
+        default=3,
+        help="rounds per tree, alternating A, B, A, B... (default 3: the median drops one outlier)",
     )
 
 
@@ -167,6 +167,8 @@ def compare(
 ) -> int:
     """Run `script` for each tree of `args`, `args.rounds` times alternating; report."""
     trees = trees_of(args)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     labels = [chr(ord("A") + i) for i in range(len(trees))]
     child = _child_argv(sys.argv[1:] if argv is None else argv, Path.cwd())
     links = {t: _link_dir(t) for t in trees}
