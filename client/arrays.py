@@ -24,6 +24,7 @@ import numpy as np
 from ._proto import tierd_pb2 as pb
 from .errors import InvalidArgument
 from .layout import KVLayout, dtype_to_proto
+from .shapes import check_block_shape
 
 # Integer torch dtypes of the same width, to reach dtypes numpy cannot hold.
 _TORCH_RAW_VIEW = {"bfloat16": "int16", "float8_e4m3": "uint8"}
@@ -80,15 +81,6 @@ def _to_cpu(x: Any) -> Any:
     return x.cpu() if is_tensor(x) and x.device.type != "cpu" else x
 
 
-def _check_shape(shape: tuple[int, ...], layout: KVLayout, field: str) -> None:
-    if tuple(shape) != layout.block_shape:
-        raise InvalidArgument(
-            f"block shape {tuple(shape)} does not match the layout's "
-            f"{layout.block_shape} [layers, K|V, kv_heads, block_tokens, head_dim]",
-            field=f"{field}.shape",
-        )
-
-
 @dataclass(frozen=True)
 class BlockRows:
     """n blocks in storage dtype: one [n, *block_shape] array or n separate arrays."""
@@ -128,7 +120,7 @@ def block_rows(blocks: Any, layout: KVLayout, n: int) -> BlockRows:
                 f"expected an array of shape [{n}, *{layout.block_shape}], got {whole.shape}",
                 field="blocks",
             )
-        _check_shape(whole.shape[1:], layout, "blocks")
+        check_block_shape(layout, whole.shape[1:], "blocks.shape")
         return BlockRows(layout, whole, list(whole))
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
         raise InvalidArgument(
@@ -139,7 +131,7 @@ def block_rows(blocks: Any, layout: KVLayout, n: int) -> BlockRows:
     rows = []
     for i, b in enumerate(blocks):
         r = storage_view(_to_cpu(b), layout, f"blocks[{i}]")
-        _check_shape(r.shape, layout, f"blocks[{i}]")
+        check_block_shape(layout, r.shape, f"blocks[{i}].shape")
         rows.append(r)
     return BlockRows(layout, None, rows)
 

@@ -145,3 +145,13 @@ def test_impossible_tensor_shapes_name_their_field(stub: pb_grpc.TierdStub) -> N
     ]  # fmt: skip
     for field, item in items:
         expect(INVALID, field, lambda item=item: stub.Attend(pb.AttendRequest(items=[item])))
+
+
+def test_a_query_without_heads_is_refused_like_the_csd_workers_do(
+    stub: pb_grpc.TierdStub, ns_id: bytes
+) -> None:
+    seq = stub.OpenSequence(pb.OpenSequenceRequest(namespace_id=ns_id)).sequence_id
+    headless = pb.AttendItem(sequence_id=seq, q=pb.Tensor(shape=[1, 0, 64],
+                                                          dtype=pb.DTYPE_FLOAT32))  # fmt: skip
+    expect(INVALID, "items[0].q", lambda: stub.Attend(pb.AttendRequest(items=[headless])))
+    stub.CloseSequence(pb.CloseSequenceRequest(sequence_id=seq))

@@ -25,6 +25,7 @@ from tierd.core import limits, validate
 from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.errors import FailedPrecondition, InvalidArgument, NotFound
 from tierd_client.keys import next_block_key
+from tierd_client.shapes import check_query_shape
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -152,13 +153,7 @@ class AttendService:
         if not 0 <= call.layer < lay.num_layers:
             raise InvalidArgument(f"must be in [0, {lay.num_layers})", field=f"items[{i}].layer")
         q = call.q
-        if q.dim() != 3 or q.shape[2] != lay.head_dim or q.shape[1] % lay.num_kv_heads:
-            raise InvalidArgument(
-                f"expected [q_tokens, heads (a multiple of {lay.num_kv_heads}), "
-                f"{lay.head_dim}], got {list(q.shape)}", field=f"items[{i}].q",
-            )
-        if q.shape[0] == 0:
-            raise InvalidArgument("at least one query token", field=f"items[{i}].q")
+        check_query_shape(lay, q.shape, f"items[{i}].q")
         new = call.k_new.shape[1] if call.k_new is not None and call.k_new.dim() == 3 else 0
         limits.check_attend_item(self.svc.config.limits, q.shape[0], new, i)
         if (call.k_new is None) != (call.v_new is None):

@@ -14,6 +14,7 @@ from tierd.config import LeaseConfig
 from tierd.core.index import NamespaceInfo
 from tierd.errors import InvalidArgument
 from tierd_client.keys import KEY_BYTES
+from tierd_client.shapes import check_block_shape
 
 MAX_TOKENS = 1 << 24
 
@@ -34,13 +35,7 @@ def check_keys(keys: Sequence[bytes], limit: int, *, unique: bool = False) -> No
 
 
 def check_shape(ns: NamespaceInfo, dims: Sequence[int], dtype: str) -> None:
-    want = tuple(ns.layout.block_shape)
-    if tuple(dims) != want:
-        raise InvalidArgument(
-            f"blocks of this namespace have shape {list(want)} "
-            "[layers, 2, kv_heads, block_tokens, head_dim], got " + str(list(dims)),
-            field="shape.dims",
-        )
+    check_block_shape(ns.layout, dims, "shape.dims")
     if dtype != ns.layout.dtype:
         raise InvalidArgument(
             f"blocks of this namespace are {ns.layout.dtype}, got {dtype or 'unspecified'}",

@@ -24,6 +24,7 @@ import torch
 from tierd.csd.shard import LayerBatch
 from tierd.errors import InvalidArgument
 from tierd_client.layout import KVLayout
+from tierd_client.shapes import check_query_shape
 from tierd_kernels import attend_blocks
 
 _ATTENDABLE = ("float16", "bfloat16", "float32", "float8_e4m3")
@@ -35,16 +36,7 @@ def check_query(q: torch.Tensor, layout: KVLayout) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise InvalidArgument(f"q must be float16, bfloat16 or float32, not {q.dtype}",
                               field="q.dtype")  # fmt: skip
-    if q.dim() != 3 or q.shape[0] < 1 or q.shape[2] != layout.head_dim:
-        raise InvalidArgument(
-            f"q has shape {list(q.shape)}; expected [q_tokens, heads, {layout.head_dim}]",
-            field="q.shape",
-        )
-    if q.shape[1] < 1 or q.shape[1] % layout.num_kv_heads:
-        raise InvalidArgument(
-            f"{q.shape[1]} query heads is not a multiple of {layout.num_kv_heads} kv heads",
-            field="q.shape",
-        )
+    check_query_shape(layout, q.shape, "q.shape")
 
 
 def layer_blocks(batch: LayerBatch, layout: KVLayout) -> list[torch.Tensor]:
