@@ -17,9 +17,11 @@ before the first round, and each round's JSON says which files it imported (`sta
 a round that imported code from outside its tree stops the run.
 
 Rounds go A, B, A, B...: load from other work on the machine hits each tree alike. The
-report gives the median per tree, the ratio of medians against the first tree, the range
-of the ratios of paired rounds, and each tree's spread between its rounds ((max - min) /
-median): a ratio inside the spread is noise.
+report gives each tree's median and its spread between rounds ((max - min) / median), and
+against the first tree the median and range of the ratios of paired rounds (round r of B
+over round r of A, so that load drifting during the run cancels). A ratio whose range
+spans 1.0, or that sits inside the spread, is noise. The benches' tree-independent peers
+(memcpy, disk, Redis) measured in the same rounds are a built-in A/A control.
 """
 
 from __future__ import annotations
@@ -254,51 +256,63 @@ def compare(
 
 def _spread(values: list[float]) -> float:
     mid = statistics.median(values)
-    return (max(values) - min(values)) / abs(mid) if mid else float("nan")
+    if mid == 0:
+        return 0.0 if max(values) == min(values) else float("nan")
+    return (max(values) - min(values)) / abs(mid)
 
 
 def summarize(rounds: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[str, Any]]:
-    by: dict[str, dict[str, list[float]]] = {}
+    """Per metric: each tree's median and spread; against the first tree, the median of the
+    ratios of paired rounds (round r of B over round r of A: drift during the run cancels),
+    their range, and the ratio of the medians."""
+    by: dict[str, dict[str, dict[int, float]]] = {}
     for r in rounds:
         for k, v in r["metrics"].items():
-            by.setdefault(k, {}).setdefault(r["tree"], []).append(v)
+            by.setdefault(k, {}).setdefault(r["tree"], {})[r["round"]] = v
     out: dict[str, dict[str, Any]] = {}
     base = labels[0]
     for k, per in by.items():
-        entry: dict[str, Any] = {
-            t: {"median": statistics.median(v), "spread": _spread(v), "values": v}
-            for t, v in per.items()
-        }
-        a = per.get(base)
+        entry: dict[str, Any] = {}
+        for t, vals in per.items():
+            v = list(vals.values())
+            entry[t] = {"median": statistics.median(v), "spread": _spread(v), "values": v}
+        a = per.get(base, {})
         for t in labels[1:]:
-            b = per.get(t)
-            if not a or not b:
-                continue
-            ma = entry[base]["median"]
-            entry[f"{t}/{base}"] = entry[t]["median"] / ma if ma else float("nan")
-            paired = [y / x for x, y in zip(a, b) if x]
+            b = per.get(t, {})
+            paired = [b[r] / a[r] for r in sorted(a.keys() & b.keys()) if a[r]]
             if paired:
-                entry[f"{t}/{base} paired"] = [min(paired), max(paired)]
+                entry[f"{t}/{base}"] = statistics.median(paired)
+                entry[f"{t}/{base} range"] = [min(paired), max(paired)]
+            if a and b and entry[base]["median"]:
+                entry[f"{t}/{base} of medians"] = entry[t]["median"] / entry[base]["median"]
         out[k] = entry
     return out
+
+
+def _num(x: float, fmt: str, width: int) -> str:
+    return f"{x:>{width}{fmt}}" if not math.isnan(x) else "-".rjust(width)
 
 
 def print_summary(summary: dict[str, dict[str, Any]], info: list[dict[str, Any]]) -> None:
     labels = [i["label"] for i in info]
     base = labels[0]
-    print("\nper tree: median of its rounds (spread between its rounds: (max-min)/median)")
+    print("\nper tree: median of its rounds (spread between its rounds: (max-min)/median);")
+    print(f"ratios: median and range over paired rounds (round r of each tree over {base}'s)")
     width = max([len(k) for k in summary] + [6])
     head = "metric".ljust(width) + "".join(f"{t:>22}" for t in labels)
-    head += "".join(f"{t + '/' + base:>10}{'paired':>16}" for t in labels[1:])
+    head += "".join(f"{t + '/' + base:>10}{'range':>16}" for t in labels[1:])
     print(head)
     for k, e in summary.items():
         row = k.ljust(width)
         for t in labels:
-            row += f"{e[t]['median']:>12.4g} ({e[t]['spread']:6.1%})" if t in e else " " * 22
+            if t in e:
+                row += _num(e[t]["median"], ".4g", 12) + f" ({_num(e[t]['spread'], '.1%', 6)})"
+            else:
+                row += " " * 22
         for t in labels[1:]:
-            ratio, paired = e.get(f"{t}/{base}"), e.get(f"{t}/{base} paired")
-            row += f"{ratio:>10.3f}" if ratio is not None else " " * 10
-            row += f"{paired[0]:>8.3f}-{paired[1]:<7.3f}" if paired else " " * 16
+            ratio, span = e.get(f"{t}/{base}"), e.get(f"{t}/{base} range")
+            row += _num(ratio, ".3f", 10) if ratio is not None else "-".rjust(10)
+            row += f"{span[0]:>8.3f}-{span[1]:<7.3f}" if span else " " * 16
         print(row)
     spreads = [e[t]["spread"] for e in summary.values() for t in labels if t in e]
     spreads = [s for s in spreads if not math.isnan(s)]

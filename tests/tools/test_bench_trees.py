@@ -77,6 +77,7 @@ def test_rounds_alternate_trees_and_each_imports_its_own_code(
     ]
     value = doc["summary"]["value"]
     assert value["B/A"] == pytest.approx(2.0)
+    assert value["B/A range"] == [pytest.approx(2.0), pytest.approx(2.0)]
     assert value["A"]["spread"] == 0.0
     printed = capsys.readouterr().out
     assert f"tierd_client.__file__ = {b.resolve() / 'client' / '__init__.py'}" in printed
