@@ -144,6 +144,13 @@ def test_pinned_blocks_never_leave_the_last_level_and_busy_ones_stay() -> None:
     assert names(chain.plan_room("host", 300, busy=lambda x: x is e["b"])) == "c"
     assert moves(put(chain, e["d"], busy=lambda x: x is e["b"])) == [("c", "host", None, False)]
     assert chain.levels_of(e["b"]) == ["host"]
+    # Busy blocks stay in every level a pass reaches; a level left with nothing that may
+    # go takes its newcomers over capacity.
+    two, f = TierChain([level("host", 1), level("nvme", 1)]), blocks("xyz")
+    put(two, f["x"])
+    put(two, f["y"])
+    assert moves(put(two, f["z"], busy=lambda b: b is f["x"])) == [("y", "host", "nvme", True)]
+    assert two.levels_of(f["x"]) == ["nvme"] and two.used("nvme") == 200
 
 
 def test_fair_share_takes_from_the_tenant_over_its_share_first() -> None:

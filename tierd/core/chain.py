@@ -13,7 +13,8 @@ admission)`, `Share(weight, quota_bytes)`, `Move(entry, src, dst, write)`,
   `plan_room(level, nbytes, usage, share, busy)` (victims, in order, fair between
   tenants), `destination(entry, level)` (the level a victim goes to, None: dropped);
 - `settle(level, incoming, busy, share)`: applies the answers to the bookkeeping alone
-  (for simulations and tests; the daemon applies them as its I/O completes).
+  (for simulations and tests; the daemon applies them as its I/O completes). One pass's
+  victims are placed together: each level below makes room once for all it admitted.
 
 Levels are ordered fastest first. Each level's `policy` orders its victims (through
 `victims_of`, so planning costs the victims taken, not a scan of the level) and is told
@@ -86,6 +87,10 @@ class TierChain:
         self._members: list[dict[BlockEntry, None]] = [{} for _ in levels]
         self._used = [0 for _ in levels]
         self._usage: list[dict[str, int]] = [{} for _ in levels]
+        # Only filters that count accesses are told of them (the rest would do nothing).
+        gates = [p for lv in levels for p in (lv.policy, lv.admission) if p is not None]
+        self._counters = [p.on_access for p in gates
+                          if type(p).on_access is not Policy.on_access]  # fmt: skip
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -135,10 +140,8 @@ class TierChain:
 
     def access(self, entry: BlockEntry) -> None:
         """One put or read of the block, reported to every frequency filter."""
-        for lv in self.levels:
-            lv.policy.on_access(entry)
-            if lv.admission is not None:
-                lv.admission.on_access(entry)
+        for count in self._counters:
+            count(entry)
 
     def hit(self, entry: BlockEntry) -> None:
         """A read of the block was served: every level holding a copy is told, and the
@@ -195,8 +198,12 @@ class TierChain:
         queues = {t: order(t, members.__contains__, stays) for t in self._usage[i]}
         picked: list[BlockEntry] = []
         try:
-            for entry in _fair(queues, dict(usage if usage is not None else self._usage[i]),
-                               share or _equal_shares):  # fmt: skip
+            if len(queues) == 1:  # one tenant: nobody to be fair to
+                victims: Iterator[BlockEntry] = next(iter(queues.values()))
+            else:
+                victims = _fair(queues, dict(usage if usage is not None else self._usage[i]),
+                                share or _equal_shares)  # fmt: skip
+            for entry in victims:
                 picked.append(entry)
                 nbytes -= entry.nbytes
                 if nbytes <= 0:
@@ -233,22 +240,37 @@ class TierChain:
         busy: Pred | None = None,
         share: Callable[[str], Share] | None = None,
     ) -> list[Move]:
-        """Make room for `incoming` bytes in `level`: each victim in turn is removed and
-        placed in its destination, which first makes room for it the same way (its own
-        victims move further down). Returns the moves in the order they happened."""
+        """Make room for `incoming` bytes in `level`, applying the plan to the bookkeeping:
+        the victims' destinations are chosen in turn, then each level below makes room
+        once for all the blocks coming to it (the same way: its victims move further
+        down; `busy` blocks stay in every level), then the victims move. A level whose
+        blocks are all busy takes what comes anyway, over its capacity (as a daemon
+        whose readers hold their copies). Returns the moves in the order they happened."""
+        victims = self.plan_room(level, self.need(level, incoming), busy=busy, share=share)
+        if not victims:
+            return []
+        placed = [(entry, self.destination(entry, level)) for entry in victims]
         moves: list[Move] = []
-        for entry in self.plan_room(level, self.need(level, incoming), busy=busy, share=share):
-            dst = self.destination(entry, level)
+        for j in range(self._rank[level] + 1, len(self.levels)):
+            name = self.levels[j].name
+            coming = [e for e, dst in placed if dst == name]
+            inbound = sum(e.nbytes for e in coming if not self.holds(e, name))
+            if inbound:  # blocks on their way (already there or not) and busy ones stay
+                moves.extend(self.settle(name, inbound, busy=_either(set(coming), busy),
+                                         share=share))  # fmt: skip
+        for entry, dst in placed:
             self.remove(entry, level)
-            if dst is None:
-                moves.append(Move(entry, level, None, False))
-            elif self.holds(entry, dst):
-                moves.append(Move(entry, level, dst, False))
-            else:
-                moves.extend(self.settle(dst, entry.nbytes, share=share))
-                self.insert(entry, dst)
-                moves.append(Move(entry, level, dst, True))
+            write = dst is not None and not self.holds(entry, dst)
+            if write:
+                self.insert(entry, dst)  # type: ignore[arg-type]
+            moves.append(Move(entry, level, dst, write))
         return moves
+
+
+def _either(blocks: set[BlockEntry], busy: Pred | None) -> Pred:
+    if busy is None:
+        return blocks.__contains__
+    return lambda e: e in blocks or busy(e)
 
 
 def _fair(queues: Mapping[str, Generator[BlockEntry, None, None]], usage: dict[str, int],

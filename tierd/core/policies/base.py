@@ -73,7 +73,8 @@ class Policy(ABC):
 
     def on_insert(self, entry: BlockEntry) -> None:
         """The block got a copy in this tier (put, seal, promotion, demotion into it)."""
-        entry.policy_state[self.tier] = self.fresh(entry, self.tick())
+        self.clock += 1
+        entry.policy_state[self.tier] = self.fresh(entry, self.clock)
         self.track(entry)
 
     def on_hit(self, entry: BlockEntry) -> None:

@@ -18,4 +18,5 @@ class LRU(Policy):
         self.track(entry)
 
     def priority(self, entry: BlockEntry) -> tuple[float, int]:
-        return (entry.last_access, self.state(entry))
+        tick = entry.policy_state.get(self.tier)  # `state` inlined: the hottest call here
+        return (entry.last_access, tick if tick is not None else self.state(entry))
