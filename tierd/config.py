@@ -345,9 +345,10 @@ class Config:
         host, nvme = self.host, self.nvme
         specs = list(self.tier_list)
         try:
-            if host.capacity_bytes == 0:
+            # A [[tiers]] chain sizes its own tiers; the shorthand sections stay unset then.
+            if not specs and host.capacity_bytes == 0:
                 host = dataclasses.replace(host, capacity_bytes=default_host_capacity())
-            if nvme.capacity_bytes == 0:
+            if not specs and nvme.capacity_bytes == 0:
                 nvme = dataclasses.replace(
                     nvme, capacity_bytes=default_nvme_capacity(self.nvme_path)
                 )
@@ -358,7 +359,8 @@ class Config:
                     specs[i] = dataclasses.replace(spec, capacity_bytes=size)
         except OSError as e:
             raise ConfigError("capacity", f"cannot size a tier from free space: {e}") from e
-        sized = [("host.capacity", host.capacity_bytes), ("nvme.capacity", nvme.capacity_bytes)]
+        sized = [] if specs else [("host.capacity", host.capacity_bytes),
+                                  ("nvme.capacity", nvme.capacity_bytes)]  # fmt: skip
         sized += [(f"tiers[{i}].capacity", s.capacity_bytes) for i, s in enumerate(specs)]
         for key, size in sized:
             if size <= 0:
