@@ -40,6 +40,7 @@ from .results import (
     PutOutcome,
     SegmentInfo,
     Transport,
+    tier_kind,
     tier_name,
 )
 from .rpc import call_with_retries, error_from_rpc
@@ -61,6 +62,20 @@ def _check_keys(keys: Iterable[bytes]) -> list[bytes]:
             raise InvalidArgument(f"a block key is {_keys.KEY_BYTES} bytes", field=f"keys[{i}]")
         out.append(bytes(k))
     return out
+
+
+def _tier_stats(t: pb.TierStats) -> dict[str, Any]:
+    out = {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields
+           if f.name not in ("tier", "tier_name")}  # fmt: skip
+    out["kind"] = t.kind or tier_kind(t.tier)  # older daemons: the enum is the kind
+    out["available"] = t.available if t.HasField("available") else True
+    return out
+
+
+def _kind_value(name: str) -> str:
+    """The enum of a tier named after its kind, which is all an older daemon reads."""
+    value = f"TIER_{name.upper()}"
+    return value if value in pb.Tier.DESCRIPTOR.values_by_name else "TIER_UNSPECIFIED"
 
 
 class TierdClient:
@@ -218,7 +233,7 @@ class TierdClient:
         resp = self._retrying(lambda: self._unary("Lookup", req))
         return LookupResult(
             cached_tokens=resp.cached_tokens,
-            blocks=[CachedBlock(b.key, tier_name(b.tier)) for b in resp.blocks],
+            blocks=[CachedBlock(b.key, tier_name(b.tier_name, b.tier)) for b in resp.blocks],
         )
 
     # ---- put ---------------------------------------------------------------------------
@@ -347,9 +362,10 @@ class TierdClient:
         return self._retrying(lambda: self._unary(method, req))
 
     def locate(self, ns: Namespace, keys: Iterable[bytes]) -> list[str | None]:
-        """The tier holding each key ("host", "nvme", "csd"), None where not cached."""
+        """The name of the tier holding each key ("host", "nvme", ...), None where not cached."""
         resp = self._keys_call("Locate", ns, keys)
-        return [tier_name(t) if t else None for t in resp.tiers]
+        names = list(resp.tier_names) or [""] * len(resp.tiers)  # older daemons send no names
+        return [tier_name(n, t) if n or t else None for n, t in zip(names, resp.tiers)]
 
     def delete(self, ns: Namespace, keys: Iterable[bytes]) -> int:
         """Delete blocks; returns how many existed."""
@@ -363,22 +379,18 @@ class TierdClient:
         return int(self._keys_call("Unpin", ns, keys).changed)
 
     def stats(self) -> dict[str, Any]:
-        """Daemon counters as a plain dict; `"tiers"` maps tier name -> its counters."""
+        """Daemon counters as a plain dict; `"tiers"` maps each configured tier's name, in
+        chain order, to its counters, kind and availability."""
         resp = self._retrying(lambda: self._unary("Stats", pb.StatsRequest()))
         out: dict[str, Any] = {}
         for f in resp.DESCRIPTOR.fields:
             if f.name not in ("tiers", "tenants"):
                 out[f.name] = getattr(resp, f.name)
         out["tenants"] = [
-            {"tenant": u.tenant, "tier": tier_name(u.tier), "used_bytes": u.used_bytes}
+            {"tenant": u.tenant, "tier": tier_name(u.tier_name, u.tier), "used_bytes": u.used_bytes}
             for u in resp.tenants
         ]
-        out["tiers"] = {
-            tier_name(t.tier): {
-                f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields if f.name != "tier"
-            }
-            for t in resp.tiers
-        }
+        out["tiers"] = {tier_name(t.tier_name, t.tier): _tier_stats(t) for t in resp.tiers}
         return out
 
     # ---- attend ----------------------------------------------------------------------
@@ -400,11 +412,12 @@ class TierdClient:
         return AttendStream(self._stub, None, as_torch, self._metadata)
 
     def move(self, ns: Namespace, keys: Iterable[bytes], tier: str) -> int:
-        """Place blocks in a tier ("host", "nvme", "csd"); returns how many are there now."""
-        code = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "csd": pb.TIER_CSD}.get(tier)
-        if code is None:
-            raise InvalidArgument(f"unknown tier {tier!r}", field="tier")
-        req = pb.MoveRequest(namespace_id=ns.id, keys=_check_keys(keys), tier=code)
+        """Place blocks in the tier of this configured name; returns how many are there now.
+        A name the daemon lacks is InvalidArgument naming its tiers."""
+        if not tier:
+            raise InvalidArgument("name a tier", field="tier")
+        req = pb.MoveRequest(namespace_id=ns.id, keys=_check_keys(keys), tier_name=tier,
+                             tier=_kind_value(tier))  # fmt: skip
         return int(self._unary("Move", req).moved)
 
     # ---- lifetime ------------------------------------------------------------------------

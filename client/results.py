@@ -1,7 +1,7 @@
 """What the client hands back: plain frozen dataclasses, never protobuf messages.
 
 Primitives: `SegmentInfo`, `Namespace`, `CachedBlock`, `LookupResult`, `GetResult`,
-`tier_name(enum_value)`.
+`tier_name(name, enum_value)`, `tier_kind(enum_value)`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,18 @@ Transport = Literal["shm", "inband"]
 PutOutcome = Literal["stored", "already_present"]
 
 
-def tier_name(value: int) -> str:
+def tier_kind(value: int) -> str:
     """TIER_HOST -> "host"; a value newer than these stubs -> "tier<value>"."""
     try:
         return str(pb.Tier.Name(value)).removeprefix("TIER_").lower()
     except ValueError:
         return f"tier{value}"
+
+
+def tier_name(name: str, value: int) -> str:
+    """The tier's configured name, as the daemon sent it; a daemon older than tier names
+    sends only the kind's enum, and its tiers were named after their kinds."""
+    return name or tier_kind(value)
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class Namespace:
 @dataclass(frozen=True)
 class CachedBlock:
     key: bytes
-    tier: str  # "host", "nvme", "hbm", "csd", "remote"
+    tier: str  # the configured name of the tier holding it ("host", "nvme", "csd", ...)
 
 
 @dataclass(frozen=True)

@@ -128,12 +128,14 @@ class LookupRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BlockLocation(_message.Message):
-    __slots__ = ("key", "tier")
+    __slots__ = ("key", "tier", "tier_name")
     KEY_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     tier: Tier
-    def __init__(self, key: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+    tier_name: str
+    def __init__(self, key: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("cached_tokens", "blocks")
@@ -204,14 +206,16 @@ class PrepareGetRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
 
 class GetSlot(_message.Message):
-    __slots__ = ("found", "offset", "tier")
+    __slots__ = ("found", "offset", "tier", "tier_name")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     found: bool
     offset: int
     tier: Tier
-    def __init__(self, found: _Optional[bool] = ..., offset: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+    tier_name: str
+    def __init__(self, found: _Optional[bool] = ..., offset: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class PrepareGetResponse(_message.Message):
     __slots__ = ("lease_id", "slots", "segment")
@@ -276,10 +280,12 @@ class GetChunk(_message.Message):
     def __init__(self, found: _Optional[_Iterable[bool]] = ..., block_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LocateResponse(_message.Message):
-    __slots__ = ("tiers",)
+    __slots__ = ("tiers", "tier_names")
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAMES_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
+    tier_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., tier_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -298,7 +304,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "bytes_read", "bytes_written", "evictions", "backend")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "bytes_read", "bytes_written", "evictions", "backend", "tier_name", "kind", "misses", "available")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +314,10 @@ class TierStats(_message.Message):
     BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     capacity_bytes: int
     used_bytes: int
@@ -317,17 +327,23 @@ class TierStats(_message.Message):
     bytes_written: int
     evictions: int
     backend: str
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., evictions: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    tier_name: str
+    kind: str
+    misses: int
+    available: bool
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., evictions: _Optional[int] = ..., backend: _Optional[str] = ..., tier_name: _Optional[str] = ..., kind: _Optional[str] = ..., misses: _Optional[int] = ..., available: _Optional[bool] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
-    __slots__ = ("tenant", "tier", "used_bytes")
+    __slots__ = ("tenant", "tier", "used_bytes", "tier_name")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     tier: Tier
     used_bytes: int
-    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    tier_name: str
+    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., used_bytes: _Optional[int] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "lookups", "misses", "demotions", "promotions", "corrupt_reads", "active_leases", "namespaces", "tenants", "active_sequences")
@@ -430,14 +446,16 @@ class AttendResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[AttendResult, _Mapping]]] = ...) -> None: ...
 
 class MoveRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "tier")
+    __slots__ = ("namespace_id", "keys", "tier", "tier_name")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     tier: Tier
-    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+    tier_name: str
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class MoveResponse(_message.Message):
     __slots__ = ("moved",)

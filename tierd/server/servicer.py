@@ -29,10 +29,14 @@ from tierd_client.tensors import to_message, to_torch
 # In-band gets stream blocks in chunks of at most this size (well under the message cap).
 STREAM_CHUNK_BYTES = 4 << 20
 
-_TIER = {"host": pb.TIER_HOST, "nvme": pb.TIER_NVME, "csd": pb.TIER_CSD,
-         "": pb.TIER_UNSPECIFIED}  # fmt: skip
-_TIER_NAME = {v: k for k, v in _TIER.items() if k}
 
+def _kind_enum(kind: str) -> int:
+    """The wire enum of a tier kind, which older clients read (TIER_<KIND>); a kind the
+    enum lacks is TIER_UNSPECIFIED, and the message's tier name still says which tier."""
+    try:
+        return int(pb.Tier.Value(f"TIER_{kind.upper()}"))
+    except ValueError:
+        return pb.TIER_UNSPECIFIED
 
 
 def _shape(msg: pb.BlockShape, field: str) -> tuple[list[int], str]:
@@ -78,11 +82,12 @@ def _attend_response(results: list) -> pb.AttendResponse:
 
 
 def _tier_stats(t: TierSnapshot) -> pb.TierStats:
+    c = t.counters
     return pb.TierStats(
-        tier=_TIER[t.name], capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
-        blocks=t.blocks, hits=t.counters.hits, bytes_read=t.counters.bytes_read,
-        bytes_written=t.counters.bytes_written, evictions=t.counters.evictions,
-        backend=t.backend,
+        tier=_kind_enum(t.kind), tier_name=t.name, kind=t.kind,
+        capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, blocks=t.blocks,
+        hits=c.hits, misses=c.misses, bytes_read=c.bytes_read, bytes_written=c.bytes_written,
+        evictions=c.evictions, backend=t.backend, available=t.available,
     )  # fmt: skip
 
 
@@ -94,6 +99,25 @@ class TierdServicer(pb_grpc.TierdServicer):
 
     def reload(self) -> None:
         self.auth = Authenticator(self.svc.config.tenants)
+
+    def _tier(self, name: str) -> int:
+        """The enum of a tier named by the core ("": not cached), from the tier's kind."""
+        tier = self.svc.tiers.get(name) if name else None
+        return _kind_enum(tier.kind) if tier is not None else pb.TIER_UNSPECIFIED
+
+    def _move_target(self, request: pb.MoveRequest) -> str:
+        """The tier a Move names: by name, or (older clients) the first of the enum's kind."""
+        names = ", ".join(t.name for t in self.svc.tiers)
+        if request.tier_name:
+            if self.svc.tiers.get(request.tier_name) is None:
+                raise InvalidArgument(f"no tier named {request.tier_name!r} (tiers: {names})",
+                                      field="tier_name")  # fmt: skip
+            return request.tier_name
+        if request.tier != pb.TIER_UNSPECIFIED:
+            for tier in self.svc.tiers:
+                if _kind_enum(tier.kind) == request.tier:
+                    return tier.name
+        raise InvalidArgument(f"name one of the daemon's tiers: {names}", field="tier_name")
 
     def _segment(self, seg: SegmentInfo) -> pb.ShmSegment:
         if self.handoff is None:  # no unix listener: no shared memory to offer
@@ -156,7 +180,9 @@ class TierdServicer(pb_grpc.TierdServicer):
         result = self.svc.lookup(request.namespace_id, request.tokens)
         return pb.LookupResponse(
             cached_tokens=result.cached_tokens,
-            blocks=[pb.BlockLocation(key=k, tier=_TIER[t]) for k, t in result.blocks],
+            blocks=[
+                pb.BlockLocation(key=k, tier=self._tier(t), tier_name=t) for k, t in result.blocks
+            ],
         )
 
     @translate_errors
@@ -189,8 +215,8 @@ class TierdServicer(pb_grpc.TierdServicer):
         )
         return pb.PrepareGetResponse(
             lease_id=prepared.lease_id,
-            slots=[pb.GetSlot(found=s.found, offset=s.offset, tier=_TIER[s.tier])
-                   for s in prepared.slots],
+            slots=[pb.GetSlot(found=s.found, offset=s.offset, tier=self._tier(s.tier),
+                              tier_name=s.tier) for s in prepared.slots],
             segment=self._segment(prepared.segment),
         )  # fmt: skip
 
@@ -248,7 +274,7 @@ class TierdServicer(pb_grpc.TierdServicer):
     def Locate(self, request: pb.KeysRequest, context: grpc.ServicerContext):
         self._ns(request.namespace_id, context)
         tiers = self.svc.locate(request.namespace_id, list(request.keys))
-        return pb.LocateResponse(tiers=[_TIER[t] for t in tiers])
+        return pb.LocateResponse(tiers=[self._tier(t) for t in tiers], tier_names=tiers)
 
     @translate_errors
     def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext):
@@ -272,7 +298,7 @@ class TierdServicer(pb_grpc.TierdServicer):
         principal = self.auth.identify(context)  # totals are daemon-wide; usage is per tenant
         s = self.svc.stats()
         usage = [
-            pb.TenantUsage(tenant=tenant, tier=_TIER[tier], used_bytes=n)
+            pb.TenantUsage(tenant=tenant, tier=self._tier(tier), tier_name=tier, used_bytes=n)
             for (tenant, tier), n in sorted(self.svc.usage_by_tenant().items())
             if principal is None or tenant == principal
         ]
@@ -315,8 +341,6 @@ class TierdServicer(pb_grpc.TierdServicer):
     @translate_errors
     def Move(self, request: pb.MoveRequest, context: grpc.ServicerContext):
         self._ns(request.namespace_id, context)
-        tier = _TIER_NAME.get(request.tier)
-        if tier is None:
-            raise InvalidArgument("must be TIER_HOST, TIER_NVME or TIER_CSD", field="tier")
-        moved = self.svc.move(request.namespace_id, list(request.keys), tier)
+        target = self._move_target(request)
+        moved = self.svc.move(request.namespace_id, list(request.keys), target)
         return pb.MoveResponse(moved=moved)
