@@ -22,8 +22,30 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
+    from tierd.core.stats import TierSnapshot
 
 RPC_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 5)
+
+# One series per configured tier, labelled by its configured name and its kind (the kind
+# groups tiers across daemons whose configs name them differently).
+_Family = type[GaugeMetricFamily] | type[CounterMetricFamily]
+_TIER_SERIES: tuple[tuple[_Family, str, str, Callable[[TierSnapshot], float]], ...] = (
+    (GaugeMetricFamily, "capacity_bytes", "Tier capacity", lambda t: t.capacity_bytes),
+    (GaugeMetricFamily, "used_bytes", "Bytes holding blocks", lambda t: t.used_bytes),
+    (GaugeMetricFamily, "blocks", "Blocks with a copy in the tier", lambda t: t.blocks),
+    (GaugeMetricFamily, "available", "1 while the tier serves (CSD: some worker is up)",
+     lambda t: int(t.available)),
+    (CounterMetricFamily, "hits", "Blocks (attend: layer reads) served from the tier",
+     lambda t: t.counters.hits),
+    (CounterMetricFamily, "misses", "Copies held in the tier that could not be served",
+     lambda t: t.counters.misses),
+    (CounterMetricFamily, "read_bytes", "Bytes served from the tier",
+     lambda t: t.counters.bytes_read),
+    (CounterMetricFamily, "written_bytes", "Bytes written to the tier",
+     lambda t: t.counters.bytes_written),
+    (CounterMetricFamily, "evictions", "Blocks evicted from the tier",
+     lambda t: t.counters.evictions),
+)  # fmt: skip
 
 
 class _CoreCollector(Collector):
@@ -33,39 +55,24 @@ class _CoreCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         s = self.svc.stats()
-        cap = GaugeMetricFamily("tierd_tier_capacity_bytes", "Tier capacity", labels=["tier"])
-        used = GaugeMetricFamily("tierd_tier_used_bytes", "Bytes holding blocks", labels=["tier"])
-        blocks = GaugeMetricFamily("tierd_tier_blocks", "Blocks with a copy in the tier",
-                                   labels=["tier"])  # fmt: skip
-        hits = CounterMetricFamily("tierd_tier_hits", "Blocks served from the tier",
-                                   labels=["tier"])  # fmt: skip
-        read = CounterMetricFamily("tierd_tier_read_bytes", "Bytes served from the tier",
-                                   labels=["tier"])  # fmt: skip
-        written = CounterMetricFamily("tierd_tier_written_bytes", "Bytes written to the tier",
-                                      labels=["tier"])  # fmt: skip
-        evicted = CounterMetricFamily("tierd_tier_evictions", "Blocks evicted from the tier",
-                                      labels=["tier"])  # fmt: skip
-        for t in s.tiers:
-            cap.add_metric([t.name], t.capacity_bytes)
-            used.add_metric([t.name], t.used_bytes)
-            blocks.add_metric([t.name], t.blocks)
-            hits.add_metric([t.name], t.counters.hits)
-            read.add_metric([t.name], t.counters.bytes_read)
-            written.add_metric([t.name], t.counters.bytes_written)
-            evicted.add_metric([t.name], t.counters.evictions)
-        yield from (cap, used, blocks, hits, read, written, evicted)
+        for family, name, doc, read in _TIER_SERIES:
+            series = family(f"tierd_tier_{name}", doc, labels=["tier", "kind"])
+            for t in s.tiers:
+                series.add_metric([t.name, t.kind], read(t))
+            yield series
         for name, value, doc in (
             ("lookups", s.lookups, "Lookup calls"),
             ("misses", s.misses, "Lookups or gets that missed a block"),
-            ("demotions", s.demotions, "Blocks moved from host to NVMe"),
-            ("promotions", s.promotions, "Blocks moved from NVMe to host"),
+            ("demotions", s.demotions, "Blocks moved down the tier chain"),
+            ("promotions", s.promotions, "Blocks brought up into the memory tier"),
             ("corrupt_reads", s.corrupt_reads, "Block copies that failed their checksum"),
         ):
             yield CounterMetricFamily(f"tierd_{name}", doc, value=value)
         yield GaugeMetricFamily("tierd_active_leases", "Open leases", value=s.active_leases)
         if not self.tenant_labels:
             return
-        tenant = GaugeMetricFamily("tierd_tenant_used_bytes", "Bytes held per tenant and tier",
+        tenant = GaugeMetricFamily("tierd_tenant_used_bytes", "Bytes held per tenant and tier "
+                                   "(by the tier's configured name)",
                                    labels=["tenant", "tier"])  # fmt: skip
         for (name, tier), nbytes in sorted(self.svc.usage_by_tenant().items()):
             tenant.add_metric([name, tier], nbytes)

@@ -64,9 +64,9 @@ def test_metrics_and_health_follow_the_daemon() -> None:
                     assert status.status == health_pb2.HealthCheckResponse.SERVING
             m = scrape(port)
             block = layout.block_bytes
-            assert m['tierd_tier_used_bytes{tier="host"}'] == 8 * block
-            assert m['tierd_tier_hits_total{tier="host"}'] == 8
-            assert m['tierd_tier_read_bytes_total{tier="host"}'] == 8 * block
+            assert m['tierd_tier_used_bytes{kind="host",tier="host"}'] == 8 * block
+            assert m['tierd_tier_hits_total{kind="host",tier="host"}'] == 8
+            assert m['tierd_tier_read_bytes_total{kind="host",tier="host"}'] == 8 * block
             assert m['tierd_tenant_used_bytes{tenant="acme",tier="host"}'] == 8 * block
             assert m["tierd_lookups_total"] == 1 and m["tierd_misses_total"] == 1
             assert m['tierd_rpc_seconds_count{method="PreparePut"}'] >= 1
@@ -94,7 +94,7 @@ def test_metrics_bind_loopback_and_name_no_tenant_by_default() -> None:
                 keys = c.block_keys(ns, np.arange(16))
                 c.put(ns, keys, np.ones((1, *layout.block_shape), dtype=np.float16))
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-            assert b'tierd_tier_used_bytes{tier="host"}' in text
+            assert b'tierd_tier_used_bytes{kind="host",tier="host"}' in text
             assert b"tenant" not in text and b"acme" not in text
             bound = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
