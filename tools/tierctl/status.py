@@ -3,8 +3,10 @@
 Primitives: `COMMAND` (status), `TOP` (top), `fetch(address, token) -> dict`,
 `render_status(stats, previous, seconds) -> str`.
 
-`top` redraws every `--interval` seconds and adds rates computed from the difference of
-two snapshots (hits, bytes read and written per second).
+Tiers are shown by the names the daemon's config gives them, with their kind and whether
+they serve now (a CSD tier with no worker up is DOWN). `top` redraws every `--interval`
+seconds and adds rates computed from the difference of two snapshots (hits, bytes read
+and written per second).
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ def default_address() -> str:
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=os.environ.get("TIERD_ADDRESS"),
-                   help="unix:PATH or HOST:PORT (default: the daemon's default socket)")
-    p.add_argument("--token-file", type=Path,
-                   help="file holding a tenant's bearer token (daemons with tenants)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("TIERD_ADDRESS"),
+        help="unix:PATH or HOST:PORT (default: the daemon's default socket)",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding a tenant's bearer token (daemons with tenants)",
+    )
 
 
 def fetch(address: str, token: str | None) -> dict[str, Any]:
@@ -51,25 +59,30 @@ def _size(n: float) -> str:
     return format_size(int(n))
 
 
-def render_status(stats: dict[str, Any], previous: dict[str, Any] | None = None,
-                  seconds: float = 0.0) -> str:
+def render_status(
+    stats: dict[str, Any], previous: dict[str, Any] | None = None, seconds: float = 0.0
+) -> str:
+    """One row per configured tier, in chain order, by the name the config gives it."""
     rows = []
     for name, t in stats["tiers"].items():
         cap, used = t["capacity_bytes"], t["used_bytes"]
-        row: list[object] = [name, t["backend"], _size(cap), _size(used),
-                             f"{100 * used / cap:.1f}%" if cap else "-", count(t["blocks"]),
-                             count(t["hits"]), _size(t["bytes_read"]), _size(t["bytes_written"]),
+        row: list[object] = [name, t.get("kind", ""), t["backend"],
+                             "up" if t.get("available", True) else "DOWN", _size(cap),
+                             _size(used), f"{100 * used / cap:.1f}%" if cap else "-",
+                             count(t["blocks"]), count(t["hits"]), count(t.get("misses", 0)),
+                             _size(t["bytes_read"]), _size(t["bytes_written"]),
                              count(t["evictions"])]  # fmt: skip
         if previous is not None and seconds > 0:
             before = previous["tiers"].get(name, t)
+            row.append(f"{(t['hits'] - before['hits']) / seconds:.1f}")
             row.append(f"{(t['bytes_read'] - before['bytes_read']) / seconds / 1e9:.2f}")
             row.append(f"{(t['bytes_written'] - before['bytes_written']) / seconds / 1e9:.2f}")
         rows.append(row)
-    headers = ["tier", "backend", "capacity", "used", "occ", "blocks", "hits", "read", "written",
-               "evictions"]  # fmt: skip
+    headers = ["tier", "kind", "backend", "state", "capacity", "used", "occ", "blocks", "hits",
+               "misses", "read", "written", "evictions"]  # fmt: skip
     if previous is not None and seconds > 0:
-        headers += ["read GB/s", "write GB/s"]
-    out = [render(headers, rows, right=set(range(2, len(headers))))]
+        headers += ["hits/s", "read GB/s", "write GB/s"]
+    out = [render(headers, rows, right=set(range(4, len(headers))))]
     lookups, misses = stats["lookups"], stats["misses"]
     hit_rate = f"{100 * (1 - misses / lookups):.1f}%" if lookups else "-"
     out.append("")
