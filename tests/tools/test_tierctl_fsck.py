@@ -26,11 +26,14 @@ from tests.core.conftest import (
 )
 from tierctl.cli import main
 from tierctl.fsck_scan import shm_tag
+from tierctl.fsck_tiers import tier_chain
 from tierctl.rebuild import rebuild_catalog
-from tierd.core.catalog import BlockRow, Catalog
+from tierd.config import load_config
+from tierd.core.catalog import BlockRow, Catalog, CopyRow
 from tierd.core.index import layout_to_list
+from tierd.core.service import CacheService
 from tierd.filelock import DATA_DIR_LOCK
-from tierd.tiers.block_header import BlockHeader, NamespaceMeta
+from tierd.tiers.block_header import HEADER_BYTES, BlockHeader, NamespaceMeta
 from tierd.tiers.checksum import checksum
 from tierd.tiers.host import SHM_DIR, segment_name
 from tierd.tiers.io_backend import PosixBackend
@@ -48,12 +51,8 @@ class Populated:
     keys: list[bytes]
 
     def rows(self) -> dict[bytes, tuple[int | None, int | None]]:
-        """key -> (host_off, nvme_off), straight from the catalog."""
-        # closing(): a sqlite3 connection's own context manager commits but stays open,
-        # and fsck would rightly see this process holding the catalog.
-        with closing(sqlite3.connect(self.data_dir / "index.sqlite3")) as db:
-            return {bytes(k): (h, n) for k, h, n in
-                    db.execute("SELECT key, host_off, nvme_off FROM blocks")}  # fmt: skip
+        """key -> (host copy's offset, NVMe copy's offset), straight from the catalog."""
+        return catalog_rows(self.data_dir, "host", "nvme")
 
     def sql(self, statement: str, *params: object) -> None:
         with closing(sqlite3.connect(self.data_dir / "index.sqlite3")) as db, db:
@@ -78,8 +77,7 @@ def populated(tmp_path: Path) -> Iterator[Populated]:
         assert svc.placer.settle(10)
         # Promote one demoted block: it then has a host copy and an NVMe copy.
         with svc.cond:
-            nvme_only = [e.key for e in svc.index.entries()
-                         if e.host_off is None and e.nvme_off is not None]  # fmt: skip
+            nvme_only = [e.key for e in svc.index.entries() if set(e.copies) == {"nvme"}]
         assert get_blocks(svc, ns.id, [nvme_only[0]]) == [block_bytes_for(nvme_only[0])]
         h.close_all()
         yield Populated(h, tmp_path / "data", ns.id, keys)
@@ -88,6 +86,18 @@ def populated(tmp_path: Path) -> Iterator[Populated]:
         # By name, not through the services: tests close and reopen them along the way.
         for seg in SHM_DIR.glob(f"tierd.{shm_tag(tmp_path / 'data')}.*"):
             seg.unlink(missing_ok=True)
+
+
+def catalog_rows(data_dir: Path, top: str, low: str) -> dict[bytes, tuple[int | None, int | None]]:
+    """key -> (location in tier `top`, location in tier `low`) of every block row."""
+    # closing(): a sqlite3 connection's own context manager commits but stays open,
+    # and fsck would rightly see this process holding the catalog.
+    with closing(sqlite3.connect(data_dir / "index.sqlite3")) as db:
+        return {bytes(k): (h, n) for k, h, n in db.execute(
+            "SELECT b.key, t.location, l.location FROM blocks b "
+            "LEFT JOIN copies t ON t.ns_id = b.ns_id AND t.key = b.key AND t.tier = ? "
+            "LEFT JOIN copies l ON l.ns_id = b.ns_id AND l.key = b.key AND l.tier = ?",
+            (top, low))}  # fmt: skip
 
 
 def fsck(data_dir: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
@@ -116,6 +126,12 @@ def test_clean_dir_is_clean(populated: Populated, capsys: pytest.CaptureFixture[
     config.write_text(f'data_dir = "{populated.data_dir}"\n')
     assert main(["fsck", "--config", str(config)]) == 0
     assert "clean" in capsys.readouterr().out
+    # --nvme-path says where the NVMe tier's file is: elsewhere, its copies are missing.
+    nvme = str(populated.data_dir / "nvme")
+    assert fsck(populated.data_dir, "--nvme-path", nvme, capsys=capsys)[0] == 0
+    code, report = fsck(populated.data_dir, "--nvme-path", nvme + "-moved", capsys=capsys)
+    assert code == 1 and {p["kind"] for p in report["problems"]} == {"missing-file"}
+    assert report["tiers"]["nvme"]["bad"] == tiers["nvme"]["rows"]
 
 
 def test_corruption_found_repaired_and_good_blocks_still_served(
@@ -182,18 +198,18 @@ def test_catalog_level_problems(populated: Populated, capsys: pytest.CaptureFixt
     rows = populated.rows()
     nvme_keys = [k for k, (h, n) in rows.items() if h is None and n is not None]
     misaligned, out_of_range, overlapping, no_copy = nvme_keys[:4]
-    populated.sql("UPDATE blocks SET nvme_off = nvme_off + 512 WHERE key = ?", misaligned)
-    populated.sql("UPDATE blocks SET nvme_off = ? WHERE key = ?", 1 << 40, out_of_range)
+    nvme_copy = "UPDATE copies SET location = {} WHERE key = ? AND tier = 'nvme'"
+    populated.sql(nvme_copy.format("location + 512"), misaligned)
+    populated.sql(nvme_copy.format("?"), 1 << 40, out_of_range)
     # Onto a good block's extent: the intruder's checksum fails, the owner stays good.
     owner = nvme_keys[4]
-    populated.sql("UPDATE blocks SET nvme_off = ? WHERE key = ?", rows[owner][1], overlapping)
-    populated.sql("UPDATE blocks SET nvme_off = NULL WHERE key = ?", no_copy)
+    populated.sql(nvme_copy.format("?"), rows[owner][1], overlapping)
+    populated.sql("DELETE FROM copies WHERE key = ?", no_copy)
     wrong_size = nvme_keys[5]
     populated.sql("UPDATE blocks SET nbytes = ? WHERE key = ?", BB // 2, wrong_size)
     orphan = bytes(16)
-    populated.sql("INSERT INTO blocks (ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, "
-                  "last_access) SELECT ?, key, nbytes, checksum, host_off, NULL, pinned, "
-                  "last_access FROM blocks WHERE key = ?", orphan, nvme_keys[6])  # fmt: skip
+    populated.sql("INSERT INTO blocks SELECT ?, key, nbytes, checksum, pinned, last_access, "
+                  "layer_sums FROM blocks WHERE key = ?", orphan, nvme_keys[6])  # fmt: skip
 
     code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
     assert code == 1
@@ -364,8 +380,9 @@ def test_blocks_of_the_previous_format_stay_readable_but_cannot_be_rebuilt(
             cat.upsert_namespace(ns_row)
             for i, key in enumerate(old_keys):
                 old.write(i * BB, block_bytes_for(key))
-                cat.insert_blocks([BlockRow(ns.id, key, BB, checksum(block_bytes_for(key)),
-                                            None, i * BB, False, 0.0)])  # fmt: skip
+                digest = checksum(block_bytes_for(key))
+                cat.insert_blocks([BlockRow(ns.id, key, BB, digest, False, 0.0,
+                                            copies=(CopyRow("nvme", i * BB, BB, digest),))])  # fmt: skip
         assert not (nvme_dir / "blocks.key").exists()
 
         svc = h.open(host_blocks=8, nvme_blocks=64)
@@ -407,11 +424,139 @@ def test_rebuild_keeps_the_newest_of_two_headers_of_one_block(tmp_path: Path) ->
             assert off is not None
             store.write(off, payload, BlockHeader(ns_id, key, BB, checksum(payload), meta, gen))
             offsets.append(off)
-    out = rebuild_catalog(data, data / "nvme")
+    out = rebuild_catalog(data, tier_chain(data))
     assert (out.nvme_blocks, out.duplicates, out.corrupt) == (1, 1, [])
     with closing(Catalog(data / "index.sqlite3")) as cat:
-        assert [(r.key, r.nvme_off, r.checksum) for r in cat.blocks()] == [
-            (key, offsets[0], checksum(new))
+        assert [(r.key, r.checksum, r.copies) for r in cat.blocks()] == [
+            (key, checksum(new), (CopyRow("nvme", offsets[0], BB, checksum(new)),))
         ]
     with NvmeStore(data / "nvme", 64 * BB, backend=PosixBackend(), headers=True) as store:
         assert [b.offset for b in store.scan_headers()] == [offsets[0]]
+
+
+def test_a_wrong_header_page_is_rewritten_so_a_rebuild_finds_the_block(
+    populated: Populated, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = populated.rows()
+    victim = next(k for k, (h, n) in rows.items() if h is None and n is not None)
+    offset = rows[victim][1] or 0
+    with open(populated.data_dir / "nvme" / "blocks.dat", "r+b") as f:
+        f.seek(offset - HEADER_BYTES)
+        f.write(bytes(HEADER_BYTES))  # what the daemon writes when it frees the extent
+    code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
+    assert code == 1 and (report["deleted"], report["cleared"], report["headers"]) == (0, 0, 1)
+    assert [(p["tier"], p["kind"], p["key"], p["action"]) for p in report["problems"]] == [
+        ("nvme", "header", victim.hex(), "rewrote the header")
+    ]
+    assert populated.rows() == rows  # the copy is good: the catalog keeps it as it was
+    assert fsck(populated.data_dir, capsys=capsys)[0] == 0
+    _damage_catalog(populated.data_dir, "deleted")
+    code, report = fsck(populated.data_dir, "--repair", capsys=capsys)
+    assert report["rebuilt"]["nvme_blocks"] == sum(1 for _, n in rows.values() if n is not None)
+    assert populated.rows()[victim] == (None, offset)
+
+
+def _named_chain_config(tmp_path: Path) -> Path:
+    """A [[tiers]] chain whose tiers are not named host, nvme and csd; the NVMe tier's file
+    away from the data dir."""
+    config = tmp_path / "tierd.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        f'[[tiers]]\nname = "mem"\nkind = "host"\ncapacity = {8 * BB}\npin_memory = false\n'
+        f'[[tiers]]\nname = "disk"\nkind = "nvme"\ncapacity = {64 * BB}\n'
+        f'path = "{tmp_path / "disk"}"\nio_threads = 4\n'
+        f'[[tiers]]\nname = "accel"\nkind = "csd"\ncapacity = {16 * BB}\nworkers = 1\n'
+        "spill = false\n"
+    )
+    return config
+
+
+def _shard_offset(shard: Path, key: bytes) -> int:
+    with closing(sqlite3.connect(shard / "shard.sqlite3")) as db:
+        return int(db.execute("SELECT offset FROM blocks WHERE key = ?", (key,)).fetchone()[0])
+
+
+def test_a_chain_of_other_names_is_checked_repaired_and_rebuilt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _named_chain_config(tmp_path)
+    cfg = load_config(config).resolved()
+    data, shard = cfg.data_dir, cfg.data_dir / "accel" / "w0"
+    services: list[CacheService] = []
+
+    def start() -> CacheService:
+        services.append(svc := CacheService(cfg))
+        svc.start()
+        return svc
+
+    try:
+        svc = start()
+        ns, _ = svc.open_namespace(TENANT, "model", LAYOUT)
+        keys = keys_for(ns.id, 24)
+        for i in range(0, len(keys), 4):
+            assert put_blocks(svc, ns.id, keys[i : i + 4]) == 4
+        assert svc.placer.settle(10)
+        assert svc.move(ns.id, keys[:4], "accel") == 4
+        with svc.cond:
+            where = {e.key: set(e.copies) for e in svc.index.entries()}
+        svc.close()
+        assert {"mem", "disk", "accel"} == set().union(*where.values())
+
+        code, report = fsck(data, "--config", str(config), capsys=capsys)
+        assert code == 0, report
+        tally = report["tiers"]
+        assert [(t, tally[t]["kind"]) for t in tally] == [
+            ("mem", "host"),
+            ("disk", "nvme"),
+            ("accel", "csd"),
+        ]
+        assert all(tally[t]["rows"] > 0 and tally[t]["bad"] == 0 for t in tally)
+        assert tally["accel"]["unchecked"] == 0  # a local worker's copies are read
+        # Without the config the tiers are unknown: reported, not checked, never repaired.
+        code, report = fsck(data, "--repair", capsys=capsys)
+        assert code == 0 and report["deleted"] == report["cleared"] == 0
+        assert all(report["tiers"][t]["unchecked"] == tally[t]["rows"] for t in tally)
+        assert any("'disk'" in n and "--config" in n for n in report["notes"])
+
+        rows = catalog_rows(data, "disk", "accel")
+        disk_only = next(k for k in keys if where[k] == {"disk"})
+        on_accel = next(k for k in keys if where[k] == {"accel"})
+        _scribble(tmp_path / "disk" / "blocks.dat", rows[disk_only][0] or 0)
+        _scribble(shard / "blocks.dat", _shard_offset(shard, on_accel))
+        code, report = fsck(data, "--config", str(config), "--repair", capsys=capsys)
+        assert code == 1
+        assert {(p["tier"], p["kind"], p["key"]) for p in report["problems"]} == {
+            ("disk", "checksum", disk_only.hex()),
+            ("accel", "checksum", on_accel.hex()),
+        }
+        survivors = set(keys) - {disk_only, on_accel}
+        assert set(catalog_rows(data, "disk", "accel")) == survivors
+        assert fsck(data, "--config", str(config), capsys=capsys)[0] == 0
+
+        _damage_catalog(data, "garbage")
+        code, report = fsck(data, "--config", str(config), "--repair", capsys=capsys)
+        on_disk = {k for k in survivors if "disk" in where[k]}
+        on_accel_now = {k for k in survivors if "accel" in where[k]}
+        rebuilt = report["rebuilt"]
+        assert (rebuilt["nvme_blocks"], rebuilt["csd_blocks"]) == (len(on_disk), len(on_accel_now))
+        # The damaged blocks are still in the tiers' files: their bytes are checked, not trusted.
+        assert {(p["tier"], p["kind"], p["key"], p["action"]) for p in report["problems"][1:]} == {
+            ("disk", "checksum", disk_only.hex(), "not recovered"),
+            ("accel", "checksum", on_accel.hex(), "not recovered"),
+        }
+        after = catalog_rows(data, "disk", "accel")
+        assert set(after) == on_disk | on_accel_now
+        assert {k for k, (d, _) in after.items() if d is not None} == on_disk
+        assert {k for k, (_, a) in after.items() if a is not None} == on_accel_now
+        assert fsck(data, "--config", str(config), capsys=capsys)[0] == 0
+
+        svc = start()
+        for key in keys:
+            want = block_bytes_for(key) if key in after else None
+            assert get_blocks(svc, ns.id, [key]) == [want], key.hex()
+        assert svc.stats().corrupt_reads == 0
+    finally:
+        for s in services:
+            s.close()
+        for seg in SHM_DIR.glob(f"tierd.{shm_tag(data)}.*"):
+            seg.unlink(missing_ok=True)
