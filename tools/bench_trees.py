@@ -173,9 +173,11 @@ def compare(
         raise SystemExit("--rounds must be at least 1")
     labels = [chr(ord("A") + i) for i in range(len(trees))]
     child = _child_argv(sys.argv[1:] if argv is None else argv, Path.cwd())
-    links = {t: _link_dir(t) for t in trees}
+    links: dict[Path, Path] = {}
     info = []
     try:
+        for t in trees:  # a tree may be given twice (an A/A run): one set of links each
+            links[t] = links.get(t) or _link_dir(t)
         for label, tree in zip(labels, trees):
             probe = subprocess.run(
                 [sys.executable, "-c", _PROBE],

@@ -83,6 +83,24 @@ def test_rounds_alternate_trees_and_each_imports_its_own_code(
     assert f"tierd_client.__file__ = {b.resolve() / 'client' / '__init__.py'}" in printed
 
 
+def test_a_tree_given_twice_compares_with_itself_and_leaves_no_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = fake_tree(tmp_path / "a", 1.0)
+    script = tmp_path / "bench.py"
+    script.write_text(BENCH)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(bench_trees.tempfile, "tempdir", str(temp))
+    out = tmp_path / "cmp.json"
+    argv = ["--trees", f"{a},{a}", "--rounds", "1", "--json", str(out)]
+
+    assert bench_trees.compare(script, parse(argv), lambda d: {"v": d["value"]}, argv=argv) == 0
+
+    assert json.loads(out.read_text())["summary"]["v"]["B/A"] == 1.0
+    assert list(temp.iterdir()) == []
+
+
 def test_every_round_works_in_the_callers_dir_unless_the_bench_is_told(tmp_path: Path) -> None:
     own = bench_trees._child_argv(
         ["--tree", "x", "--scale=2", "--rounds=4", "--json", "f"], tmp_path
