@@ -133,8 +133,10 @@ def test_ready_watchdog_reload_drain_under_the_shipped_unit(workdir: Path) -> No
     assert '"reloaded configuration"' in lines
     assert "flushed 4 host blocks to NVMe" in lines
     # flush_on_stop: every block now has an NVMe copy, so a reboot (empty /dev/shm) keeps it.
+    nvme_copies = ("SELECT c.location FROM blocks b LEFT JOIN copies c ON c.ns_id = b.ns_id "
+                   "AND c.key = b.key AND c.tier = 'nvme'")  # fmt: skip
     with sqlite3.connect(workdir / "data" / "index.sqlite3") as db:
-        rows = db.execute("SELECT nvme_off FROM blocks").fetchall()
+        rows = db.execute(nvme_copies).fetchall()
     assert len(rows) == 4 and all(r[0] is not None for r in rows)
 
 
