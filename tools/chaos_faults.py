@@ -270,10 +270,10 @@ def _query(catalog: Path, sql: str) -> list[tuple[Any, ...]]:
 def nvme_extents(data_dir: Path, *, only_copy: bool = False) -> list[Extent]:
     """Blocks with an NVMe copy; `only_copy`: those without a host copy besides, which a
     flip is sure to hurt."""
-    where = "nvme_off IS NOT NULL" + (" AND host_off IS NULL" if only_copy else "")
-    rows = _query(
-        data_dir / CATALOG_FILE, f"SELECT key, nvme_off, nbytes FROM blocks WHERE {where}"
-    )
+    host = (" AND NOT EXISTS (SELECT 1 FROM copies h WHERE h.ns_id = c.ns_id AND h.key = c.key"
+            " AND h.tier = 'host')") if only_copy else ""  # fmt: skip
+    rows = _query(data_dir / CATALOG_FILE, "SELECT c.key, c.location, c.length FROM copies c "
+                                           f"WHERE c.tier = 'nvme'{host}")  # fmt: skip
     return [Extent(data_dir / NVME_FILE, k, off, n) for k, off, n in rows]
 
 
@@ -286,17 +286,22 @@ def csd_extents(data_dir: Path, *, only_copy: bool = False) -> list[Extent]:
             rows = _query(shard / SHARD_CATALOG, "SELECT key, offset, nbytes FROM blocks")
             out += [Extent(shard / SHARD_FILE, k, off, n) for k, off, n in rows]
     if only_copy:
-        sql = "SELECT key FROM blocks WHERE host_off IS NULL AND nvme_off IS NULL"
+        sql = ("SELECT key FROM copies GROUP BY ns_id, key "
+               "HAVING MIN(tier) = 'csd' AND MAX(tier) = 'csd'")  # fmt: skip
         alone = {k for (k,) in _query(data_dir / CATALOG_FILE, sql)}
         out = [e for e in out if e.key in alone]
     return out
 
 
 def catalog_rows(data_dir: Path, keys: Iterable[bytes]) -> dict[bytes, str]:
-    """Where the daemon's catalog says each key lives ("no row" when it has none)."""
-    rows = _query(data_dir / CATALOG_FILE, "SELECT key, host_off, nvme_off, csd FROM blocks")
-    where = {k: f"host_off={h} nvme_off={n} csd={c}" for k, h, n, c in rows}
-    return {k: where.get(k, "no row") for k in keys}
+    """Where the daemon's catalog says each key lives ("no row" when it has none, "no
+    copy" when its row names none)."""
+    rows = _query(data_dir / CATALOG_FILE, "SELECT b.key, c.tier, c.location FROM blocks b "
+                  "LEFT JOIN copies c ON c.ns_id = b.ns_id AND c.key = b.key")  # fmt: skip
+    where: dict[bytes, list[str]] = {}
+    for k, tier, loc in rows:
+        where.setdefault(k, []).extend([f"{tier}={loc}"] if tier is not None else [])
+    return {k: " ".join(sorted(where[k])) or "no copy" if k in where else "no row" for k in keys}
 
 
 def recoveries(log: str) -> list[tuple[int, int]]:
