@@ -381,8 +381,8 @@ def test_blocks_of_the_previous_format_stay_readable_but_cannot_be_rebuilt(
             for i, key in enumerate(old_keys):
                 old.write(i * BB, block_bytes_for(key))
                 digest = checksum(block_bytes_for(key))
-                cat.insert_blocks([BlockRow(ns.id, key, BB, digest, False, 0.0,
-                                            copies=(CopyRow("nvme", i * BB, BB, digest),))])  # fmt: skip
+                copy = CopyRow("nvme", i * BB, BB, digest)
+                cat.insert_blocks([BlockRow(ns.id, key, BB, digest, False, 0.0, copies=(copy,))])
         assert not (nvme_dir / "blocks.key").exists()
 
         svc = h.open(host_blocks=8, nvme_blocks=64)

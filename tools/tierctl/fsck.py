@@ -8,10 +8,10 @@ sections' host, nvme (at --nvme-path) and csd. Runs only while no daemon uses th
 (see `tierctl.datalock`). Without --repair the catalog is opened read-only and nothing is
 written (beyond creating the lock file). --repair deletes the blocks left with no good
 copy, rewrites the copies of blocks that keep a good one without their bad ones, and
-rewrites a good NVMe copy's wrong header page; good rows are never touched. A damaged or missing catalog (empty, garbage,
-another schema, failing `PRAGMA quick_check`) is reported, and --repair moves it aside and
-rebuilds it from the tiers (`tierctl.rebuild`). Exit status: 0 clean, 1 problems found
-(repaired or not), 2 could not check.
+rewrites a good NVMe copy's wrong header page; good rows are never touched. A damaged or
+missing catalog (empty, garbage, another schema, failing `PRAGMA quick_check`) is
+reported, and --repair moves it aside and rebuilds it from the tiers (`tierctl.rebuild`).
+Exit status: 0 clean, 1 problems found (repaired or not), 2 could not check.
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="the daemon's data dir")
     p.add_argument("--config", type=Path,
                    help="the daemon's TOML file: its data_dir and its tiers")  # fmt: skip
-    p.add_argument("--nvme-path", type=Path,
-                   help="directory of the NVMe tier's blocks.dat (default DATA_DIR/nvme)")  # fmt: skip
+    p.add_argument(
+        "--nvme-path",
+        type=Path,
+        help="directory of the nvme tier's blocks.dat (default DATA_DIR/nvme)",
+    )
     p.add_argument("--shm-dir", type=Path, default=SHM_DIR, help=argparse.SUPPRESS)
     p.add_argument("--socket", type=Path, action="append", default=[], metavar="PATH",
                    help="also refuse to run if a daemon answers on this unix socket")  # fmt: skip
@@ -139,8 +142,14 @@ def _offline_files(data_dir: Path, chain: tuple[TierPlace, ...]) -> list[Path]:
     return files
 
 
-def run_fsck(data_dir: Path, chain: tuple[TierPlace, ...], *, repair_rows: bool = False,
-             shm_dir: Path = SHM_DIR, sockets: list[Path] | None = None) -> FsckOutcome:  # fmt: skip
+def run_fsck(
+    data_dir: Path,
+    chain: tuple[TierPlace, ...],
+    *,
+    repair_rows: bool = False,
+    shm_dir: Path = SHM_DIR,
+    sockets: list[Path] | None = None,
+) -> FsckOutcome:
     socks = [data_dir / "tierd.sock", *(sockets or [])]
     try:
         lock = ensure_offline(data_dir, _offline_files(data_dir, chain), socks)

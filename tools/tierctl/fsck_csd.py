@@ -53,8 +53,9 @@ def locked_shard(worker: str, shard: Path) -> Iterator[None]:
 def shard_rows(shard: Path) -> ShardRows:
     db = sqlite3.connect(f"file:{quote(str(shard / CATALOG_FILE))}?mode=ro", uri=True)
     try:
-        return {(bytes(ns), bytes(k)): (int(off), int(n), from_sql_u64(s)) for ns, k, off, n, s
-                in db.execute("SELECT ns_id, key, offset, nbytes, checksum FROM blocks")}  # fmt: skip
+        rows = db.execute("SELECT ns_id, key, offset, nbytes, checksum FROM blocks")
+        return {(bytes(ns), bytes(k)): (int(off), int(n), from_sql_u64(s))
+                for ns, k, off, n, s in rows}  # fmt: skip
     finally:
         db.close()
 
@@ -116,10 +117,10 @@ def check_csd(scan: Scan, place: TierPlace, items: list[Extent]) -> None:
 def _check_shard(scan: Scan, tier: str, worker: str, shard: Path, items: list[Extent]) -> None:
     try:
         rows = shard_rows(shard)
-    except sqlite3.Error as e:
-        for x in items:
-            scan.flag(x.v, tier, "unreadable", f"worker {worker}: cannot read its shard "
-                                               f"catalog: {e}")  # fmt: skip
+    except sqlite3.Error as err:
+        for e in items:
+            scan.flag(e.v, tier, "unreadable", f"worker {worker}: cannot read its shard "
+                                               f"catalog: {err}")  # fmt: skip
         return
     size, readable = shard_size(shard), []
     for e in items:
@@ -130,8 +131,12 @@ def _check_shard(scan: Scan, tier: str, worker: str, shard: Path, items: list[Ex
             scan.flag(e.v, tier, "checksum", f"worker {worker} holds {held[1]} bytes, xxh3 "
                                              f"{held[2]:#018x}")  # fmt: skip
         elif not in_shard(held[0], held[1], size):
-            scan.flag(e.v, tier, "out-of-range", f"worker {worker}'s shard places it at offset "
-                                                 f"{held[0]}, outside its {size}-byte file")  # fmt: skip
+            scan.flag(
+                e.v,
+                tier,
+                "out-of-range",
+                f"worker {worker}'s shard places it at {held[0]}, outside its {size}-byte file",
+            )
         else:
             e.off = held[0]
             readable.append(e)

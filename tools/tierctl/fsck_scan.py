@@ -208,8 +208,9 @@ def _v1_rows(db: sqlite3.Connection) -> list[BlockRow]:
     for r in db.execute(f"SELECT ns_id, key, nbytes, checksum, pinned, last_access, {select} "
                         "FROM blocks"):  # fmt: skip
         digest = from_sql_u64(r[3])
+        locations = zip(present, r[6:], strict=True)
         copies = tuple(CopyRow(tier, loc, int(r[2]), digest)
-                       for (_, tier), loc in zip(present, r[6:], strict=True) if loc is not None)  # fmt: skip
+                       for (_, tier), loc in locations if loc is not None)  # fmt: skip
         out.append(BlockRow(bytes(r[0]), bytes(r[1]), int(r[2]), digest, bool(r[4]),
                             float(r[5]), copies=copies))  # fmt: skip
     return out
@@ -249,8 +250,12 @@ def resolve_overlaps(scan: Scan, tier: str, overlaps: list[_Overlap]) -> None:
         culprits = [e for e in (later, earlier) if tier in e.v.bad] or [later]
         for e in culprits:
             other = earlier if e is later else later
-            scan.flag(e.v, tier, "overlap", f"extent overlaps the block "
-                                            f"{other.v.row.key.hex()} (which ends at {end})")  # fmt: skip
+            scan.flag(
+                e.v,
+                tier,
+                "overlap",
+                f"extent overlaps the block {other.v.row.key.hex()} (which ends at {end})",
+            )
 
 
 def verify(scan: Scan, tier: str, e: Extent, data: memoryview) -> None:
@@ -273,8 +278,10 @@ def _check_nvme(scan: Scan, place: TierPlace, items: list[Extent]) -> None:
     for e in items:
         e.head = HEADER_BYTES if headed and e.off not in legacy else 0
     if n_legacy := sum(1 for e in items if not e.head):
-        scan.notes.append(f"{place.name}: {n_legacy} copies were written before blocks carried "
-                          "headers: readable, but a rebuild of the catalog cannot find them")  # fmt: skip
+        scan.notes.append(
+            f"{place.name}: {n_legacy} copies were written before blocks carried "
+            "headers: readable, but a rebuild of the catalog cannot find them"
+        )
     size = os.stat(path).st_size // ALIGNMENT * ALIGNMENT
     readable, overlaps = check_extents(scan, place.name, items, size, f"data file {path}")
     if not readable:
@@ -349,8 +356,9 @@ def _check_host(scan: Scan, tier: str, shm_dir: Path, tag: str, tenant: str,
     readable, overlaps = check_extents(scan, tier, items, size, f"segment {path}")
     if not readable:
         return
+    total = sum(e.copy.length for e in readable)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm, \
-            Progress(f"fsck {tier} {tenant}", sum(e.copy.length for e in readable)) as bar:  # fmt: skip
+            Progress(f"fsck {tier} {tenant}", total) as bar:  # fmt: skip
         view = memoryview(mm)
         try:
             for e in readable:
@@ -425,9 +433,12 @@ def scan(data_dir: Path, chain: tuple[TierPlace, ...], shm_dir: Path) -> Scan:
         else:
             check_csd(result, place, items)
     for tier, n in sorted(unchecked.items()):
-        place = by_name.get(tier)
-        why = (f"fsck cannot read a {place.kind} tier offline" if place is not None else
-               "the configuration has no tier of that name (pass the daemon's --config)")  # fmt: skip
+        known_tier = by_name.get(tier)
+        why = (
+            f"fsck cannot read a {known_tier.kind} tier offline"
+            if known_tier is not None
+            else "the configuration has no tier of that name (pass the daemon's --config)"
+        )
         result.notes.append(f"{n} copies in tier {tier!r} not checked: {why}")
     known = {segment_name(tag, ns.tenant) for ns in namespaces.values()}
     for seg in sorted(shm_dir.glob(f"tierd.{tag}.*")):

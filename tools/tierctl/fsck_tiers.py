@@ -49,8 +49,10 @@ def tier_chain(data_dir: Path, config: Config | None = None,
         nvme = [p for p in chain if p.kind == "nvme"]
         named = [p for p in nvme if p.name == "nvme"] or nvme
         if len(named) != 1:
-            raise UsageError("--nvme-path names one NVMe tier's directory, and the "
-                             f"configuration has {len(nvme)}: set their paths in it instead")  # fmt: skip
+            raise UsageError(
+                "--nvme-path names one NVMe tier's directory, and the "
+                f"configuration has {len(nvme)}: set their paths in it instead"
+            )
         chain[chain.index(named[0])] = dataclasses.replace(named[0], path=nvme_path)
     return tuple(chain)
 

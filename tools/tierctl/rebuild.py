@@ -108,16 +108,28 @@ def _open_store(place: TierPlace, out: Rebuilt, stack: ExitStack) -> NvmeStore |
     return stack.enter_context(store)
 
 
-def _scan_nvme(place: TierPlace, store: NvmeStore, out: Rebuilt,
-               namespaces: dict[bytes, NamespaceRow], found: dict[_Ident, list[_Found]]) -> None:  # fmt: skip
+def _scan_nvme(
+    place: TierPlace,
+    store: NvmeStore,
+    out: Rebuilt,
+    namespaces: dict[bytes, NamespaceRow],
+    found: dict[_Ident, list[_Found]],
+) -> None:
     assert place.path is not None
     found_any = False
     for b in store.scan_headers():
         found_any = True
         h = b.header
         if not b.intact:
-            out.corrupt.append({"tier": place.name, "ns_id": h.ns_id.hex(), "key": h.key.hex(),
-                                "offset": b.offset, "detail": "data fails its checksum"})  # fmt: skip
+            out.corrupt.append(
+                {
+                    "tier": place.name,
+                    "ns_id": h.ns_id.hex(),
+                    "key": h.key.hex(),
+                    "offset": b.offset,
+                    "detail": "data fails its checksum",
+                }
+            )
             store.zero_header(b.offset)
             continue
         if h.ns_id not in namespaces and (row := _from_meta(h.ns_id, h.namespace)):
@@ -149,8 +161,8 @@ def _newest(found: dict[_Ident, list[_Found]], out: Rebuilt, order: dict[str, in
             else:
                 out.duplicates += 1
                 f.store.zero_header(f.offset)
-        rows = tuple(CopyRow(f.place.name, f.offset, h.nbytes, h.checksum)
-                     for f in sorted(copies.values(), key=lambda f: order[f.place.name]))  # fmt: skip
+        kept = sorted(copies.values(), key=lambda f: order[f.place.name])
+        rows = tuple(CopyRow(f.place.name, f.offset, h.nbytes, h.checksum) for f in kept)
         blocks[ident] = BlockRow(h.ns_id, h.key, h.nbytes, h.checksum, False, now, copies=rows)
 
 
