@@ -1,11 +1,12 @@
 """Many clients at once against one real daemon: calls per second and latency per call type.
 
     python tools/bench_concurrent.py [--clients 16] [--seconds 20] [--json FILE]
-    python tools/bench_concurrent.py --trees /tmp/before,. --rounds 2 --seconds 10
+    python tools/bench_concurrent.py --trees /tmp/before,. --seconds 10
 
 Starts `python -m tierd serve` on a private socket and data dir, then N client processes,
 each with its own TierdClient over shared memory. Processes, not threads: threads of one
-Python process would measure the load generator's GIL. After a setup that stores each
+Python process would measure the load generator's GIL. After a warm-up (one call of each
+type: the daemon builds its attention engine on first use) and a setup that stores each
 client's chains, every client mixes, for a fixed time, calls drawn at random:
   lookup          the cached prefix of one of its chains (4 blocks); all 64 tokens must hit
   get             one chain's 4 blocks, compared byte for byte with what was put
@@ -249,12 +250,31 @@ class Daemon:
             seg.unlink(missing_ok=True)
 
 
+def warm_up(address: str) -> None:
+    """One of each call before measuring: the daemon builds its attention engine (and
+    imports torch, seconds on a loaded machine) on the first sequence, which would
+    otherwise stand in the p99 of `open_sequence` as if the steady state were that slow."""
+    rec = Recorder()
+    with TierdClient(address, transport="shm", timeout=120) as c:
+        ns = c.open_namespace("bench-concurrent-warm-up", LAYOUT)
+        tokens, keys, data = Chains(2**32 - 1, c, ns, 1).fresh()
+        c.put(ns, keys, data)
+        c.lookup(ns, tokens)
+        c.get(ns, keys, out=np.empty_like(data))
+        q = np.zeros((1, Q_HEADS, LAYOUT.head_dim), np.float32)
+        attend(c, ns, keys, q, rec)
+        c.delete(ns, keys)
+    if rec.errors or rec.wrong:
+        raise SystemExit(f"the warm-up failed: {rec.samples}")
+
+
 def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     host = mib(args.host_mib)
     slots = max(2, 3 * host // (args.clients * CHAIN * LAYOUT.block_bytes))
     working_set = args.clients * slots * CHAIN * LAYOUT.block_bytes
     d = Daemon(base, host, 4 * working_set + mib(64))
     try:
+        warm_up(d.address)
         ctx = mp.get_context("spawn")  # no fork of a process that holds gRPC threads
         barrier, results = ctx.Barrier(args.clients + 1), ctx.Queue()
         procs = [
