@@ -65,3 +65,26 @@ def to_sql_u64(v: int) -> int:
 
 def from_sql_u64(v: int) -> int:
     return v + (1 << 64) if v < 0 else v
+
+
+def write_many(
+    db: sqlite3.Connection, steps: Iterable[tuple[str, Iterable[tuple[object, ...]]]]
+) -> None:
+    """Several statements, each over its rows, in one transaction (all or nothing), with
+    `write_rows`'s handling of a full disk. Caller serialises."""
+    try:
+        db.execute("BEGIN")
+        try:
+            for sql, rows in steps:
+                db.executemany(sql, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as e:
+        if "full" in str(e):  # SQLITE_FULL: the disk under the database is full
+            raise ResourceExhausted(
+                f"the catalog's disk is full ({e}); nothing was recorded"
+            ) from e
+        raise

@@ -34,7 +34,7 @@ def service(tmp_path, blocks: int, csd_workers: int = 0):
     s.start()
     yield s
     s.close()
-    s.host.destroy()
+    s.top.arena.destroy()
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_attend_equals_dense_for_random_tier_splits(svc, dtype: str, tol: float,
     rng = np.random.default_rng(seed)
     to_nvme = [k for k in keys if rng.random() < 0.5]
     assert svc.move(ns.id, to_nvme, "nvme") == len(to_nvme)
-    assert {svc.index.get(ns.id, k).tier for k in to_nvme} <= {"nvme"}
+    assert {svc.tiers.best_name(svc.index.get(ns.id, k)) for k in to_nvme} <= {"nvme"}
     seq_id, cached = svc.attend.open_sequence(ns.id, keys)
     assert cached == n_blocks * T
     g = torch.Generator().manual_seed(100 + seed)
@@ -126,7 +126,7 @@ def test_decode_steps_seal_the_tail_into_findable_blocks(svc):
     assert svc.lookup(ns.id, full).cached_tokens == 3 * T  # the sealed block is findable
     sealed_key = block_keys(ns.id, full, T)[2]
     entry = svc.index.get(ns.id, sealed_key)
-    raw = bytes(svc.host.view("tenant", entry.host_off, lay.block_bytes))
+    raw = bytes(svc.top.view("tenant", entry.copies["host"].location, lay.block_bytes))
     sealed = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(lay.block_shape)
     assert torch.equal(sealed, new_kv[:, :, :, :T])
     svc.attend.close_sequence(seq_id)

@@ -49,13 +49,13 @@ def test_three_tier_split_equals_dense_and_survives_a_killed_worker(svc: CacheSe
     for tier in ("nvme", "csd"):
         chosen = [k for k, t in zip(keys, where) if t == tier]
         assert svc.move(ns.id, chosen, tier) == len(chosen)
-    assert {e.tier for e in (svc.index.get(ns.id, k) for k in keys)} == {"host", "nvme", "csd"}
-    workers = {svc.index.get(ns.id, k).csd for k in keys if svc.index.get(ns.id, k).csd}
+    assert {svc.tiers.best_name(e) for e in (svc.index.get(ns.id, k) for k in keys)} == {"host", "nvme", "csd"}
+    workers = {c.location for k in keys if (c := svc.index.get(ns.id, k).copies.get("csd"))}
     assert workers == {"w0", "w1"}  # round robin spread the blocks over both
     seq_id, _ = svc.attend.open_sequence(ns.id, keys)
     check(svc, seq_id, kv, seed=1)
 
-    pid = svc.csd.info("w0").pid
+    pid = svc.tiers.get("csd").pool.info("w0").pid
     os.kill(pid, signal.SIGKILL)
     q = torch.randn(1, KV_HEADS * GROUP, DIM)
     deadline = time.monotonic() + 30
@@ -65,16 +65,16 @@ def test_three_tier_split_equals_dense_and_survives_a_killed_worker(svc: CacheSe
             ((out, _),) = svc.attend.attend([AttendCall(seq_id, 0, q)])
         except (Unavailable, FailedPrecondition):
             saw_error = True  # refused while w0 is down: never a partial answer
-            if svc.csd.healthy("w0") and svc.csd.info("w0").pid != pid:
+            if svc.tiers.get("csd").pool.healthy("w0") and svc.tiers.get("csd").pool.info("w0").pid != pid:
                 break
             continue
         # Any answer given must be the dense one (the worker may already be back).
         want = dense(q, kv[0, 0], kv[0, 1])
         assert (out.double() - want).norm() / want.norm() <= 1e-5
-        if svc.csd.info("w0").pid != pid:
+        if svc.tiers.get("csd").pool.info("w0").pid != pid:
             break
-    assert saw_error or svc.csd.info("w0").pid != pid
-    assert svc.csd.healthy("w0"), "the pool restarts a killed worker"
+    assert saw_error or svc.tiers.get("csd").pool.info("w0").pid != pid
+    assert svc.tiers.get("csd").pool.healthy("w0"), "the pool restarts a killed worker"
     check(svc, seq_id, kv, seed=2)  # its shard came back intact
     svc.attend.close_sequence(seq_id)
     # A get of CSD-resident blocks stages them back into host, byte-exact.

@@ -59,7 +59,7 @@ def test_flipped_nvme_byte_fails_attend_naming_the_block(core: CacheService, old
     ns, keys, _, kv = put_blocks(svc, lay, 6, seed=3)
     assert svc.move(ns.id, keys, "nvme") == len(keys)
     victim = svc.index.get(ns.id, keys[4])
-    assert victim.tier == "nvme" and victim.layer_sums is not None
+    assert svc.tiers.best_name(victim) == "nvme" and victim.layer_sums is not None
     if old_catalog:  # rows of a release without per-layer checksums
         for k in keys:
             svc.index.get(ns.id, k).layer_sums = None
@@ -67,7 +67,7 @@ def test_flipped_nvme_byte_fails_attend_naming_the_block(core: CacheService, old
     check_exact(svc, seq_id, kv, 1)  # intact: exact (and whole-block rows get their sums)
     assert victim.layer_sums is not None
     span = lay.block_bytes // LAYERS
-    flip(svc.nvme.path, victim.nvme_off + 1 * span + 77)  # inside layer 1 of block 4
+    flip(svc.tiers.get("nvme").store.path, victim.copies["nvme"].location + 1 * span + 77)  # inside layer 1 of block 4
     before = svc.stats().corrupt_reads
     with pytest.raises(DataLoss) as e:
         attend(svc, seq_id, 1)
@@ -102,10 +102,10 @@ def test_flipped_csd_byte_fails_attend_naming_the_block(csd_core: CacheService) 
     ns, keys, _, kv = put_blocks(svc, lay, 4, seed=9)
     assert svc.move(ns.id, keys, "csd") == len(keys)
     victim = svc.index.get(ns.id, keys[2])
-    assert victim.tier == "csd"
+    assert svc.tiers.best_name(victim) == "csd"
     seq_id, _ = svc.attend.open_sequence(ns.id, keys)
     check_exact(svc, seq_id, kv, 2)  # after a first read, layer reads still verify
-    shard = svc.config.data_dir / "csd" / victim.csd
+    shard = svc.config.data_dir / "csd" / str(victim.copies["csd"].location)
     with sqlite3.connect(shard / CATALOG_FILE) as db:
         (off,) = db.execute("SELECT offset FROM blocks WHERE key = ?", (keys[2],)).fetchone()
     span = lay.block_bytes // LAYERS
@@ -128,8 +128,8 @@ def test_damaged_host_copy_is_never_written_out(core: CacheService) -> None:
     ns, keys, _, kv = put_blocks(svc, lay, 4, seed=5)
     for i in (1, 3):
         victim = svc.index.get(ns.id, keys[i])
-        svc.host.view(ns.tenant, victim.host_off, victim.nbytes)[100] ^= 0xFF
-        victim.host_verified = False
+        svc.top.view(ns.tenant, victim.copies["host"].location, victim.nbytes)[100] ^= 0xFF
+        victim.copies["host"].verified = False
     before = svc.stats().corrupt_reads
     with pytest.raises(DataLoss) as e:  # an explicit move names the block
         svc.move(ns.id, keys[:2], "nvme")

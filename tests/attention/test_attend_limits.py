@@ -45,7 +45,7 @@ def open_svc(tmp_path: Path) -> Iterator[Callable[..., CacheService]]:
     yield open_svc
     for svc in opened:
         svc.close()
-        svc.host.destroy()
+        svc.top.arena.destroy()
 
 
 def put_blocks(svc: CacheService, tenant: str, n: int, seed: int):
@@ -163,7 +163,7 @@ ENGINE_PEAK = textwrap.dedent(
             print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
         finally:
             svc.close()
-            svc.host.destroy()
+            svc.top.arena.destroy()
     keys_all = torch.cat([cached[0, 0], k], dim=1)
     values_all = torch.cat([cached[0, 1], v], dim=1)
     for lo, hi in ((1, 257), (1900, 2156), (n - 256, n)):

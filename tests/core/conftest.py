@@ -44,7 +44,7 @@ class Harness:
             svc.close()
         if destroy:
             for svc in self.services:
-                svc.host.destroy()
+                svc.top.arena.destroy()
         self.services.clear()
 
 

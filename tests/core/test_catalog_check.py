@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.core.conftest import LAYOUT, Harness, keys_for, make_config, put_blocks
-from tierd.core.catalog import BlockRow, Catalog, NamespaceRow
+from tierd.core.catalog import BlockRow, Catalog, CopyRow, NamespaceRow
 from tierd.core.catalog_check import (
     APPLICATION_ID,
     CatalogDamaged,
@@ -42,10 +42,13 @@ def test_a_previous_release_catalog_is_adopted(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     with closing(Catalog(path)) as old:  # what the previous release wrote: no marks
         old.upsert_namespace(NS)
-        old.insert_blocks([BlockRow(NS.ns_id, b"k" * 16, 8, 1, None, 4096, False, 0.0)])
+        old.insert_blocks([BlockRow(NS.ns_id, b"k" * 16, 8, 1, False, 0.0,
+                                    copies=(CopyRow("nvme", 4096, 8, 1),))])  # fmt: skip
     assert check_catalog(path) == "previous"
     with closing(open_catalog(path)) as cat:
-        assert [r.key for r in cat.blocks()] == [b"k" * 16]
+        assert [(r.key, r.copies) for r in cat.blocks()] == [
+            (b"k" * 16, (CopyRow("nvme", 4096, 8, 1),))
+        ]
     assert check_catalog(path) == "current"
 
 
@@ -66,8 +69,8 @@ def _damaged(path: Path, kind: str) -> None:
     elif kind == "quick_check":
         with closing(Catalog(path)) as cat:
             cat.upsert_namespace(NS)
-            cat.insert_blocks(BlockRow(NS.ns_id, i.to_bytes(16, "big"), 8, 1, None, None, False,
-                                       0.0) for i in range(2000))  # fmt: skip
+            cat.insert_blocks(BlockRow(NS.ns_id, i.to_bytes(16, "big"), 8, 1, False, 0.0)
+                              for i in range(2000))  # fmt: skip
         with open(path, "r+b") as f:
             f.seek((path.stat().st_size // 4096 // 2) * 4096 + 200)
             f.write(b"\xa5" * 1000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tierd.config import Config, TenantConfig
 from tierd.core.fairness import fair_victim_order, over_quota
 from tierd.core.index import BlockEntry, NamespaceInfo
+from tierd.tiers.base import Copy
 from tierd_client.layout import KVLayout
 
 LAYOUT = KVLayout(1, 1, 64, "float16", 16)
@@ -12,7 +13,8 @@ LAYOUT = KVLayout(1, 1, 64, "float16", 16)
 
 def entries(tenant: str, n: int, start: float = 0.0) -> list[BlockEntry]:
     ns = NamespaceInfo(tenant.encode().ljust(16, b"\0"), tenant, "m", LAYOUT, ())
-    return [BlockEntry(ns, i.to_bytes(16, "little"), 100, 0, host_off=i, last_access=start + i)
+    return [BlockEntry(ns, i.to_bytes(16, "little"), 100, 0, {"host": Copy("host", i, 100, 0)},
+                       last_access=start + i)
             for i in range(n)]  # fmt: skip
 
 

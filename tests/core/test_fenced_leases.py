@@ -55,7 +55,7 @@ def test_commit_after_expiry_fails_cleanly(harness: Harness) -> None:
     with pytest.raises(FailedPrecondition):
         svc.commit_put(prepared.lease_id)
     assert get_blocks(svc, ns.id, keys) == [None] * 3
-    assert svc.staging.used_bytes("t1") == 0 and svc.host.used_bytes == 0
+    assert svc.staging.used_bytes("t1") == 0 and svc.top.used_bytes == 0
 
 
 def test_writes_to_staging_after_commit_never_reach_the_block(harness: Harness) -> None:
@@ -146,12 +146,12 @@ def test_a_catalog_that_cannot_record_a_demotion_leaves_blocks_in_host(
     def full(*_a, **_k):
         raise ResourceExhausted("the catalog's disk is full")
 
-    monkeypatch.setattr(svc.catalog, "update_locations", full)
+    monkeypatch.setattr(svc.catalog, "set_copies", full)
     assert svc.placer.flush(deadline=time.monotonic() + 1) >= 0
     assert not any(e.moving for e in svc.index.entries())  # nothing stuck mid-move
-    assert all(e.host_off is not None and e.nvme_off is None for e in svc.index.entries())
-    assert svc.nvme.used_bytes == 0  # the extents written for nothing were freed
+    assert all("host" in e.copies and "nvme" not in e.copies for e in svc.index.entries())
+    assert svc.tiers.get("nvme").store.used_bytes == 0  # the extents written for nothing were freed
     monkeypatch.undo()
     assert svc.placer.flush(deadline=time.monotonic() + 5) == 6
-    assert all(e.nvme_off is not None for e in svc.index.entries())
+    assert all("nvme" in e.copies for e in svc.index.entries())
     assert get_blocks(svc, ns.id, keys) == [block_bytes_for(k) for k in keys]

@@ -49,7 +49,7 @@ def open_svc(tmp_path: Path) -> Iterator[Callable[..., CacheService]]:
     yield open_svc
     for svc in opened:
         svc.close()
-        svc.host.destroy()
+        svc.top.arena.destroy()
 
 
 def put(svc: CacheService, ns_id: bytes, keys: list[bytes]) -> None:

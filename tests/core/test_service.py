@@ -73,7 +73,7 @@ def test_second_put_reports_already_present_and_race_keeps_one_copy(harness: Har
             slot_view(svc, p.lease_id, s.offset)[:] = block_bytes_for(k)
     assert svc.commit_put(p1.lease_id) == 2
     assert svc.commit_put(p2.lease_id) == 0  # lost the race: its slots are freed
-    assert svc.host.used_bytes == 2 * BB
+    assert svc.top.used_bytes == 2 * BB
     again = svc.prepare_put(ns, keys, LAYOUT.block_shape, LAYOUT.dtype)
     assert again.lease_id == 0 and {s.state for s in again.slots} == {"already_present"}
 
@@ -113,7 +113,7 @@ def test_nvme_evicts_lru_but_never_pinned(harness: Harness) -> None:
     assert len(kept) <= 8 + 32
     assert all(g == block_bytes_for(k) for k, g in zip(keys, got) if g is not None)
     assert svc.stats().tiers[1].counters.evictions > 0
-    assert svc.nvme.used_bytes <= svc.nvme.capacity
+    assert svc.tiers.get("nvme").store.used_bytes <= svc.tiers.get("nvme").store.capacity
 
 
 def test_restart_keeps_host_and_nvme_blocks(harness: Harness) -> None:
@@ -138,9 +138,9 @@ def test_corrupt_nvme_block_is_a_counted_miss(harness: Harness) -> None:
         put_blocks(svc, ns, keys[i : i + 4])
     assert svc.placer.settle(10)
     victim = svc.index.get(ns, keys[0])
-    assert victim is not None and victim.host_off is None and victim.nvme_off is not None
-    with open(svc.nvme.path, "r+b") as f:  # flip bytes behind the daemon's back
-        f.seek(victim.nvme_off + 100)
+    assert victim is not None and "host" not in victim.copies and "nvme" in victim.copies
+    with open(svc.tiers.get("nvme").store.path, "r+b") as f:  # flip bytes behind the daemon's back
+        f.seek(victim.copies["nvme"].location + 100)
         f.write(b"\xff" * 8)
     got = get_blocks(svc, ns, keys[:2])
     assert got[0] is None and got[1] == block_bytes_for(keys[1])
@@ -155,10 +155,10 @@ def test_corrupt_host_copy_after_restart_is_not_returned(harness: Harness) -> No
     keys = keys_for(ns, 3)
     put_blocks(svc, ns, keys)
     entry = svc.index.get(ns, keys[1])
-    seg = svc.host.segment("t1")
+    seg = svc.top.arena.segment("t1")
     harness.close_all()
     with open(seg.path, "r+b") as f:
-        f.seek(entry.host_off + 5)
+        f.seek(entry.copies["host"].location + 5)
         f.write(b"\x00\x01\x02")
     svc2 = harness.open()
     got = get_blocks(svc2, ns, keys)
@@ -170,15 +170,15 @@ def test_expired_leases_return_their_memory(harness: Harness) -> None:
     svc = harness.open()
     ns = open_ns(svc)
     put_blocks(svc, ns, keys_for(ns, 2, seed=1))
-    used = svc.host.used_bytes
+    used = svc.top.used_bytes
     svc.prepare_put(ns, keys_for(ns, 4, seed=2), LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
     held = svc.prepare_get(ns, keys_for(ns, 2, seed=1), ttl_ms=1)
     # A put lease holds staging, not host-tier space, until it commits.
     assert svc.staging.used_bytes("t1") == 4 * BB
-    assert svc.host.used_bytes == used
+    assert svc.top.used_bytes == used
     svc.reap(now=float("inf"))
     assert svc.staging.used_bytes("t1") == 0
-    assert svc.host.used_bytes == used
+    assert svc.top.used_bytes == used
     assert all(e.readers == 0 for e in svc.index.entries())
     with pytest.raises(FailedPrecondition):
         svc.commit_put(held.lease_id)
@@ -191,11 +191,11 @@ def test_delete_while_read_frees_only_after_release(harness: Harness) -> None:
     put_blocks(svc, ns, keys)
     prepared = svc.prepare_get(ns, keys)
     assert svc.delete(ns, keys) == 2
-    assert svc.host.used_bytes == 2 * BB  # still being read
+    assert svc.top.used_bytes == 2 * BB  # still being read
     nsinfo = svc.namespace(ns)
     assert bytes(svc.view(nsinfo, prepared.slots[0].offset)) == block_bytes_for(keys[0])
     svc.release(prepared.lease_id)
-    assert svc.host.used_bytes == 0
+    assert svc.top.used_bytes == 0
     assert get_blocks(svc, ns, keys) == [None, None]
 
 
@@ -212,7 +212,7 @@ def test_full_host_with_nothing_movable_is_resource_exhausted(harness: Harness) 
     with pytest.raises(ResourceExhausted):
         svc.commit_put(prepared.lease_id)
     # The failed put left nothing behind: no block, no lease, no staging.
-    assert svc.host.used_bytes == 4 * BB
+    assert svc.top.used_bytes == 4 * BB
     assert svc.staging.used_bytes("t1") == 0 and len(svc.leases) == 1
     assert not svc.release(prepared.lease_id)
     svc.release(held.lease_id)
@@ -242,7 +242,7 @@ def test_bad_input_names_the_field(harness: Harness, call, field: str) -> None:
     with pytest.raises((InvalidArgument, FailedPrecondition)) as info:
         call(svc, ns)
     assert info.value.field == field
-    assert svc.host.used_bytes == 0
+    assert svc.top.used_bytes == 0
 
 
 def test_truncated_inband_put_leaves_no_trace(harness: Harness) -> None:
@@ -255,9 +255,9 @@ def test_truncated_inband_put_leaves_no_trace(harness: Harness) -> None:
         writer.finish()
     writer.abort()
     assert info.value.field == "data"
-    assert svc.host.used_bytes == 0 and len(svc.index) == 0
+    assert svc.top.used_bytes == 0 and len(svc.index) == 0
     writer = svc.begin_inband_put(ns, keys, LAYOUT.block_shape, LAYOUT.dtype)
     with pytest.raises(InvalidArgument):
         writer.write(b"\x01" * (3 * BB + 1))
     writer.abort()
-    assert svc.host.used_bytes == 0
+    assert svc.top.used_bytes == 0

@@ -91,7 +91,7 @@ class AttendService:
         """Sequences per tenant, and the tail a new one allocates (one block, every layer);
         the layout again, for namespaces the catalog kept from before a limit changed."""
         lim = self.svc.config.limits
-        limits.check_layout(self.svc.config, ns.layout, self.svc.host.capacity)
+        limits.check_layout(self.svc.config, ns.layout, self.svc.top.capacity)
         mine = self.sequences.of_tenant(ns.tenant)
         limits.check_sequences(lim, len(mine))
         limits.check_tail_bytes(lim, sum(s.tail_bytes for s in mine), ns.block_bytes)

@@ -2,14 +2,15 @@
 
 Primitives: `AttentionEngine(service)`, `attend(seq, layer, q, scale) -> (out, lse)`.
 
-Each tier computes a partial (out, lse) over the blocks it holds, and the partials merge
-exactly by log-sum-exp:
-  host  the blocks are read in place from the shared-memory arena (no copy);
-  nvme  only this layer's K|V range of each block is read (one contiguous range per block
-        thanks to the [layer][K|V][head][token][dim] layout), in parallel, then reduced
-        here; the bytes never leave the daemon;
-  csd   each worker reduces its own blocks and returns one partial;
-  tail  the open tail, causal over the query tokens just appended.
+Each block is read from its fastest copy; a partial (out, lse) is computed per tier and
+the partials merge exactly by log-sum-exp:
+  memory tier     the blocks are read in place (no copy);
+  computing tier  (CSD workers) each location reduces its own blocks, returns one partial;
+  other tiers     only this layer's K|V range of each block is read (one contiguous range
+                  per block thanks to the [layer][K|V][head][token][dim] layout), through
+                  the transfer engine, in parallel, checked against that layer's
+                  checksum, then reduced here; the bytes never leave the daemon;
+  tail            the open tail, causal over the query tokens just appended.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import torch
 from tierd.attention.sequences import Sequence
 from tierd.core.index import BlockEntry
 from tierd.errors import DataLoss, FailedPrecondition, Unavailable
+from tierd.tiers.base import Copy, Location
 from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
+from tierd.transfer.integrity import layer_intact
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -60,140 +63,132 @@ class AttentionEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from tierd_kernels import attend_blocks, merge_partials
 
-        host: list[BlockEntry] = []
-        nvme: list[BlockEntry] = []
-        csd: dict[str, list[BlockEntry]] = {}
+        tiers = self.svc.tiers
+        top = tiers.top.name
+        memory: list[tuple[BlockEntry, Copy]] = []
+        stored: list[tuple[BlockEntry, Copy]] = []
+        remote: dict[tuple[str, Location], list[BlockEntry]] = {}
         for entry in seq.blocks:
-            if entry.host_off is not None:
-                host.append(entry)
-            elif entry.nvme_off is not None:
-                nvme.append(entry)
-            elif entry.csd is not None:
-                csd.setdefault(entry.csd, []).append(entry)
-            else:
+            copy = tiers.best(entry)
+            if copy is None:
                 raise FailedPrecondition(
                     "a block of this sequence is no longer cached; recompute it", field="sequence_id"
                 )
-        remote: list[Future[tuple[torch.Tensor, torch.Tensor]]] = [
-            self._fanout.submit(self._csd_partial, name, entries, layer, q, scale)
-            for name, entries in csd.items()
+            tier = tiers.get(copy.tier)
+            if copy.tier == top:
+                memory.append((entry, copy))
+            elif tier is not None and tier.attends:
+                remote.setdefault((copy.tier, copy.location), []).append(entry)
+            else:
+                stored.append((entry, copy))
+        pending: list[Future[tuple[torch.Tensor, torch.Tensor]]] = [
+            self._fanout.submit(self._remote_partial, name, where, entries, layer, q, scale)
+            for (name, where), entries in remote.items()
         ]
         partials: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if host:
-            partials.append(attend_blocks(self._host_blocks(host), layer, q, scale=scale))
-        if nvme:
-            partials.append(attend_blocks(self._nvme_layer_blocks(nvme, layer), 0, q, scale=scale))
+        if memory:
+            partials.append(attend_blocks(self._memory_blocks(memory), layer, q, scale=scale))
+        if stored:
+            partials.append(attend_blocks(self._layer_blocks(stored, layer), 0, q, scale=scale))
         tail, n = seq.tail_block(layer)
         if n:
             # The query tokens are the tail's last ones: causal within the tail.
             partials.append(attend_blocks([tail], 0, q, scale=scale, valid_tokens=n,
                                           causal_offset=n - q.shape[0]))  # fmt: skip
-        partials.extend(f.result() for f in remote)
-        self._count(seq.ns.layout.block_bytes // seq.ns.layout.num_layers,
-                    host=len(host), nvme=len(nvme),
-                    csd=sum(len(v) for v in csd.values()))  # fmt: skip
+        partials.extend(f.result() for f in pending)
+        served: dict[str, int] = {}
+        for _, copy in memory + stored:
+            served[copy.tier] = served.get(copy.tier, 0) + 1
+        for (name, _), entries in remote.items():
+            served[name] = served.get(name, 0) + len(entries)
+        self._count(seq.ns.layout.block_bytes // seq.ns.layout.num_layers, served)
         if not partials:
             raise FailedPrecondition("the sequence holds no tokens yet", field="sequence_id")
         return merge_partials(partials)
 
-    def _count(self, span: int, **blocks: int) -> None:
+    def _count(self, span: int, served: dict[str, int]) -> None:
         """Attend reads count as hits of the tier that served them (one layer's bytes)."""
         with self.svc.cond:
-            for tier, n in blocks.items():
-                if n and tier in ("host", "nvme"):
-                    counters = self.svc.counters.tier(tier)
-                    counters.hits += n
-                    counters.bytes_read += n * span
+            for tier, n in served.items():
+                counters = self.svc.counters.tier(tier)
+                counters.hits += n
+                counters.bytes_read += n * span
 
     # -- per tier ---------------------------------------------------------------------
 
-    def _host_blocks(self, entries: list[BlockEntry]) -> list[torch.Tensor]:
-        lay = entries[0].ns.layout
+    def _memory_blocks(self, blocks: list[tuple[BlockEntry, Copy]]) -> list[torch.Tensor]:
+        lay = blocks[0][0].ns.layout
         dtype = lay.torch_dtype()
-        host = self.svc.host
+        top = self.svc.tiers.top
         return [
-            torch.frombuffer(host.view(e.ns.tenant, e.host_off or 0, e.nbytes), dtype=dtype)
+            torch.frombuffer(top.view(e.ns.tenant, int(c.location), e.nbytes), dtype=dtype)
             .view(lay.block_shape)
-            for e in entries
+            for e, c in blocks
         ]
 
-    def _nvme_layer_blocks(self, entries: list[BlockEntry], layer: int) -> list[torch.Tensor]:
+    def _layer_blocks(self, blocks: list[tuple[BlockEntry, Copy]], layer: int) -> list[torch.Tensor]:
         """Read this layer's K|V of each block into scratch: [1, 2, heads, T, dim] each.
 
         Every range is checked against the block's checksum for that layer before the
         kernel sees it. A block without per-layer checksums (catalog rows of an older
         release) is read whole once, checked against its block checksum, and given them.
         """
-        lay = entries[0].ns.layout
+        lay = blocks[0][0].ns.layout
         span = lay.block_bytes // lay.num_layers
-        plans = []
-        total = 0
-        for e in entries:
-            start = (e.nvme_off or 0) + layer * span
-            lo = start // _ALIGN * _ALIGN
-            hi = align_up(start + span, _ALIGN)
-            plans.append((e, e.nvme_off, lo, hi, start - lo, total))
-            total += hi - lo
-        scratch = self._scratch.get(total)
-        view = memoryview(scratch)
-        nvme = self.svc.nvme
-        reads = [nvme.read_async(lo, view[at : at + hi - lo]) for _, _, lo, hi, _, at in plans]
-        for f in reads:
-            f.result()
-        for e, offset, _, _, skip, at in plans:
-            got = view[at + skip : at + skip + span]
-            sums = e.layer_sums or self._verify_whole(e, offset)
-            if checksum(got) != sums[layer]:
-                self._corrupt(e, "nvme", offset)
+        reads = [(e, c, layer * span, span) for e, c in blocks]
+        engine = self.svc.transfer
+        scratch = self._scratch.get(engine.scratch_bytes(reads))
+        views = engine.read_ranges(reads, memoryview(scratch))
+        for (e, c), got in zip(blocks, views):
+            if e.layer_sums is None:
+                self._verify_whole(e, c)
+            if not layer_intact(e, layer, got):
+                self._corrupt(e, c)
         dtype = lay.torch_dtype()
         shape = (1, 2, lay.num_kv_heads, lay.block_tokens, lay.head_dim)
-        return [
-            torch.frombuffer(view[at + skip : at + skip + span], dtype=dtype).view(shape)
-            for _, _, _, _, skip, at in plans
-        ]
+        return [torch.frombuffer(v, dtype=dtype).view(shape) for v in views]
 
-    def _verify_whole(self, entry: BlockEntry, offset: int | None) -> tuple[int, ...]:
+    def _verify_whole(self, entry: BlockEntry, copy: Copy) -> None:
         """Read a block whole, check it, and record its per-layer checksums."""
         buf = mmap.mmap(-1, align_up(entry.nbytes, _ALIGN))
         with memoryview(buf) as whole:
             data = whole[: entry.nbytes]
-            self.svc.nvme.read_into(offset or 0, data)
-            intact = checksum(data) == entry.checksum
-            sums = layer_checksums(data, entry.ns.layout.num_layers)
+            (view,) = self.svc.transfer.read_ranges([(entry, copy, 0, entry.nbytes)], data)
+            intact = checksum(view) == entry.checksum
+            sums = layer_checksums(view, entry.ns.layout.num_layers)
+            view.release()
             data.release()
         buf.close()
         if not intact:
-            self._corrupt(entry, "nvme", offset)
+            self._corrupt(entry, copy)
         with self.svc.cond:
-            if entry.nvme_off == offset and entry.layer_sums is None:
+            if entry.copies.get(copy.tier) is copy and entry.layer_sums is None:
                 entry.layer_sums = sums
                 self.svc.catalog.set_layer_sums([(entry.ns.id, entry.key, sums)])
-        return sums
 
-    def _corrupt(self, entry: BlockEntry, tier: str, where: int | str | None) -> NoReturn:
-        if where is not None:
-            self.svc.drop_corrupt_copy(entry, tier, where)
+    def _corrupt(self, entry: BlockEntry, copy: Copy | None, tier: str = "") -> NoReturn:
+        if copy is not None:
+            self.svc.drop_corrupt_copy(entry, copy.tier, copy.location)
         raise DataLoss(
-            f"block {entry.key.hex()} is missing or failed its checksum in the {tier} tier "
-            "and was dropped; recompute it", field="sequence_id",
+            f"block {entry.key.hex()} is missing or failed its checksum in the "
+            f"{copy.tier if copy is not None else tier} tier and was dropped; recompute it",
+            field="sequence_id",
         )
 
-    def _csd_partial(
-        self, name: str, entries: list[BlockEntry], layer: int, q: torch.Tensor,
-        scale: float | None,
+    def _remote_partial(
+        self, name: str, where: Location, entries: list[BlockEntry], layer: int,
+        q: torch.Tensor, scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pool = self.svc.csd
-        if pool is None:
-            raise Unavailable("no CSD workers are configured", field="sequence_id")
-        ns = entries[0].ns
-        out, lse, missing = pool.partial_attend(
-            name, ns.id, ns.layout, [e.key for e in entries], layer, q, scale or 0.0
-        )
+        tier = self.svc.tiers.get(name)
+        result = tier.partial_attend(where, entries, layer, q, scale) if tier else None
+        if result is None:
+            raise Unavailable(f"the {name} tier cannot attend", field="sequence_id")
+        out, lse, missing = result
         if missing:
-            # The worker dropped what failed its checksum; forget those copies here too.
+            # The location dropped what failed its checksum; forget those copies here too.
             by_key = {e.key: e for e in entries}
             for key in missing:
                 if key in by_key:
-                    self.svc.drop_corrupt_copy(by_key[key], "csd", name)
-            self._corrupt(by_key.get(missing[0], entries[0]), f"csd ({name})", None)
+                    self.svc.drop_corrupt_copy(by_key[key], name, where)
+            self._corrupt(by_key.get(missing[0], entries[0]), None, f"{name} ({where})")
         return out, lse

@@ -1,7 +1,11 @@
 """The persistent index: SQLite in WAL mode, so committed blocks survive restart and kill -9.
 
 Primitives: `Catalog(path)`, `upsert_namespace`, `namespaces()`, `blocks()`,
-`insert_blocks(rows)`, `update_locations(rows)`, `delete_blocks(keys)`, `set_pinned`.
+`insert_blocks(rows)`, `set_copies(items)`, `delete_blocks(keys)`, `set_pinned`,
+`set_layer_sums`, `migrate_v1(db)`; rows `BlockRow`, `CopyRow`, `NamespaceRow`.
+
+A block is one row of `blocks` and one row of `copies` per tier holding it (the tier's
+configured name, its location there, stored length, checksum and encoding).
 
 A row is written in the same call that makes a block visible, before the RPC answers, so
 whatever a client was told is committed is on record. WAL with synchronous=NORMAL is
@@ -14,35 +18,49 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierd.sqlite_rows import from_sql_u64, to_sql_u64, write_rows
+from tierd.sqlite_rows import columns, connect, from_sql_u64, to_sql_u64, write_many, write_rows
+from tierd.tiers.base import Copy
 from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 
-_SCHEMA = """
+_NAMESPACES = """
 CREATE TABLE IF NOT EXISTS namespaces (
     ns_id BLOB PRIMARY KEY,
     tenant TEXT NOT NULL,
     model TEXT NOT NULL,
     layout TEXT NOT NULL,
     extra TEXT NOT NULL
-);
+)"""
+_BLOCKS = """
 CREATE TABLE IF NOT EXISTS blocks (
     ns_id BLOB NOT NULL,
     key BLOB NOT NULL,
     nbytes INTEGER NOT NULL,
     checksum INTEGER NOT NULL,
-    host_off INTEGER,
-    nvme_off INTEGER,
     pinned INTEGER NOT NULL DEFAULT 0,
     last_access REAL NOT NULL,
-    csd TEXT,
     layer_sums BLOB,
     PRIMARY KEY (ns_id, key)
-) WITHOUT ROWID;
-"""
+) WITHOUT ROWID"""
+_COPIES = """
+CREATE TABLE IF NOT EXISTS copies (
+    ns_id BLOB NOT NULL,
+    key BLOB NOT NULL,
+    tier TEXT NOT NULL,
+    location ANY NOT NULL,
+    length INTEGER NOT NULL,
+    checksum INTEGER NOT NULL,
+    encoding TEXT NOT NULL DEFAULT 'raw',
+    PRIMARY KEY (ns_id, key, tier)
+) WITHOUT ROWID"""
+_SCHEMA = f"{_NAMESPACES};{_BLOCKS};{_COPIES}"
+
+# The release before copies kept one column per tier; its catalogs always named the tiers
+# of the shorthand sections, so each column becomes a copy in the tier of that name.
+_V1_COPY_COLUMNS = (("host_off", "host"), ("nvme_off", "nvme"), ("csd", "csd"))
 
 
 @dataclass(frozen=True)
@@ -55,33 +73,68 @@ class NamespaceRow:
 
 
 @dataclass(frozen=True)
+class CopyRow:
+    tier: str
+    location: int | str
+    length: int
+    checksum: int
+    encoding: str = "raw"
+
+
+@dataclass(frozen=True)
 class BlockRow:
     ns_id: bytes
     key: bytes
     nbytes: int
     checksum: int
-    host_off: int | None
-    nvme_off: int | None
     pinned: bool
     last_access: float
-    csd: str | None = None  # the CSD worker holding a copy
     layer_sums: tuple[int, ...] | None = None  # see BlockEntry.layer_sums
+    copies: tuple[CopyRow, ...] = ()
+
+
+def migrate_v1(db: sqlite3.Connection) -> int:
+    """Turn a catalog with per-tier columns into one with a row per copy, in one
+    transaction (a crash leaves the old catalog whole). Returns the copies written."""
+    cols = columns(db, "blocks")
+    if "host_off" not in cols:
+        return 0
+    db.execute("BEGIN")
+    try:
+        db.execute("ALTER TABLE blocks RENAME TO blocks_v1")
+        db.execute(_BLOCKS)
+        db.execute(_COPIES)
+        sums = "layer_sums" if "layer_sums" in cols else "NULL"
+        db.execute(f"INSERT INTO blocks SELECT ns_id, key, nbytes, checksum, pinned, "
+                   f"last_access, {sums} FROM blocks_v1")  # fmt: skip
+        n = 0
+        for column, tier in _V1_COPY_COLUMNS:
+            if column not in cols:
+                continue
+            n += db.execute(
+                f"INSERT INTO copies SELECT ns_id, key, ?, {column}, nbytes, checksum, 'raw' "
+                f"FROM blocks_v1 WHERE {column} IS NOT NULL", (tier,)
+            ).rowcount
+        db.execute("DROP TABLE blocks_v1")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return n
 
 
 class Catalog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, guarded by our own lock: the core serialises metadata anyway.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = connect(path, _NAMESPACES)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}
-        if "csd" not in columns:  # catalogs written before CSD placement existed
+        cols = columns(self._db, "blocks")
+        if cols and "csd" not in cols and "host_off" in cols:  # before CSD placement existed
             self._db.execute("ALTER TABLE blocks ADD COLUMN csd TEXT")
-        if "layer_sums" not in columns:  # catalogs written before per-layer checksums
-            self._db.execute("ALTER TABLE blocks ADD COLUMN layer_sums BLOB")
+        migrate_v1(self._db)
+        self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -90,6 +143,11 @@ class Catalog:
     def _write(self, sql: str, rows: Iterable[tuple]) -> None:
         with self._lock:
             write_rows(self._db, sql, rows)
+
+    def _transaction(self, steps: list[tuple[str, list[tuple]]]) -> None:
+        """Several statements over their rows, all or nothing."""
+        with self._lock:
+            write_many(self._db, steps)
 
     def upsert_namespace(self, row: NamespaceRow) -> None:
         self._write(
@@ -105,29 +163,39 @@ class Catalog:
     def blocks(self) -> Iterator[BlockRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT ns_id, key, nbytes, checksum, host_off, nvme_off, pinned, last_access, csd,"
-                " layer_sums FROM blocks"
+                "SELECT ns_id, key, nbytes, checksum, pinned, last_access, layer_sums FROM blocks"
             ).fetchall()
+            copies: dict[tuple[bytes, bytes], list[CopyRow]] = {}
+            for c in self._db.execute(
+                "SELECT ns_id, key, tier, location, length, checksum, encoding FROM copies"
+            ):
+                copies.setdefault((c[0], c[1]), []).append(
+                    CopyRow(c[2], c[3], c[4], from_sql_u64(c[5]), c[6])
+                )
         for r in rows:
-            yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), r[4], r[5], bool(r[6]), r[7], r[8],
-                           unpack_layer_sums(r[9]))  # fmt: skip
+            yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), bool(r[4]), r[5],
+                           unpack_layer_sums(r[6]), tuple(copies.get((r[0], r[1]), ())))  # fmt: skip
 
     def insert_blocks(self, rows: Iterable[BlockRow]) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), r.host_off, r.nvme_off,
-                 int(r.pinned), r.last_access, r.csd, pack_layer_sums(r.layer_sums))
-                for r in rows
-            ),
-        )
+        rows = list(rows)
+        keys = [(r.ns_id, r.key) for r in rows]
+        self._transaction([
+            ("DELETE FROM copies WHERE ns_id = ? AND key = ?", keys),
+            ("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
+             [(r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), int(r.pinned), r.last_access,
+               pack_layer_sums(r.layer_sums)) for r in rows]),
+            ("INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
+             [_copy_values(r.ns_id, r.key, c) for r in rows for c in r.copies]),
+        ])  # fmt: skip
 
-    def update_locations(self, rows: Iterable[tuple[bytes, bytes, int | None, int | None]]) -> None:
-        """(ns_id, key, host_off, nvme_off) for blocks that moved between tiers."""
-        self._write(
-            "UPDATE blocks SET host_off = ?, nvme_off = ? WHERE ns_id = ? AND key = ?",
-            ((h, n, ns, k) for ns, k, h, n in rows),
-        )
+    def set_copies(self, items: Iterable[tuple[bytes, bytes, Sequence[CopyRow]]]) -> None:
+        """(ns_id, key, copies): each block's copies are now exactly these."""
+        items = list(items)
+        self._transaction([
+            ("DELETE FROM copies WHERE ns_id = ? AND key = ?", [(ns, k) for ns, k, _ in items]),
+            ("INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
+             [_copy_values(ns, k, c) for ns, k, cs in items for c in cs]),
+        ])  # fmt: skip
 
     def set_layer_sums(self, rows: Iterable[tuple[bytes, bytes, tuple[int, ...]]]) -> None:
         """(ns_id, key, sums) for blocks whose per-layer checksums were just computed."""
@@ -136,18 +204,22 @@ class Catalog:
             ((pack_layer_sums(s), ns, k) for ns, k, s in rows),
         )
 
-    def set_csd(self, rows: Iterable[tuple[bytes, bytes, str | None]]) -> None:
-        """(ns_id, key, worker) for blocks placed on (or taken off) a CSD worker."""
-        self._write(
-            "UPDATE blocks SET csd = ? WHERE ns_id = ? AND key = ?",
-            ((w, ns, k) for ns, k, w in rows),
-        )
-
     def delete_blocks(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
-        self._write("DELETE FROM blocks WHERE ns_id = ? AND key = ?", keys)
+        keys = list(keys)
+        self._transaction([("DELETE FROM copies WHERE ns_id = ? AND key = ?", keys),
+                           ("DELETE FROM blocks WHERE ns_id = ? AND key = ?", keys)])  # fmt: skip
 
     def set_pinned(self, keys: Iterable[tuple[bytes, bytes]], pinned: bool) -> None:
         self._write(
             "UPDATE blocks SET pinned = ? WHERE ns_id = ? AND key = ?",
             ((int(pinned), ns, k) for ns, k in keys),
         )
+
+
+def _copy_values(ns_id: bytes, key: bytes, c: CopyRow) -> tuple[object, ...]:
+    return (ns_id, key, c.tier, c.location, c.length, to_sql_u64(c.checksum), c.encoding)
+
+
+def copy_rows(copies: Iterable[Copy]) -> tuple[CopyRow, ...]:
+    """The catalog's rows for a block's copies."""
+    return tuple(CopyRow(c.tier, c.location, c.length, c.checksum, c.encoding) for c in copies)

@@ -25,10 +25,17 @@ from urllib.parse import quote
 from tierd.core.catalog import Catalog
 
 APPLICATION_ID = 0x54495244  # "TIRD"
-SCHEMA_VERSION = 1
+# 2: a row per copy (table copies); 1 and unversioned: a column per tier, migrated on open.
+SCHEMA_VERSION = 2
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_NAMESPACES = {"ns_id", "tenant", "model", "layout", "extra"}
 _REQUIRED = {
-    "namespaces": {"ns_id", "tenant", "model", "layout", "extra"},
+    "namespaces": _NAMESPACES,
+    "blocks": {"ns_id", "key", "nbytes", "checksum", "pinned", "last_access"},
+    "copies": {"ns_id", "key", "tier", "location", "length", "checksum", "encoding"},
+}
+_REQUIRED_V1 = {
+    "namespaces": _NAMESPACES,
     "blocks": {"ns_id", "key", "nbytes", "checksum", "host_off", "nvme_off", "pinned",
                "last_access"},
 }  # fmt: skip
@@ -77,7 +84,7 @@ def check_catalog(path: Path, *, readonly: bool = False) -> str:
         verdict = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
         columns = {
             name: {str(c[1]) for c in db.execute(f"PRAGMA table_info({name})")}
-            for name in _REQUIRED
+            for name in (*_REQUIRED, *_REQUIRED_V1)
         }
     except sqlite3.DatabaseError as e:
         raise CatalogDamaged(path, str(e)) from None
@@ -89,11 +96,15 @@ def check_catalog(path: Path, *, readonly: bool = False) -> str:
         raise CatalogDamaged(path, f"another program's database (application_id {app_id:#x})")
     if version > SCHEMA_VERSION:
         raise CatalogTooNew(path, version)
-    for table, want in _REQUIRED.items():
+    current = app_id == APPLICATION_ID and version >= SCHEMA_VERSION
+    # An older catalog is checked against its own schema, unless a migration already ran
+    # and the crash came before the new version was stamped.
+    migrated = all(want <= columns[t] for t, want in _REQUIRED.items())
+    for table, want in (_REQUIRED if current or migrated else _REQUIRED_V1).items():
         if missing := want - columns[table]:
             what = "missing" if not columns[table] else f"without {', '.join(sorted(missing))}"
             raise CatalogDamaged(path, f"wrong schema: table {table} {what}")
-    return "current" if app_id == APPLICATION_ID else "previous"
+    return "current" if current else "previous"
 
 
 def _stamp(path: Path) -> None:
@@ -121,9 +132,10 @@ def open_catalog(path: Path) -> Catalog:
     state = check_catalog(path)
     if state == "missing":
         return create_catalog(path)
+    catalog = Catalog(path)  # migrates an older release's tables, in one transaction
     if state == "previous":
-        _stamp(path)
-    return Catalog(path)
+        _stamp(path)  # after the migration: a crash before it leaves the older version
+    return catalog
 
 
 def move_aside(path: Path) -> Path:

@@ -23,9 +23,7 @@ from tierd.core.index import BlockEntry
 
 def _quota(config: Config, tenant: str, tier: str) -> int:
     t = config.tenant(tenant)
-    if t is None:
-        return 0
-    return t.host_quota if tier == "host" else t.nvme_quota
+    return t.quota(tier) if t is not None else 0
 
 
 def over_quota(config: Config, tenant: str, tier: str, usage_after: int) -> bool:

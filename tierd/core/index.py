@@ -3,8 +3,8 @@
 Primitives: `NamespaceInfo`, `BlockEntry`, `Index.get/add/remove/namespace`.
 
 The catalog (SQLite) is the durable copy; this is the one every call reads, guarded by the
-core's lock. An entry may have a host copy, an NVMe copy, or both (a block promoted from
-NVMe keeps its NVMe copy, so demoting it again costs no write).
+core's lock. An entry holds one `Copy` per tier that has its bytes, by tier name (a block
+promoted from a slower tier keeps its copy there, so demoting it again costs no write).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierd.tiers.base import Copy
 from tierd_client.layout import KVLayout
 
 
@@ -46,16 +47,13 @@ class BlockEntry:
     key: bytes
     nbytes: int
     checksum: int
-    host_off: int | None = None
-    nvme_off: int | None = None
-    csd: str | None = None  # name of the CSD worker holding a copy
+    copies: dict[str, Copy] = field(default_factory=dict)  # by tier name
     pinned: bool = False
     last_access: float = 0.0
     hits: int = 0
     readers: int = 0  # get leases holding the host copy
-    moving: bool = False  # a demotion is writing the host copy out
+    moving: bool = False  # a demotion or move is writing a copy out
     deleted: bool = False  # removed from the index; space freed when readers reach 0
-    host_verified: bool = True  # False for host copies adopted after a restart
     # One checksum per layer's K|V range, so attend verifies exactly the range it reads
     # from NVMe; set when the block is first written out, None for older catalog rows.
     layer_sums: tuple[int, ...] | None = field(default=None, repr=False)
@@ -64,12 +62,6 @@ class BlockEntry:
     # position in its prefix as the last lookup saw it (-1: never looked up).
     policy_state: dict[str, Any] = field(default_factory=dict, repr=False)
     depth: int = -1
-
-    @property
-    def tier(self) -> str:
-        if self.host_off is not None:
-            return "host"
-        return "nvme" if self.nvme_off is not None else "csd"
 
     @property
     def idle(self) -> bool:

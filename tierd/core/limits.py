@@ -87,7 +87,7 @@ def check_namespace(
                               f"{lim.max_extra_keys}", field="namespace.extra_keys")  # fmt: skip
     for i, key in enumerate(extra_keys):
         _check_name(lim, key, f"namespace.extra_keys[{i}]")
-    check_layout(config, layout, svc.host.capacity)
+    check_layout(config, layout, svc.top.capacity)
     with svc.cond:
         spaces = list(svc.index.namespaces.values())
     wanted = (tenant, model, layout, tuple(extra_keys))
@@ -117,10 +117,11 @@ def check_lookup(limits: LimitsConfig, n_tokens: int) -> None:
 
 
 def lease_bytes_limit(svc: CacheService, tenant: str) -> int:
-    """Unset: the tenant's host quota, else the host tier (a multi-tenant daemon sets it)."""
+    """Unset: the tenant's quota in the memory tier, else that tier's size (a multi-tenant
+    daemon sets it)."""
     t = svc.config.tenant(tenant)
-    quota = t.host_quota if t is not None else 0
-    return svc.config.limits.max_lease_bytes_per_tenant or quota or svc.host.capacity
+    quota = t.quota(svc.top.name) if t is not None else 0
+    return svc.config.limits.max_lease_bytes_per_tenant or quota or svc.top.capacity
 
 
 def _held_by(svc: CacheService, tenant: str) -> tuple[int, int]:
@@ -174,12 +175,14 @@ def check_get_lease(svc: CacheService, ns: NamespaceInfo, keys: Sequence[bytes])
 
 def pinned_bytes_limit(svc: CacheService, tenant: str) -> int:
     """Pinned blocks are never evicted, so they count against every quota the tenant has.
-    Unset and without quotas: what the host and NVMe tiers hold together."""
+    Unset and without quotas: what the tiers that take demotions hold together."""
     configured = svc.config.limits.max_pinned_bytes_per_tenant
-    caps = [configured or svc.host.capacity + svc.nvme.capacity]
+    spill = [t for t in svc.tiers if t is svc.top or t.spec.spill]
+    caps = [configured or sum(t.capacity for t in spill)]
     t = svc.config.tenant(tenant)
     if t is not None:
-        caps += [q for q in (t.host_quota, t.nvme_quota) if q > 0]
+        names = {tier.name for tier in svc.tiers}
+        caps += [q for name, q in t.all_quotas().items() if q > 0 and name in names]
     return min(caps)
 
 

@@ -2,26 +2,32 @@
 
 Primitives: `move(service, ns_id, keys, tier) -> moved`.
 
-  host  promote (the NVMe / CSD copy stays, as with any promotion);
-  nvme  write blocks that have no NVMe copy, then drop their host copy;
-  csd   send each block to a worker (round robin over healthy ones), then drop the host
-        and NVMe copies: attend on those blocks then runs on the workers.
-A block being read elsewhere keeps its host copy until its readers are gone; the move
-still counts, since the block now also lives in the target tier.
+  the memory tier  promote (slower copies stay, as with any promotion);
+  any other tier   write each block that has no copy there (from its fastest copy, through
+                   the transfer engine), then drop its other copies, so reads and attend
+                   use that tier (a memory copy being read stays until its readers are
+                   gone; the move still counts, since the block now lives in the target).
+A tier that places blocks itself (CSD workers, round robin over healthy ones) picks where
+each goes when it reserves room.
 """
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tierd.core import validate
+from tierd.core.catalog import copy_rows
 from tierd.core.index import BlockEntry
-from tierd.core.nvme_headers import nvme_header
-from tierd.core.placement import host_copy_intact
-from tierd.errors import DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
-from tierd.tiers.checksum import checksum
+from tierd.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from tierd.tiers.base import Copy, Location, Tier
+from tierd.transfer.engine import Move, Outcome
 
 # How long a move waits for another call that is writing the same block out.
 MOVE_WAIT_SECONDS = 30.0
@@ -33,17 +39,19 @@ if TYPE_CHECKING:
 def move(svc: CacheService, ns_id: bytes, keys: Sequence[bytes], tier: str) -> int:
     ns = svc.namespace(ns_id)
     validate.check_keys(keys, svc.config.leases.max_keys_per_call)
+    target = svc.tiers.get(tier)
+    if target is None:
+        names = ", ".join(t.name for t in svc.tiers)
+        raise InvalidArgument(f"no tier named {tier!r} (tiers: {names})", field="tier")
     with svc.cond:
         held = [e for e in (svc.index.get(ns.id, k) for k in keys) if e is not None]
         for entry in held:
             entry.readers += 1
     try:
-        if tier == "host":
+        if target is svc.top:
             svc.placer.make_resident(held)
-            return sum(1 for e in held if e.host_off is not None)
-        if tier == "nvme":
-            return _to_nvme(svc, held)
-        return _to_csd(svc, held)
+            return sum(1 for e in held if target.name in e.copies)
+        return _to_tier(svc, target, held)
     finally:
         with svc.cond:
             for entry in held:
@@ -51,139 +59,88 @@ def move(svc: CacheService, ns_id: bytes, keys: Sequence[bytes], tier: str) -> i
             svc.cond.notify_all()
 
 
-def _bytes_of(svc: CacheService, entry: BlockEntry) -> memoryview:
-    """The block's bytes from host (in place) or NVMe (into a fresh aligned buffer),
-    checked against its checksum (and the entry given its per-layer checksums): a copy
-    that fails is dropped and the move answers DataLoss, so damage never spreads. The
-    caller holds one reader reference."""
-    if entry.host_off is not None:
-        offset = entry.host_off
-        view = svc.host.view(entry.ns.tenant, offset, entry.nbytes)
-        if not host_copy_intact(entry, view):
-            svc.drop_corrupt_copy(entry, "host", offset, own_readers=1)
-            raise _corrupt(entry, "host")
-        return view
-    if entry.nvme_off is not None:
-        offset = entry.nvme_off
-        buf = mmap.mmap(-1, entry.nbytes)
-        view = memoryview(buf)
-        svc.nvme.read_into(offset, view)
-        if checksum(view) != entry.checksum:
-            svc.drop_corrupt_copy(entry, "nvme", offset)
-            raise _corrupt(entry, "nvme")
-        return view
-    raise FailedPrecondition("block has no local copy to move", field="keys")
-
-
-def _corrupt(entry: BlockEntry, tier: str) -> DataLoss:
-    return DataLoss(f"block {entry.key.hex()} failed its checksum in the {tier} tier and was "
-                    "dropped; recompute it", field="keys")  # fmt: skip
-
-
-def _drop_host_copy(svc: CacheService, entry: BlockEntry) -> None:
-    """Caller holds the lock and one reader reference of its own."""
-    if (entry.host_off is not None and entry.readers == 1 and not entry.deleted
-            and not entry.moving and entry.loading is None):
-        svc.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
-        entry.host_off = None
-
-
 def _claim(svc: CacheService, entry: BlockEntry) -> None:
     """Wait until nobody else writes this block out, then mark it as ours to write.
 
     Caller holds the lock. Demotions and other moves skip or wait for a `moving` block, so
-    one block never gets two NVMe copies (the second would leak its space)."""
+    one block never gets two copies in one tier (the second would leak its space)."""
     if not svc.cond.wait_for(lambda: not entry.moving, MOVE_WAIT_SECONDS):
         raise Unavailable("the block is being moved by another call; retry", field="keys")
-    entry.moving = True
+    svc.directory.claim(entry)
 
 
-def _release_claim(svc: CacheService, entry: BlockEntry) -> None:
-    entry.moving = False
+def _release_claims(svc: CacheService, entries: list[BlockEntry]) -> None:
+    for entry in entries:
+        svc.directory.unclaim(entry)
     svc.cond.notify_all()
 
 
-def _to_nvme(svc: CacheService, held: list[BlockEntry]) -> int:
-    moved = 0
-    for entry in held:
-        with svc.cond:
-            _claim(svc, entry)
-            offset = None
-            if entry.nvme_off is None:
-                offset = svc.placer.allocate_nvme(entry.nbytes)
-                if offset is None:
-                    _release_claim(svc, entry)
-                    raise ResourceExhausted("NVMe tier full", field="keys")
-        stamped = False
+def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
+    # Claimed in key order, so two moves over overlapping keys never wait on each other.
+    todo = sorted(held, key=lambda e: e.key)
+    with svc.cond:
+        claimed: list[BlockEntry] = []
         try:
-            if offset is not None:
-                had_sums = entry.layer_sums is not None
-                data = _bytes_of(svc, entry)
-                stamped = not had_sums and entry.layer_sums is not None
-                svc.nvme.write(offset, data, header=nvme_header(entry))
-        except BaseException:
-            with svc.cond:
-                svc.nvme.free(offset or 0, entry.nbytes)
-                _release_claim(svc, entry)
+            for entry in todo:
+                _claim(svc, entry)
+                claimed.append(entry)
+        except Unavailable:
+            _release_claims(svc, claimed)
             raise
-        with svc.cond:
-            if offset is not None:
-                entry.nvme_off = offset
-                svc.counters.nvme.bytes_written += entry.nbytes
-            _release_claim(svc, entry)
-            _drop_host_copy(svc, entry)
-            svc.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
-            if stamped and entry.layer_sums is not None:
-                svc.catalog.set_layer_sums([(entry.ns.id, entry.key, entry.layer_sums)])
-        moved += 1
-    return moved
-
-
-def _to_csd(svc: CacheService, held: list[BlockEntry]) -> int:
-    pool = svc.csd
-    if pool is None:
-        raise FailedPrecondition("no CSD workers are configured", field="tier")
-    todo = [e for e in held if e.csd is None]
-    if not todo:
-        return len(held)
-    workers = pool.pick(len(todo))
-    for name in sorted(set(workers)):
-        # Claimed in key order, so two moves over overlapping keys never wait on each other.
-        mine = sorted((e for e, w in zip(todo, workers) if w == name), key=lambda e: e.key)
-        with svc.cond:
-            claimed: list[BlockEntry] = []
-            try:
-                for entry in mine:
-                    _claim(svc, entry)
-                    claimed.append(entry)
-            except Unavailable:
-                for entry in claimed:
-                    _release_claim(svc, entry)
-                raise
-            for entry in [e for e in mine if e.csd is not None]:  # another move won
-                _release_claim(svc, entry)
-            mine = [e for e in mine if e.csd is None]
-        if not mine:
-            continue
-        stored = False
+        writes: list[tuple[BlockEntry, Copy, Location]] = []
         try:
-            pool.store(name, mine[0].ns.layout, mine[0].ns.id,
-                       [(e.key, e.checksum, _bytes_of(svc, e)) for e in mine])  # fmt: skip
-            stored = True
-        finally:
-            with svc.cond:
-                for entry in mine:
-                    if stored:
-                        entry.csd = name
-                    _release_claim(svc, entry)
-                    if stored:
-                        _drop_host_copy(svc, entry)
-                        if entry.nvme_off is not None and entry.readers == 1:
-                            svc.nvme.free(entry.nvme_off, entry.nbytes)
-                            entry.nvme_off = None
-                if stored:
-                    svc.catalog.set_csd([(e.ns.id, e.key, name) for e in mine])
-                    svc.catalog.update_locations(
-                        [(e.ns.id, e.key, e.host_off, e.nvme_off) for e in mine]
-                    )
-    return len(held)
+            for entry in (e for e in todo if target.name not in e.copies and e.copies):
+                src = svc.tiers.best(entry)
+                assert src is not None
+                loc = svc.placer.allocate_in(target, entry.ns.tenant, entry.nbytes)
+                if loc is None:
+                    raise ResourceExhausted(f"{target.name} tier full", field="keys")
+                writes.append((entry, src, loc))
+        except BaseException:
+            for entry, _, loc in writes:
+                target.release(entry.ns.tenant, loc, entry.nbytes)
+            _release_claims(svc, claimed)
+            raise
+    stamped = [e.layer_sums is None for e, _, _ in writes]
+    moves = [Move(e, src, target, loc) for e, src, loc in writes]
+    outcomes = [f.result() for f in svc.transfer.copy_many(moves)]
+    corrupt: list[tuple[BlockEntry, Copy]] = []
+    failed = False
+    with svc.cond:
+        for (entry, src, loc), outcome, fresh in zip(writes, outcomes, stamped):
+            if outcome is not Outcome.OK or entry.deleted:
+                target.release(entry.ns.tenant, loc, entry.nbytes)
+                if outcome is Outcome.CORRUPT:
+                    corrupt.append((entry, src))
+                failed |= outcome is Outcome.UNREACHABLE
+                continue
+            svc.directory.add_copy(entry, Copy(target.name, loc, entry.nbytes, entry.checksum))
+            if fresh and entry.layer_sums is not None:
+                svc.catalog.set_layer_sums([(entry.ns.id, entry.key, entry.layer_sums)])
+        moved = 0
+        for entry in todo:
+            if target.name not in entry.copies or entry.deleted:
+                continue
+            moved += 1
+            # The target serves it from now on: other copies go, except a memory copy that
+            # other readers hold (ours is the one reference the caller took).
+            for copy in list(entry.copies.values()):
+                if copy.tier == target.name:
+                    continue
+                if copy.tier == svc.top.name and entry.readers > 1:
+                    continue
+                svc.directory.drop_copy(entry, copy)
+            svc.catalog.set_copies([(entry.ns.id, entry.key,
+                                     copy_rows(entry.copies.values()))])  # fmt: skip
+        _release_claims(svc, claimed)
+    for entry, src in corrupt:
+        svc.drop_corrupt_copy(entry, src.tier, src.location, own_readers=1)
+    if corrupt:
+        entry = corrupt[0][0]
+        raise DataLoss(f"block {entry.key.hex()} failed its checksum in the {corrupt[0][1].tier} "
+                       "tier and was dropped; recompute it", field="keys")  # fmt: skip
+    if failed:
+        raise Unavailable(f"writing to the {target.name} tier failed; retry", field="tier")
+    if any(not e.copies for e in todo):
+        raise FailedPrecondition("block has no copy left to move", field="keys")
+    return moved

@@ -5,10 +5,10 @@ Primitives (bookkeeping apart from data movement, as a protocol):
                            -> prepare_get -> (client reads)  -> release
   put_inband / view (the in-band forms), delete, pin, unpin, stats, start, close.
 
-One condition variable guards the index, the leases and tier space; bytes move outside it
-(NVMe reads and writes, checksums), with the entries concerned marked `loading` or
-`moving` so nobody frees what is being read. Placement (demotion, NVMe eviction, lease
-reaping) runs in `tierd.core.placement` on its own thread.
+The directory (`tierd.core.directory`) keeps the books under one condition variable;
+bytes move outside it through the transfer engine (`tierd.transfer`), with the entries
+concerned marked `loading` or `moving` so nobody frees what is being read. Placement
+(demotion, eviction, lease reaping) runs in `tierd.core.placement` on its own thread.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import numpy as np
 
 from tierd.config import Config
 from tierd.core import limits, validate
-from tierd.core.catalog import BlockRow, NamespaceRow
+from tierd.core.catalog import NamespaceRow
+from tierd.core.directory import Directory
 from tierd.core.inband import InbandPut
-from tierd.core.index import BlockEntry, Index, NamespaceInfo, layout_to_list
-from tierd.core.leases import GetLease, LeaseTable, PutLease, PutSlotLease
+from tierd.core.index import BlockEntry, NamespaceInfo, layout_to_list
+from tierd.core.leases import GetLease, PutLease, PutSlotLease
 from tierd.core.placement import Placer
 from tierd.core.policies import make_policy
 from tierd.core.results import (
@@ -41,17 +42,19 @@ from tierd.core.results import (
     PutSlot,
     SegmentInfo,
 )
-from tierd.core.startup import csd_pool, open_storage, recover
-from tierd.core.stats import Counters, StatsSnapshot, TierSnapshot
+from tierd.core.startup import open_storage, recover
+from tierd.core.stats import StatsSnapshot, TierSnapshot
+from tierd.core.tierset import TierSet
 from tierd.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
-from tierd.tiers.checksum import checksum
-from tierd.tiers.host import HostArena, segment_tag
+from tierd.tiers.base import Copy
+from tierd.tiers.host import segment_tag
 from tierd.tiers.staging import StagingArea, StagingAreas
+from tierd.transfer.engine import TransferEngine
 from tierd_client.hostinfo import host_id
 from tierd_client.keys import iter_block_keys, namespace_id
 from tierd_client.layout import KVLayout
@@ -69,24 +72,30 @@ class CacheService:
     def __init__(self, config: Config) -> None:
         self.config = config
         data_dir = config.data_dir
-        self._lock_file, self.catalog, self.nvme = open_storage(config)
-        tag = segment_tag(data_dir)
-        self.host = HostArena(config.host.capacity_bytes, tag, pin=config.host.pin_memory)
-        # Uncommitted puts: per tenant as the limit says (default: the host tier), and never
-        # more in all than the host tier could take in.
+        self._lock_file, self.catalog = open_storage(config)
+        try:
+            self.tiers = TierSet.open(config, segment_tag(data_dir))
+        except BaseException:
+            self.catalog.close()
+            self._lock_file.close()
+            raise
+        self.top = self.tiers.top  # where puts land and gets are served from
+        self.transfer = TransferEngine(self.tiers)
+        # Uncommitted puts: per tenant as the limit says (default: the memory tier), and
+        # never more in all than the memory tier could take in.
         self.staging = StagingAreas(
-            config.limits.max_lease_bytes_per_tenant or config.host.capacity_bytes,
-            config.host.capacity_bytes,
+            config.limits.max_lease_bytes_per_tenant or self.top.capacity, self.top.capacity
         )
         self._last_trim = 0.0
-        self.index = Index()
-        self.leases = LeaseTable()
-        self.counters = Counters()
-        self.cond = threading.Condition()
-        self.policies = {"host": make_policy(config.host.policy, "host"),
-                         "nvme": make_policy(config.nvme.policy, "nvme")}  # fmt: skip
+        self.policies = {t.name: make_policy(t.spec.policy, t.name) for t in self.tiers}
+        self.directory = Directory(self.catalog, [t.name for t in self.tiers], self.policies,
+                                   self._release, lambda: self.config)  # fmt: skip
+        # The directory's books, by their usual names (the lock guards all of them).
+        self.cond = self.directory.cond
+        self.index = self.directory.index
+        self.leases = self.directory.leases
+        self.counters = self.directory.counters
         self._host_id = host_id()
-        self.csd = csd_pool(config)  # None without workers; started in start()
         recover(self)
         self.placer = Placer(self)
         self._attend: AttendService | None = None
@@ -96,10 +105,8 @@ class CacheService:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.csd is not None:
-            down = self.csd.start()
-            if down:
-                log.warning("CSD workers not serving yet (their blocks are misses): %s", down)
+        for tier, down in self.tiers.start().items():
+            log.warning("tier %s: not serving yet (its blocks are misses): %s", tier, down)
         self.placer.start()
 
     @property
@@ -128,11 +135,8 @@ class CacheService:
         if self._attend is not None:
             self._attend.close()
         self.placer.stop()
-        if self.csd is not None:
-            self.csd.close()
-        self.nvme.close()
+        self.tiers.close()
         self.catalog.close()
-        self.host.close()
         self.staging.close()
         self._lock_file.close()  # releases the data dir for the next daemon
 
@@ -168,14 +172,14 @@ class CacheService:
         return ns
 
     def segment_info(self, ns: NamespaceInfo, area: StagingArea | None = None) -> SegmentInfo:
-        seg = self.host.segment(ns.tenant)
+        size = self.top.segment_size(ns.tenant)
         area = self.staging.current(ns.tenant) if area is None else area
-        return SegmentInfo(seg.size, self._host_id, area.size, area.generation)
+        return SegmentInfo(size, self._host_id, area.size, area.generation)
 
     def client_fds(self, tenant: str) -> ClientFds:
         """Fresh descriptors for one client of `tenant`: its segment read-only, its current
         staging area read-write. The caller closes them once handed over."""
-        seg_fd, seg_size = self.host.client_fd(tenant)
+        seg_fd, seg_size = self.top.client_fd(tenant)
         try:
             staging_fd, staging_size, generation = self.staging.client_fd(tenant)
         except BaseException:
@@ -206,7 +210,7 @@ class CacheService:
                         break
                     entry.last_access = now
                     entry.depth = len(found)
-                    found.append((key, entry.tier))
+                    found.append((key, self.tiers.best_name(entry)))
             batch = min(2 * batch, 1024)
         with self.cond:
             self.counters.lookups += 1
@@ -260,8 +264,8 @@ class CacheService:
         return PreparedPut(lease_id, slots, self.segment_info(ns, area))
 
     def commit_put(self, lease_id: int, *, inband: bool = False) -> int:
-        """Copy the lease's staging slots into the host tier, checksum the copies, and make
-        them visible. The copy, not the client's staging bytes, is what is checksummed and
+        """Copy the lease's staging slots into the memory tier, checksum the copies, and
+        make them visible. The copy, not the client's staging bytes, is what is checksummed and
         served: nothing a client does to its staging area afterwards reaches a block."""
         with self.cond:
             lease = self._live_put_lease(lease_id, inband=inband)
@@ -273,38 +277,35 @@ class CacheService:
             targets: list[int] = []
             try:
                 for _ in todo:
-                    offset = self.placer.allocate_host(ns.tenant, bb)
+                    offset = self.placer.allocate_top(ns.tenant, bb)
                     if offset is None:
                         raise ResourceExhausted(
-                            f"host tier full: no room for {len(todo)} blocks of {bb} bytes "
-                            "and nothing can be demoted", field="lease_id",
+                            f"{self.top.name} tier full: no room for {len(todo)} blocks of "
+                            f"{bb} bytes and nothing can be demoted", field="lease_id",
                         )
                     targets.append(offset)
             except BaseException:
                 for offset in targets:
-                    self.host.free(ns.tenant, offset, bb)
+                    self.top.release(ns.tenant, offset, bb)
                 self.leases.pop(lease_id)
                 self.end_lease(lease)
                 raise
-        sums = []
-        for slot, offset in zip(todo, targets):
-            dst = self.host.view(ns.tenant, offset, bb)
-            dst[:] = self.staging.view(lease.area, slot.offset, bb)
-            sums.append(checksum(dst))
+        sums = [self.transfer.ingest(self.staging.view(lease.area, slot.offset, bb), ns.tenant,
+                                     offset) for slot, offset in zip(todo, targets)]  # fmt: skip
         with self.cond:
             self.leases.pop(lease_id)
             self.end_lease(lease)
             fresh = []
             for slot, offset, digest in zip(todo, targets, sums):
                 if self.index.get(ns.id, slot.key) is not None:  # another client won the race
-                    self.host.free(ns.tenant, offset, bb)
+                    self.top.release(ns.tenant, offset, bb)
                 else:
                     fresh.append((slot.key, offset, digest))
             try:
-                self._add_host_blocks(ns, fresh)
+                self._add_blocks(ns, fresh)
             except BaseException:
                 for _, offset, _ in fresh:
-                    self.host.free(ns.tenant, offset, bb)
+                    self.top.release(ns.tenant, offset, bb)
                 raise
         return len(fresh)
 
@@ -331,24 +332,15 @@ class CacheService:
                 lease.writers -= 1
                 self.cond.notify_all()
 
-    def _add_host_blocks(
+    def _add_blocks(
         self, ns: NamespaceInfo, blocks: list[tuple[bytes, int, int]]
     ) -> list[BlockEntry]:
-        """Make blocks written into host visible: (key, host offset, checksum) each. The
-        catalog row is committed before the caller answers. Caller holds `cond`."""
-        now = time.time()
-        entries = [BlockEntry(ns, key, ns.block_bytes, digest, host_off=offset, last_access=now)
-                   for key, offset, digest in blocks]  # fmt: skip
-        # On record first: a catalog that cannot take the rows (a full disk) fails the
-        # call before any of them is visible.
-        self.catalog.insert_blocks(
-            BlockRow(ns.id, e.key, e.nbytes, e.checksum, e.host_off, None, False, now)
-            for e in entries
+        """Make blocks written into the memory tier visible: (key, offset, checksum) each.
+        The catalog row is committed before the caller answers. Caller holds `cond`."""
+        top, bb = self.top.name, ns.block_bytes
+        entries = self.directory.add_blocks(
+            ns, [(key, Copy(top, offset, bb, digest)) for key, offset, digest in blocks]
         )
-        for entry in entries:
-            self.index.add(entry)
-            self.policies["host"].on_insert(entry)
-        self.counters.host.bytes_written += len(entries) * ns.block_bytes
         self.placer.kick()
         return entries
 
@@ -357,18 +349,17 @@ class CacheService:
 
         Returns the entry with a reader reference taken, or None when host has no room.
         """
-        digest = checksum(data)
         with self.cond:
             entry = self.index.get(ns.id, key)
             if entry is None:
-                offset = self.placer.allocate_host(ns.tenant, ns.block_bytes)
+                offset = self.placer.allocate_top(ns.tenant, ns.block_bytes)
                 if offset is None:
                     return None
-                self.host.view(ns.tenant, offset, ns.block_bytes)[:] = data
+                digest = self.transfer.ingest(data, ns.tenant, offset)
                 try:
-                    (entry,) = self._add_host_blocks(ns, [(key, offset, digest)])
+                    (entry,) = self._add_blocks(ns, [(key, offset, digest)])
                 except ResourceExhausted:  # the catalog is full: keep it in the tail
-                    self.host.free(ns.tenant, offset, ns.block_bytes)
+                    self.top.release(ns.tenant, offset, ns.block_bytes)
                     return None
             entry.readers += 1
             return entry
@@ -387,7 +378,7 @@ class CacheService:
             self._attend.reap(now)
         if now - self._last_trim >= TRIM_SECONDS:
             self._last_trim = now
-            self.host.trim()
+            self.top.trim()
             self.staging.trim()
 
     def begin_inband_put(
@@ -402,22 +393,17 @@ class CacheService:
     def prepare_get(
         self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, *, hold: bool = False
     ) -> PreparedGet:
-        """Lease the blocks in host for the caller to read. `hold`: the lease never expires
-        (the daemon itself streams the bytes and releases in all cases)."""
+        """Lease the blocks in the memory tier for the caller to read (promoting them from
+        slower tiers). `hold`: the lease never expires (the daemon itself streams the bytes
+        and releases in all cases)."""
         self._check_open()
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         limits.check_get_lease(self, ns, keys)
         ttl = float("inf") if hold else validate.check_ttl(ttl_ms, self.config.leases)
-        held: list[BlockEntry | None] = []
-        tiers: list[str] = []
         with self.cond:
-            for key in keys:
-                entry = self.index.get(ns.id, key)
-                if entry is not None:
-                    entry.readers += 1  # from here on nothing moves or frees it
-                held.append(entry)
-                tiers.append(entry.tier if entry else "")
+            held = self.directory.hold(ns, keys)  # from here on nothing moves or frees them
+            tiers = [self.directory.best_name(e) if e else "" for e in held]
         try:
             self.placer.make_resident([e for e in held if e is not None])
         except BaseException:
@@ -427,33 +413,36 @@ class CacheService:
                         self.drop_reader(entry)
             raise
         slots: list[GetSlot] = []
-        now = time.time()
+        now, top = time.time(), self.top.name
         with self.cond:
             lease = GetLease(self.leases.next_id(), ns, deadline=time.monotonic() + ttl,
                              inband=hold)  # fmt: skip
             for entry, tier in zip(held, tiers):
-                if entry is None or entry.host_off is None or entry.deleted:
+                copy = entry.copies.get(top) if entry is not None else None
+                if entry is None or copy is None or entry.deleted:
                     if entry is not None:
                         self.drop_reader(entry)
+                        if tier:
+                            self.counters.tier(tier).misses += 1
                     slots.append(GetSlot(False, 0, ""))
                     self.counters.misses += 1
                     continue
                 entry.last_access = now
                 entry.hits += 1
-                for name, present in (("host", entry.host_off), ("nvme", entry.nvme_off)):
-                    if present is not None:
-                        self.policies[name].on_hit(entry)
+                for name in entry.copies:
+                    self.policies[name].on_hit(entry)
+                # Booked to the tier that served it (a promotion's source, not the target).
                 self.counters.tier(tier).hits += 1
                 self.counters.tier(tier).bytes_read += entry.nbytes
                 lease.entries.append(entry)
-                slots.append(GetSlot(True, entry.host_off, tier))
+                slots.append(GetSlot(True, int(copy.location), tier))
             if lease.entries:
                 self.leases.add(lease)
         return PreparedGet(lease.id if lease.entries else 0, slots, self.segment_info(ns))
 
     def view(self, ns: NamespaceInfo, offset: int) -> memoryview:
         """The bytes of a block a get lease holds (in-band gets stream from here)."""
-        return self.host.view(ns.tenant, offset, ns.block_bytes)
+        return self.top.view(ns.tenant, offset, ns.block_bytes)
 
     def lease_tenant(self, lease_id: int) -> str | None:
         """The tenant owning a lease (None if there is no such lease)."""
@@ -489,74 +478,19 @@ class CacheService:
         self.cond.notify_all()
 
     def drop_reader(self, entry: BlockEntry) -> None:
-        entry.readers -= 1
-        if entry.deleted and entry.idle:
-            self.free_space(entry)
-
-    def free_space(self, entry: BlockEntry) -> None:
-        """Return both copies' space; the entry is already out of the index."""
-        if entry.host_off is not None:
-            self.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
-            entry.host_off = None
-        if entry.nvme_off is not None:
-            self.nvme.free(entry.nvme_off, entry.nbytes)
-            entry.nvme_off = None
-        if entry.csd is not None and self.csd is not None:
-            # A network call: not under the core lock. A drop that fails leaves an orphan
-            # on the worker, which the daemon never names again.
-            self.csd.drop_later(entry.csd, entry.ns.id, [entry.key])
-            entry.csd = None
+        self.directory.drop_reader(entry)
 
     def drop_corrupt_copy(
         self, entry: BlockEntry, tier: str, where: int | str, *, own_readers: int = 0
     ) -> None:
-        """A read of `entry`'s copy in `tier` (at a host or NVMe offset, or on CSD worker
-        `where`) failed its checksum: count it and drop that copy (its bytes will not get
-        better); a block left with no copy leaves the cache. Idempotent: a copy already
-        dropped or replaced is left alone (and not counted again). A host copy that others
-        are reading (beyond the caller's `own_readers`) is only marked for a check, which
-        the next reader's load runs."""
-        with self.cond:
-            if tier == "host" and entry.host_off is not None and entry.host_off == where:
-                if entry.readers > own_readers:
-                    entry.host_verified = False
-                    return
-                self.host.free(entry.ns.tenant, entry.host_off, entry.nbytes)
-                entry.host_off = None
-            elif tier == "nvme" and entry.nvme_off is not None and entry.nvme_off == where:
-                self.nvme.free(entry.nvme_off, entry.nbytes)
-                entry.nvme_off = None
-            elif tier == "csd" and entry.csd is not None and entry.csd == where:
-                entry.csd = None
-            else:
-                return
-            self.counters.corrupt_reads += 1
-            log.warning("block %s failed its checksum in %s; dropped that copy",
-                        entry.key.hex(), tier)  # fmt: skip
-            self.record_copies(entry, csd_changed=tier == "csd")
-            self.cond.notify_all()
+        """A read of `entry`'s copy in `tier` failed its checksum (see the directory)."""
+        self.directory.drop_corrupt_copy(entry, tier, where, own_readers=own_readers)
 
-    def record_copies(self, entry: BlockEntry, *, csd_changed: bool = False) -> None:
-        """Put on record where `entry`'s copies now are; a block left with none leaves the
-        cache. Caller holds `cond`. A catalog that cannot write (its disk is full) is only
-        logged: the copies are gone from memory either way, and a stale row names bytes
-        that fail their checksum after a restart (or a copy that is simply not adopted),
-        so nothing wrong is ever served."""
-        if entry.deleted:
-            return
-        gone = entry.host_off is None and entry.nvme_off is None and entry.csd is None
-        if gone:
-            self.index.remove(entry)
-            entry.deleted = True
-        try:
-            if gone:
-                self.catalog.delete_blocks([(entry.ns.id, entry.key)])
-                return
-            if csd_changed:
-                self.catalog.set_csd([(entry.ns.id, entry.key, entry.csd)])
-            self.catalog.update_locations([(entry.ns.id, entry.key, entry.host_off, entry.nvme_off)])
-        except ResourceExhausted as e:
-            log.error("where block %s's copies are was not recorded: %s", entry.key.hex(), e)
+    def _release(self, entry: BlockEntry, copy: Copy) -> None:
+        """Give a copy's space back to its tier (the directory decided it goes)."""
+        tier = self.tiers.get(copy.tier)
+        if tier is not None:
+            tier.free(entry, copy)
 
     # -- management -----------------------------------------------------------------------
 
@@ -565,23 +499,14 @@ class CacheService:
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         with self.cond:
-            return [e.tier if (e := self.index.get(ns.id, k)) is not None else "" for k in keys]
+            return [self.tiers.best_name(e) if (e := self.index.get(ns.id, k)) is not None
+                    else "" for k in keys]  # fmt: skip
 
     def delete(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         with self.cond:
-            entries = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys) if e]
-            # Off the record first: a catalog that cannot write (full disk) fails the call
-            # with nothing deleted, rather than leaving rows that name freed space.
-            self.catalog.delete_blocks((ns.id, e.key) for e in entries)
-            for entry in entries:
-                self.index.remove(entry)
-                entry.deleted = True
-                if entry.idle:
-                    self.free_space(entry)
-            self.cond.notify_all()
-        return len(entries)
+            return self.directory.delete(ns, keys)
 
     def move(self, ns_id: bytes, keys: Sequence[bytes], tier: str) -> int:
         from tierd.core.moves import move
@@ -594,23 +519,12 @@ class CacheService:
         if pinned:
             limits.check_pins(self, ns, keys)
         with self.cond:
-            changed = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys)
-                       if e is not None and e.pinned != pinned]  # fmt: skip
-            self.catalog.set_pinned([(ns.id, e.key) for e in changed], pinned)  # record first
-            for entry in changed:
-                entry.pinned = pinned
-        return len(changed)
+            return self.directory.set_pinned(ns, keys, pinned)
 
     def usage_by_tenant(self) -> dict[tuple[str, str], int]:
         """Bytes each tenant holds in each tier (metrics, status)."""
-        usage: dict[tuple[str, str], int] = {}
         with self.cond:
-            for e in self.index.entries():
-                for tier, present in (("host", e.host_off), ("nvme", e.nvme_off), ("csd", e.csd)):
-                    if present is not None:
-                        k = (e.ns.tenant, tier)
-                        usage[k] = usage.get(k, 0) + e.nbytes
-        return usage
+            return self.directory.usage_by_tenant()
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded configuration (only keys that may change live differ)."""
@@ -620,17 +534,17 @@ class CacheService:
 
     def stats(self) -> StatsSnapshot:
         with self.cond:
-            entries = self.index.entries()
-            host_blocks = sum(1 for e in entries if e.host_off is not None)
-            nvme_blocks = sum(1 for e in entries if e.nvme_off is not None)
             c = self.counters
+            tiers = []
+            for tier in self.tiers:
+                usage = tier.usage()
+                tiers.append(TierSnapshot(
+                    tier.name, usage.capacity_bytes, usage.used_bytes,
+                    self.directory.blocks_in(tier.name),
+                    replace(c.tier(tier.name)), usage.backend, tier.kind, usage.available,
+                ))  # fmt: skip
             return StatsSnapshot(
-                tiers=[
-                    TierSnapshot("host", self.host.capacity, self.host.used_bytes, host_blocks,
-                                 replace(c.host), "shm"),
-                    TierSnapshot("nvme", self.nvme.capacity, self.nvme.used_bytes, nvme_blocks,
-                                 replace(c.nvme), self.nvme.backend_name),
-                ],
+                tiers=tiers,
                 lookups=c.lookups, misses=c.misses, demotions=c.demotions,
                 promotions=c.promotions, corrupt_reads=c.corrupt_reads,
                 active_leases=len(self.leases), namespaces=len(self.index.namespaces),

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TierCounters:
-    hits: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    evictions: int = 0
+    hits: int = 0  # blocks (or attend layer reads) served from this tier
+    misses: int = 0  # a block held here could not be served from it (corrupt, unreachable)
+    bytes_read: int = 0  # bytes served from the tier (out)
+    bytes_written: int = 0  # bytes written into the tier (in)
+    evictions: int = 0  # copies the placer removed to make room
 
 
 @dataclass
@@ -23,11 +24,13 @@ class Counters:
     demotions: int = 0
     promotions: int = 0
     corrupt_reads: int = 0
-    host: TierCounters = field(default_factory=TierCounters)
-    nvme: TierCounters = field(default_factory=TierCounters)
+    tiers: dict[str, TierCounters] = field(default_factory=dict)  # by tier name
 
     def tier(self, name: str) -> TierCounters:
-        return self.host if name == "host" else self.nvme
+        counters = self.tiers.get(name)
+        if counters is None:
+            counters = self.tiers[name] = TierCounters()
+        return counters
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class TierSnapshot:
     blocks: int
     counters: TierCounters
     backend: str
+    kind: str = ""
+    available: bool = True
 
 
 @dataclass(frozen=True)

@@ -138,11 +138,12 @@ class Daemon:
         self.notifier.ready(self._status())
         self.notifier.start_watchdog(alive=self._alive)
         cfg = self.config
-        log.info(
-            "ready: listening on %s; host tier %s, nvme tier %s at %s (%s)",
-            ", ".join(cfg.server.listen), format_size(cfg.host.capacity_bytes),
-            format_size(cfg.nvme.capacity_bytes), cfg.nvme_path, self.service.nvme.backend_name,
-        )  # fmt: skip
+        tiers = "; ".join(
+            f"{t.name} ({t.kind}, {t.backend}) {format_size(t.capacity)}"
+            + (f" at {where}" if (where := t.details().get("path")) else "")
+            for t in self.service.tiers
+        )
+        log.info("ready: listening on %s; tiers: %s", ", ".join(cfg.server.listen), tiers)
         if anonymous := anonymous_listeners(cfg):  # validation let it through only on purpose
             log.warning("server.allow_anonymous: %s admit any peer that completes TLS "
                         "(no tenants, no client CA)", ", ".join(anonymous))  # fmt: skip
@@ -154,9 +155,8 @@ class Daemon:
 
     def _status(self) -> str:
         s = self.service.stats()
-        host, nvme = s.tiers[0], s.tiers[1]
-        return (f"host {format_size(host.used_bytes)}/{format_size(host.capacity_bytes)}, "
-                f"nvme {format_size(nvme.used_bytes)}/{format_size(nvme.capacity_bytes)}")
+        return ", ".join(f"{t.name} {format_size(t.used_bytes)}/{format_size(t.capacity_bytes)}"
+                         for t in s.tiers)  # fmt: skip
 
     def reload(self, new: Config) -> list[str]:
         """Apply what can change live; returns the keys that need a restart."""

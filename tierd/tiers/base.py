@@ -51,6 +51,10 @@ class BlockRef(Protocol):
     layer_sums: tuple[int, ...] | None
 
 
+class CopyLost(Exception):
+    """A read found the copy gone or damaged (not merely unreachable): it must be dropped."""
+
+
 @dataclass
 class Copy:
     """One block's bytes in one tier."""
@@ -82,6 +86,9 @@ class Tier(ABC):
     verify_adopted: ClassVar[bool] = False
     # Byte-range reads start and end on multiples of this (O_DIRECT pages on NVMe).
     read_align: ClassVar[int] = 1
+    # Whether `partial_attend` computes attention where the bytes are (else the core reads
+    # the layer's bytes and reduces them itself).
+    attends: ClassVar[bool] = False
     # Whether the first tier of a chain may be of this kind (clients map it).
     memory: ClassVar[bool] = False
     # The kind's own [[tiers]] keys and their defaults (the type of each is checked).

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tierd.config import TierSpec
-from tierd.tiers.base import BlockRef, Copy, Location, Tier
+from tierd.tiers.base import BlockRef, Copy, CopyLost, Location, Tier
 from tierd.tiers.registry import TierContext
 
 if TYPE_CHECKING:
@@ -23,12 +23,9 @@ if TYPE_CHECKING:
     from tierd.csd.pool import CsdPool
 
 
-class CopyMissing(Exception):
-    """The worker does not hold the block (dropped, or it failed the worker's check)."""
-
-
 class CsdTier(Tier):
     kind = "csd"
+    attends = True
     OPTIONS: ClassVar[dict[str, Any]] = {"workers": 0, "remote": ()}
 
     def __init__(self, spec: TierSpec, pool: CsdPool, capacity: int) -> None:
@@ -143,7 +140,7 @@ class CsdTier(Tier):
         try:
             data = self.pool.read(str(copy.location), block.ns.id, [block.key]).get(block.key)
             if data is None or len(data) != len(out):
-                raise CopyMissing(f"csd worker {copy.location} does not hold the block")
+                raise CopyLost(f"csd worker {copy.location} does not hold the block")
             out[:] = data
             done.set_result(None)
         except BaseException as e:  # noqa: BLE001 - handed to the waiter

@@ -1,0 +1,225 @@
+"""The transfer engine: every byte move between tiers, and the checks that guard them.
+
+Primitives: `TransferEngine(tiers)`, `ingest(src, tenant, location) -> checksum` (staging
+or a sealed tail into the memory tier), `copy_many(moves) -> [Future[Outcome]]`,
+`read_ranges(reads, scratch) -> [memoryview]`, `Move`, `Outcome`; `ROUTES` keyed by
+(source kind, destination kind).
+
+Puts, promotions, demotions, explicit moves, flushes and attend reads all come here, so
+integrity is checked in one place (`tierd.transfer.integrity`): a source copy is verified
+before its bytes are written anywhere (damage never spreads), and bytes read from a tier
+are verified before anyone uses them. Moves run asynchronously: a caller submits a batch
+and waits on the futures, so the reads and writes of a batch overlap.
+
+A route is chosen by the kinds at both ends. Without a registered route, the engine uses
+what the tiers can do: from a memory tier the destination writes straight from the
+source's bytes in place; into a memory tier the source reads straight into the
+destination's bytes; between two storage tiers the bytes pass through a bounce buffer.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import mmap
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from tierd.core.index import BlockEntry
+from tierd.core.tierset import TierSet
+from tierd.tiers.base import Copy, CopyLost, Location, MemoryTier, Tier
+from tierd.tiers.checksum import checksum
+from tierd.transfer.integrity import block_intact, source_intact
+
+log = logging.getLogger("tierd.transfer")
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    CORRUPT = "corrupt"  # the source copy failed its checksum: drop it
+    UNREACHABLE = "unreachable"  # the source or destination could not be reached or
+    # written (an I/O error, a worker down): nothing is known to be wrong with the copy
+
+
+@dataclass
+class Move:
+    entry: BlockEntry
+    src: Copy
+    dst: Tier
+    location: Location  # where in `dst` (space the caller reserved)
+
+
+Route = Callable[["TransferEngine", Sequence[Move]], list["Future[Outcome]"]]
+ROUTES: dict[tuple[str, str], Route] = {}
+
+
+def _done(outcome: Outcome) -> Future[Outcome]:
+    f: Future[Outcome] = Future()
+    f.set_result(outcome)
+    return f
+
+
+class TransferEngine:
+    def __init__(self, tiers: TierSet) -> None:
+        self.tiers = tiers
+
+    # -- into the memory tier from outside the chain ---------------------------------------
+
+    def ingest(self, src: memoryview, tenant: str, location: int) -> int:
+        """Copy bytes a client staged (or the daemon built) into the memory tier; returns
+        the checksum of the copy, which is what is served from then on."""
+        top = self.tiers.top
+        dst = top.view(tenant, location, len(src))
+        dst[:] = src
+        return checksum(dst)
+
+    # -- between tiers -----------------------------------------------------------------------
+
+    def copy_many(self, moves: Sequence[Move]) -> list[Future[Outcome]]:
+        """Start every move; one future per move, in order. Grouped by route so a tier that
+        batches (one request per worker) gets its batch."""
+        results: list[Future[Outcome] | None] = [None] * len(moves)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, m in enumerate(moves):
+            src = self.tiers.get(m.src.tier)
+            assert src is not None, f"copy in unknown tier {m.src.tier}"
+            groups.setdefault((src.kind, m.dst.kind), []).append(i)
+        for key, idx in groups.items():
+            route = ROUTES.get(key) or self._default_route(moves[idx[0]])
+            for i, fut in zip(idx, route(self, [moves[i] for i in idx])):
+                results[i] = fut
+        return [f for f in results if f is not None]
+
+    def _default_route(self, move: Move) -> Route:
+        src = self.tiers.get(move.src.tier)
+        if isinstance(src, MemoryTier):
+            return _from_memory
+        if isinstance(move.dst, MemoryTier):
+            return _into_memory
+        return _bounced
+
+    def read_ranges(
+        self, reads: Sequence[tuple[BlockEntry, Copy, int, int]], scratch: memoryview
+    ) -> list[memoryview]:
+        """Byte ranges (entry, copy, start, length) of copies in storage tiers, read in
+        parallel into `scratch` (aligned as each tier needs); the views of exactly the
+        asked bytes, in order. `scratch` must hold `scratch_bytes(reads)`. Unverified: the
+        caller checks what it reads (per-layer sums)."""
+        futures, views, at = [], [], 0
+        for entry, copy, start, length in reads:
+            tier = self.tiers.get(copy.tier)
+            assert tier is not None
+            align = tier.read_align
+            lo = start // align * align
+            hi = -(-(start + length) // align) * align
+            futures.append(tier.read_range(entry, copy, lo, scratch[at : at + hi - lo]))
+            views.append(scratch[at + start - lo : at + start - lo + length])
+            at += hi - lo
+        for f in futures:
+            f.result()
+        return views
+
+    def scratch_bytes(self, reads: Sequence[tuple[BlockEntry, Copy, int, int]]) -> int:
+        total = 0
+        for _, copy, start, length in reads:
+            tier = self.tiers.get(copy.tier)
+            align = tier.read_align if tier is not None else 1
+            total += -(-(start + length) // align) * align - start // align * align
+        return total
+
+
+def _from_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:
+    """The destination writes from the source's bytes in place, once they check out."""
+    top = engine.tiers.top
+    out: list[Future[Outcome] | None] = [None] * len(moves)
+    writes: list[tuple[int, BlockEntry, Location, memoryview]] = []
+    for i, m in enumerate(moves):
+        view = top.view(m.entry.ns.tenant, int(m.src.location), m.src.length)
+        if not source_intact(m.entry, view):
+            out[i] = _done(Outcome.CORRUPT)
+        else:
+            writes.append((i, m.entry, m.location, view))
+    if writes:
+        dst = moves[writes[0][0]].dst
+        futures = dst.write_many([(e, loc, v) for _, e, loc, v in writes])
+        for (i, _, _, _), fut in zip(writes, futures):
+            out[i] = _outcome_of(fut, lambda: Outcome.OK)
+    return [f for f in out if f is not None]
+
+
+def _into_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:
+    """The source reads straight into the destination's bytes; checked after."""
+    out = []
+    for m in moves:
+        src = engine.tiers.get(m.src.tier)
+        assert src is not None and isinstance(m.dst, MemoryTier)
+        view = m.dst.view(m.entry.ns.tenant, int(m.location), m.src.length)
+        fut = _started(lambda s=src, m=m, v=view: s.read(m.entry, m.src, v))
+        out.append(_outcome_of(
+            fut, lambda e=m.entry, v=view: Outcome.OK if block_intact(e, v) else Outcome.CORRUPT,
+            reading=True,
+        ))  # fmt: skip
+    return out
+
+
+def _bounced(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:
+    """Storage to storage: read into a bounce buffer, check, then write."""
+    out = []
+    for m in moves:
+        src = engine.tiers.get(m.src.tier)
+        assert src is not None
+        buf = memoryview(mmap.mmap(-1, max(m.src.length, 1)))[: m.src.length]
+        try:
+            src.read(m.entry, m.src, buf).result()
+        except Exception as e:  # noqa: BLE001 - judged like any failed read
+            out.append(_done(_read_failure(e)))
+            continue
+        if not source_intact(m.entry, buf):
+            out.append(_done(Outcome.CORRUPT))
+            continue
+        out.append(_outcome_of(_started(lambda m=m, buf=buf: m.dst.write(m.entry, m.location, buf)),
+                               lambda: Outcome.OK))  # fmt: skip
+    return out
+
+
+def _started(start: Callable[[], Future[None]]) -> Future[None]:
+    """`start()`, with a failure to even start turned into a failed future."""
+    try:
+        return start()
+    except Exception as e:  # noqa: BLE001 - handed to the waiter
+        f: Future[None] = Future()
+        f.set_exception(e)
+        return f
+
+
+def _read_failure(e: BaseException) -> Outcome:
+    """A read that failed: an I/O error on local storage or a copy its tier lost is
+    CORRUPT (drop it); anything else (a worker down, a timeout) is UNREACHABLE."""
+    log.warning("reading a copy failed: %s", e)
+    return Outcome.CORRUPT if isinstance(e, (OSError, CopyLost)) else Outcome.UNREACHABLE
+
+
+def _outcome_of(
+    io: Future[None], judge: Callable[[], Outcome], *, reading: bool = False
+) -> Future[Outcome]:
+    """OK/CORRUPT as `judge` says once the I/O is done. A failed write is UNREACHABLE (the
+    destination failed, the source is fine); a failed read as `_read_failure` says."""
+    done: Future[Outcome] = Future()
+
+    def finish(f: Future[None]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            if reading:
+                done.set_result(_read_failure(exc))
+            else:
+                log.warning("writing a copy failed: %s", exc)
+                done.set_result(Outcome.UNREACHABLE)
+            return
+        try:
+            done.set_result(judge())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiter
+            done.set_exception(e)
+
+    io.add_done_callback(finish)
+    return done
