@@ -47,11 +47,25 @@ class Books:
             )
 
     def put(self, tenant: str, key: bytes, offset: int, now: float = 0.0) -> BlockEntry:
+        """As a put commits: stage, record (without the lock), publish."""
+        ns = ns_of(tenant)
         with self.dir.cond:
-            (entry,) = self.dir.add_blocks(ns_of(tenant), [(key, Copy("mem", offset, BB, 7))], now)
+            staged, ticket = self.dir.stage_blocks(ns, [(key, Copy("mem", offset, BB, 7))], now)
+        try:
+            self.dir.log.commit(ticket)
+        except BaseException:
+            with self.dir.cond:
+                self.dir.unstage(ns, staged)
+            raise
+        with self.dir.cond:
+            (entry,) = self.dir.publish(ns, staged, now)
             return entry
 
+    def catalog_pinned(self) -> set[bytes]:
+        return {r.key for r in self.catalog.blocks() if r.pinned}
+
     def rows(self) -> dict[bytes, tuple[CopyRow, ...]]:
+        self.dir.log.commit_all()  # what was recorded behind, too
         return {r.key: r.copies for r in self.catalog.blocks()}
 
 
@@ -107,6 +121,7 @@ def test_pinned_last_copies_are_never_victims_but_may_be_demoted(books: Books) -
     x, y = books.put("a", b"x", 0, now=1.0), books.put("a", b"y", BB, now=2.0)
     with d.cond:
         assert d.set_pinned(ns_of("a"), [b"x"], True) == 1
+        assert books.catalog_pinned() == {b"x"}
         assert d.victims("mem", 2 * BB) == [y]
         assert d.victims("mem", 2 * BB, include_pinned=True) == [x, y]
         d.add_copy(x, Copy("disk", 0, BB, 7))
@@ -132,8 +147,9 @@ def test_a_deleted_block_being_read_is_released_only_by_its_last_reader(books: B
     with d.cond:
         (entry,) = d.hold(ns_of("a"), [b"k"])
         d.hold(ns_of("a"), [b"k"])
-        assert d.delete(ns_of("a"), [b"k"]) == 1
-        assert books.rows() == {} and d.index.get(ns_of("a").id, b"k") is None
+    assert d.delete(ns_of("a"), [b"k"]) == 1
+    assert books.rows() == {} and d.index.get(ns_of("a").id, b"k") is None
+    with d.cond:
         d.drop_reader(entry)
         assert books.released == []
         d.drop_reader(entry)
@@ -185,13 +201,44 @@ def test_claims_count_blocks_moving_and_keep_them_out_of_choices(books: Books) -
 
 
 def test_a_full_catalog_makes_nothing_visible(books: Books, monkeypatch) -> None:
-    def full(rows: object) -> None:
+    def full(*plans: object) -> None:
         raise ResourceExhausted("disk full")
 
-    monkeypatch.setattr(books.catalog, "insert_blocks", full)
+    monkeypatch.setattr(books.catalog, "run", full)
     with pytest.raises(ResourceExhausted):
         books.put("a", b"k", 0)
     assert len(books.dir.index) == 0 and books.dir.usage("mem") == {}
+    assert not books.dir.pending  # the key is free for the next put
+    monkeypatch.undo()
+    books.put("a", b"k", 0)
+    assert books.rows() == {b"k": (CopyRow("mem", 0, BB, 7),)}
+
+
+def test_a_key_being_recorded_belongs_to_its_first_put(books: Books) -> None:
+    d, ns = books.dir, ns_of("a")
+    with d.cond:
+        first, t1 = d.stage_blocks(ns, [(b"k", Copy("mem", 0, BB, 7))])
+        second, t2 = d.stage_blocks(ns, [(b"k", Copy("mem", BB, BB, 7))])
+        assert [k for k, _ in first] == [b"k"] and second == [] and t2 == 0
+        assert d.index.get(ns.id, b"k") is None  # not visible before it is on record
+    d.log.commit(t1)
+    with d.cond:
+        (entry,) = d.publish(ns, first)
+    assert d.best(entry).location == 0 and books.rows() == {b"k": (CopyRow("mem", 0, BB, 7),)}
+
+
+def test_a_failed_delete_puts_everything_back(books: Books, monkeypatch) -> None:
+    d = books.dir
+    entry = books.put("a", b"k", 0)
+
+    def full(*plans: object) -> None:
+        raise ResourceExhausted("disk full")
+
+    monkeypatch.setattr(books.catalog, "run", full)
+    with pytest.raises(ResourceExhausted):
+        d.delete(ns_of("a"), [b"k"])
+    assert d.index.get(ns_of("a").id, b"k") is entry and not entry.deleted
+    assert books.released == []
 
 
 def test_usage_by_tenant_follows_every_change(books: Books) -> None:
@@ -201,5 +248,5 @@ def test_usage_by_tenant_follows_every_change(books: Books) -> None:
     with d.cond:
         d.add_copy(ea, Copy("disk", 0, BB, 7))
         assert d.usage_by_tenant() == {("a", "mem"): BB, ("b", "mem"): BB, ("a", "disk"): BB}
-        d.delete(ns_of("a"), [b"x"])
-        assert d.usage_by_tenant() == {("b", "mem"): BB}
+    d.delete(ns_of("a"), [b"x"])
+    assert d.usage_by_tenant() == {("b", "mem"): BB}

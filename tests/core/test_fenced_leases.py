@@ -146,7 +146,7 @@ def test_a_catalog_that_cannot_record_a_demotion_leaves_blocks_in_host(
     def full(*_a, **_k):
         raise ResourceExhausted("the catalog's disk is full")
 
-    monkeypatch.setattr(svc.catalog, "set_copies", full)
+    monkeypatch.setattr(svc.catalog, "run", full)  # every catalog write fails
     assert svc.placer.flush(deadline=time.monotonic() + 1) >= 0
     assert not any(e.moving for e in svc.index.entries())  # nothing stuck mid-move
     assert all("host" in e.copies and "nvme" not in e.copies for e in svc.index.entries())

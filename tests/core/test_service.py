@@ -171,8 +171,10 @@ def test_expired_leases_return_their_memory(harness: Harness) -> None:
     ns = open_ns(svc)
     put_blocks(svc, ns, keys_for(ns, 2, seed=1))
     used = svc.top.used_bytes
-    svc.prepare_put(ns, keys_for(ns, 4, seed=2), LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=1)
-    held = svc.prepare_get(ns, keys_for(ns, 2, seed=1), ttl_ms=1)
+    # Long enough that the placement thread's own reaping cannot end them first; the
+    # reap below runs at the end of time.
+    svc.prepare_put(ns, keys_for(ns, 4, seed=2), LAYOUT.block_shape, LAYOUT.dtype, ttl_ms=60_000)
+    held = svc.prepare_get(ns, keys_for(ns, 2, seed=1), ttl_ms=60_000)
     # A put lease holds staging, not host-tier space, until it commits.
     assert svc.staging.used_bytes("t1") == 4 * BB
     assert svc.top.used_bytes == used

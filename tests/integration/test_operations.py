@@ -184,7 +184,7 @@ def _damage(path: Path, kind: str) -> None:
         # Enough rows for a multi-page b-tree, then a scribble over a page in its middle.
         with closing(Catalog(path)) as cat:
             cat.upsert_namespace(NamespaceRow(b"n" * 16, "t", "m", [1, 1, 8, "uint8", 1], []))
-            cat.insert_blocks(BlockRow(b"n" * 16, k, 8, 1, None, None, False, 0.0)
+            cat.insert_blocks(BlockRow(b"n" * 16, k, 8, 1, False, 0.0)
                               for k in keys(2000, seed=4))  # fmt: skip
         pages = path.stat().st_size // 4096
         with open(path, "r+b") as f:

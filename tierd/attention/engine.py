@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 
 from tierd.attention.sequences import Sequence
+from tierd.core.catalog import plan_set_layer_sums
 from tierd.core.index import BlockEntry
 from tierd.errors import DataLoss, FailedPrecondition, Unavailable
 from tierd.tiers.base import Copy, Location
@@ -164,7 +165,7 @@ class AttentionEngine:
         with self.svc.cond:
             if entry.copies.get(copy.tier) is copy and entry.layer_sums is None:
                 entry.layer_sums = sums
-                self.svc.catalog.set_layer_sums([(entry.ns.id, entry.key, sums)])
+                self.svc.directory.log.add(plan_set_layer_sums([(entry.ns.id, entry.key, sums)]))
 
     def _corrupt(self, entry: BlockEntry, copy: Copy | None, tier: str = "") -> NoReturn:
         if copy is not None:

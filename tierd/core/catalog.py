@@ -144,11 +144,6 @@ class Catalog:
         with self._lock:
             write_rows(self._db, sql, rows)
 
-    def _transaction(self, steps: list[tuple[str, list[tuple]]]) -> None:
-        """Several statements over their rows, all or nothing."""
-        with self._lock:
-            write_many(self._db, steps)
-
     def upsert_namespace(self, row: NamespaceRow) -> None:
         self._write(
             "INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?, ?)",
@@ -176,44 +171,75 @@ class Catalog:
             yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), bool(r[4]), r[5],
                            unpack_layer_sums(r[6]), tuple(copies.get((r[0], r[1]), ())))  # fmt: skip
 
+    # Each change is a plan (statements with their rows) that `run` commits as one
+    # transaction; the directory's write log (tierd.core.catalog_log) runs several plans
+    # together, in the order it decided them.
+
+    def run(self, *plans: Plan) -> None:
+        """Commit the plans' statements in one transaction: all or nothing."""
+        with self._lock:
+            write_many(self._db, [step for plan in plans for step in plan])
+
     def insert_blocks(self, rows: Iterable[BlockRow]) -> None:
-        rows = list(rows)
-        keys = [(r.ns_id, r.key) for r in rows]
-        self._transaction([
-            ("DELETE FROM copies WHERE ns_id = ? AND key = ?", keys),
-            ("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
-             [(r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), int(r.pinned), r.last_access,
-               pack_layer_sums(r.layer_sums)) for r in rows]),
-            ("INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
-             [_copy_values(r.ns_id, r.key, c) for r in rows for c in r.copies]),
-        ])  # fmt: skip
+        self.run(plan_insert_blocks(rows))
 
     def set_copies(self, items: Iterable[tuple[bytes, bytes, Sequence[CopyRow]]]) -> None:
         """(ns_id, key, copies): each block's copies are now exactly these."""
-        items = list(items)
-        self._transaction([
-            ("DELETE FROM copies WHERE ns_id = ? AND key = ?", [(ns, k) for ns, k, _ in items]),
-            ("INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
-             [_copy_values(ns, k, c) for ns, k, cs in items for c in cs]),
-        ])  # fmt: skip
+        self.run(plan_set_copies(items))
 
     def set_layer_sums(self, rows: Iterable[tuple[bytes, bytes, tuple[int, ...]]]) -> None:
         """(ns_id, key, sums) for blocks whose per-layer checksums were just computed."""
-        self._write(
-            "UPDATE blocks SET layer_sums = ? WHERE ns_id = ? AND key = ?",
-            ((pack_layer_sums(s), ns, k) for ns, k, s in rows),
-        )
+        self.run(plan_set_layer_sums(rows))
 
     def delete_blocks(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
-        keys = list(keys)
-        self._transaction([("DELETE FROM copies WHERE ns_id = ? AND key = ?", keys),
-                           ("DELETE FROM blocks WHERE ns_id = ? AND key = ?", keys)])  # fmt: skip
+        self.run(plan_delete_blocks(keys))
 
     def set_pinned(self, keys: Iterable[tuple[bytes, bytes]], pinned: bool) -> None:
-        self._write(
-            "UPDATE blocks SET pinned = ? WHERE ns_id = ? AND key = ?",
-            ((int(pinned), ns, k) for ns, k in keys),
-        )
+        self.run(plan_set_pinned(keys, pinned))
+
+
+Plan = list[tuple[str, list[tuple[object, ...]]]]
+
+
+def plan_insert_blocks(rows: Iterable[BlockRow]) -> Plan:
+    rows = list(rows)
+    return [
+        ("DELETE FROM copies WHERE ns_id = ? AND key = ?", [(r.ns_id, r.key) for r in rows]),
+        ("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
+         [(r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), int(r.pinned), r.last_access,
+           pack_layer_sums(r.layer_sums)) for r in rows]),
+        ("INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
+         [_copy_values(r.ns_id, r.key, c) for r in rows for c in r.copies]),
+    ]  # fmt: skip
+
+
+# Copies only of a block on record: a change to a block deleted meanwhile leaves no orphans.
+_INSERT_COPY = ("INSERT INTO copies SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM blocks WHERE ns_id = ? AND key = ?)")  # fmt: skip
+
+
+def plan_set_copies(items: Iterable[tuple[bytes, bytes, Sequence[CopyRow]]]) -> Plan:
+    items = list(items)
+    return [
+        ("DELETE FROM copies WHERE ns_id = ? AND key = ?", [(ns, k) for ns, k, _ in items]),
+        (_INSERT_COPY, [(*_copy_values(ns, k, c), ns, k) for ns, k, cs in items for c in cs]),
+    ]
+
+
+def plan_set_layer_sums(rows: Iterable[tuple[bytes, bytes, tuple[int, ...]]]) -> Plan:
+    return [("UPDATE blocks SET layer_sums = ? WHERE ns_id = ? AND key = ?",
+             [(pack_layer_sums(s), ns, k) for ns, k, s in rows])]  # fmt: skip
+
+
+def plan_delete_blocks(keys: Iterable[tuple[bytes, bytes]]) -> Plan:
+    keys = list(keys)
+    return [("DELETE FROM copies WHERE ns_id = ? AND key = ?", keys),
+            ("DELETE FROM blocks WHERE ns_id = ? AND key = ?", keys)]  # fmt: skip
+
+
+def plan_set_pinned(keys: Iterable[tuple[bytes, bytes]], pinned: bool) -> Plan:
+    return [("UPDATE blocks SET pinned = ? WHERE ns_id = ? AND key = ?",
+             [(int(pinned), ns, k) for ns, k in keys])]  # fmt: skip
 
 
 def _copy_values(ns_id: bytes, key: bytes, c: CopyRow) -> tuple[object, ...]:

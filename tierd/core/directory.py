@@ -8,7 +8,7 @@ Primitives:
            `free_space(entry)`, `delete(ns, keys)`, `set_pinned(ns, keys, pinned)`
   holders  `hold(ns, keys)`, `drop_reader(entry)`, `claim(entry)` / `unclaim(entry)` (a
            copy is being written out), `moving`
-  choices  `candidates(tier)`, `victims(tier, goal)` (which blocks leave a tier, in order)
+  choices  `victims(tier, goal)` (which blocks leave a tier, in order)
   counts   `usage(tier)` (bytes per tenant), `blocks_in(tier)`, `usage_by_tenant()`
 
 It moves no bytes and touches no tier: freeing a copy's space is handed to `release`
@@ -26,13 +26,21 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from tierd.config import Config
-from tierd.core.catalog import BlockRow, Catalog, copy_rows
-from tierd.core.fairness import fair_victims
+from tierd.core.catalog import (
+    BlockRow,
+    Catalog,
+    copy_rows,
+    plan_delete_blocks,
+    plan_insert_blocks,
+    plan_set_copies,
+    plan_set_pinned,
+)
+from tierd.core.catalog_log import CatalogLog
+from tierd.core.fairness import fair_merge
 from tierd.core.index import BlockEntry, Index, NamespaceInfo
 from tierd.core.leases import LeaseTable
 from tierd.core.policies import Policy
 from tierd.core.stats import Counters
-from tierd.errors import ResourceExhausted
 from tierd.tiers.base import Copy, Location
 
 log = logging.getLogger("tierd.core")
@@ -50,6 +58,7 @@ class Directory:
         config: Callable[[], Config],
     ) -> None:
         self.catalog = catalog
+        self.log = CatalogLog(catalog)  # catalog changes, committed outside `cond`
         self.chain = list(chain)  # tier names, fastest first
         self.top = self.chain[0]
         self._rank = {name: i for i, name in enumerate(self.chain)}
@@ -61,6 +70,9 @@ class Directory:
         self.leases = LeaseTable()
         self.counters = Counters()
         self.moving = 0  # blocks claimed by a demotion or move right now
+        # Keys whose blocks are being recorded (a put between its decision and its row's
+        # commit): not visible yet, and a concurrent put of the same key defers to them.
+        self.pending: set[tuple[bytes, bytes]] = set()
         self._usage: dict[str, dict[str, int]] = {name: {} for name in self.chain}
         self._blocks: dict[str, int] = dict.fromkeys(self.chain, 0)
 
@@ -83,23 +95,51 @@ class Directory:
         self.index.add(entry)
         for copy in entry.copies.values():
             self._count(entry, copy, +1)
+            self.policies[copy.tier].track(entry)  # known to the tier's leave order
+
+    def stage_blocks(
+        self, ns: NamespaceInfo, placed: Sequence[tuple[bytes, Copy]], now: float | None = None
+    ) -> tuple[list[tuple[bytes, Copy]], int]:
+        """Decide to add new blocks: those whose key is neither cached nor being added are
+        reserved and their rows queued. Returns them and the ticket to commit (outside
+        `cond`) before `publish`; on failure, `unstage`."""
+        now = time.time() if now is None else now
+        mine = [(k, c) for k, c in placed
+                if self.index.get(ns.id, k) is None and (ns.id, k) not in self.pending]  # fmt: skip
+        self.pending.update((ns.id, k) for k, _ in mine)
+        if not mine:
+            return mine, 0  # nothing to record: committing ticket 0 returns at once
+        ticket = self.log.add(plan_insert_blocks(
+            BlockRow(ns.id, k, ns.block_bytes, c.checksum, False, now, copies=copy_rows([c]))
+            for k, c in mine
+        ))  # fmt: skip
+        return mine, ticket
+
+    def unstage(self, ns: NamespaceInfo, staged: Sequence[tuple[bytes, Copy]]) -> None:
+        self.pending.difference_update((ns.id, k) for k, _ in staged)
+
+    def publish(
+        self, ns: NamespaceInfo, staged: Sequence[tuple[bytes, Copy]], now: float | None = None
+    ) -> list[BlockEntry]:
+        """Make staged blocks visible (their rows are committed)."""
+        now = time.time() if now is None else now
+        self.unstage(ns, staged)
+        entries = []
+        for key, copy in staged:
+            entry = BlockEntry(ns, key, ns.block_bytes, copy.checksum, {}, last_access=now)
+            self.index.add(entry)
+            self.add_copy(entry, copy)
+            entries.append(entry)
+        return entries
 
     def add_blocks(
         self, ns: NamespaceInfo, placed: Sequence[tuple[bytes, Copy]], now: float | None = None
     ) -> list[BlockEntry]:
-        """New blocks, each with its first copy: on record first (a catalog that cannot
-        take the rows fails the call before any block is visible), then in the index."""
-        now = time.time() if now is None else now
-        entries = [BlockEntry(ns, key, ns.block_bytes, copy.checksum, {}, last_access=now)
-                   for key, copy in placed]  # fmt: skip
-        self.catalog.insert_blocks(
-            BlockRow(ns.id, e.key, e.nbytes, e.checksum, False, now, copies=copy_rows([c]))
-            for e, (_, c) in zip(entries, placed)
-        )
-        for entry, (_, copy) in zip(entries, placed):
-            self.index.add(entry)
-            self.add_copy(entry, copy)
-        return entries
+        """New blocks, visible now, their rows committed behind (for blocks the daemon made
+        itself, which no client was told are on record). Keys cached or being added are
+        skipped."""
+        staged, _ = self.stage_blocks(ns, placed, now)
+        return self.publish(ns, staged, now)
 
     def add_copy(self, entry: BlockEntry, copy: Copy) -> None:
         """The block got a copy in `copy.tier` (not recorded: the caller records)."""
@@ -130,24 +170,21 @@ class Directory:
 
     def record_copies(self, entry: BlockEntry) -> None:
         """Put on record where `entry`'s copies now are; a block left with none leaves the
-        cache. A catalog that cannot write (its disk is full) is only logged: the copies
-        are gone from memory either way, and a stale row names bytes that fail their
-        checksum after a restart (or a copy that is simply not adopted), so nothing wrong
-        is ever served."""
+        cache. Committed behind (the write log): a catalog that cannot write (its disk is
+        full) is only logged, since the copies are gone from memory either way, and a
+        stale row names bytes that fail their checksum after a restart (or a copy that is
+        simply not adopted), so nothing wrong is ever served."""
         if entry.deleted:
             return
         gone = not entry.copies
         if gone:
             self.index.remove(entry)
             entry.deleted = True
-        try:
-            if gone:
-                self.catalog.delete_blocks([(entry.ns.id, entry.key)])
-            else:
-                self.catalog.set_copies([(entry.ns.id, entry.key,
-                                          copy_rows(entry.copies.values()))])  # fmt: skip
-        except ResourceExhausted as e:
-            log.error("where block %s's copies are was not recorded: %s", entry.key.hex(), e)
+        if gone:
+            self.log.add(plan_delete_blocks([(entry.ns.id, entry.key)]))
+        else:
+            self.log.add(plan_set_copies([(entry.ns.id, entry.key,
+                                           copy_rows(entry.copies.values()))]))  # fmt: skip
 
     def drop_corrupt_copy(
         self, entry: BlockEntry, tier: str, where: Location, *, own_readers: int = 0
@@ -178,39 +215,66 @@ class Directory:
             self.drop_copy(entry, copy)
 
     def evict(self, entry: BlockEntry, tier: str) -> None:
-        """The placer takes the block's copy out of `tier` to make room (on record first);
-        a block left with no copy leaves the cache."""
+        """The placer takes the block's copy out of `tier` to make room (recorded behind,
+        like `record_copies`); a block left with no copy leaves the cache."""
         self.counters.tier(tier).evictions += 1
         if len(entry.copies) > 1:
             rest = [c for c in entry.copies.values() if c.tier != tier]
-            self.catalog.set_copies([(entry.ns.id, entry.key, copy_rows(rest))])
+            self.log.add(plan_set_copies([(entry.ns.id, entry.key, copy_rows(rest))]))
             self.drop_copy(entry, entry.copies[tier])
             return
-        self.catalog.delete_blocks([(entry.ns.id, entry.key)])
+        self.log.add(plan_delete_blocks([(entry.ns.id, entry.key)]))
         self.index.remove(entry)
         entry.deleted = True
         self.free_space(entry)
 
     def delete(self, ns: NamespaceInfo, keys: Sequence[bytes]) -> int:
-        """Remove blocks; their space is released now, or when their last reader is done."""
-        entries = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys) if e]
-        # Off the record first: a catalog that cannot write (full disk) fails the call
-        # with nothing deleted, rather than leaving rows that name freed space.
-        self.catalog.delete_blocks((ns.id, e.key) for e in entries)
-        for entry in entries:
-            self.index.remove(entry)
-            entry.deleted = True
-            if entry.idle:
-                self.free_space(entry)
-        self.cond.notify_all()
+        """Remove blocks, on record before anything is freed: takes `cond` twice and
+        commits the catalog between, without it. A catalog that cannot write (full disk)
+        fails the call with nothing deleted. Space is released now, or by the last
+        reader."""
+        with self.cond:
+            entries = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys) if e]
+            for entry in entries:  # invisible from here on; freed once on record
+                self.index.remove(entry)
+            ticket = self.log.add(plan_delete_blocks((ns.id, e.key) for e in entries))
+        try:
+            self.log.commit(ticket)
+        except BaseException:
+            with self.cond:
+                for entry in entries:  # back, unless placement evicted it or a put took its key
+                    key = (ns.id, entry.key)
+                    if (entry.copies and not entry.deleted and self.index.get(*key) is None
+                            and key not in self.pending):  # fmt: skip
+                        self.index.add(entry)
+                    elif entry.idle:
+                        entry.deleted = True
+                        self.free_space(entry)
+            raise
+        with self.cond:
+            for entry in entries:
+                entry.deleted = True
+                if entry.idle:
+                    self.free_space(entry)
+            self.cond.notify_all()
         return len(entries)
 
     def set_pinned(self, ns: NamespaceInfo, keys: Sequence[bytes], pinned: bool) -> int:
-        changed = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys)
-                   if e is not None and e.pinned != pinned]  # fmt: skip
-        self.catalog.set_pinned([(ns.id, e.key) for e in changed], pinned)  # record first
-        for entry in changed:
-            entry.pinned = pinned
+        """Pin or unpin, on record before the call answers (committed without `cond`; a
+        failure undoes the change). Takes `cond`."""
+        with self.cond:
+            changed = [e for e in dict.fromkeys(self.index.get(ns.id, k) for k in keys)
+                       if e is not None and e.pinned != pinned]  # fmt: skip
+            for entry in changed:
+                entry.pinned = pinned
+            ticket = self.log.add(plan_set_pinned([(ns.id, e.key) for e in changed], pinned))
+        try:
+            self.log.commit(ticket)
+        except BaseException:
+            with self.cond:
+                for entry in changed:
+                    entry.pinned = not pinned
+            raise
         return len(changed)
 
     # -- holders --------------------------------------------------------------------------------
@@ -241,30 +305,36 @@ class Directory:
         if entry.moving:
             entry.moving = False
             self.moving -= 1
+            if entry.deleted and entry.idle:  # deleted while its copy was being written
+                self.free_space(entry)
             self.cond.notify_all()
 
     # -- choices --------------------------------------------------------------------------------
 
-    def candidates(self, tier: str) -> list[BlockEntry]:
-        """Blocks whose copy in `tier` may leave it now: idle, not deleted, and not a
-        pinned block's last copy."""
-        return [e for e in self.index.entries()
-                if tier in e.copies and e.movable
-                and not (e.pinned and len(e.copies) == 1)]  # fmt: skip
-
     def victims(self, tier: str, goal: int, *, include_pinned: bool = False) -> list[BlockEntry]:
         """Blocks to take out of `tier` to free `goal` bytes, in the order they should
         leave: the tenant furthest over its fair share first, within a tenant the tier's
-        policy order. `include_pinned`: pinned blocks may be moved (demoted), not dropped."""
-        candidates = [e for e in self.index.entries()
-                      if tier in e.copies and e.movable
-                      and (include_pinned or not (e.pinned and len(e.copies) == 1))]  # fmt: skip
-        order = fair_victims(candidates, self.usage(tier), self._config(),
-                             self.policies[tier].victims, tier)  # fmt: skip
+        policy order. Read from each policy's incremental order (no scan, no sort); blocks
+        in use stay. `include_pinned`: a pinned block's last copy may be moved (demoted),
+        otherwise it never leaves."""
+        policy = self.policies[tier]
+
+        def live(e: BlockEntry) -> bool:
+            return tier in e.copies and not e.deleted
+
+        def busy(e: BlockEntry) -> bool:
+            return not e.idle or (e.pinned and len(e.copies) == 1 and not include_pinned)
+
+        queues = {t: policy.victims_of(t, live, busy) for t in policy.tenants()}
         picked, total = [], 0
-        while total < goal and (entry := next(order, None)) is not None:
-            picked.append(entry)
-            total += entry.nbytes
+        try:
+            order = fair_merge(dict(queues), self.usage(tier), self._config(), tier)
+            while total < goal and (entry := next(order, None)) is not None:
+                picked.append(entry)
+                total += entry.nbytes
+        finally:
+            for q in queues.values():
+                q.close()  # what was taken but not picked goes back in place
         return picked
 
     # -- counts ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Primitives: `fair_victim_order(candidates, usage, config, priority, tier) -> entries`,
 `fair_victims(candidates, usage, config, order, tier) -> iterator` (lazy, per-policy order),
+`fair_merge(queues, usage, config, tier) -> iterator` (over per-tenant queues),
 `over_quota(config, tenant, tier, usage_after) -> bool`.
 
 When a tier must give up space, the tenant holding the most per unit of weight gives
@@ -64,8 +65,16 @@ def fair_victims(
     for entry in candidates:
         by_tenant.setdefault(entry.ns.tenant, []).append(entry)
     queues = {t: order(entries) for t, entries in by_tenant.items()}
+    return fair_merge(queues, usage, config, tier)
+
+
+def fair_merge(
+    queues: dict[str, Iterator[BlockEntry]], usage: dict[str, int], config: Config, tier: str
+) -> Iterator[BlockEntry]:
+    """Victims one at a time from the tenant under most pressure, each tenant's from its
+    own queue (a policy's leave order), pulled lazily."""
     usage = dict(usage)
-    heap = [(_neg(_pressure(config, t, tier, usage.get(t, 0))), t) for t in by_tenant]
+    heap = [(_neg(_pressure(config, t, tier, usage.get(t, 0))), t) for t in queues]
     heapq.heapify(heap)
     while heap:
         _, tenant = heapq.heappop(heap)

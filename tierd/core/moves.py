@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tierd.core import validate
-from tierd.core.catalog import copy_rows
+from tierd.core.catalog import plan_set_layer_sums
 from tierd.core.index import BlockEntry
 from tierd.errors import (
     DataLoss,
@@ -116,7 +116,9 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
                 continue
             svc.directory.add_copy(entry, Copy(target.name, loc, entry.nbytes, entry.checksum))
             if fresh and entry.layer_sums is not None:
-                svc.catalog.set_layer_sums([(entry.ns.id, entry.key, entry.layer_sums)])
+                svc.directory.log.add(
+                    plan_set_layer_sums([(entry.ns.id, entry.key, entry.layer_sums)])
+                )
         moved = 0
         for entry in todo:
             if target.name not in entry.copies or entry.deleted:
@@ -130,9 +132,9 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
                 if copy.tier == svc.top.name and entry.readers > 1:
                     continue
                 svc.directory.drop_copy(entry, copy)
-            svc.catalog.set_copies([(entry.ns.id, entry.key,
-                                     copy_rows(entry.copies.values()))])  # fmt: skip
+            svc.directory.record_copies(entry)
         _release_claims(svc, claimed)
+    svc.directory.log.commit_all()  # an explicit move is on record when it answers
     for entry, src in corrupt:
         svc.drop_corrupt_copy(entry, src.tier, src.location, own_readers=1)
     if corrupt:

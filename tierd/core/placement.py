@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from tierd.config import TierSpec
-from tierd.core.catalog import CopyRow, copy_rows
+from tierd.core.catalog import CopyRow, copy_rows, plan_set_copies, plan_set_layer_sums
 from tierd.core.fairness import over_quota
 from tierd.core.index import BlockEntry
 from tierd.errors import ResourceExhausted
@@ -258,6 +258,7 @@ class Placer:
                         self.cond.wait(IDLE_SECONDS)
 
     def _pass(self) -> None:
+        self.dir.log.commit_all()  # where copies went, recorded at least once a pass
         self.svc.reap()
         with self.cond:
             if self._stop:
@@ -302,7 +303,8 @@ class Placer:
         # Clean ones (a slower tier already has their bytes) just drop the memory copy,
         # once that is on record.
         clean = [e for e in victims if len(e.copies) > 1]
-        svc.catalog.set_copies((e.ns.id, e.key, _rows_without(e, top.name)) for e in clean)
+        self.dir.log.add(plan_set_copies((e.ns.id, e.key, _rows_without(e, top.name))
+                                         for e in clean))  # fmt: skip
         dirty = [e for e in victims if len(e.copies) == 1]
         for entry in clean:
             self.dir.drop_copy(entry, entry.copies[top.name])
@@ -334,49 +336,49 @@ class Placer:
         stamped = [e.layer_sums is None for e, _ in writes]
         outcomes = [f.result() for f in svc.transfer.copy_many(moves)]
         bad: list[tuple[BlockEntry, Copy]] = []
+        done: list[tuple[BlockEntry, Location, bool]] = []  # (entry, where, memory copy kept)
         with self.cond:
-            done: list[tuple[BlockEntry, Location]] = []
             for (entry, loc), outcome, move in zip(writes, outcomes, moves):
+                if outcome is Outcome.OK and not entry.deleted:
+                    done.append((entry, loc, entry.readers > 0))
+                    continue  # still claimed until its new copy is on record
                 self.dir.unclaim(entry)
-                if outcome is not Outcome.OK:
+                dest.release(entry.ns.tenant, loc, entry.nbytes)
+                if outcome is Outcome.CORRUPT:
+                    bad.append((entry, move.src))
+                elif outcome is Outcome.UNREACHABLE:
+                    log.error("writing a block to %s failed during demotion", dest.name)
+            rows = []
+            for entry, loc, keep_top in done:
+                copy = Copy(dest.name, loc, entry.nbytes, entry.checksum)
+                keep = [c for c in entry.copies.values() if c.tier != top.name or keep_top]
+                rows.append((entry.ns.id, entry.key, copy_rows([*keep, copy])))
+            sums = [(e.ns.id, e.key, e.layer_sums) for (e, _), fresh in zip(writes, stamped)
+                    if fresh and e.layer_sums is not None]  # fmt: skip
+            ticket = self.dir.log.add(plan_set_copies(rows) + plan_set_layer_sums(sums))
+        # On record before memory changes, committed without the lock: a catalog that
+        # cannot take the rows (its disk is full) leaves every block where it was.
+        try:
+            self.dir.log.commit(ticket)
+            recorded = True
+        except Exception as exc:  # noqa: BLE001 - the blocks stay; the pass goes on
+            log.error("demotion not recorded, blocks stay in %s: %s", top.name, exc)
+            recorded = False
+        with self.cond:
+            for entry, loc, keep_top in done:
+                if not recorded or entry.deleted:
                     dest.release(entry.ns.tenant, loc, entry.nbytes)
-                    if outcome is Outcome.CORRUPT:
-                        bad.append((entry, move.src))
-                    else:
-                        log.error("writing a block to %s failed during demotion", dest.name)
-                elif entry.deleted:
-                    dest.release(entry.ns.tenant, loc, entry.nbytes)
-                    if entry.idle:
-                        self.dir.free_space(entry)
-                else:
-                    done.append((entry, loc))
-            # On record before memory changes: a catalog that cannot take the rows (its
-            # disk is full) leaves every block where it was, in memory.
-            try:
-                rows = []
-                for entry, loc in done:
-                    copy = Copy(dest.name, loc, entry.nbytes, entry.checksum)
-                    keep = [c for c in entry.copies.values()
-                            if c.tier != top.name or entry.readers]  # fmt: skip
-                    rows.append((entry.ns.id, entry.key, copy_rows([*keep, copy])))
-                svc.catalog.set_copies(rows)
-                svc.catalog.set_layer_sums(
-                    (e.ns.id, e.key, e.layer_sums)
-                    for (e, _), fresh in zip(writes, stamped)
-                    if fresh and e.layer_sums is not None
-                )
-            except ResourceExhausted as exc:
-                log.error("demotion not recorded, blocks stay in %s: %s", top.name, exc)
-                for entry, loc in done:
-                    dest.release(entry.ns.tenant, loc, entry.nbytes)
-                done = []
-            for entry, loc in done:
+                    self.dir.unclaim(entry)
+                    continue
                 self.dir.add_copy(entry, Copy(dest.name, loc, entry.nbytes, entry.checksum))
                 held = entry.copies.get(top.name)
                 if entry.readers == 0 and held is not None:
                     self.dir.drop_copy(entry, held)
                     svc.counters.demotions += 1
                     self._last_pass_freed += entry.nbytes
+                if (top.name in entry.copies) != keep_top:  # readers came or went meanwhile
+                    self.dir.record_copies(entry)
+                self.dir.unclaim(entry)
             self._passes += 1
             self.cond.notify_all()
         for entry, src in bad:  # the memory copy is not what was stored: drop it, never spread it

@@ -135,6 +135,7 @@ class CacheService:
         if self._attend is not None:
             self._attend.close()
         self.placer.stop()
+        self.directory.log.commit_all()
         self.tiers.close()
         self.catalog.close()
         self.staging.close()
@@ -153,12 +154,16 @@ class CacheService:
         ns_id = namespace_id(tenant, model, layout_to_list(layout), extra_keys)
         with self.cond:
             ns = self.index.namespaces.get(ns_id)
-            if ns is None:
-                ns = NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys))
-                self.catalog.upsert_namespace(
-                    NamespaceRow(ns_id, tenant, model, layout_to_list(layout), list(extra_keys))
+        if ns is None:
+            # On record (idempotent, and never removed) before it is known, without the
+            # lock: a slow catalog holds only this call.
+            self.catalog.upsert_namespace(
+                NamespaceRow(ns_id, tenant, model, layout_to_list(layout), list(extra_keys))
+            )
+            with self.cond:
+                ns = self.index.namespaces.setdefault(
+                    ns_id, NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys))
                 )
-                self.index.namespaces[ns_id] = ns
         return ns, self.segment_info(ns)
 
     def namespace(self, ns_id: bytes, principal: str | None = None) -> NamespaceInfo:
@@ -292,22 +297,32 @@ class CacheService:
                 raise
         sums = [self.transfer.ingest(self.staging.view(lease.area, slot.offset, bb), ns.tenant,
                                      offset) for slot, offset in zip(todo, targets)]  # fmt: skip
+        top = self.top.name
         with self.cond:
             self.leases.pop(lease_id)
             self.end_lease(lease)
-            fresh = []
-            for slot, offset, digest in zip(todo, targets, sums):
-                if self.index.get(ns.id, slot.key) is not None:  # another client won the race
-                    self.top.release(ns.tenant, offset, bb)
-                else:
-                    fresh.append((slot.key, offset, digest))
-            try:
-                self._add_blocks(ns, fresh)
-            except BaseException:
-                for _, offset, _ in fresh:
-                    self.top.release(ns.tenant, offset, bb)
-                raise
-        return len(fresh)
+            placed = [(slot.key, Copy(top, offset, bb, digest))
+                      for slot, offset, digest in zip(todo, targets, sums)]  # fmt: skip
+            # Keys another client committed (or is committing) meanwhile stay theirs.
+            staged, ticket = self.directory.stage_blocks(ns, placed)
+            mine = {key for key, _ in staged}
+            for key, copy in placed:
+                if key not in mine:
+                    self.top.release(ns.tenant, copy.location, bb)
+        # On record before visible, committed without the lock: a slow catalog holds this
+        # call (and others waiting to record), never lookups, reads or attends.
+        try:
+            self.directory.log.commit(ticket)
+        except BaseException:
+            with self.cond:
+                self.directory.unstage(ns, staged)
+                for _, copy in staged:
+                    self.top.release(ns.tenant, copy.location, bb)
+            raise
+        with self.cond:
+            self.directory.publish(ns, staged)
+            self.placer.kick()
+        return len(staged)
 
     def _live_put_lease(self, lease_id: int, *, inband: bool) -> PutLease:
         """The open, uncommitted put lease `lease_id`; caller holds `cond`."""
@@ -332,18 +347,6 @@ class CacheService:
                 lease.writers -= 1
                 self.cond.notify_all()
 
-    def _add_blocks(
-        self, ns: NamespaceInfo, blocks: list[tuple[bytes, int, int]]
-    ) -> list[BlockEntry]:
-        """Make blocks written into the memory tier visible: (key, offset, checksum) each.
-        The catalog row is committed before the caller answers. Caller holds `cond`."""
-        top, bb = self.top.name, ns.block_bytes
-        entries = self.directory.add_blocks(
-            ns, [(key, Copy(top, offset, bb, digest)) for key, offset, digest in blocks]
-        )
-        self.placer.kick()
-        return entries
-
     def store_block(self, ns: NamespaceInfo, key: bytes, data: memoryview) -> BlockEntry | None:
         """Cache one block made inside the daemon (a sealed tail), held for the caller.
 
@@ -356,11 +359,14 @@ class CacheService:
                 if offset is None:
                     return None
                 digest = self.transfer.ingest(data, ns.tenant, offset)
-                try:
-                    (entry,) = self._add_blocks(ns, [(key, offset, digest)])
-                except ResourceExhausted:  # the catalog is full: keep it in the tail
-                    self.top.release(ns.tenant, offset, ns.block_bytes)
+                bb = ns.block_bytes
+                added = self.directory.add_blocks(ns, [(key, Copy(self.top.name, offset, bb,
+                                                                  digest))])  # fmt: skip
+                if not added:  # a put of the same key is being recorded: that one stays
+                    self.top.release(ns.tenant, offset, bb)
                     return None
+                (entry,) = added
+                self.placer.kick()
             entry.readers += 1
             return entry
 
@@ -420,10 +426,8 @@ class CacheService:
             for entry, tier in zip(held, tiers):
                 copy = entry.copies.get(top) if entry is not None else None
                 if entry is None or copy is None or entry.deleted:
-                    if entry is not None:
+                    if entry is not None:  # its copy could not be read (the load counted it)
                         self.drop_reader(entry)
-                        if tier:
-                            self.counters.tier(tier).misses += 1
                     slots.append(GetSlot(False, 0, ""))
                     self.counters.misses += 1
                     continue
@@ -505,8 +509,7 @@ class CacheService:
     def delete(self, ns_id: bytes, keys: Sequence[bytes]) -> int:
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
-        with self.cond:
-            return self.directory.delete(ns, keys)
+        return self.directory.delete(ns, keys)
 
     def move(self, ns_id: bytes, keys: Sequence[bytes], tier: str) -> int:
         from tierd.core.moves import move
@@ -518,8 +521,7 @@ class CacheService:
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         if pinned:
             limits.check_pins(self, ns, keys)
-        with self.cond:
-            return self.directory.set_pinned(ns, keys, pinned)
+        return self.directory.set_pinned(ns, keys, pinned)
 
     def usage_by_tenant(self) -> dict[tuple[str, str], int]:
         """Bytes each tenant holds in each tier (metrics, status)."""
