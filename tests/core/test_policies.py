@@ -182,21 +182,44 @@ def order_of(policy, entries: dict[str, BlockEntry], **kw) -> str:
 
 
 def test_spin_budget_then_cohorts_deepest_first() -> None:
-    p, e = Spin(bucket_ticks=4, budget=3), blocks("abcd")
-    for depth, n in enumerate("abcd"):  # one request's prefix, ticks 1..4
-        e[n].depth = depth
+    p, e = Spin(bucket_seconds=10.0, budget=3), blocks("abcd")
+    for depth, n in enumerate("abcd"):  # one request's prefix, used at t = 1 s
+        e[n].depth, e[n].last_access = depth, 1.0
         p.on_insert(e[n])
     # d is past the budget of 3 blocks: first out. a, b, c share cohort 0: deepest first.
     assert order(p, e) == order_of(p, e) == "dcba"
-    e.update(blocks("e"))
-    p.on_insert(e["e"])  # tick 5, cohort 1
-    p.on_hit(e["a"])  # tick 6, cohort 1: a now outlives the cohort-0 blocks after it
-    assert order(p, e) == order_of(p, e) == "dcbea"
-    lru = make_policy("lru")  # LRU on the same touches breaks the prefix at its head
-    for n in "abcde":
+    e.update(blocks("eg"))
+    e["e"].last_access = 12.0  # cohort 1
+    p.on_insert(e["e"])
+    e["a"].last_access = 15.0  # read again: cohort 1, after e
+    p.on_hit(e["a"])
+    e["g"].depth, e["g"].last_access = 2, 19.0  # the newest, but the deepest of cohort 1
+    p.on_insert(e["g"])
+    assert order(p, e) == order_of(p, e) == "dcbgea"
+    lru = make_policy("lru")  # LRU on the same uses breaks the first prefix at its head
+    for n in "abcdeg":
         lru.on_insert(e[n])
     lru.on_hit(e["a"])
-    assert order(lru, e) == "bcdea"
+    assert order(lru, e) == "bcdeag"
+
+
+def test_spin_default_budget_follows_the_tier_size() -> None:
+    p = Spin()
+    pool = [BlockEntry(NS, i.to_bytes(16, "little"), 100, 0) for i in range(2048)]
+    deep = pool[0]
+    deep.depth, deep.last_access = 20, 5.0  # the most recent block, 20 deep
+    for entry in pool[:1024]:
+        p.on_insert(entry)
+    assert p.budget == 16  # 1024 blocks / 64
+    assert next(p.victims_of("t", lambda x: True)) is deep  # over budget: first out
+    for entry in pool[1024:]:
+        p.on_insert(entry)
+    assert p.budget == 32
+    for entry in pool[1:1024]:
+        p.on_evict(entry)
+    assert p.budget == 32  # the tier emptying does not lower it
+    assert list(p.victims_of("t", lambda x: True))[-1] is deep  # within budget: newest
+    assert order(p, {str(i): e for i, e in enumerate([deep, *pool[1024:]])})[-1] == "0"
 
 
 def test_tinylfu_admits_only_what_beats_its_victim() -> None:
