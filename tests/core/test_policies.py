@@ -11,6 +11,7 @@ import pytest
 from tests.core.conftest import LAYOUT, Harness, keys_for, make_config, put_blocks
 from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.core.policies import POLICIES, make_policy
+from tierd.core.policies.base import SWEEP_MIN
 from tierd.core.policies.cost import CostAware
 from tierd.core.policies.lfu import LFU
 from tierd.core.policies.s3fifo import S3FIFO
@@ -325,3 +326,18 @@ def test_victims_of_matches_victims_on_random_workloads(name: str) -> None:
     for ns in spaces:
         mine = [pool[j] for j in sorted(held) if pool[j].ns is ns]
         assert list(x.victims_of(ns.tenant, lambda e: True)) == list(y.victims(mine))
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_deleted_blocks_are_forgotten_without_a_hook(name: str) -> None:
+    p, e = make_policy(name), blocks("abcdef")
+    for n in "abcdef":
+        p.on_insert(e[n])
+    for n in "ace":
+        e[n].deleted = True  # deleted by a path that calls no hook
+    churn = blocks("x")["x"]
+    for _ in range(SWEEP_MIN):
+        p.on_insert(churn)
+        p.on_evict(churn)
+    assert [p.tracked(e[n]) for n in "abcdef"] == [False, True] * 3
+    assert order_of(p, e) == order(p, {n: e[n] for n in "bdf"})

@@ -22,7 +22,8 @@ Two ways to ask for the leave order, which agree:
   effect. Only blocks some hook announced are known to `victims_of`.
 
 `live(entry)` False means the block has left the tier by a path that called no hook
-(deleted, its copy dropped): it is forgotten. `busy(entry)` True means it stays but may
+(deleted, its copy dropped): it is forgotten. Deleted blocks (`entry.deleted`) are also
+forgotten by a periodic sweep, so a caller that never asks `victims_of` leaks nothing. `busy(entry)` True means it stays but may
 not leave now (being read or moved): it is passed over and kept. Blocks the generator
 yielded but the caller did not evict (it stopped early, or changed its mind) are back in
 place once the generator is closed.
@@ -38,6 +39,7 @@ from typing import Any
 from tierd.core.index import BlockEntry
 
 Pred = Callable[[BlockEntry], bool]
+SWEEP_MIN = 4096  # hooks between two sweeps for deleted blocks, at least
 Item = tuple[Any, int, BlockEntry]
 
 
@@ -54,6 +56,7 @@ class Policy(ABC):
         self._valid: dict[BlockEntry, int] = {}  # entry -> sequence of its valid heap item
         self._counts: dict[str, int] = {}  # blocks tracked per tenant
         self._seq = 0
+        self._sweep_at = SWEEP_MIN
 
     def tick(self) -> int:
         self.clock += 1
@@ -128,6 +131,25 @@ class Policy(ABC):
             # place, since a suspended `victims_of` holds this list.
             heap[:] = [item for item in heap if self._valid.get(item[2]) == item[1]]
             heapq.heapify(heap)
+        if self._seq >= self._sweep_at:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget deleted blocks: a delete that calls no hook would otherwise keep them
+        here until a `victims_of` pass reached them. Every few times the tier's block
+        count of hooks, so the cost per hook stays constant."""
+        for heap in self._heaps.values():
+            keep = []
+            for item in heap:
+                if self._valid.get(item[2]) != item[1]:
+                    continue
+                if item[2].deleted:
+                    self.untrack(item[2])
+                    continue
+                keep.append(item)
+            heap[:] = keep
+            heapq.heapify(heap)
+        self._sweep_at = self._seq + max(4 * len(self._valid), SWEEP_MIN)
 
     def untrack(self, entry: BlockEntry) -> None:
         if self._valid.pop(entry, None) is not None:

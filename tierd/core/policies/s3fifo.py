@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Generator, Iterable, Iterator
 
 from tierd.core.index import BlockEntry
-from tierd.core.policies.base import Policy, Pred
+from tierd.core.policies.base import SWEEP_MIN, Policy, Pred
 
 SMALL, MAIN = 0, 1
 MAX_FREQ = 3
@@ -76,6 +76,10 @@ class S3FIFO(Policy):
         self._untrack(entry)
         self._where[entry] = st[0]
         self._queues.setdefault(entry.ns.tenant, _Queues()).push(entry, st[0])
+        if self.clock >= self._sweep_at:  # forget deleted blocks (see `Policy._sweep`)
+            for gone in [e for e in self._where if e.deleted]:
+                self._untrack(gone)
+            self._sweep_at = self.clock + max(4 * len(self._where), SWEEP_MIN)
 
     def on_hit(self, entry: BlockEntry) -> None:
         st = self.state(entry)
