@@ -1,7 +1,7 @@
 """SQLite as the daemon's catalog and the CSD shards' use it: one place for its habits.
 
 Primitives: `connect(path, schema) -> sqlite3.Connection`, `columns(db, table)`,
-`write_rows(db, sql, rows)`, `to_sql_u64(v)`, `from_sql_u64(v)`.
+`write_rows(db, sql, rows)`, `write_many(db, steps)`, `to_sql_u64(v)`, `from_sql_u64(v)`.
 
 Autocommit connections (isolation_level=None) in WAL mode with synchronous=NORMAL: durable
 against process crashes (the kernel has the pages); a power loss may drop the last
@@ -39,12 +39,20 @@ def columns(db: sqlite3.Connection, table: str) -> set[str]:
 
 
 def write_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
-    """`sql` for each row in one transaction: all or nothing. A full disk is
-    ResourceExhausted (nothing recorded), not an internal error. Caller serialises."""
+    """`sql` for each row in one transaction: all or nothing. Caller serialises."""
+    write_many(db, [(sql, rows)])
+
+
+def write_many(
+    db: sqlite3.Connection, steps: Iterable[tuple[str, Iterable[tuple[object, ...]]]]
+) -> None:
+    """Several statements, each over its rows, in one transaction: all or nothing. A full
+    disk is ResourceExhausted (nothing recorded), not an internal error. Caller serialises."""
     try:
         db.execute("BEGIN")
         try:
-            db.executemany(sql, rows)
+            for sql, rows in steps:
+                db.executemany(sql, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -65,26 +73,3 @@ def to_sql_u64(v: int) -> int:
 
 def from_sql_u64(v: int) -> int:
     return v + (1 << 64) if v < 0 else v
-
-
-def write_many(
-    db: sqlite3.Connection, steps: Iterable[tuple[str, Iterable[tuple[object, ...]]]]
-) -> None:
-    """Several statements, each over its rows, in one transaction (all or nothing), with
-    `write_rows`'s handling of a full disk. Caller serialises."""
-    try:
-        db.execute("BEGIN")
-        try:
-            for sql, rows in steps:
-                db.executemany(sql, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-    except sqlite3.OperationalError as e:
-        if "full" in str(e):  # SQLITE_FULL: the disk under the database is full
-            raise ResourceExhausted(
-                f"the catalog's disk is full ({e}); nothing was recorded"
-            ) from e
-        raise
