@@ -10,6 +10,7 @@ from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.core.policies import make_policy
 from tierd.core.policies.base import Policy
 from tierd.core.policies.tinylfu import TinyLFU
+from tierd.errors import Internal
 
 SPACES = {t: NamespaceInfo(t.encode().ljust(16, b"\0"), t, "m", LAYOUT, ()) for t in "tuv"}
 
@@ -187,7 +188,7 @@ def test_bookkeeping_errors_and_forget() -> None:
     e = blocks("a")["a"]
     chain.insert(e, "host")
     chain.insert(e, "nvme")
-    with pytest.raises(ValueError, match="already holds"):
+    with pytest.raises(Internal, match="already holds"):
         chain.insert(e, "host")
     chain.forget(e)
     assert chain.levels_of(e) == [] and chain.usage("nvme") == {} and chain.used("host") == 0

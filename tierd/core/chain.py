@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from tierd.core.index import BlockEntry
 from tierd.core.policies.base import Policy, Pred
+from tierd.errors import Internal
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class TierChain:
         """The block got a copy in `level` (a put, a promotion or a demotion into it)."""
         i = self._rank[level]
         if entry in self._members[i]:
-            raise ValueError(f"{level} already holds this block")
+            raise Internal(f"{level} already holds this block")
         self._members[i][entry] = None
         self._add_bytes(i, entry, entry.nbytes)
         self.levels[i].policy.on_insert(entry)
