@@ -26,7 +26,7 @@ Two ways to ask for the leave order, which agree:
 forgotten by a periodic sweep, so a caller that never asks `victims_of` leaks nothing. `busy(entry)` True means it stays but may
 not leave now (being read or moved): it is passed over and kept. Blocks the generator
 yielded but the caller did not evict (it stopped early, or changed its mind) are back in
-place once the generator is closed.
+place for the next pass.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class Policy(ABC):
         self._counts: dict[str, int] = {}  # blocks tracked per tenant
         self._seq = 0
         self._sweep_at = SWEEP_MIN
+        # Items a `victims_of` pass popped (yielded or busy), by tenant. They go back into
+        # the heap when the next pass for the tenant starts, unless evicted meanwhile: a
+        # caller usually evicts what it took, and this saves pushing and popping them.
+        self._aside: dict[str, list[Item]] = {}
 
     def tick(self) -> int:
         self.clock += 1
@@ -149,6 +153,11 @@ class Policy(ABC):
                 keep.append(item)
             heap[:] = keep
             heapq.heapify(heap)
+        for tenant, items in self._aside.items():
+            for item in items:
+                if item[2].deleted:
+                    self.untrack(item[2])
+            self._aside[tenant] = [i for i in items if self._valid.get(i[2]) == i[1]]
         self._sweep_at = self._seq + max(4 * len(self._valid), SWEEP_MIN)
 
     def untrack(self, entry: BlockEntry) -> None:
@@ -160,9 +169,12 @@ class Policy(ABC):
         """`tenant`'s blocks in leave order, from the incremental structure (see the
         module docstring for `live` and `busy`); close it when done."""
         heap = self._heaps.get(tenant)
-        if not heap:
+        if heap is None:
             return
-        held: list[Item] = []  # popped and still in the tier: pushed back at the end
+        for item in self._aside.pop(tenant, ()):  # what the last pass took but left here
+            if self._valid.get(item[2]) == item[1]:
+                heapq.heappush(heap, item)
+        held: list[Item] = []  # popped and maybe still in the tier: see `_aside`
         try:
             while heap:
                 key, seq, entry = heap[0]
@@ -183,6 +195,5 @@ class Policy(ABC):
                 if busy is None or not busy(entry):
                     yield entry
         finally:
-            for item in held:
-                if self._valid.get(item[2]) == item[1]:
-                    heapq.heappush(heap, item)
+            if held:
+                self._aside.setdefault(tenant, []).extend(held)
