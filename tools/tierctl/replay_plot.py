@@ -33,7 +33,12 @@ def plot_replay(results: list[RunResult], ideal: float, path: Path) -> None:
                   color=colours[policy])  # fmt: skip
     left.axhline(100 * ideal, color="grey", linestyle=":", label="never evicts")
     left.set_xscale("log", base=2)
-    left.set_xlabel("chain capacity (GiB, all levels)")
+    sizes = {sum(r.capacity_bytes.values()): r.capacity_bytes for r in results}
+    left.set_xticks([t / 2**30 for t in sizes],
+                    ["+".join(_gib(c) for c in caps.values()) for caps in sizes.values()],
+                    fontsize="small")  # fmt: skip
+    left.minorticks_off()
+    left.set_xlabel("capacity per level (GiB, fastest first)")
     left.set_ylabel("prefix hit rate (% of input tokens)")
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize="small")
@@ -46,7 +51,7 @@ def plot_replay(results: list[RunResult], ideal: float, path: Path) -> None:
             right.plot(t_min, [100 * x for x in r.occupancy[level]], linestyle=style,
                        color=colours[r.policy], label=f"{r.policy} {level}")  # fmt: skip
     caps = next(r.capacity_bytes for r in results if sum(r.capacity_bytes.values()) == largest)
-    right.set_title(" + ".join(f"{n} {c / 2**30:g} GiB" for n, c in caps.items()),
+    right.set_title(" + ".join(f"{n} {_gib(c)} GiB" for n, c in caps.items()),
                     fontsize="medium")  # fmt: skip
     right.set_xlabel("trace time (min)")
     right.set_ylabel("occupancy (% of the level)")
@@ -56,3 +61,7 @@ def plot_replay(results: list[RunResult], ideal: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.6g}"
