@@ -385,6 +385,9 @@ def dying_client(args: dict[str, Any]) -> None:
     c.put(ns, keys, contents(tenant, keys))
     print("COMMITTED", flush=True)
     sys.stdin.readline()
+    # The sequence first: the daemon's first one builds its attention engine (seconds on a
+    # loaded machine), which must not eat into the leases' lifetime before the test looks.
+    seq = c.open_sequence(ns, keys, ttl_ms=HOLD_TTL_MS)
     new = c.block_keys(ns, DYING_UNCOMMITTED)
     prep = c._unary("PreparePut", pb.PreparePutRequest(
         namespace_id=ns.id, keys=new, shape=SHAPE, lease_ttl_ms=HOLD_TTL_MS))  # fmt: skip
@@ -393,7 +396,6 @@ def dying_client(args: dict[str, Any]) -> None:
         slot_view(mm, slot.offset, LAYOUT)[...] = 7.0
     get = c._unary("PrepareGet", pb.PrepareGetRequest(
         namespace_id=ns.id, keys=keys, lease_ttl_ms=HOLD_TTL_MS))  # fmt: skip
-    seq = c.open_sequence(ns, keys, ttl_ms=HOLD_TTL_MS)
     info = {"put_lease": prep.lease_id, "put_slots": len(prep.slots), "get_lease": get.lease_id,
             "sequence": seq}  # fmt: skip
     print("HOLDING", json.dumps(info), flush=True)

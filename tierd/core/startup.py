@@ -37,6 +37,8 @@ log = logging.getLogger("tierd.core")
 def fsck_advice(config: Config) -> str:
     """The command that repairs this daemon's catalog."""
     cmd = ["tierctl", "fsck", "--repair", "--data-dir", str(config.data_dir)]
+    if config.tier_list:  # fsck learns a [[tiers]] chain from the daemon's config file
+        return shlex.join(cmd) + " --config <this daemon's config file>"
     if config.nvme.path is not None:
         cmd += ["--nvme-path", str(config.nvme.path)]
     return shlex.join(cmd)
