@@ -129,8 +129,14 @@ class Directory:
             entry = BlockEntry(ns, key, ns.block_bytes, copy.checksum, {}, last_access=now)
             self.index.add(entry)
             self.add_copy(entry, copy)
+            self.accessed(entry)
             entries.append(entry)
         return entries
+
+    def accessed(self, entry: BlockEntry) -> None:
+        """A put or read of the block: frequency filters of every tier count it."""
+        for policy in self.policies.values():
+            policy.on_access(entry)
 
     def add_blocks(
         self, ns: NamespaceInfo, placed: Sequence[tuple[bytes, Copy]], now: float | None = None

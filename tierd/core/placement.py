@@ -312,7 +312,7 @@ class Placer:
             self._last_pass_freed += entry.nbytes
         writes: list[tuple[BlockEntry, Location]] = []
         for entry in dirty:
-            if dest is None or (not entry.pinned and not svc.policies[dest.name].admit(entry)):
+            if dest is None or (not entry.pinned and not self._admits(dest, entry)):
                 if not entry.pinned:  # nowhere below takes it: it leaves the cache
                     self._evict(entry, top)
                     self._last_pass_freed += entry.nbytes
@@ -328,6 +328,17 @@ class Placer:
         if clean:
             self.cond.notify_all()
         return dest, writes
+
+    def _admits(self, dest: Tier, entry: BlockEntry) -> bool:
+        """Whether `dest`'s admission filter takes a demoted block; a filter that weighs it
+        against the block it would displace (TinyLFU) is shown that one when `dest` is
+        full."""
+        gate = self.svc.policies[dest.name]
+        victim = None
+        if gate.wants_victim and dest.used_bytes + entry.nbytes > dest.capacity:
+            first = self.dir.victims(dest.name, entry.nbytes)
+            victim = first[0] if first else None
+        return gate.admit(entry, victim)
 
     def _demote(self, dest: Tier, writes: list[tuple[BlockEntry, Location]]) -> None:
         """Write memory copies down (outside the lock), then record and free them."""

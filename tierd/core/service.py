@@ -435,6 +435,7 @@ class CacheService:
                 entry.hits += 1
                 for name in entry.copies:
                     self.policies[name].on_hit(entry)
+                self.directory.accessed(entry)
                 # Booked to the tier that served it (a promotion's source, not the target).
                 self.counters.tier(tier).hits += 1
                 self.counters.tier(tier).bytes_read += entry.nbytes
