@@ -7,7 +7,15 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from tests.core.conftest import BB, LAYOUT, Harness, block_bytes_for, get_blocks, keys_for, put_blocks
+from tests.core.conftest import (
+    BB,
+    LAYOUT,
+    Harness,
+    block_bytes_for,
+    get_blocks,
+    keys_for,
+    put_blocks,
+)
 from tierd.core.catalog import Catalog, CopyRow
 from tierd.core.catalog_check import APPLICATION_ID, SCHEMA_VERSION, check_catalog, open_catalog
 from tierd.core.startup import CATALOG_FILE
