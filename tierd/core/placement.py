@@ -182,6 +182,13 @@ class Placer:
                             f"{top.name} tier full: cannot stage blocks from slower tiers",
                             field="keys",
                         )
+                    # Waiting for room let others in: another call may have promoted or
+                    # started loading it (a second copy would replace one a lease maps).
+                    if entry.loading is not None or top.name in entry.copies or not entry.copies:
+                        top.release(entry.ns.tenant, staging, entry.nbytes)
+                        if entry.loading is not None:
+                            theirs.append(entry.loading)
+                        continue
                     entry.loading = Future()
                     mine.append((entry, svc.tiers.best(entry), staging))
                 elif held is not None and not held.verified:

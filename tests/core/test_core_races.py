@@ -1,0 +1,96 @@
+"""Interleavings of the core's calls, each forced step by step: a placement thread held at
+the start of its pass, a catalog commit that fails at a chosen moment, a call parked
+where it waits for room. Each test checks the books and the bytes afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.core.conftest import (
+    BB,
+    LAYOUT,
+    Harness,
+    block_bytes_for,
+    get_blocks,
+    keys_for,
+    put_blocks,
+)
+from tierd.core.service import CacheService
+
+DEADLINE_S = 20.0
+
+
+def wait_until(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+class PassGate:
+    """Holds the placement thread at the start of its next pass until opened."""
+
+    def __init__(self, svc: CacheService) -> None:
+        self.fn = svc.reap
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        svc.reap = self  # type: ignore[method-assign]
+        assert self.entered.wait(DEADLINE_S), "the placement thread never started a pass"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.opened.wait(DEADLINE_S)
+        return self.fn(*args, **kwargs)
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_read_waiting_for_room_does_not_promote_a_block_again(harness: Harness) -> None:
+    """Two gets of a block only on NVMe: the first waits for room in memory; the second
+    finds room at once and promotes it. The first, once it has room, uses that copy: the
+    copy the second's lease maps is never replaced (and freed) under it."""
+    svc = harness.open(host_blocks=8, nvme_blocks=64)
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    (x,) = keys_for(ns, 1, seed=1)
+    put_blocks(svc, ns, [x])
+    assert svc.move(ns, [x], "nvme") == 1 and svc.locate(ns, [x]) == ["nvme"]
+    gate = PassGate(svc)
+    fill = keys_for(ns, 8, seed=2)
+    put_blocks(svc, ns, fill)  # memory full; no pass runs to make room
+    assert svc.top.used_bytes == 8 * BB
+
+    first, got_first = in_thread(lambda: svc.prepare_get(ns, [x]))
+    wait_until(lambda: svc.placer._wanted >= BB, "the first get to wait for room")
+    assert svc.delete(ns, fill[:1]) == 1  # room for one block, taken by the second get
+    second = svc.prepare_get(ns, [x])
+    assert second.slots[0].found
+    gate.opened.set()  # passes run again: the first get gets room too
+    first.join(DEADLINE_S)
+    assert not first.is_alive() and not isinstance(got_first[0], BaseException), got_first
+    try:
+        entry = svc.index.get(ns, x)
+        assert entry.copies["host"].location == second.slots[0].offset
+        assert got_first[0].slots[0].offset == second.slots[0].offset
+        info = svc.namespace(ns)
+        put_blocks(svc, ns, keys_for(ns, 4, seed=3))  # would land in a freed copy
+        assert bytes(svc.view(info, second.slots[0].offset)) == block_bytes_for(x)
+    finally:
+        svc.release(second.lease_id)
+        svc.release(got_first[0].lease_id)
+    assert svc.placer.settle(DEADLINE_S)
+    assert get_blocks(svc, ns, [x]) == [block_bytes_for(x)]
