@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.core.conftest import (
     BB,
     LAYOUT,
@@ -18,7 +20,9 @@ from tests.core.conftest import (
     keys_for,
     put_blocks,
 )
+from tierd.core import placement
 from tierd.core.service import CacheService
+from tierd.errors import ResourceExhausted
 
 DEADLINE_S = 20.0
 
@@ -94,3 +98,33 @@ def test_a_read_waiting_for_room_does_not_promote_a_block_again(harness: Harness
         svc.release(got_first[0].lease_id)
     assert svc.placer.settle(DEADLINE_S)
     assert get_blocks(svc, ns, [x]) == [block_bytes_for(x)]
+
+
+def test_a_get_without_room_leaves_the_memory_copies_it_was_checking(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart a get of [a block in memory, not yet checked; a block only on NVMe]
+    with memory full of blocks in use fails for want of room. The memory copy it was
+    about to check stays: nothing showed it is damaged."""
+    svc = harness.open(host_blocks=8, nvme_blocks=64)
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    v, x = keys_for(ns, 2, seed=1)
+    put_blocks(svc, ns, [v, x])
+    assert svc.move(ns, [x], "nvme") == 1
+    harness.close_all()
+    svc = harness.open(host_blocks=8, nvme_blocks=64)
+    assert not svc.index.get(ns, v).copies["host"].verified
+    gate = PassGate(svc)
+    other = svc.open_namespace("t2", "m", LAYOUT)[0].id  # its own lease limit
+    fill = keys_for(other, 7, seed=2)
+    put_blocks(svc, other, fill)
+    held = svc.prepare_get(other, fill)  # memory full of blocks in use
+    assert svc.top.used_bytes == 8 * BB
+    monkeypatch.setattr(placement, "ROOM_WAIT_SECONDS", 0.5)  # no pass makes room
+    with pytest.raises(ResourceExhausted):
+        svc.prepare_get(ns, [v, x])
+    gate.opened.set()
+    svc.release(held.lease_id)
+    assert svc.locate(ns, [v]) == ["host"]
+    assert get_blocks(svc, ns, [v, x]) == [block_bytes_for(v), block_bytes_for(x)]
+    assert svc.stats().corrupt_reads == 0

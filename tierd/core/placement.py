@@ -220,7 +220,7 @@ class Placer:
             held = entry.copies.get(top)
             if held is not None and ok:
                 held.verified = True
-            elif held is not None:
+            elif held is not None and outcome is Outcome.CORRUPT:  # not a check undone
                 self.dir.drop_copy(entry, held)
                 changed = True
         elif ok and not entry.deleted:
