@@ -128,3 +128,39 @@ def test_a_get_without_room_leaves_the_memory_copies_it_was_checking(
     assert svc.locate(ns, [v]) == ["host"]
     assert get_blocks(svc, ns, [v, x]) == [block_bytes_for(v), block_bytes_for(x)]
     assert svc.stats().corrupt_reads == 0
+
+
+def test_a_failed_delete_whose_key_a_put_took_frees_the_old_copy_after_its_reader(
+    harness: Harness,
+) -> None:
+    """A delete of a block being read fails to record; meanwhile a put of the same key is
+    being recorded, so the old block cannot come back. Its copy is freed by its last
+    reader (it was left neither indexed nor deleted: never freed, counted forever)."""
+    svc = harness.open(host_blocks=16, nvme_blocks=64)
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    (k,) = keys_for(ns, 1, seed=1)
+    put_blocks(svc, ns, [k])
+    reading = svc.prepare_get(ns, [k])
+    real_run = svc.catalog.run
+    putter: list[threading.Thread] = []
+
+    def run(*plans: Any) -> None:
+        if putter:
+            return real_run(*plans)
+        # The delete's commit: a put of the key reaches its record meanwhile, then the
+        # catalog's disk turns out full.
+        putter.append(in_thread(lambda: put_blocks(svc, ns, [k]))[0])
+        wait_until(lambda: (ns, k) in svc.directory.pending, "the put to be recorded")
+        raise ResourceExhausted("the catalog's disk is full")
+
+    svc.catalog.run = run  # type: ignore[method-assign]
+    with pytest.raises(ResourceExhausted):
+        svc.delete(ns, [k])
+    putter[0].join(DEADLINE_S)
+    assert not putter[0].is_alive()
+    svc.catalog.run = real_run  # type: ignore[method-assign]
+    assert svc.locate(ns, [k]) == ["host"]  # the put's block
+    svc.release(reading.lease_id)
+    assert svc.top.used_bytes == BB
+    assert svc.directory.usage("host") == {"t1": BB} and svc.directory.blocks_in("host") == 1
+    assert get_blocks(svc, ns, [k]) == [block_bytes_for(k)]

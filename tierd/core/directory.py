@@ -253,9 +253,10 @@ class Directory:
                     if (entry.copies and not entry.deleted and self.index.get(*key) is None
                             and key not in self.pending):  # fmt: skip
                         self.index.add(entry)
-                    elif entry.idle:
+                    else:  # gone for good: its space is freed now or by its last holder
                         entry.deleted = True
-                        self.free_space(entry)
+                        if entry.idle:
+                            self.free_space(entry)
             raise
         with self.cond:
             for entry in entries:
