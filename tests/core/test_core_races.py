@@ -164,3 +164,44 @@ def test_a_failed_delete_whose_key_a_put_took_frees_the_old_copy_after_its_reade
     assert svc.top.used_bytes == BB
     assert svc.directory.usage("host") == {"t1": BB} and svc.directory.blocks_in("host") == 1
     assert get_blocks(svc, ns, [k]) == [block_bytes_for(k)]
+
+
+def test_a_block_being_deleted_never_touches_the_block_that_took_its_key(
+    harness: Harness,
+) -> None:
+    """While a delete commits, the daemon stores a new block under the same key and a
+    reader of the old one finds its copy damaged. Dropping the old block must neither
+    unindex the new one nor erase its catalog row."""
+    svc = harness.open(host_blocks=16, nvme_blocks=64)
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    info = svc.namespace(ns)
+    (k,) = keys_for(ns, 1, seed=1)
+    put_blocks(svc, ns, [k])
+    old = svc.index.get(ns, k)
+    old_copy = old.copies["host"]
+    real_run = svc.catalog.run
+    new: list[Any] = []
+
+    def others() -> None:
+        new.append(svc.store_block(info, k, memoryview(block_bytes_for(k))))
+        svc.drop_corrupt_copy(old, "host", old_copy.location)
+
+    def run(*plans: Any) -> None:
+        real_run(*plans)
+        if not new:  # the delete is on record; it has not yet marked the block deleted
+            t, _ = in_thread(others)
+            t.join(DEADLINE_S)
+            assert not t.is_alive()
+
+    svc.catalog.run = run  # type: ignore[method-assign]
+    assert svc.delete(ns, [k]) == 1
+    svc.catalog.run = real_run  # type: ignore[method-assign]
+    (entry,) = new
+    assert entry is not None and entry is not old
+    with svc.cond:
+        svc.drop_reader(entry)
+    assert svc.index.get(ns, k) is entry and svc.locate(ns, [k]) == ["host"]
+    svc.directory.log.commit_all()
+    rows = {r.key: r.copies for r in svc.catalog.blocks()}
+    assert [c.location for c in rows[k]] == [entry.copies["host"].location]
+    assert svc.top.used_bytes == BB and svc.directory.blocks_in("host") == 1

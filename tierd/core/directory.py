@@ -182,10 +182,15 @@ class Directory:
         simply not adopted), so nothing wrong is ever served."""
         if entry.deleted:
             return
+        # A block a delete took out of the index has the removal of its row queued (its
+        # key may be another block's by now): it stays off the record from then on.
+        indexed = self.index.holds(entry)
         gone = not entry.copies
         if gone:
             self.index.remove(entry)
             entry.deleted = True
+        if not indexed:
+            return
         if gone:
             self.log.add(plan_delete_blocks([(entry.ns.id, entry.key)]))
         else:
@@ -253,6 +258,7 @@ class Directory:
                     if (entry.copies and not entry.deleted and self.index.get(*key) is None
                             and key not in self.pending):  # fmt: skip
                         self.index.add(entry)
+                        self.record_copies(entry)  # what changed while it was out
                     else:  # gone for good: its space is freed now or by its last holder
                         entry.deleted = True
                         if entry.idle:
@@ -330,7 +336,9 @@ class Directory:
             return tier in e.copies and not e.deleted
 
         def busy(e: BlockEntry) -> bool:
-            return not e.idle or (e.pinned and len(e.copies) == 1 and not include_pinned)
+            # A block being deleted stays put until its delete is known to be recorded.
+            return (not e.idle or (e.pinned and len(e.copies) == 1 and not include_pinned)
+                    or not self.index.holds(e))  # fmt: skip
 
         queues = {t: policy.victims_of(t, live, busy) for t in policy.tenants()}
         picked, total = [], 0

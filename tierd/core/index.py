@@ -88,7 +88,13 @@ class Index:
         self._blocks[(entry.ns.id, entry.key)] = entry
 
     def remove(self, entry: BlockEntry) -> None:
-        self._blocks.pop((entry.ns.id, entry.key), None)
+        """Unindex `entry` (not another block that took its key since)."""
+        if self._blocks.get(k := (entry.ns.id, entry.key)) is entry:
+            del self._blocks[k]
+
+    def holds(self, entry: BlockEntry) -> bool:
+        """Whether `entry` is the block its key names (False once a delete took it out)."""
+        return self._blocks.get((entry.ns.id, entry.key)) is entry
 
     def entries(self) -> list[BlockEntry]:
         return list(self._blocks.values())

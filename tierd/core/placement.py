@@ -357,7 +357,9 @@ class Placer:
         done: list[tuple[BlockEntry, Location, bool]] = []  # (entry, where, memory copy kept)
         with self.cond:
             for (entry, loc), outcome, move in zip(writes, outcomes, moves):
-                if outcome is Outcome.OK and not entry.deleted:
+                # A block being deleted (out of the index) is not recorded: its key may
+                # be another block's by now.
+                if outcome is Outcome.OK and not entry.deleted and self.dir.index.holds(entry):
                     done.append((entry, loc, entry.readers > 0))
                     continue  # still claimed until its new copy is on record
                 self.dir.unclaim(entry)
