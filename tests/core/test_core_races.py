@@ -23,6 +23,7 @@ from tests.core.conftest import (
 from tierd.core import placement
 from tierd.core.service import CacheService
 from tierd.errors import ResourceExhausted
+from tierd.tiers.io_backend import ALIGNMENT
 
 DEADLINE_S = 20.0
 
@@ -205,3 +206,31 @@ def test_a_block_being_deleted_never_touches_the_block_that_took_its_key(
     rows = {r.key: r.copies for r in svc.catalog.blocks()}
     assert [c.location for c in rows[k]] == [entry.copies["host"].location]
     assert svc.top.used_bytes == BB and svc.directory.blocks_in("host") == 1
+
+
+def test_a_write_that_fails_to_start_leaves_no_block_claimed(harness: Harness) -> None:
+    """A tier whose write raises before it returns a future (the NVMe store refuses an
+    extent, or is closed) fails that demotion like any failed write: the blocks are no
+    longer claimed, the space reserved for them is given back, and the next pass
+    demotes them."""
+    svc = harness.open(host_blocks=8, nvme_blocks=64)
+    nvme = svc.tiers.get("nvme")
+    write = nvme.write
+    failed = threading.Event()
+
+    def refuse_once(*args: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise OSError(5, "refused before it started")
+        return write(*args)
+
+    nvme.write = refuse_once  # type: ignore[method-assign]
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    keys = keys_for(ns, 16, seed=1)
+    for i in range(0, 16, 4):
+        put_blocks(svc, ns, keys[i : i + 4])
+    assert svc.placer.settle(DEADLINE_S) and failed.is_set()
+    assert svc.directory.moving == 0
+    on_nvme = svc.directory.blocks_in("nvme")
+    assert on_nvme > 0 and nvme.used_bytes == on_nvme * (ALIGNMENT + BB)  # header page each
+    assert get_blocks(svc, ns, keys[:4]) == [block_bytes_for(k) for k in keys[:4]]

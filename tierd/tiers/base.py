@@ -160,8 +160,18 @@ class Tier(ABC):
     def write_many(
         self, items: Sequence[tuple[BlockRef, Location, memoryview]]
     ) -> list[Future[None]]:
-        """Several writes; a kind that batches (one request per worker) overrides this."""
-        return [self.write(block, location, data) for block, location, data in items]
+        """Several writes; a kind that batches (one request per worker) overrides this. A
+        write that raises instead of returning a future fails its own item only (the
+        others may be under way: their futures must reach the caller)."""
+        out: list[Future[None]] = []
+        for block, location, data in items:
+            try:
+                out.append(self.write(block, location, data))
+            except Exception as e:  # noqa: BLE001 - handed to the waiter
+                failed: Future[None] = Future()
+                failed.set_exception(e)
+                out.append(failed)
+        return out
 
     @abstractmethod
     def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:

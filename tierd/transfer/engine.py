@@ -142,7 +142,10 @@ def _from_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[O
             writes.append((i, m.entry, m.location, view))
     if writes:
         dst = moves[writes[0][0]].dst
-        futures = dst.write_many([(e, loc, v) for _, e, loc, v in writes])
+        try:
+            futures = dst.write_many([(e, loc, v) for _, e, loc, v in writes])
+        except Exception as e:  # noqa: BLE001 - a batch that failed to start fails each move
+            futures = [_failed(e) for _ in writes]
         for (i, _, _, _), fut in zip(writes, futures):
             out[i] = _outcome_of(fut, lambda: Outcome.OK)
     return [f for f in out if f is not None]
@@ -191,6 +194,12 @@ def _started(start: Callable[[], Future[None]]) -> Future[None]:
         f: Future[None] = Future()
         f.set_exception(e)
         return f
+
+
+def _failed(e: BaseException) -> Future[None]:
+    f: Future[None] = Future()
+    f.set_exception(e)
+    return f
 
 
 def _read_failure(e: BaseException) -> Outcome:
