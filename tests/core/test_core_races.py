@@ -20,7 +20,7 @@ from tests.core.conftest import (
     keys_for,
     put_blocks,
 )
-from tierd.core import placement
+from tierd.core import moves, placement
 from tierd.core.service import CacheService
 from tierd.errors import ResourceExhausted
 from tierd.tiers.io_backend import ALIGNMENT
@@ -234,3 +234,20 @@ def test_a_write_that_fails_to_start_leaves_no_block_claimed(harness: Harness) -
     on_nvme = svc.directory.blocks_in("nvme")
     assert on_nvme > 0 and nvme.used_bytes == on_nvme * (ALIGNMENT + BB)  # header page each
     assert get_blocks(svc, ns, keys[:4]) == [block_bytes_for(k) for k in keys[:4]]
+
+
+def test_a_move_naming_a_block_twice_moves_it_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Move's keys may repeat (only puts refuse that): the block is claimed once, not
+    waited for as if another call were moving it."""
+    monkeypatch.setattr(moves, "MOVE_WAIT_SECONDS", 2.0)
+    svc = harness.open(host_blocks=16, nvme_blocks=64)
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    a, b = keys_for(ns, 2, seed=1)
+    put_blocks(svc, ns, [a, b])
+    assert svc.move(ns, [a, b, a], "nvme") == 2
+    assert svc.locate(ns, [a, b]) == ["nvme", "nvme"] and svc.directory.moving == 0
+    assert svc.move(ns, [a, a], "host") == 1
+    assert all(e.readers == 0 for e in svc.index.entries())
+    assert get_blocks(svc, ns, [a, b]) == [block_bytes_for(a), block_bytes_for(b)]

@@ -44,7 +44,8 @@ def move(svc: CacheService, ns_id: bytes, keys: Sequence[bytes], tier: str) -> i
         names = ", ".join(t.name for t in svc.tiers)
         raise InvalidArgument(f"no tier named {tier!r} (tiers: {names})", field="tier")
     with svc.cond:
-        held = [e for e in (svc.index.get(ns.id, k) for k in keys) if e is not None]
+        # Once each, however often named: one reader reference, one claim.
+        held = [e for e in dict.fromkeys(svc.index.get(ns.id, k) for k in keys) if e is not None]
         for entry in held:
             entry.readers += 1
     try:
