@@ -53,6 +53,15 @@ class CatalogLog:
     def commit(self, ticket: int) -> None:
         """Make every change up to `ticket` durable (and those queued after it, in the same
         transaction). Raises the catalog's error if `ticket`'s transaction failed."""
+        # Another committer may have taken this change already: then there is nothing to
+        # wait for (`_done` only grows, and is read whole).
+        if self._done < ticket:
+            self._commit(ticket)
+        for first, last, error in list(self._failures):
+            if first <= ticket <= last:
+                raise error
+
+    def _commit(self, ticket: int) -> None:
         with self._commit_lock:
             if self._done < ticket:
                 with self._queue_lock:
@@ -66,9 +75,6 @@ class CatalogLog:
                         log.error("catalog changes %d..%d were not recorded: %s", first, last, e)
                         self._failures.append((first, last, e))
                     self._done = last
-        for first, last, error in list(self._failures):
-            if first <= ticket <= last:
-                raise error
 
     def commit_all(self) -> None:
         """Commit whatever is queued; a failure is for its waiters (if any) to report."""
