@@ -251,3 +251,48 @@ def test_a_move_naming_a_block_twice_moves_it_once(
     assert svc.move(ns, [a, a], "host") == 1
     assert all(e.readers == 0 for e in svc.index.entries())
     assert get_blocks(svc, ns, [a, b]) == [block_bytes_for(a), block_bytes_for(b)]
+
+
+def test_a_sealed_tail_never_attends_over_an_unchecked_copy_of_its_key(
+    harness: Harness,
+) -> None:
+    """After a restart a block's memory copy is checked before first use. A sequence whose
+    tail seals into that block's key takes the cached block: it is checked then too, and,
+    damaged, replaced by the tail's own bytes, so attention is exact."""
+    import torch
+
+    from tierd.attention.attend import AttendCall
+    from tierd_client.keys import block_keys
+
+    svc = harness.open()
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    gen = torch.Generator().manual_seed(0)
+    shape = (LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, LAYOUT.block_tokens, LAYOUT.head_dim)
+    kv = torch.randn(shape, generator=gen).to(torch.float16)
+    tokens = list(range(100, 100 + LAYOUT.block_tokens))
+    (key,) = block_keys(ns, tokens, LAYOUT.block_tokens)
+    prepared = svc.prepare_put(ns, [key], LAYOUT.block_shape, LAYOUT.dtype)
+    area = svc.leases.get(prepared.lease_id).area
+    svc.staging.view(area, prepared.slots[0].offset, BB)[:] = kv.numpy().tobytes()
+    svc.commit_put(prepared.lease_id)
+    where = svc.index.get(ns, key).copies["host"].location
+    seg = svc.top.arena.segment("t1")
+    harness.close_all()
+    with open(seg.path, "r+b") as f:  # torn by a crash: layer 0's keys are zeros
+        f.seek(where)
+        f.write(bytes(BB // 4))
+
+    svc = harness.open()
+    seq, _ = svc.attend.open_sequence(ns, [])
+    q = torch.randn((1, LAYOUT.num_kv_heads, LAYOUT.head_dim), generator=gen)
+    for layer in range(LAYOUT.num_layers):
+        svc.attend.attend([AttendCall(seq, layer, q, kv[layer, 0].float(), kv[layer, 1].float(),
+                                      tuple(tokens) if layer == 0 else ())])  # fmt: skip
+    assert svc.attend.sequences.get(seq).block_tokens_cached == LAYOUT.block_tokens
+    ((out, _),) = svc.attend.attend([AttendCall(seq, 0, q)])
+    k, v = kv[0, 0].float(), kv[0, 1].float()
+    p = torch.softmax(torch.einsum("qhd,hkd->hqk", q, k) / LAYOUT.head_dim**0.5, -1)
+    assert torch.allclose(out, torch.einsum("hqk,hkd->qhd", p, v), atol=1e-3)
+    assert svc.stats().corrupt_reads == 1
+    svc.attend.close_sequence(seq)
+    assert get_blocks(svc, ns, [key]) == [kv.numpy().tobytes()]

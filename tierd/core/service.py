@@ -368,7 +368,17 @@ class CacheService:
                 (entry,) = added
                 self.placer.kick()
             entry.readers += 1
+            held = entry.copies.get(self.top.name)
+            if held is None or held.verified:
+                return entry
+        # Cached before a restart and not checked since: checked before anyone attends over
+        # it; damaged, it leaves the cache and these bytes take its key.
+        self.placer.make_resident([entry], promote=False)
+        if not entry.deleted:
             return entry
+        with self.cond:
+            self.drop_reader(entry)
+        return self.store_block(ns, key, data)
 
     def reap(self, now: float | None = None) -> None:
         """Expire leases and idle sequences (the placement thread calls this each pass)."""
