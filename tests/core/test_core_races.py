@@ -296,3 +296,25 @@ def test_a_sealed_tail_never_attends_over_an_unchecked_copy_of_its_key(
     assert svc.stats().corrupt_reads == 1
     svc.attend.close_sequence(seq)
     assert get_blocks(svc, ns, [key]) == [kv.numpy().tobytes()]
+
+
+def test_a_change_that_failed_is_reported_however_many_failed_after_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write log tells each waiter whether its change was recorded. A waiter whose
+    change failed hears so even if many later batches failed before it asked (the
+    failures remembered were bounded, and the oldest silently read as recorded)."""
+    svc = harness.open()
+    log = svc.directory.log
+
+    def full(*plans: Any) -> None:
+        raise ResourceExhausted("the catalog's disk is full")
+
+    monkeypatch.setattr(svc.catalog, "run", full)
+    mine = log.add([])
+    log.commit_all()  # another caller's commit takes this change with it, and fails
+    for _ in range(300):  # more failures, each its own batch, before the waiter asks
+        log.add([])
+        log.commit_all()
+    with pytest.raises(ResourceExhausted):
+        log.commit(mine)

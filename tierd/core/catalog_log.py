@@ -73,6 +73,10 @@ class CatalogLog:
                         self.catalog.run(*(plan for _, plan in batch))
                     except Exception as e:  # noqa: BLE001 - kept for this batch's waiters
                         log.error("catalog changes %d..%d were not recorded: %s", first, last, e)
+                        # Back-to-back failures are one range (a full disk fails every
+                        # batch), so what is kept spans far more than the last few batches.
+                        if self._failures and self._failures[-1][1] == first - 1:
+                            first = self._failures.pop()[0]
                         self._failures.append((first, last, e))
                     self._done = last
 
