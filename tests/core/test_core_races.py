@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +22,14 @@ from tests.core.conftest import (
     keys_for,
     put_blocks,
 )
+from tierd.config import Config, TierSpec
 from tierd.core import moves, placement
 from tierd.core.service import CacheService
 from tierd.errors import ResourceExhausted
+from tierd.tiers import registry
+from tierd.tiers.base import BlockRef, Copy, Location, Tier
 from tierd.tiers.io_backend import ALIGNMENT
+from tierd.tiers.registry import TierContext
 
 DEADLINE_S = 20.0
 
@@ -318,3 +324,103 @@ def test_a_change_that_failed_is_reported_however_many_failed_after_it(
         log.commit_all()
     with pytest.raises(ResourceExhausted):
         log.commit(mine)
+
+
+class SlotTier(Tier):
+    """Copies as bytes in a dict; a freed copy's bytes are gone at once. `hold_read` parks
+    the next read until it is set."""
+
+    kind = "slots"
+    hold_read: threading.Event | None = None
+    reading = threading.Event()
+
+    def __init__(self, spec: TierSpec) -> None:
+        super().__init__(spec)
+        self.store: dict[int, bytes] = {}
+        self.free_slots = set(range(spec.capacity_bytes // BB))
+        self.lock = threading.Lock()
+
+    @classmethod
+    def open(cls, spec: TierSpec, context: TierContext) -> SlotTier:
+        return cls(spec)
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.capacity - len(self.free_slots) * BB
+
+    def reserve(self, tenant: str, nbytes: int) -> Location | None:
+        with self.lock:
+            return self.free_slots.pop() if self.free_slots else None
+
+    def adopt(self, tenant: str, location: Location, nbytes: int) -> bool:
+        return False
+
+    def release(self, tenant: str, location: Location, nbytes: int) -> None:
+        with self.lock:
+            self.store.pop(int(location), None)
+            self.free_slots.add(int(location))
+
+    def free(self, block: BlockRef, copy: Copy) -> None:
+        self.release(block.ns.tenant, copy.location, copy.length)
+
+    def write(self, block: BlockRef, location: Location, data: memoryview) -> Future[None]:
+        self.store[int(location)] = bytes(data)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:
+        gate, SlotTier.hold_read = SlotTier.hold_read, None
+        if gate is not None:
+            SlotTier.reading.set()
+            gate.wait(DEADLINE_S)
+        done: Future[None] = Future()
+        try:
+            out[:] = self.store[int(copy.location)]
+            done.set_result(None)
+        except KeyError as e:
+            done.set_exception(e)
+        return done
+
+
+@pytest.fixture
+def slot_chain(tmp_path: Path) -> Iterator[CacheService]:
+    registry.KINDS["slots"] = f"{__name__}:SlotTier"
+    cfg = Config(data_dir=tmp_path / "data", tier_list=(
+        TierSpec("mem", "host", 16 * BB, options=(("pin_memory", False),)),
+        TierSpec("near", "slots", 16 * BB), TierSpec("far", "slots", 16 * BB),
+    )).resolved()  # fmt: skip
+    svc = CacheService(cfg)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.close()
+        svc.top.arena.destroy()
+        del registry.KINDS["slots"]
+
+
+def test_a_move_keeps_the_copy_a_load_is_reading(slot_chain: CacheService) -> None:
+    """A get promotes a block from "near" while a move sends it to "far": the copy being
+    read stays until its readers are gone (freed under the read, the get missed a block
+    that was cached all along)."""
+    svc = slot_chain
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    (k,) = keys_for(ns, 1, seed=1)
+    put_blocks(svc, ns, [k])
+    assert svc.move(ns, [k], "near") == 1 and svc.locate(ns, [k]) == ["near"]
+    SlotTier.reading.clear()
+    SlotTier.hold_read = opened = threading.Event()
+    getter, got = in_thread(lambda: get_blocks(svc, ns, [k]))
+    assert SlotTier.reading.wait(DEADLINE_S)  # the promotion reads "near"
+    try:
+        assert svc.move(ns, [k], "far") == 1
+    finally:
+        opened.set()
+    getter.join(DEADLINE_S)
+    assert got == [[block_bytes_for(k)]]
+    assert svc.stats().corrupt_reads == 0

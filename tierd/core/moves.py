@@ -5,8 +5,9 @@ Primitives: `move(service, ns_id, keys, tier) -> moved`.
   the memory tier  promote (slower copies stay, as with any promotion);
   any other tier   write each block that has no copy there (from its fastest copy, through
                    the transfer engine), then drop its other copies, so reads and attend
-                   use that tier (a memory copy being read stays until its readers are
-                   gone; the move still counts, since the block now lives in the target).
+                   use that tier (while others hold the block, the copy they may be
+                   reading, its fastest besides the target, stays; the move still counts,
+                   since the block now lives in the target).
 A tier that places blocks itself (CSD workers, round robin over healthy ones) picks where
 each goes when it reserves room.
 """
@@ -125,13 +126,14 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
             if target.name not in entry.copies or entry.deleted:
                 continue
             moved += 1
-            # The target serves it from now on: other copies go, except a memory copy that
-            # other readers hold (ours is the one reference the caller took).
-            for copy in list(entry.copies.values()):
-                if copy.tier == target.name:
-                    continue
-                if copy.tier == svc.top.name and entry.readers > 1:
-                    continue
+            # The target serves it from now on: other copies go, except the one others
+            # may be reading while they hold the block (ours is the one reference the
+            # caller took): the fastest besides the target, which a get maps, a sequence
+            # attends over or a promotion copies from.
+            others = [c for c in entry.copies.values() if c.tier != target.name]
+            if entry.readers > 1 and others:
+                others.remove(min(others, key=lambda c: svc.tiers.rank(c.tier)))
+            for copy in others:
                 svc.directory.drop_copy(entry, copy)
             svc.directory.record_copies(entry)
         _release_claims(svc, claimed)
