@@ -41,6 +41,9 @@ HOST_DEFAULT_FRACTION = 0.25
 HOST_DEFAULT_CAP = 16 * GiB
 NVME_DEFAULT_FRACTION = 0.25
 NVME_DEFAULT_CAP = 64 * GiB
+# Placement policy of every tier unless set: on a real conversation trace it was at or
+# above LRU at every cache size tried (tools/BENCHMARKS.md, `tierctl replay`).
+DEFAULT_POLICY = "spin"
 
 
 def parse_size(value: object, *, key: str = "size") -> int:
@@ -132,7 +135,7 @@ class HostTierConfig:
     high_watermark: float = 0.90  # demotion starts above this occupancy...
     low_watermark: float = 0.75  # ...and stops below this one
     pin_memory: bool = True  # cudaHostRegister the arena where CUDA exists
-    policy: str = "lru"  # eviction order (tierd.core.policies): lru | lfu | s3fifo | cost ...
+    policy: str = DEFAULT_POLICY  # eviction order (tierd.core.policies): spin | lru | lfu ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class NvmeTierConfig:
     path: Path | None = None  # default: <data_dir>/nvme
     capacity_bytes: int = 0  # 0: sized from free disk at start
     backend: str = "auto"  # auto | posix | kvikio
-    policy: str = "lru"  # eviction order and admission (e.g. second_hit), as host.policy
+    policy: str = DEFAULT_POLICY  # order and admission (e.g. second_hit), as host.policy
     direct_io: bool = True
     io_threads: int = 8
     chunk_bytes: int = 1 * MiB
@@ -157,7 +160,7 @@ class TierSpec:
     path: Path | None = None  # where a storage kind keeps its files
     high_watermark: float = 0.90  # the placer makes room above this occupancy...
     low_watermark: float = 0.75  # ...down to this one
-    policy: str = "lru"  # eviction order and admission (tierd.core.policies)
+    policy: str = DEFAULT_POLICY  # eviction order and admission (tierd.core.policies)
     codec: str = "raw"  # how copies are encoded in this tier (raw only, for now)
     spill: bool = True  # takes the blocks the tier above it demotes
     options: tuple[tuple[str, Any], ...] = ()  # the kind's own keys (kind.OPTIONS)
@@ -459,7 +462,7 @@ class _TierCommon:
     path: Path | None = None
     high_watermark: float = 0.90
     low_watermark: float = 0.75
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     codec: str = "raw"
     spill: bool = True
 
