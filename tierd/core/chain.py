@@ -19,7 +19,8 @@ admission)`, `Share(weight, quota_bytes)`, `Move(entry, src, dst, write)`,
 Levels are ordered fastest first. Each level's `policy` orders its victims (through
 `victims_of`, so planning costs the victims taken, not a scan of the level) and is told
 of inserts, hits and evictions; `admission` (default: the level's policy) decides
-whether a block demoted from above may enter. Every access is also reported to every
+whether a block demoted from above may enter (a separate admission policy gets no insert,
+hit or evict hook, so it may share the level's name). Every access is also reported to every
 level's policy and admission filter (`on_access`), since frequency filters count the
 accesses of blocks they do not hold yet.
 
