@@ -424,3 +424,30 @@ def test_a_move_keeps_the_copy_a_load_is_reading(slot_chain: CacheService) -> No
     getter.join(DEADLINE_S)
     assert got == [[block_bytes_for(k)]]
     assert svc.stats().corrupt_reads == 0
+
+
+def test_a_sequence_never_attends_over_a_memory_copy_found_damaged(harness: Harness) -> None:
+    """A move finds a block's memory copy damaged while a sequence holds the block: the
+    copy, being read, is only marked for a check. The sequence's next attend runs that
+    check instead of attending over the damaged bytes."""
+    import torch
+
+    from tierd.attention.attend import AttendCall
+    from tierd.errors import DataLoss, FailedPrecondition
+
+    svc = harness.open()
+    ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+    (k,) = keys_for(ns, 1, seed=1)
+    put_blocks(svc, ns, [k])
+    seq, _ = svc.attend.open_sequence(ns, [k])
+    copy = svc.index.get(ns, k).copies["host"]
+    svc.top.view("t1", copy.location, BB)[: BB // 4] = bytes(BB // 4)  # damaged in memory
+    with pytest.raises(DataLoss):
+        svc.move(ns, [k], "nvme")  # its source check finds it
+    assert not copy.verified
+    q = torch.randn((1, LAYOUT.num_kv_heads, LAYOUT.head_dim))
+    with pytest.raises(FailedPrecondition, match="no longer cached"):
+        svc.attend.attend([AttendCall(seq, 0, q)])
+    assert svc.locate(ns, [k]) == [""] and svc.stats().corrupt_reads == 1
+    svc.attend.close_sequence(seq)
+    assert svc.top.used_bytes == 0

@@ -69,6 +69,7 @@ class AttentionEngine:
         memory: list[tuple[BlockEntry, Copy]] = []
         stored: list[tuple[BlockEntry, Copy]] = []
         remote: dict[tuple[str, Location], list[BlockEntry]] = {}
+        unchecked: list[BlockEntry] = []
         for entry in seq.blocks:
             copy = tiers.best(entry)
             if copy is None:
@@ -77,11 +78,18 @@ class AttentionEngine:
                 )
             tier = tiers.get(copy.tier)
             if copy.tier == top:
+                if not copy.verified:
+                    unchecked.append(entry)
                 memory.append((entry, copy))
             elif tier is not None and tier.attends:
                 remote.setdefault((copy.tier, copy.location), []).append(entry)
             else:
                 stored.append((entry, copy))
+        if unchecked:
+            # A read elsewhere found these damaged while this sequence held them (they were
+            # only marked): checked now, and a damaged copy is dropped, never attended over.
+            self.svc.placer.make_resident(unchecked, promote=False)
+            return self.attend(seq, layer, q, scale)
         pending: list[Future[tuple[torch.Tensor, torch.Tensor]]] = [
             self._fanout.submit(self._remote_partial, name, where, entries, layer, q, scale)
             for (name, where), entries in remote.items()
