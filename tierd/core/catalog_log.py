@@ -46,6 +46,11 @@ class CatalogLog:
             self._queue.append((self._last, plan))
             return self._last
 
+    def last(self) -> int:
+        """The ticket of the newest change queued (0: none yet)."""
+        with self._queue_lock:
+            return self._last
+
     def pending(self) -> int:
         with self._queue_lock:
             return len(self._queue)
@@ -71,13 +76,16 @@ class CatalogLog:
                     first, last = batch[0][0], batch[-1][0]
                     try:
                         self.catalog.run(*(plan for _, plan in batch))
-                    except Exception as e:  # noqa: BLE001 - kept for this batch's waiters
+                    except BaseException as e:  # kept for this batch's waiters
                         log.error("catalog changes %d..%d were not recorded: %s", first, last, e)
                         # Back-to-back failures are one range (a full disk fails every
                         # batch), so what is kept spans far more than the last few batches.
                         if self._failures and self._failures[-1][1] == first - 1:
                             first = self._failures.pop()[0]
                         self._failures.append((first, last, e))
+                        if not isinstance(e, Exception):  # an interrupt: recorded, then on
+                            self._done = last
+                            raise
                     self._done = last
 
     def commit_all(self) -> None:

@@ -41,6 +41,7 @@ from tierd.core.index import BlockEntry, Index, NamespaceInfo
 from tierd.core.leases import LeaseTable
 from tierd.core.policies import Policy
 from tierd.core.stats import Counters
+from tierd.core.tierset import fastest_copy
 from tierd.tiers.base import Copy, Location
 
 log = logging.getLogger("tierd.core")
@@ -80,9 +81,7 @@ class Directory:
 
     def best(self, entry: BlockEntry) -> Copy | None:
         """The copy a read uses: the one in the fastest tier."""
-        if len(entry.copies) == 1:
-            return next(iter(entry.copies.values()))
-        return min(entry.copies.values(), key=lambda c: self._rank[c.tier], default=None)
+        return fastest_copy(entry, self._rank)
 
     def best_name(self, entry: BlockEntry) -> str:
         copy = self.best(entry)
@@ -108,7 +107,9 @@ class Directory:
                 if self.index.get(ns.id, k) is None and (ns.id, k) not in self.pending]  # fmt: skip
         self.pending.update((ns.id, k) for k, _ in mine)
         if not mine:
-            return mine, 0  # nothing to record: committing ticket 0 returns at once
+            # Nothing of its own to record; the keys it found may be blocks whose rows are
+            # still queued (sealed tails, or another put's): it answers once those are in.
+            return mine, self.log.last() if placed else 0
         ticket = self.log.add(plan_insert_blocks(
             BlockRow(ns.id, k, ns.block_bytes, c.checksum, False, now, copies=copy_rows([c]))
             for k, c in mine

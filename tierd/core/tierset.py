@@ -1,7 +1,7 @@
 """The tier chain the daemon runs: built from the config's `[[tiers]]` by kind.
 
 Primitives: `TierSet.open(config, tag)`, `chain`, `top` (the memory tier puts land in and
-gets are served from), `get(name)`, `rank(name)`, `best(entry)`, `ordered(entry)`,
+gets are served from), `get(name)`, `rank(name)`, `best(entry)`,
 `below(name)` (where that tier's victims go), `close()`.
 
 The core speaks of tiers only through this: by position in the chain, by capability, or
@@ -16,6 +16,15 @@ from tierd.config import Config
 from tierd.core.index import BlockEntry
 from tierd.tiers.base import Copy, MemoryTier, Tier
 from tierd.tiers.registry import TierContext, build_tier
+
+
+def fastest_copy(entry: BlockEntry, rank: dict[str, int]) -> Copy | None:
+    """The copy in the fastest tier (by `rank`, chain position). Safe without the core lock
+    (attend reads it so): a snapshot of the copies is taken before choosing."""
+    copies = tuple(entry.copies.values())
+    if len(copies) == 1:
+        return copies[0]
+    return min(copies, key=lambda c: rank[c.tier], default=None)
 
 
 class TierSet:
@@ -52,12 +61,7 @@ class TierSet:
 
     def best(self, entry: BlockEntry) -> Copy | None:
         """The copy a read uses: the one in the fastest tier."""
-        if len(entry.copies) == 1:
-            return next(iter(entry.copies.values()))
-        return min(entry.copies.values(), key=lambda c: self._rank[c.tier], default=None)
-
-    def ordered(self, entry: BlockEntry) -> list[Copy]:
-        return sorted(entry.copies.values(), key=lambda c: self._rank[c.tier])
+        return fastest_copy(entry, self._rank)
 
     def best_name(self, entry: BlockEntry) -> str:
         copy = self.best(entry)
