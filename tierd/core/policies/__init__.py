@@ -26,7 +26,7 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, tier: str = "host") -> Policy:
+def make_policy(name: str, tier: str = "tier") -> Policy:
     try:
         return POLICIES[name](tier)
     except KeyError:

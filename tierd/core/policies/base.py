@@ -49,7 +49,7 @@ class Policy(ABC):
     # the caller then passes that victim to `admit` (it costs a victim lookup).
     wants_victim = False
 
-    def __init__(self, tier: str = "host") -> None:
+    def __init__(self, tier: str = "tier") -> None:
         self.tier = tier
         self.clock = 0  # logical time: one tick per insert or hit seen by this policy
         self._heaps: dict[str, list[Item]] = {}

@@ -28,7 +28,7 @@ LINEAR_TOKENS = 8192
 class CostAware(LFU):
     name = "cost"
 
-    def __init__(self, tier: str = "host", half_life: int = HALF_LIFE,
+    def __init__(self, tier: str = "tier", half_life: int = HALF_LIFE,
                  linear_tokens: int = LINEAR_TOKENS) -> None:  # fmt: skip
         super().__init__(tier, half_life)
         self.linear_tokens = linear_tokens

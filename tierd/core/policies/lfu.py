@@ -22,7 +22,7 @@ HALF_LIFE = 4096
 class LFU(Policy):
     name = "lfu"
 
-    def __init__(self, tier: str = "host", half_life: int = HALF_LIFE) -> None:
+    def __init__(self, tier: str = "tier", half_life: int = HALF_LIFE) -> None:
         super().__init__(tier)
         self.half_life = half_life
 

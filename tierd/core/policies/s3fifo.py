@@ -56,7 +56,7 @@ class _Queues:
 class S3FIFO(Policy):
     name = "s3fifo"
 
-    def __init__(self, tier: str = "host", small_share: float = 0.10) -> None:
+    def __init__(self, tier: str = "tier", small_share: float = 0.10) -> None:
         super().__init__(tier)
         self.small_share = small_share
         self.ghost: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()

@@ -21,7 +21,7 @@ GHOST_KEYS = 1 << 16
 class SecondHit(LRU):
     name = "second_hit"
 
-    def __init__(self, tier: str = "nvme", ghost_keys: int = GHOST_KEYS) -> None:
+    def __init__(self, tier: str = "tier", ghost_keys: int = GHOST_KEYS) -> None:
         super().__init__(tier)
         self.ghost_keys = ghost_keys
         self.ghost: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()

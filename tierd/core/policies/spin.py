@@ -40,7 +40,7 @@ MIN_BUDGET = 16  # 8k tokens at 512-token blocks
 class Spin(Policy):
     name = "spin"
 
-    def __init__(self, tier: str = "host", bucket_seconds: float = BUCKET_SECONDS,
+    def __init__(self, tier: str = "tier", bucket_seconds: float = BUCKET_SECONDS,
                  budget: int | None = None) -> None:  # fmt: skip
         super().__init__(tier)
         self.bucket_seconds = bucket_seconds

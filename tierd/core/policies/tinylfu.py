@@ -46,7 +46,7 @@ class TinyLFU(LRU):
     name = "tinylfu"
     wants_victim = True
 
-    def __init__(self, tier: str = "nvme", min_sample: int = MIN_SAMPLE) -> None:
+    def __init__(self, tier: str = "tier", min_sample: int = MIN_SAMPLE) -> None:
         super().__init__(tier)
         self.min_sample = min_sample
         self.peak = 0  # most blocks this tier has held
