@@ -31,10 +31,10 @@ within a tenant the policy's order decides.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 
+from tierd.core.fairness import merge_by_pressure
 from tierd.core.index import BlockEntry
 from tierd.core.policies.base import Policy, Pred
 from tierd.errors import Internal
@@ -280,18 +280,9 @@ def _fair(queues: Mapping[str, Generator[BlockEntry, None, None]], usage: dict[s
     """Victims one at a time from the tenant under most pressure (over quota first, then
     bytes per weight), each tenant's blocks in its queue's order."""
 
-    def key(tenant: str) -> tuple[int, float, str]:
-        s, used = share(tenant), usage.get(tenant, 0)
+    def key(tenant: str, used: int) -> tuple[float, ...]:
+        s = share(tenant)
         over = 1 if s.quota_bytes > 0 and used > s.quota_bytes else 0
-        return (-over, -used / (s.weight if s.weight > 0 else 1e-9), tenant)
+        return (-over, -used / (s.weight if s.weight > 0 else 1e-9))
 
-    heap = [key(t) for t in queues]
-    heapq.heapify(heap)
-    while heap:
-        tenant = heapq.heappop(heap)[2]
-        entry = next(queues[tenant], None)
-        if entry is None:
-            continue
-        yield entry
-        usage[tenant] = usage.get(tenant, 0) - entry.nbytes
-        heapq.heappush(heap, key(tenant))
+    return merge_by_pressure(queues, usage, key)

@@ -15,7 +15,7 @@ anyone else. Within a tenant, the tier's placement policy (LRU by default) picks
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from tierd.config import Config
@@ -71,10 +71,21 @@ def fair_victims(
 def fair_merge(
     queues: dict[str, Iterator[BlockEntry]], usage: dict[str, int], config: Config, tier: str
 ) -> Iterator[BlockEntry]:
-    """Victims one at a time from the tenant under most pressure, each tenant's from its
-    own queue (a policy's leave order), pulled lazily."""
-    usage = dict(usage)
-    heap = [(_neg(_pressure(config, t, tier, usage.get(t, 0))), t) for t in queues]
+    """Victims one at a time from the tenant under most pressure (as the config's weights
+    and quotas say), each tenant's from its own queue (a policy's leave order)."""
+    return merge_by_pressure(queues, usage,
+                             lambda t, used: _neg(_pressure(config, t, tier, used)))  # fmt: skip
+
+
+def merge_by_pressure(
+    queues: Mapping[str, Iterator[BlockEntry]],
+    usage: Mapping[str, int],
+    key: Callable[[str, int], tuple[float, ...]],
+) -> Iterator[BlockEntry]:
+    """Victims one at a time from the tenant whose `key(tenant, bytes held)` is smallest
+    (ties: by tenant name), its usage lowered by each block taken, pulled lazily."""
+    held = dict(usage)
+    heap = [(key(t, held.get(t, 0)), t) for t in queues]
     heapq.heapify(heap)
     while heap:
         _, tenant = heapq.heappop(heap)
@@ -82,8 +93,8 @@ def fair_merge(
         if entry is None:
             continue
         yield entry
-        usage[tenant] = usage.get(tenant, 0) - entry.nbytes
-        heapq.heappush(heap, (_neg(_pressure(config, tenant, tier, usage[tenant])), tenant))
+        held[tenant] = held.get(tenant, 0) - entry.nbytes
+        heapq.heappush(heap, (key(tenant, held[tenant]), tenant))
 
 
 def _neg(key: tuple[int, float]) -> tuple[int, float]:
