@@ -11,6 +11,7 @@ and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -286,9 +287,15 @@ class Config:
     tier_list: tuple[TierSpec, ...] = ()  # [[tiers]]; empty: the shorthand sections
 
     def tenant(self, name: str) -> TenantConfig | None:
-        return next((t for t in self.tenants if t.name == name), None)
+        return self._tenants_by_name.get(name)
 
-    @property
+    @functools.cached_property
+    def _tenants_by_name(self) -> dict[str, TenantConfig]:
+        # Asked on every placement decision (fair share, quotas): a dict, built once. The
+        # config is frozen, so the cache never goes stale.
+        return {t.name: t for t in self.tenants}
+
+    @functools.cached_property
     def tiers(self) -> tuple[TierSpec, ...]:
         """The tier chain, fastest first: `[[tiers]]`, or `[host]`, `[nvme]`, `[csd]`."""
         if self.tier_list:

@@ -64,6 +64,9 @@ class Directory:
         self.top = self.chain[0]
         self._rank = {name: i for i, name in enumerate(self.chain)}
         self.policies = policies
+        # The policies that count accesses (frequency filters); the others are not asked.
+        self._counting = [p for p in policies.values()
+                          if type(p).on_access is not Policy.on_access]  # fmt: skip
         self._release = release
         self._config = config
         self.cond = threading.Condition()
@@ -136,7 +139,7 @@ class Directory:
 
     def accessed(self, entry: BlockEntry) -> None:
         """A put or read of the block: frequency filters of every tier count it."""
-        for policy in self.policies.values():
+        for policy in self._counting:
             policy.on_access(entry)
 
     def add_blocks(

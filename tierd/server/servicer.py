@@ -5,6 +5,7 @@ Every method is wrapped by `translate_errors`, so a domain error becomes its sta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import grpc
@@ -30,6 +31,7 @@ from tierd_client.tensors import to_message, to_torch
 STREAM_CHUNK_BYTES = 4 << 20
 
 
+@functools.cache
 def _kind_enum(kind: str) -> int:
     """The wire enum of a tier kind, which older clients read (TIER_<KIND>); a kind the
     enum lacks is TIER_UNSPECIFIED, and the message's tier name still says which tier."""
