@@ -122,3 +122,14 @@ def test_the_service_refuses_a_damaged_catalog_naming_the_repair(tmp_path: Path)
     # Nothing stays held: the data dir can be opened by the next try.
     (data / "index.sqlite3").unlink()
     CacheService(cfg).close()
+
+
+def test_layer_sums_land_only_on_the_block_they_were_taken_from(tmp_path: Path) -> None:
+    with closing(open_catalog(tmp_path / "index.sqlite3")) as cat:
+        cat.upsert_namespace(NS)
+        cat.insert_blocks([BlockRow(NS.ns_id, b"k" * 16, 8, 5, False, 0.0)])
+        # Sums of an older block under the same key (checksum 4) are not this block's.
+        cat.set_layer_sums([(NS.ns_id, b"k" * 16, 4, (1, 2))])
+        assert [r.layer_sums for r in cat.blocks()] == [None]
+        cat.set_layer_sums([(NS.ns_id, b"k" * 16, 5, (1, 2))])
+        assert [r.layer_sums for r in cat.blocks()] == [(1, 2)]

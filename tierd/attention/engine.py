@@ -173,7 +173,7 @@ class AttentionEngine:
         with self.svc.cond:
             if entry.copies.get(copy.tier) is copy and entry.layer_sums is None:
                 entry.layer_sums = sums
-                self.svc.directory.log.add(plan_set_layer_sums([(entry.ns.id, entry.key, sums)]))
+                self.svc.directory.log.add(plan_set_layer_sums([(entry.ns.id, entry.key, entry.checksum, sums)]))
 
     def _corrupt(self, entry: BlockEntry, copy: Copy | None, tier: str = "") -> NoReturn:
         if copy is not None:

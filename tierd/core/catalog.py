@@ -187,8 +187,9 @@ class Catalog:
         """(ns_id, key, copies): each block's copies are now exactly these."""
         self.run(plan_set_copies(items))
 
-    def set_layer_sums(self, rows: Iterable[tuple[bytes, bytes, tuple[int, ...]]]) -> None:
-        """(ns_id, key, sums) for blocks whose per-layer checksums were just computed."""
+    def set_layer_sums(self, rows: Iterable[tuple[bytes, bytes, int, tuple[int, ...]]]) -> None:
+        """(ns_id, key, checksum, sums) for blocks whose per-layer checksums were just
+        computed."""
         self.run(plan_set_layer_sums(rows))
 
     def delete_blocks(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
@@ -229,9 +230,11 @@ def plan_set_copies(items: Iterable[tuple[bytes, bytes, Sequence[CopyRow]]]) -> 
     ]
 
 
-def plan_set_layer_sums(rows: Iterable[tuple[bytes, bytes, tuple[int, ...]]]) -> Plan:
-    return [("UPDATE blocks SET layer_sums = ? WHERE ns_id = ? AND key = ?",
-             [(pack_layer_sums(s), ns, k) for ns, k, s in rows])]  # fmt: skip
+def plan_set_layer_sums(rows: Iterable[tuple[bytes, bytes, int, tuple[int, ...]]]) -> Plan:
+    """(ns_id, key, checksum, sums): only onto the row of the block they were taken from (a
+    block put again under the key since, with other bytes, keeps its own)."""
+    return [("UPDATE blocks SET layer_sums = ? WHERE ns_id = ? AND key = ? AND checksum = ?",
+             [(pack_layer_sums(s), ns, k, to_sql_u64(c)) for ns, k, c, s in rows])]  # fmt: skip
 
 
 def plan_delete_blocks(keys: Iterable[tuple[bytes, bytes]]) -> Plan:

@@ -119,7 +119,7 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
             svc.directory.add_copy(entry, Copy(target.name, loc, entry.nbytes, entry.checksum))
             if fresh and entry.layer_sums is not None:
                 svc.directory.log.add(
-                    plan_set_layer_sums([(entry.ns.id, entry.key, entry.layer_sums)])
+                    plan_set_layer_sums([(entry.ns.id, entry.key, entry.checksum, entry.layer_sums)])
                 )
         moved = 0
         for entry in todo:

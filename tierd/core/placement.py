@@ -373,7 +373,8 @@ class Placer:
                 copy = Copy(dest.name, loc, entry.nbytes, entry.checksum)
                 keep = [c for c in entry.copies.values() if c.tier != top.name or keep_top]
                 rows.append((entry.ns.id, entry.key, copy_rows([*keep, copy])))
-            sums = [(e.ns.id, e.key, e.layer_sums) for (e, _), fresh in zip(writes, stamped)
+            sums = [(e.ns.id, e.key, e.checksum, e.layer_sums)
+                    for (e, _), fresh in zip(writes, stamped)
                     if fresh and e.layer_sums is not None]  # fmt: skip
             ticket = self.dir.log.add(plan_set_copies(rows) + plan_set_layer_sums(sums))
         # On record before memory changes, committed without the lock: a catalog that
