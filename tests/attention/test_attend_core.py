@@ -82,7 +82,7 @@ def test_attend_equals_dense_for_random_tier_splits(svc, dtype: str, tol: float,
     rng = np.random.default_rng(seed)
     to_nvme = [k for k in keys if rng.random() < 0.5]
     assert svc.move(ns.id, to_nvme, "nvme") == len(to_nvme)
-    assert {svc.tiers.best_name(svc.index.get(ns.id, k)) for k in to_nvme} <= {"nvme"}
+    assert {svc.directory.best_name(svc.index.get(ns.id, k)) for k in to_nvme} <= {"nvme"}
     seq_id, cached = svc.attend.open_sequence(ns.id, keys)
     assert cached == n_blocks * T
     g = torch.Generator().manual_seed(100 + seed)

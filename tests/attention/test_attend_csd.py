@@ -49,7 +49,7 @@ def test_three_tier_split_equals_dense_and_survives_a_killed_worker(svc: CacheSe
     for tier in ("nvme", "csd"):
         chosen = [k for k, t in zip(keys, where) if t == tier]
         assert svc.move(ns.id, chosen, tier) == len(chosen)
-    assert {svc.tiers.best_name(e) for e in (svc.index.get(ns.id, k) for k in keys)} == {"host", "nvme", "csd"}
+    assert {svc.directory.best_name(e) for e in (svc.index.get(ns.id, k) for k in keys)} == {"host", "nvme", "csd"}
     workers = {c.location for k in keys if (c := svc.index.get(ns.id, k).copies.get("csd"))}
     assert workers == {"w0", "w1"}  # round robin spread the blocks over both
     seq_id, _ = svc.attend.open_sequence(ns.id, keys)

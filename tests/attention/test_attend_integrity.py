@@ -59,7 +59,7 @@ def test_flipped_nvme_byte_fails_attend_naming_the_block(core: CacheService, old
     ns, keys, _, kv = put_blocks(svc, lay, 6, seed=3)
     assert svc.move(ns.id, keys, "nvme") == len(keys)
     victim = svc.index.get(ns.id, keys[4])
-    assert svc.tiers.best_name(victim) == "nvme" and victim.layer_sums is not None
+    assert svc.directory.best_name(victim) == "nvme" and victim.layer_sums is not None
     if old_catalog:  # rows of a release without per-layer checksums
         for k in keys:
             svc.index.get(ns.id, k).layer_sums = None
@@ -102,7 +102,7 @@ def test_flipped_csd_byte_fails_attend_naming_the_block(csd_core: CacheService) 
     ns, keys, _, kv = put_blocks(svc, lay, 4, seed=9)
     assert svc.move(ns.id, keys, "csd") == len(keys)
     victim = svc.index.get(ns.id, keys[2])
-    assert svc.tiers.best_name(victim) == "csd"
+    assert svc.directory.best_name(victim) == "csd"
     seq_id, _ = svc.attend.open_sequence(ns.id, keys)
     check_exact(svc, seq_id, kv, 2)  # after a first read, layer reads still verify
     shard = svc.config.data_dir / "csd" / str(victim.copies["csd"].location)

@@ -71,7 +71,7 @@ class AttentionEngine:
         remote: dict[tuple[str, Location], list[BlockEntry]] = {}
         unchecked: list[BlockEntry] = []
         for entry in seq.blocks:
-            copy = tiers.best(entry)
+            copy = self.svc.directory.best(entry)
             if copy is None:
                 raise FailedPrecondition(
                     "a block of this sequence is no longer cached; recompute it", field="sequence_id"

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierd.sqlite_rows import columns, connect, from_sql_u64, to_sql_u64, write_many, write_rows
+from tierd.sqlite_rows import columns, connect, from_sql_u64, to_sql_u64, write_many
 from tierd.tiers.base import Copy
 from tierd.tiers.checksum import pack_layer_sums, unpack_layer_sums
 
@@ -140,15 +140,11 @@ class Catalog:
         with self._lock:
             self._db.close()
 
-    def _write(self, sql: str, rows: Iterable[tuple]) -> None:
-        with self._lock:
-            write_rows(self._db, sql, rows)
-
     def upsert_namespace(self, row: NamespaceRow) -> None:
-        self._write(
+        self.run([(
             "INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?, ?)",
             [(row.ns_id, row.tenant, row.model, json.dumps(row.layout), json.dumps(row.extra))],
-        )
+        )])  # fmt: skip
 
     def namespaces(self) -> list[NamespaceRow]:
         with self._lock:

@@ -3,7 +3,7 @@ outside the core lock, several at a time.
 
 Primitives: `CatalogLog(catalog)`, `add(plan) -> ticket` (caller holds the core lock),
 `commit(ticket)` (caller does not: raises what the catalog raised for that change),
-`commit_all()`, `pending()`.
+`commit_all()`, `last()`.
 
 The directory decides under its lock and appends each catalog change here in the same
 critical section, so the log's order is the order of the decisions. Whoever needs a change
@@ -50,10 +50,6 @@ class CatalogLog:
         """The ticket of the newest change queued (0: none yet)."""
         with self._queue_lock:
             return self._last
-
-    def pending(self) -> int:
-        with self._queue_lock:
-            return len(self._queue)
 
     def commit(self, ticket: int) -> None:
         """Make every change up to `ticket` durable (and those queued after it, in the same

@@ -41,12 +41,20 @@ from tierd.core.index import BlockEntry, Index, NamespaceInfo
 from tierd.core.leases import LeaseTable
 from tierd.core.policies import Policy
 from tierd.core.stats import Counters
-from tierd.core.tierset import fastest_copy
 from tierd.tiers.base import Copy, Location
 
 log = logging.getLogger("tierd.core")
 
 Release = Callable[[BlockEntry, Copy], None]
+
+
+def _fastest_copy(entry: BlockEntry, rank: dict[str, int]) -> Copy | None:
+    """The copy in the fastest tier (by `rank`, chain position). Safe without the core lock
+    (attend reads it so): a snapshot of the copies is taken before choosing."""
+    copies = tuple(entry.copies.values())
+    if len(copies) == 1:
+        return copies[0]
+    return min(copies, key=lambda c: rank[c.tier], default=None)
 
 
 class Directory:
@@ -84,7 +92,11 @@ class Directory:
 
     def best(self, entry: BlockEntry) -> Copy | None:
         """The copy a read uses: the one in the fastest tier."""
-        return fastest_copy(entry, self._rank)
+        return _fastest_copy(entry, self._rank)
+
+    def rank(self, tier: str) -> int:
+        """A tier's place in the chain (0: the fastest)."""
+        return self._rank[tier]
 
     def best_name(self, entry: BlockEntry) -> str:
         copy = self.best(entry)

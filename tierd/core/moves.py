@@ -92,7 +92,7 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
         writes: list[tuple[BlockEntry, Copy, Location]] = []
         try:
             for entry in (e for e in todo if target.name not in e.copies and e.copies):
-                src = svc.tiers.best(entry)
+                src = svc.directory.best(entry)
                 assert src is not None
                 loc = svc.placer.allocate_in(target, entry.ns.tenant, entry.nbytes)
                 if loc is None:
@@ -132,7 +132,7 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
             # attends over or a promotion copies from.
             others = [c for c in entry.copies.values() if c.tier != target.name]
             if entry.readers > 1 and others:
-                others.remove(min(others, key=lambda c: svc.tiers.rank(c.tier)))
+                others.remove(min(others, key=lambda c: svc.directory.rank(c.tier)))
             for copy in others:
                 svc.directory.drop_copy(entry, copy)
             svc.directory.record_copies(entry)

@@ -190,7 +190,7 @@ class Placer:
                             theirs.append(entry.loading)
                         continue
                     entry.loading = Future()
-                    mine.append((entry, svc.tiers.best(entry), staging))
+                    mine.append((entry, svc.directory.best(entry), staging))
                 elif held is not None and not held.verified:
                     entry.loading = Future()
                     mine.append((entry, None, None))

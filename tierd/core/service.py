@@ -215,7 +215,7 @@ class CacheService:
                         break
                     entry.last_access = now
                     entry.depth = len(found)
-                    found.append((key, self.tiers.best_name(entry)))
+                    found.append((key, self.directory.best_name(entry)))
             batch = min(2 * batch, 1024)
         with self.cond:
             self.counters.lookups += 1
@@ -514,7 +514,7 @@ class CacheService:
         ns = self.namespace(ns_id)
         validate.check_keys(keys, self.config.leases.max_keys_per_call)
         with self.cond:
-            return [self.tiers.best_name(e) if (e := self.index.get(ns.id, k)) is not None
+            return [self.directory.best_name(e) if (e := self.index.get(ns.id, k)) is not None
                     else "" for k in keys]  # fmt: skip
 
     def delete(self, ns_id: bytes, keys: Sequence[bytes]) -> int:

@@ -1,7 +1,7 @@
 """The tier chain the daemon runs: built from the config's `[[tiers]]` by kind.
 
 Primitives: `TierSet.open(config, tag)`, `chain`, `top` (the memory tier puts land in and
-gets are served from), `get(name)`, `rank(name)`, `best(entry)`,
+gets are served from), `get(name)`,
 `below(name)` (where that tier's victims go), `close()`.
 
 The core speaks of tiers only through this: by position in the chain, by capability, or
@@ -13,18 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tierd.config import Config
-from tierd.core.index import BlockEntry
-from tierd.tiers.base import Copy, MemoryTier, Tier
+from tierd.tiers.base import MemoryTier, Tier
 from tierd.tiers.registry import TierContext, build_tier
-
-
-def fastest_copy(entry: BlockEntry, rank: dict[str, int]) -> Copy | None:
-    """The copy in the fastest tier (by `rank`, chain position). Safe without the core lock
-    (attend reads it so): a snapshot of the copies is taken before choosing."""
-    copies = tuple(entry.copies.values())
-    if len(copies) == 1:
-        return copies[0]
-    return min(copies, key=lambda c: rank[c.tier], default=None)
 
 
 class TierSet:
@@ -55,17 +45,6 @@ class TierSet:
 
     def get(self, name: str) -> Tier | None:
         return self._by_name.get(name)
-
-    def rank(self, name: str) -> int:
-        return self._rank[name]
-
-    def best(self, entry: BlockEntry) -> Copy | None:
-        """The copy a read uses: the one in the fastest tier."""
-        return fastest_copy(entry, self._rank)
-
-    def best_name(self, entry: BlockEntry) -> str:
-        copy = self.best(entry)
-        return copy.tier if copy is not None else ""
 
     def below(self, name: str) -> Tier | None:
         """The next tier down that takes demoted blocks (None: victims leave the cache)."""

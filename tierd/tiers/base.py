@@ -204,11 +204,6 @@ class Tier(ABC):
         or corrupt), or None when this tier has no compute (the core reads and reduces)."""
         return None
 
-    def locations_for(self, n: int) -> list[Location] | None:
-        """Where `n` blocks moved here together should go, when the tier chooses by itself
-        (CSD: round robin over healthy workers); None: `reserve` each."""
-        return None
-
     def start(self) -> list[str]:
         """Bring up what the tier runs (workers); returns what is not serving yet."""
         return []
@@ -238,10 +233,6 @@ class MemoryTier(Tier):
     @abstractmethod
     def segment_size(self, tenant: str) -> int:
         """Size of what `client_fd` maps (clients check they map all of it)."""
-
-    @abstractmethod
-    def has_memory_of(self, tenant: str) -> bool:
-        """Whether the tenant's memory survived from an earlier run (recovery)."""
 
     def trim(self) -> None:
         """Give back pages clients faulted in by reading unallocated space."""

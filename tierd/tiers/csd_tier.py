@@ -90,9 +90,6 @@ class CsdTier(Tier):
         self._take(name, nbytes)
         return name
 
-    def locations_for(self, n: int) -> list[Location] | None:
-        return list(self.pool.pick(n))
-
     def adopt(self, tenant: str, location: Location, nbytes: int) -> bool:
         if location not in self.pool.names:
             return False

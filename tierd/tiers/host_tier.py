@@ -50,9 +50,6 @@ class HostTier(MemoryTier):
         return (isinstance(location, int) and self.arena.existing_segment(tenant)
                 and self.arena.reserve(tenant, location, nbytes))  # fmt: skip
 
-    def has_memory_of(self, tenant: str) -> bool:
-        return self.arena.existing_segment(tenant)
-
     def release(self, tenant: str, location: Location, nbytes: int) -> None:
         self.arena.free(tenant, int(location), nbytes)
 

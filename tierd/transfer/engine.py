@@ -110,9 +110,7 @@ class TransferEngine:
         for entry, copy, start, length in reads:
             tier = self.tiers.get(copy.tier)
             assert tier is not None
-            align = tier.read_align
-            lo = start // align * align
-            hi = -(-(start + length) // align) * align
+            lo, hi = _aligned(tier, start, length)
             futures.append(tier.read_range(entry, copy, lo, scratch[at : at + hi - lo]))
             views.append(scratch[at + start - lo : at + start - lo + length])
             at += hi - lo
@@ -124,9 +122,16 @@ class TransferEngine:
         total = 0
         for _, copy, start, length in reads:
             tier = self.tiers.get(copy.tier)
-            align = tier.read_align if tier is not None else 1
-            total += -(-(start + length) // align) * align - start // align * align
+            assert tier is not None
+            lo, hi = _aligned(tier, start, length)
+            total += hi - lo
         return total
+
+
+def _aligned(tier: Tier, start: int, length: int) -> tuple[int, int]:
+    """The range a read of [start, start + length) covers in `tier` (its alignment)."""
+    align = tier.read_align
+    return start // align * align, -(-(start + length) // align) * align
 
 
 def _from_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:
