@@ -22,12 +22,13 @@ from tests.core.conftest import (
     keys_for,
     put_blocks,
 )
+from tests.tiers.dict_tier import DictTier
 from tierd.config import Config, TierSpec
 from tierd.core import moves, placement
 from tierd.core.service import CacheService
 from tierd.errors import ResourceExhausted
 from tierd.tiers import registry
-from tierd.tiers.base import BlockRef, Copy, Location, Tier
+from tierd.tiers.base import BlockRef, Copy
 from tierd.tiers.io_backend import ALIGNMENT
 from tierd.tiers.registry import TierContext
 
@@ -326,65 +327,23 @@ def test_a_change_that_failed_is_reported_however_many_failed_after_it(
         log.commit(mine)
 
 
-class SlotTier(Tier):
-    """Copies as bytes in a dict; a freed copy's bytes are gone at once. `hold_read` parks
-    the next read until it is set."""
+class SlotTier(DictTier):
+    """A dict tier whose next read, while `hold_read` is set, parks until it is set."""
 
     kind = "slots"
     hold_read: threading.Event | None = None
     reading = threading.Event()
 
-    def __init__(self, spec: TierSpec) -> None:
-        super().__init__(spec)
-        self.store: dict[int, bytes] = {}
-        self.free_slots = set(range(spec.capacity_bytes // BB))
-        self.lock = threading.Lock()
-
     @classmethod
     def open(cls, spec: TierSpec, context: TierContext) -> SlotTier:
-        return cls(spec)
-
-    @property
-    def capacity(self) -> int:
-        return self.spec.capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self.capacity - len(self.free_slots) * BB
-
-    def reserve(self, tenant: str, nbytes: int) -> Location | None:
-        with self.lock:
-            return self.free_slots.pop() if self.free_slots else None
-
-    def adopt(self, tenant: str, location: Location, nbytes: int) -> bool:
-        return False
-
-    def release(self, tenant: str, location: Location, nbytes: int) -> None:
-        with self.lock:
-            self.store.pop(int(location), None)
-            self.free_slots.add(int(location))
-
-    def free(self, block: BlockRef, copy: Copy) -> None:
-        self.release(block.ns.tenant, copy.location, copy.length)
-
-    def write(self, block: BlockRef, location: Location, data: memoryview) -> Future[None]:
-        self.store[int(location)] = bytes(data)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
+        return cls(spec, {}, BB)
 
     def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:
         gate, SlotTier.hold_read = SlotTier.hold_read, None
         if gate is not None:
             SlotTier.reading.set()
             gate.wait(DEADLINE_S)
-        done: Future[None] = Future()
-        try:
-            out[:] = self.store[int(copy.location)]
-            done.set_result(None)
-        except KeyError as e:
-            done.set_exception(e)
-        return done
+        return super().read(block, copy, out)
 
 
 @pytest.fixture

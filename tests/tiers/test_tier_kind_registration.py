@@ -5,11 +5,8 @@ per-tier stats all work through the `Tier` protocol alone."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -20,80 +17,15 @@ from tierd.config import Config, TierSpec
 from tierd.core.service import CacheService
 from tierd.errors import ConfigError
 from tierd.tiers import registry
-from tierd.tiers.base import BlockRef, Copy, Location, Tier
-from tierd.tiers.registry import TierContext
 from tierd_client.keys import block_keys
 from tierd_client.layout import KVLayout
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_tokens=8)
 BB = LAYOUT.block_bytes
 
-# What a kind keeps beyond a process: by path, so a "restart" finds its copies again.
-_STORES: dict[str, dict[int, bytes]] = {}
-
-
-def _done(value: Any = None) -> Future[Any]:
-    f: Future[Any] = Future()
-    f.set_result(value)
-    return f
-
-
-class DictTier(Tier):
-    """Copies as bytes objects in a dict keyed by slot number."""
-
-    kind = "dict"
-    OPTIONS: ClassVar[dict[str, Any]] = {"slots": 0}
-
-    def __init__(self, spec: TierSpec, store: dict[int, bytes], slots: int) -> None:
-        super().__init__(spec)
-        self.store, self.slots = store, slots
-        self.free_slots = set(range(slots)) - set(store)
-        self.lock = threading.Lock()
-
-    @classmethod
-    def open(cls, spec: TierSpec, context: TierContext) -> DictTier:
-        slots = int(spec.option("slots", 0)) or spec.capacity_bytes // BB
-        return cls(spec, _STORES.setdefault(str(spec.path), {}), slots)
-
-    @property
-    def capacity(self) -> int:
-        return self.slots * BB
-
-    @property
-    def used_bytes(self) -> int:
-        return (self.slots - len(self.free_slots)) * BB
-
-    def reserve(self, tenant: str, nbytes: int) -> Location | None:
-        with self.lock:
-            return self.free_slots.pop() if self.free_slots else None
-
-    def adopt(self, tenant: str, location: Location, nbytes: int) -> bool:
-        with self.lock:
-            if location not in self.store:
-                return False
-            self.free_slots.discard(int(location))
-            return True
-
-    def release(self, tenant: str, location: Location, nbytes: int) -> None:
-        with self.lock:
-            self.store.pop(int(location), None)
-            self.free_slots.add(int(location))
-
-    def free(self, block: BlockRef, copy: Copy) -> None:
-        self.release(block.ns.tenant, copy.location, copy.length)
-
-    def write(self, block: BlockRef, location: Location, data: memoryview) -> Future[None]:
-        self.store[int(location)] = bytes(data)
-        return _done()
-
-    def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:
-        out[:] = self.store[int(copy.location)]
-        return _done()
-
-
 @pytest.fixture
 def kind() -> Iterator[None]:
-    registry.KINDS["dict"] = f"{__name__}:DictTier"
+    registry.KINDS["dict"] = "tests.tiers.dict_tier:DictTier"
     yield
     del registry.KINDS["dict"]
 
@@ -101,7 +33,8 @@ def kind() -> Iterator[None]:
 def chain(data_dir: Path, host_blocks: int, dict_blocks: int) -> Config:
     return Config(data_dir=data_dir, tier_list=(
         TierSpec("mem", "host", host_blocks * BB, options=(("pin_memory", False),)),
-        TierSpec("far", "dict", dict_blocks * BB, path=data_dir / "far"),
+        TierSpec("far", "dict", dict_blocks * BB, path=data_dir / "far",
+                 options=(("slot_bytes", BB),)),
     )).resolved()  # fmt: skip
 
 
@@ -183,7 +116,7 @@ def test_a_kind_checks_its_own_keys(kind: None, tmp_path: Path) -> None:
     bad = Config(data_dir=tmp_path, tier_list=(
         TierSpec("mem", "host", 4 * BB), TierSpec("far", "dict", 4 * BB, options=(("slot", 3),)),
     ))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"tiers\[1\]\.slot.*its own keys: slots"):
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.slot.*its own keys: slot_bytes"):
         bad.validate()
     with pytest.raises(ConfigError, match=r"tiers\[0\]\.kind.*memory tier"):
         Config(data_dir=tmp_path, tier_list=(TierSpec("far", "dict", 4 * BB),)).validate()
