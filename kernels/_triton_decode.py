@@ -3,16 +3,20 @@
 Primitives: `paged_decode_partial[grid](...)`, one program per (sequence, KV head, split).
 
 Flash-decoding over the block layout: a sequence's keys are cut into splits of
-`split_tokens`; each program walks its split `BLOCK_N` tokens at a time, finds each
-token's block through the block table (so any block size works, powers of two or not),
-and keeps an online softmax for the `GROUP` query heads that share its KV head, so K and
-V are read once per group rather than once per query head. It writes a partial (out, lse)
-per split; the launcher merges the splits exactly by log-sum-exp.
+`split_tokens`; each program walks its split `BLOCK_N` tokens at a time and keeps an online
+softmax for the `GROUP` query heads that share its KV head, so K and V are read once per
+group rather than once per query head. It writes a partial (out, lse) per split; the
+launcher merges the splits exactly by log-sum-exp.
 
-Scores use a broadcast multiply and a sum rather than `tl.dot`: a decode step has one
-query row per head, below `tl.dot`'s 16-row minimum, and the work is bound by reading
-KV anyway. All arithmetic is float32 whatever the storage dtype (the interpreter also
-cannot add bfloat16 values directly: it holds them as raw 16-bit integers).
+Tiles: when `BLOCK_N` divides the block size (`WHOLE_TILES`), a tile lies inside one block,
+so its rows are contiguous and one table entry locates it: wide, coalesced loads. Other
+block sizes look each token's block up (any block size works).
+
+Both products are `tl.dot`s over a query tile padded to 16 rows (its minimum; the padding
+costs tensor-core time, which a decode step has to spare, not memory traffic). Precision:
+q.K runs in tf32, which is exact when q and K are 16-bit floats (their mantissas fit in
+tf32's); with a float32 operand it runs as three tf32 products ("tf32x3", about float32's
+accuracy), as does p.V always (p is float32). Accumulation is float32.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def paged_decode_partial(
     DIM_PAD: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WHOLE_TILES: tl.constexpr,
+    QK_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -58,46 +64,53 @@ def paged_decode_partial(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, DIM_PAD)
+    offs_t = tl.arange(0, BLOCK_N)
     g_ok = offs_g < GROUP
     d_ok = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
 
+    # Unscaled: a scaled q would no longer be exact in tf32 (the scale goes on the scores).
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=g_ok[:, None] & d_ok[None, :],
         other=0.0,
-    ).to(tl.float32)
-    q = q * scale  # [GROUP_PAD, DIM_PAD]; padded rows are 0 and never stored
+    ).to(tl.float32)  # [GROUP_PAD, DIM_PAD]; padded rows are 0 and never stored
 
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)  # one loop-bound type with int64 lens
     start = split * split_tokens
     end = tl.minimum(seq_len, start + split_tokens)
     kv_base = kv_ptr + layer * stride_kv_layer + kv_head * stride_kv_head
+    table = table_ptr + seq * stride_table_b
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_t
         n_ok = offs_n < end
-        block = tl.load(
-            table_ptr + seq * stride_table_b + offs_n // BLOCK_TOKENS, mask=n_ok, other=0
-        ).to(tl.int64)  # 64-bit: a large pool's byte offsets overflow int32
-        rows = kv_base + block * stride_kv_block + (offs_n % BLOCK_TOKENS) * stride_kv_token
+        if WHOLE_TILES:
+            # 64-bit: a large pool's byte offsets overflow int32.
+            block = tl.load(table + n0 // BLOCK_TOKENS).to(tl.int64)
+            rows = (
+                kv_base + block * stride_kv_block + (n0 % BLOCK_TOKENS + offs_t) * stride_kv_token
+            )
+        else:
+            blocks = tl.load(table + offs_n // BLOCK_TOKENS, mask=n_ok, other=0).to(tl.int64)
+            rows = kv_base + blocks * stride_kv_block + (offs_n % BLOCK_TOKENS) * stride_kv_token
         tile_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(rows[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
-        scores = tl.where(n_ok[None, :], scores, float("-inf"))
+        v = tl.load(rows[:, None] + stride_kv_kv + offs_d[None, :], mask=tile_ok, other=0.0).to(
+            tl.float32
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=QK_PRECISION) * scale
+        scores = tl.where(n_ok[None, :], scores, float("-inf"))  # [GROUP_PAD, BLOCK_N]
         # Every tile holds at least one valid key (n0 < end), so m_new is finite and the
         # first tile's exp(m_i - m_new) = exp(-inf) = 0 rather than nan.
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(rows[:, None] + stride_kv_kv + offs_d[None, :], mask=tile_ok, other=0.0).to(
-            tl.float32
-        )
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
         m_i = m_new
 
     # A split past the sequence's end saw no keys: out 0, lse -inf (weight 0 in the merge).

@@ -34,6 +34,20 @@ _INDEX = (torch.int32, torch.int64)
 # Tokens per program: enough to keep a GPU busy for short batches, few enough splits that
 # merging them costs little next to reading the keys.
 DEFAULT_SPLIT_TOKENS = 512
+# Keys per loop step (K and V tiles of [TILE_TOKENS, dim]) and the launch shape; chosen by
+# `tools/bench_gpu.py --sweep` on an H200 (see tools/BENCHMARKS.md).
+TILE_TOKENS = 64
+LAUNCH = {"num_warps": 4, "num_stages": 2}
+MIN_DOT = 16  # tl.dot's smallest dimension
+
+
+def tile_tokens(block_tokens: int) -> int:
+    """Keys per loop step: `TILE_TOKENS`, or the largest power of two (at least the dot's
+    minimum) that divides the block size, so that a tile never straddles two blocks."""
+    n = TILE_TOKENS
+    while n > MIN_DOT and block_tokens % n:
+        n //= 2
+    return n
 
 
 def triton_available() -> bool:
@@ -130,14 +144,16 @@ def decode_attention(
     kv_heads, block_tokens = kv_pool.shape[3], kv_pool.shape[4]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    block_n = tile_tokens(block_tokens)
+    whole_tiles = block_tokens % block_n == 0
+    # Whole tiles need every split to start on a tile boundary.
+    split_tokens = -(-split_tokens // block_n) * block_n
     splits = max(1, math.ceil(block_table.shape[1] * block_tokens / split_tokens))
     out = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     if batch == 0:
         return AttentionOutput(out[:, :, 0], lse[:, :, 0])
-    group_pad, dim_pad = _pow2(group), _pow2(dim)
-    # Keep the [group, tokens, dim] product tile near 8K elements: registers on a GPU.
-    block_n = max(16, min(64, 8192 // (group_pad * dim_pad)))
+    exact_in_tf32 = q.dtype != torch.float32 and kv_pool.dtype != torch.float32
     paged_decode_partial[(batch, kv_heads, splits)](
         q, kv_pool, block_table, seq_lens, out, lse,
         scale, layer, split_tokens,
@@ -146,8 +162,10 @@ def decode_attention(
         block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, DIM_PAD=dim_pad,
-        BLOCK_TOKENS=block_tokens, BLOCK_N=block_n,
+        GROUP=group, GROUP_PAD=max(MIN_DOT, _pow2(group)), HEAD_DIM=dim,
+        DIM_PAD=max(MIN_DOT, _pow2(dim)), BLOCK_TOKENS=block_tokens, BLOCK_N=block_n,
+        WHOLE_TILES=whole_tiles, QK_PRECISION="tf32" if exact_in_tf32 else "tf32x3",
+        **LAUNCH,
     )  # fmt: skip
     if splits == 1:
         return AttentionOutput(out[:, :, 0], lse[:, :, 0])

@@ -194,6 +194,39 @@ def split_sweep(device: torch.device, repeats: int, tokens: int) -> dict[str, fl
     }
 
 
+def launch_sweep(device: torch.device, repeats: int, cases: list[tuple[int, int]]
+                 ) -> list[dict[str, Any]]:  # fmt: skip
+    """Microseconds per call for each tile size and launch shape, per (batch, tokens)."""
+    from triton.runtime.errors import OutOfResources
+
+    from tierd_kernels import decode_attention, triton_attention
+
+    saved = (triton_attention.TILE_TOKENS, dict(triton_attention.LAUNCH))
+    gen = torch.Generator(device).manual_seed(2)
+    rows = []
+    try:
+        for batch, tokens in cases:
+            case = make_case(batch, tokens, device, gen)
+            args = (case["q"], case["pool"], case["table"], case["lens"], 0)
+            for tile in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (1, 2, 3):
+                        triton_attention.TILE_TOKENS = tile
+                        triton_attention.LAUNCH = {"num_warps": warps, "num_stages": stages}
+                        try:
+                            us = timed(partial(decode_attention, *args), repeats=repeats,
+                                       device=device) * 1e6  # fmt: skip
+                        except OutOfResources as e:  # a shape the chip cannot hold
+                            us = math.nan
+                            print(f"tile {tile} warps {warps} stages {stages}: {e}"[:200])
+                        rows.append({"batch": batch, "tokens": tokens, "tile": tile,
+                                     "warps": warps, "stages": stages, "us": us})  # fmt: skip
+            case = None
+    finally:
+        triton_attention.TILE_TOKENS, triton_attention.LAUNCH = saved
+    return rows
+
+
 def print_report(doc: dict[str, Any]) -> None:
     c = doc["ceilings_gbs"]
     print(f"device: {doc['device']}")
@@ -206,6 +239,12 @@ def print_report(doc: dict[str, Any]) -> None:
               f"{r['triton_us']:>10.1f} {r['sdpa_us']:>9.1f} {r['gather_sdpa_us']:>10.1f} "
               f"{r['floor_us']:>9.1f} {r['triton_vs_floor']:>9.2f} {r['triton_vs_sdpa']:>8.2f} "
               f"{r['err_triton']:>8.1e} {r['err_sdpa']:>8.1e}")  # fmt: skip
+    for batch, tokens in sorted({(r["batch"], r["tokens"]) for r in doc.get("launch_sweep", [])}):
+        mine = [r for r in doc["launch_sweep"] if (r["batch"], r["tokens"]) == (batch, tokens)]
+        mine.sort(key=lambda r: r["us"] if r["us"] == r["us"] else math.inf)
+        print(f"launch sweep, batch {batch}, {tokens} tokens (best first): "
+              + ", ".join(f"t{r['tile']}/w{r['warps']}/s{r['stages']} {r['us']:.0f}"
+                          for r in mine[:6]))  # fmt: skip
     if doc.get("split_sweep_us"):
         print("split tokens -> us (batch 1, "
               f"{doc['split_sweep_tokens']} tokens): "
@@ -222,6 +261,11 @@ def main() -> int:
         "--smoke",
         action="store_true",
         help="tiny sizes on the CPU under TRITON_INTERPRET=1 (checks the script)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time tile sizes and launch shapes (batch 8 x 32k, batch 1 x 128k)",
     )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -246,6 +290,9 @@ def main() -> int:
     sweep_tokens = max(contexts) if device.type == "cuda" else contexts[0]
     doc["split_sweep_tokens"] = sweep_tokens
     doc["split_sweep_us"] = split_sweep(device, repeats, sweep_tokens)
+    if args.sweep:
+        sweep_cases = [(8, 32768), (1, 131072)] if device.type == "cuda" else [(1, 256)]
+        doc["launch_sweep"] = launch_sweep(device, repeats, sweep_cases)
     print_report(doc)
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
