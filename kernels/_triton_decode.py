@@ -14,9 +14,10 @@ block sizes look each token's block up (any block size works).
 
 Both products are `tl.dot`s over a query tile padded to 16 rows (its minimum; the padding
 costs tensor-core time, which a decode step has to spare, not memory traffic). Precision:
-q.K runs in tf32, which is exact when q and K are 16-bit floats (their mantissas fit in
-tf32's); with a float32 operand it runs as three tf32 products ("tf32x3", about float32's
-accuracy), as does p.V always (p is float32). Accumulation is float32.
+when q and K share a 16-bit dtype, q.K multiplies them as they are (`NATIVE_QK`: each
+product is exact in the float32 accumulator); q and K of two 16-bit dtypes meet in tf32,
+which holds either exactly; with a float32 operand q.K runs as three tf32 products
+("tf32x3", about float32's accuracy), as does p.V always (p is float32).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def paged_decode_partial(
     BLOCK_N: tl.constexpr,
     WHOLE_TILES: tl.constexpr,
     QK_PRECISION: tl.constexpr,
+    NATIVE_QK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -74,7 +76,9 @@ def paged_decode_partial(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=g_ok[:, None] & d_ok[None, :],
         other=0.0,
-    ).to(tl.float32)  # [GROUP_PAD, DIM_PAD]; padded rows are 0 and never stored
+    )  # [GROUP_PAD, DIM_PAD]; padded rows are 0 and never stored
+    if not NATIVE_QK:
+        q = q.to(tl.float32)
 
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)  # one loop-bound type with int64 lens
     start = split * split_tokens
@@ -98,7 +102,9 @@ def paged_decode_partial(
             blocks = tl.load(table + offs_n // BLOCK_TOKENS, mask=n_ok, other=0).to(tl.int64)
             rows = kv_base + blocks * stride_kv_block + (offs_n % BLOCK_TOKENS) * stride_kv_token
         tile_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(rows[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        k = tl.load(rows[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        if not NATIVE_QK:
+            k = k.to(tl.float32)
         v = tl.load(rows[:, None] + stride_kv_kv + offs_d[None, :], mask=tile_ok, other=0.0).to(
             tl.float32
         )

@@ -165,6 +165,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(MIN_DOT, _pow2(group)), HEAD_DIM=dim,
         DIM_PAD=max(MIN_DOT, _pow2(dim)), BLOCK_TOKENS=block_tokens, BLOCK_N=block_n,
         WHOLE_TILES=whole_tiles, QK_PRECISION="tf32" if exact_in_tf32 else "tf32x3",
+        NATIVE_QK=exact_in_tf32 and q.dtype == kv_pool.dtype and not interpreting(),
         **LAUNCH,
     )  # fmt: skip
     if splits == 1:
