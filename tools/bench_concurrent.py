@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_trees module
 import bench_trees
@@ -250,6 +251,12 @@ class Daemon:
             seg.unlink(missing_ok=True)
 
 
+def daemon_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) the daemon has used so far."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def warm_up(address: str) -> None:
     """One of each call before measuring: the daemon builds its attention engine (and
     imports torch, seconds on a loaded machine) on the first sequence, which would
@@ -293,26 +300,29 @@ def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             except threading.BrokenBarrierError:
                 pass  # a client failed its setup; its report says why
             before = c.stats()
+            cpu0 = daemon_cpu_s(d.proc.pid)
             t0 = time.perf_counter()
             reports = [results.get(timeout=args.seconds + 300) for _ in procs]
             window = time.perf_counter() - t0
             after = c.stats()
+            cpu = daemon_cpu_s(d.proc.pid) - cpu0
         for p in procs:
             p.join(30)
     finally:
         d.stop()
-    return summarize(reports, args, window, before, after, working_set, host)
+    return summarize(reports, args, window, (before, after), cpu, working_set, host)
 
 
 def summarize(
     reports: list[dict[str, Any]],
     args: argparse.Namespace,
     window: float,
-    before: dict[str, Any],
-    after: dict[str, Any],
+    stats: tuple[dict[str, Any], dict[str, Any]],
+    daemon_cpu: float,
     working_set: int,
     host: int,
 ) -> dict[str, Any]:
+    before, after = stats
     lat: dict[str, list[float]] = {}
     errors: dict[str, dict[str, int]] = {}
     wrong: dict[str, int] = {}
@@ -337,6 +347,7 @@ def summarize(
             "errors": sum(errors.get(op, {}).values()),
             "wrong": wrong.get(op, 0),
         }
+    total_calls = sum(c["calls"] for c in calls.values())
     return {
         "clients": args.clients,
         "seconds": args.seconds,
@@ -344,7 +355,10 @@ def summarize(
         "host_bytes": host,
         "working_set_bytes": working_set,
         "block_bytes": LAYOUT.block_bytes,
-        "total_per_s": sum(c["calls"] for c in calls.values()) / args.seconds,
+        "total_per_s": total_calls / args.seconds,
+        # What a call costs the daemon, whatever else loads the machine: the CPU it used in
+        # the window (the clients' calls end within it) over the calls made.
+        "daemon_cpu_ms_per_call": daemon_cpu * 1e3 / max(1, total_calls),
         "errors": sum(c["errors"] for c in calls.values()),
         "wrong": sum(c["wrong"] for c in calls.values()),
         "demotions": after["demotions"] - before["demotions"],
@@ -374,13 +388,15 @@ def print_table(doc: dict[str, Any]) -> None:
         f"{'total':<16}{sum(c['calls'] for c in doc['calls'].values()):>9}"
         f"{doc['total_per_s']:>10.1f}{'':>20}{doc['errors']:>8}{doc['wrong']:>7}"
     )
+    print(f"daemon CPU per call: {doc['daemon_cpu_ms_per_call']:.2f} ms")
     for s in doc["error_samples"]:
         print(f"  {s}")
 
 
 def metrics(doc: dict[str, Any]) -> dict[str, float]:
     """The figures a revision comparison sets side by side."""
-    out = {k: doc[k] for k in ("total_per_s", "errors", "wrong", "demotions", "promotions")}
+    keys = ("total_per_s", "daemon_cpu_ms_per_call", "errors", "wrong", "demotions", "promotions")
+    out = {k: doc[k] for k in keys}
     for op, c in doc["calls"].items():
         for k in ("per_s", "p50_ms", "p99_ms"):
             out[f"{op}.{k}"] = c[k]
