@@ -3,7 +3,9 @@
 Primitives:
   reference  `attention_reference` (the torch oracle), `gather_layer_kv`, `AttentionOutput`
   merge      `merge_partials`, `merge_stacked`, `merge_into_` (exact log-sum-exp merge)
-  CPU        `attend_blocks` (decode and short multi-token queries over a list of blocks)
+  CPU        `attend_blocks` (decode and multi-token queries over a list of blocks: the
+             fused C++ kernel of csrc/, built per machine by `python -m
+             tierd_kernels.build` or on first use, else the torch path)
   Triton     `decode_attention` (paged decode over a block pool on a GPU, or on the CPU
              under TRITON_INTERPRET=1), `triton_available`
 

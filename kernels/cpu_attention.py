@@ -3,6 +3,12 @@
 Primitives: `attend_blocks(blocks, layer, q, *, scale, valid_tokens, causal_offset,
 chunk_tokens, query_chunk) -> AttentionOutput`.
 
+Two implementations answer alike: the fused C++ kernel (`_native`, kernels/csrc: reads K
+and V in place in their storage dtype, one pass, online softmax; `chunk_tokens` and
+`query_chunk` do not apply to it, its memory is a tile of queries by a tile of keys per
+thread), used whenever it loads and reads the blocks' dtype and strides, and the torch
+path below, which serves otherwise or when TIERD_KERNELS=torch.
+
 Blocks are `[layers, 2, kv_heads, T, dim]` tensors (often views into shared memory), not
 one contiguous sequence. Per-op overhead, not arithmetic, is what costs on a CPU here: a
 decode step is a matrix-vector product per KV head, and a torch op costs microseconds
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _native
 from .merge import merge_into_, merge_partials
 from .reference import AttentionOutput, attention_reference, check_query, empty_output
 
@@ -231,6 +238,11 @@ def attend_blocks(
         chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (2 * lay.kv_heads * lay.dim * 4))
     q3 = q.reshape(q_tokens, -1, lay.dim)
     heads = q3.shape[1]
+    if seq > 0:
+        fused = _native.attend(blocks, layer, q3, scale=scale, seq=seq,
+                               causal_offset=causal_offset)  # fmt: skip
+        if fused is not None:
+            return fused if q.dim() == 3 else AttentionOutput(fused.out[0], fused.lse[0])
     if query_chunk is None:
         per_pass = QUERY_PASS_ELEMS // heads
         query_chunk = max(1, min(per_pass // chunk_tokens, math.isqrt(per_pass)))

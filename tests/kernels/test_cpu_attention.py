@@ -10,6 +10,9 @@ import torch
 from tests.kernels.helpers import DTYPES, TOL, assert_attention_close, random_blocks, seed_of
 from tierd_kernels import attend_blocks, attention_reference, gather_layer_kv
 
+# Every test here runs on the torch path and on the fused C++ kernel (conftest.py).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 LAYERS, KV_HEADS = 2, 2
 
 # (blocks, valid tokens in the last block): full blocks, a partial tail, a one-token tail.

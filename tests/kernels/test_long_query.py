@@ -16,6 +16,9 @@ from tierd_kernels import attend_blocks, attention_reference, gather_layer_kv
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Every test here runs on the torch path and on the fused C++ kernel (conftest.py).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 @pytest.mark.parametrize("query_chunk", [None, 1, 37, 256])
 @pytest.mark.parametrize("where", ["tail", "middle", "decode"])
