@@ -27,3 +27,6 @@ if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
   "$VENV/bin/python" -c "import tierd, tierd_client" >/dev/null
   echo "$want" >> "$stamp"
 fi
+# The fused CPU attention kernel for this machine (seconds when its sources changed, else a
+# cache hit). Without a compiler it says so and attention runs on the torch path.
+"$VENV/bin/python" -m tierd_kernels.build >/dev/null || true
