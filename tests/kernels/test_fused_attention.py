@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import time
 
@@ -143,3 +144,58 @@ def test_the_call_releases_the_gil():
         inside = [t0] + [s for s in stamps if t0 < s < t1] + [t1]
         gaps.append(max(b - a for a, b in itertools.pairwise(inside)) / (t1 - t0))
     assert min(gaps) < 0.5, f"the main thread stalled through every call: {gaps}"
+
+
+@pytest.mark.usefixtures("fused")
+def test_calls_from_many_threads_at_once():
+    """Concurrent calls share the kernel's thread pool; each gets its own answer."""
+    g = torch.Generator().manual_seed(14)
+    cases = []
+    for i in range(6):
+        blocks = random_blocks(8 + i, 2, KV_HEADS, 64, 128, torch.bfloat16, g)
+        q = (torch.randn(1 + i % 3, 8, 128, generator=g) * PEAK).to(torch.bfloat16)
+        cases.append((blocks, q, oracle(blocks, q, 20, None)))
+    errors: list[BaseException] = []
+
+    def attend(blocks, q, want) -> None:
+        try:
+            for _ in range(20):
+                assert_attention_close(attend_blocks(blocks, 1, q, valid_tokens=20), want, 1e-2)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=attend, args=case) for case in cases]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.usefixtures("fused")
+def test_a_forked_child_gets_its_own_threads():
+    """After a fork the parent's pool threads do not exist in the child (and its pool lock
+    may have been held at the fork): the child's calls still finish, correct."""
+    g = torch.Generator().manual_seed(15)
+    blocks = random_blocks(40, 2, 1, 64, 128, torch.float32, g)
+    q = torch.randn(1, 4, 128, generator=g) * PEAK
+    want = oracle(blocks, q, None, None)
+    assert_attention_close(attend_blocks(blocks, 1, q), want, 1e-5)  # the parent's pool runs
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            assert_attention_close(attend_blocks(blocks, 1, q), want, 1e-5)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's attend never finished")
