@@ -54,16 +54,33 @@ inline void pin(V& v) {
 inline V select(VI mask, V yes, V no) { return (V)(((VI)yes & mask) | ((VI)no & ~mask)); }
 inline V vmax(V a, V b) { return select(a > b, a, b); }
 
-inline float hmax(V v) {
-  float m = v[0];
-  for (int i = 1; i < VL; i++) m = v[i] > m ? v[i] : m;
-  return m;
+// Halves folded onto each other: log2(VL) dependent steps instead of VL - 1.
+inline V fold_half(V v, bool max) {
+#if defined(__AVX512F__)
+  V h = TK_SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+  V h = TK_SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+#endif
+  return max ? vmax(v, h) : v + h;
 }
-inline float hsum(V v) {
-  float s = 0.0f;
-  for (int i = 0; i < VL; i++) s += v[i];
-  return s;
+inline float hreduce(V v, bool max) {
+  v = fold_half(v, max);
+  float r[VL];
+  store(r, v);
+  float a = max ? (r[0] > r[1] ? r[0] : r[1]) : r[0] + r[1];
+  float b = max ? (r[2] > r[3] ? r[2] : r[3]) : r[2] + r[3];
+  float c = max ? (a > b ? a : b) : a + b;
+#if defined(__AVX512F__)
+  float d = max ? (r[4] > r[5] ? r[4] : r[5]) : r[4] + r[5];
+  float e = max ? (r[6] > r[7] ? r[6] : r[7]) : r[6] + r[7];
+  float f = max ? (d > e ? d : e) : d + e;
+  return max ? (c > f ? c : f) : c + f;
+#else
+  return c;
+#endif
 }
+inline float hmax(V v) { return hreduce(v, true); }
+inline float hsum(V v) { return hreduce(v, false); }
 
 // Half-precision bits (in 32-bit lanes) to float, exactly: subnormals through an integer
 // convert, never through denormal float arithmetic (which DAZ would flush).
