@@ -24,13 +24,16 @@ processes building at once never load a half-written file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -42,6 +45,7 @@ FLAGS = (
 )  # fmt: skip
 NATIVE = "-march=native"
 COMPILE_TIMEOUT_S = 300
+KEEP = 8
 
 
 class BuildError(RuntimeError):
@@ -146,8 +150,27 @@ def build(force: bool = False) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        _prune(d)
         return d / name
     raise BuildError("no writable cache directory: " + "; ".join(errors))
+
+
+def _prune(d: Path) -> None:
+    """Drop all but the KEEP newest libraries of a directory (each source change leaves one
+    behind; a few are kept for other checkouts sharing a user cache), and temporaries of
+    builds killed over an hour ago. A process that has one loaded keeps its mapping."""
+
+    def age(path: Path) -> float:
+        try:
+            return time.time() - path.stat().st_mtime
+        except OSError:  # removed meanwhile by another process's prune
+            return math.inf
+
+    libs = sorted(d.glob(f"{STEM}-*.so"), key=age)
+    stale = libs[KEEP:] + [t for t in d.glob(f".{STEM}-*.so") if age(t) > 3600]
+    for path in stale:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _compile(cxx: str, out: Path, arches: tuple[str, ...] = (NATIVE, "")) -> None:

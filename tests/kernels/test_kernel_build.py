@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,21 @@ def test_portable_code_paths(tmp_path):
                       TIERD_KERNELS_LIBRARY=str(tmp_path / f"{arch}.so"))  # fmt: skip
         assert checked.returncode == 0, checked.stderr[-3000:]
         assert checked.stdout.split()[-1] == "8"
+
+
+def test_old_builds_are_pruned(tmp_path):
+    """A source change leaves the previous library behind: the newest KEEP stay, and
+    temporaries of builds killed long ago go."""
+    now = time.time()
+    for i in range(build.KEEP + 3):
+        lib = tmp_path / f"{build.STEM}-{i:016x}-00000000.so"
+        lib.write_bytes(b"")
+        os.utime(lib, (now - 1000 + i, now - 1000 + i))
+    old_tmp, new_tmp = tmp_path / f".{build.STEM}-a.so", tmp_path / f".{build.STEM}-b.so"
+    for t, age in ((old_tmp, 7200), (new_tmp, 10)):
+        t.write_bytes(b"")
+        os.utime(t, (now - age, now - age))
+    build._prune(tmp_path)
+    kept = sorted(p.name for p in tmp_path.glob(f"{build.STEM}-*.so"))
+    assert kept == [f"{build.STEM}-{i:016x}-00000000.so" for i in range(3, build.KEEP + 3)]
+    assert not old_tmp.exists() and new_tmp.exists()
