@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from tierd_kernels import attention_reference
 from tierd_kernels.codecs import ENCODINGS, Kivi, make_codec, pack, unpack
+from tierd_kernels.codes_attention import attend_codes
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -159,3 +161,39 @@ def test_decode_checks_the_length():
     enc = codec.encode(torch.ones(shape))
     with pytest.raises(ValueError, match="expected"):
         codec.decode(enc[:-1], shape, torch.float32)
+
+
+# -- attention on codes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8", "kivi4", "kivi2"])
+@pytest.mark.parametrize(("group", "q_tokens", "valid", "groups"),
+                         [(3, 1, 32, {}), (1, 1, 7, {}), (4, 2, 32, {}),
+                          (3, 1, 20, {"k_group": 8, "v_group": 16})])  # fmt: skip
+def test_attention_on_codes_equals_decode_then_attend(name, group, q_tokens, valid, groups):
+    params = groups if name.startswith("kivi") else {}
+    codec = make_codec(name, **params)
+    kv_heads, tokens, dim, nblocks = 2, 32, 64, 3
+    shape = (2, kv_heads, tokens, dim)
+    g = torch.Generator().manual_seed(hash((name, group, q_tokens, valid)) % 10_000)
+    blocks = [torch.randn(1, *shape, generator=g).to(torch.bfloat16) for _ in range(nblocks)]
+    records = [codec.encode(b) for b in blocks]
+    q = torch.randn(q_tokens, kv_heads * group, dim, generator=g) * 3
+    got = attend_codes(records, codec, shape, q, valid_tokens=valid)
+    decoded = [codec.decode(r, (1, *shape), torch.float32)[0] for r in records]
+    k = torch.cat([d[0] for d in decoded], dim=1)[:, : (nblocks - 1) * tokens + valid]
+    v = torch.cat([d[1] for d in decoded], dim=1)[:, : (nblocks - 1) * tokens + valid]
+    want = attention_reference(q, k, v, causal_offset=k.shape[1])
+    assert got.out.shape == want.out.shape and got.lse.shape == want.lse.shape
+    rel = (got.out.double() - want.out).norm() / want.out.norm()
+    assert rel < 1e-5
+    assert torch.allclose(got.lse.double(), want.lse.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_on_codes_refuses_raw_and_empty():
+    shape = (2, 1, 16, 8)
+    with pytest.raises(TypeError, match="attend_blocks"):
+        attend_codes([make_codec("raw").encode(torch.ones(1, *shape))], make_codec("raw"), shape,
+                     torch.ones(1, 1, 8))  # fmt: skip
+    with pytest.raises(ValueError, match="no blocks"):
+        attend_codes([], make_codec("int8"), shape, torch.ones(1, 1, 8))
