@@ -37,17 +37,37 @@ if TYPE_CHECKING:
 _ALIGN = 4096
 
 
+# Layer bytes read per pipeline step: the reads of step i+1 run while step i is reduced.
+# Large enough that a step's reads keep the device's queue busy (several blocks in
+# parallel), small enough that a long sequence has several steps to overlap.
+PIPELINE_BYTES = 8 << 20
+
+
 class _Scratch(threading.local):
-    """A page-aligned buffer per thread for NVMe layer reads, grown on demand."""
+    """Two page-aligned buffers per thread for storage layer reads (one being read into
+    while the other is reduced), grown on demand."""
 
-    buf: mmap.mmap | None = None
+    bufs: list[mmap.mmap | None]
 
-    def get(self, nbytes: int) -> mmap.mmap:
-        if self.buf is None or len(self.buf) < nbytes:
-            if self.buf is not None:
-                self.buf.close()
-            self.buf = mmap.mmap(-1, align_up(max(nbytes, 1), 2 << 20))
-        return self.buf
+    def __init__(self) -> None:
+        self.bufs = [None, None]
+
+    def get(self, nbytes: int, slot: int = 0) -> mmap.mmap:
+        buf = self.bufs[slot]
+        if buf is None or len(buf) < nbytes:
+            if buf is not None:
+                buf.close()
+            buf = self.bufs[slot] = mmap.mmap(-1, align_up(max(nbytes, 1), 2 << 20))
+        return buf
+
+
+def _settle(futures: list[Future[None]]) -> None:
+    """Wait until every future is done, whatever its outcome (raised by the caller)."""
+    for f in futures:
+        try:
+            f.result()
+        except Exception:  # noqa: BLE001, S110 - judged by the caller, after all are done
+            pass
 
 
 class AttentionEngine:
@@ -74,7 +94,8 @@ class AttentionEngine:
             copy = self.svc.directory.best(entry)
             if copy is None:
                 raise FailedPrecondition(
-                    "a block of this sequence is no longer cached; recompute it", field="sequence_id"
+                    "a block of this sequence is no longer cached; recompute it",
+                    field="sequence_id",
                 )
             tier = tiers.get(copy.tier)
             if copy.tier == top:
@@ -98,7 +119,7 @@ class AttentionEngine:
         if memory:
             partials.append(attend_blocks(self._memory_blocks(memory), layer, q, scale=scale))
         if stored:
-            partials.append(attend_blocks(self._layer_blocks(stored, layer), 0, q, scale=scale))
+            partials.extend(self._stored_partials(stored, layer, q, scale))
         tail, n = seq.tail_block(layer)
         if n:
             # The query tokens are the tail's last ones: causal within the tail.
@@ -130,24 +151,61 @@ class AttentionEngine:
         dtype = lay.torch_dtype()
         top = self.svc.tiers.top
         return [
-            torch.frombuffer(top.view(e.ns.tenant, int(c.location), e.nbytes), dtype=dtype)
-            .view(lay.block_shape)
+            torch.frombuffer(top.view(e.ns.tenant, int(c.location), e.nbytes), dtype=dtype).view(
+                lay.block_shape
+            )
             for e, c in blocks
         ]
 
-    def _layer_blocks(self, blocks: list[tuple[BlockEntry, Copy]], layer: int) -> list[torch.Tensor]:
-        """Read this layer's K|V of each block into scratch: [1, 2, heads, T, dim] each.
+    def _stored_partials(
+        self, blocks: list[tuple[BlockEntry, Copy]], layer: int, q: torch.Tensor,
+        scale: float | None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """Partials over blocks in storage tiers, a pipeline step at a time: the layer
+        ranges of step i+1 are read (I/O threads) while step i is reduced (the kernel
+        gives the GIL up), into the other of two scratch buffers."""
+        from tierd_kernels import attend_blocks
+
+        lay = blocks[0][0].ns.layout
+        per_step = max(1, PIPELINE_BYTES // (lay.block_bytes // lay.num_layers))
+        steps = [blocks[i : i + per_step] for i in range(0, len(blocks), per_step)]
+        partials = []
+        inflight = self._start_layer_reads(steps[0], layer, 0)
+        try:
+            for i, step in enumerate(steps):
+                futures, views = inflight
+                inflight = ([], [])
+                _settle(futures)
+                for f in futures:
+                    f.result()  # a failed read raises here, once none is in flight
+                if i + 1 < len(steps):
+                    inflight = self._start_layer_reads(steps[i + 1], layer, (i + 1) % 2)
+                tensors = self._checked_layer(step, layer, views)
+                partials.append(attend_blocks(tensors, 0, q, scale=scale))
+        finally:
+            _settle(inflight[0])  # never leave a read writing into a buffer reused later
+        return partials
+
+    def _start_layer_reads(
+        self, blocks: list[tuple[BlockEntry, Copy]], layer: int, slot: int
+    ) -> tuple[list[Future[None]], list[memoryview]]:
+        lay = blocks[0][0].ns.layout
+        span = lay.block_bytes // lay.num_layers
+        reads = [(e, c, layer * span, span) for e, c in blocks]
+        engine = self.svc.transfer
+        scratch = self._scratch.get(engine.scratch_bytes(reads), slot)
+        return engine.start_ranges(reads, memoryview(scratch))
+
+    def _checked_layer(
+        self, blocks: list[tuple[BlockEntry, Copy]], layer: int, views: list[memoryview]
+    ) -> list[torch.Tensor]:
+        """The layer ranges read for `blocks` as tensors [1, 2, heads, T, dim].
 
         Every range is checked against the block's checksum for that layer before the
         kernel sees it. A block without per-layer checksums (catalog rows of an older
         release) is read whole once, checked against its block checksum, and given them.
         """
         lay = blocks[0][0].ns.layout
-        span = lay.block_bytes // lay.num_layers
-        reads = [(e, c, layer * span, span) for e, c in blocks]
-        engine = self.svc.transfer
-        scratch = self._scratch.get(engine.scratch_bytes(reads))
-        views = engine.read_ranges(reads, memoryview(scratch))
         for (e, c), got in zip(blocks, views):
             if e.layer_sums is None:
                 self._verify_whole(e, c)
@@ -173,7 +231,9 @@ class AttentionEngine:
         with self.svc.cond:
             if entry.copies.get(copy.tier) is copy and entry.layer_sums is None:
                 entry.layer_sums = sums
-                self.svc.directory.log.add(plan_set_layer_sums([(entry.ns.id, entry.key, entry.checksum, sums)]))
+                self.svc.directory.log.add(
+                    plan_set_layer_sums([(entry.ns.id, entry.key, entry.checksum, sums)])
+                )
 
     def _corrupt(self, entry: BlockEntry, copy: Copy | None, tier: str = "") -> NoReturn:
         if copy is not None:
@@ -185,8 +245,13 @@ class AttentionEngine:
         )
 
     def _remote_partial(
-        self, name: str, where: Location, entries: list[BlockEntry], layer: int,
-        q: torch.Tensor, scale: float | None,
+        self,
+        name: str,
+        where: Location,
+        entries: list[BlockEntry],
+        layer: int,
+        q: torch.Tensor,
+        scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tier = self.svc.tiers.get(name)
         result = tier.partial_attend(where, entries, layer, q, scale) if tier else None

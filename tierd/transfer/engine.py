@@ -2,7 +2,8 @@
 
 Primitives: `TransferEngine(tiers)`, `ingest(src, tenant, location) -> checksum` (staging
 or a sealed tail into the memory tier), `copy_many(moves) -> [Future[Outcome]]`,
-`read_ranges(reads, scratch) -> [memoryview]`, `Move`, `Outcome`; `ROUTES` keyed by
+`read_ranges(reads, scratch) -> [memoryview]`, `start_ranges` (the same, not waited for),
+`Move`, `Outcome`; `ROUTES` keyed by
 (source kind, destination kind).
 
 Puts, promotions, demotions, explicit moves, flushes and attend reads all come here, so
@@ -106,6 +107,16 @@ class TransferEngine:
         parallel into `scratch` (aligned as each tier needs); the views of exactly the
         asked bytes, in order. `scratch` must hold `scratch_bytes(reads)`. Unverified: the
         caller checks what it reads (per-layer sums)."""
+        futures, views = self.start_ranges(reads, scratch)
+        for f in futures:
+            f.result()
+        return views
+
+    def start_ranges(
+        self, reads: Sequence[tuple[BlockEntry, Copy, int, int]], scratch: memoryview
+    ) -> tuple[list[Future[None]], list[memoryview]]:
+        """`read_ranges` without the wait: the reads' futures and the views they fill.
+        `scratch` must not be reused before every future is done."""
         futures, views, at = [], [], 0
         for entry, copy, start, length in reads:
             tier = self.tiers.get(copy.tier)
@@ -114,9 +125,7 @@ class TransferEngine:
             futures.append(tier.read_range(entry, copy, lo, scratch[at : at + hi - lo]))
             views.append(scratch[at + start - lo : at + start - lo + length])
             at += hi - lo
-        for f in futures:
-            f.result()
-        return views
+        return futures, views
 
     def scratch_bytes(self, reads: Sequence[tuple[BlockEntry, Copy, int, int]]) -> int:
         total = 0
