@@ -7,7 +7,9 @@ Primitives: `AttendItem`, `AttendOutput`, `AttendStream` (`send(items) -> output
 Per decode step and layer only the query (and the step's new K/V) travels; one output per
 query head comes back, so the bytes per step are O(heads x dim), whatever the length of
 the sequence. `AttendStream` keeps one bidirectional call open, which saves the per-call
-setup of a unary RPC on every layer of every step.
+setup of a unary RPC on every layer of every step. When the daemon is on this host, both
+`TierdClient.attend` and `AttendStream.send` go over a shared-memory ring instead
+(`tierd_client.fastpath`), and over gRPC whenever the ring cannot carry a call.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
 from ._proto import tierd_pb2 as pb
 from .rpc import error_from_rpc
 from .tensors import to_message, to_numpy, to_torch
+
+if TYPE_CHECKING:
+    from .fastpath import FastAttend
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,14 @@ class AttendStream:
 
     The call opens at the first `send`, and opens again at the next `send` after it ended:
     the daemon cancels a stream that idles past its limits (before the first request, or
-    between generations), and a request is never sent on a call that already ended."""
+    between generations), and a request is never sent on a call that already ended.
+    With `fast`, each send goes over the client's attend ring when that carries it."""
 
     def __init__(self, stub: Any, timeout: float | None, as_torch: bool,
-                 metadata: Any = None) -> None:  # fmt: skip
+                 metadata: Any = None, fast: FastAttend | None = None) -> None:  # fmt: skip
         self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._as_torch = as_torch
+        self._fast = fast
         self._lock = threading.Lock()
         self._call: tuple[queue.Queue[pb.AttendRequest | None], Any] | None = None
 
@@ -87,6 +94,10 @@ class AttendStream:
         return requests, call
 
     def send(self, items: Sequence[AttendItem]) -> list[AttendOutput]:
+        if self._fast is not None:
+            outs = self._fast.attend(items, self._as_torch, self._timeout)
+            if outs is not None:
+                return outs
         with self._lock:  # responses come back in order: one caller at a time
             if self._call is None or self._call[1].done():
                 self._end_call()

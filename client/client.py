@@ -8,6 +8,9 @@ and the segment can be mapped (put: PreparePut -> copy into leased slots -> Comm
 get: PrepareGet -> copy out -> Release), otherwise in-band as gRPC streams. Either way
 each byte is copied once between the caller's buffer and the daemon's memory.
 
+`attend` and `attend_stream` go over a shared-memory ring when the daemon is on this host
+(`tierd_client.fastpath`), else over gRPC.
+
 Calls that can be repeated safely are retried on UNAVAILABLE with jittered exponential
 backoff; a put or get via shared memory is retried as a whole sequence, because a daemon
 that restarted has forgotten the lease. The first call of a client waits for the channel
@@ -31,6 +34,8 @@ from .arrays import BlockRows, block_rows, byte_rows, out_buffer
 from .attend import AttendItem, AttendOutput, AttendStream, outputs_of, request_of
 from .chunks import GetAssembler, put_chunks
 from .errors import FailedPrecondition, Internal, InvalidArgument, TierdError
+from .fastpath import FastAttend
+from .hostinfo import host_id
 from .layout import KVLayout
 from .results import (
     CachedBlock,
@@ -93,6 +98,8 @@ class TierdClient:
     deadline of each RPC; `max_retries` bounds the retries after UNAVAILABLE;
     `lease_ttl_ms` is how long a shared-memory lease may stay open (0: the daemon's
     default). `credentials` secures a TCP channel; `token` is the tenant's bearer token.
+    `fast_attend`: attend over a shared-memory ring when the daemon is on this host (the
+    first attend opens it; gRPC whenever it cannot be used); False: always gRPC.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class TierdClient:
         lease_ttl_ms: int = 0,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        fast_attend: bool = True,
     ) -> None:
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
@@ -142,6 +150,10 @@ class TierdClient:
         self._rng = random.Random()
         # A tenant's bearer token travels with every call (daemons with tenants configured).
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # Where the daemon hands out shared memory: what a namespace on this host named,
+        # else beside a unix socket (the handoff authenticates whoever connects).
+        self._handoff: str | None = None
+        self._fast = FastAttend(self._ring_handoff, tenant, token) if fast_attend else None
 
     # ---- plumbing -------------------------------------------------------------------
 
@@ -201,6 +213,8 @@ class TierdClient:
         seg = resp.segment
         segment = (SegmentInfo(seg.handoff, seg.size, seg.host_id, seg.staging_size, seg.instance)
                    if seg.handoff else None)  # fmt: skip
+        if segment is not None and segment.host_id == host_id():
+            self._handoff = segment.handoff
         return Namespace(
             id=resp.namespace_id,
             tenant=self.tenant,
@@ -405,11 +419,25 @@ class TierdClient:
 
     def attend(self, items: Sequence[AttendItem], *, as_torch: bool = True) -> list[AttendOutput]:
         """Decode attention inside tierd: one output per item, computed next to the KV."""
+        if self._fast is not None:
+            outs = self._fast.attend(items, as_torch, self._timeout)
+            if outs is not None:
+                return outs
         return outputs_of(self._unary("Attend", request_of(items)), as_torch)
 
     def attend_stream(self, *, as_torch: bool = True) -> AttendStream:
         """A bidirectional Attend call for a decode loop (one request/response per send)."""
-        return AttendStream(self._stub, None, as_torch, self._metadata)
+        return AttendStream(self._stub, None, as_torch, self._metadata, self._fast)
+
+    @property
+    def fast_attend_calls(self) -> int:
+        """Attend calls this client sent over a shared-memory ring (the rest went by gRPC)."""
+        return self._fast.served if self._fast is not None else 0
+
+    def _ring_handoff(self) -> str | None:
+        if self._handoff is not None:
+            return self._handoff
+        return self.address.unix_path + ".shm" if self.address.unix_path else None
 
     def move(self, ns: Namespace, keys: Iterable[bytes], tier: str) -> int:
         """Place blocks in the tier of this configured name; returns how many are there now.
@@ -425,6 +453,8 @@ class TierdClient:
     def close(self) -> None:
         self._channel.close()
         self._segments.close()
+        if self._fast is not None:
+            self._fast.close()
 
     def __enter__(self) -> Self:
         return self

@@ -264,7 +264,8 @@ def test_a_decode_loop_pausing_past_the_idle_limit_carries_on(daemon: Daemon) ->
     generations), and nothing is sent twice: the tail holds each appended token once."""
     rng = np.random.default_rng(3)
     layout = KVLayout(1, 1, 8, "float32", 16)
-    with TierdClient(daemon.unix, tenant="alpha", token=TOKENS["alpha"]) as c:
+    # The gRPC stream itself is under test: no attend ring.
+    with TierdClient(daemon.unix, tenant="alpha", token=TOKENS["alpha"], fast_attend=False) as c:
         ns = c.open_namespace("pause", layout)
         seq = c.open_sequence(ns, [])
 
@@ -404,8 +405,9 @@ def test_health_watch_streams_cannot_take_the_stream_slots(daemon: Any) -> None:
             except grpc.RpcError as e:
                 refused.append(e.code())
         assert admitted == 2 and refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
+        # A tierd stream is still admitted: a gRPC one, so no attend ring.
         with TierdClient(daemon.unix, tenant="alpha", token=TOKENS["alpha"], timeout=ANSWER_S,
-                         max_retries=0) as c:  # fmt: skip
+                         max_retries=0, fast_attend=False) as c:  # fmt: skip
             ns = c.open_namespace("watch-flood", LAYOUT)
             keys = c.block_keys(ns, np.arange(LAYOUT.block_tokens))
             c.put(ns, keys, np.ones((1, *LAYOUT.block_shape), np.float16))

@@ -33,6 +33,7 @@ from tierd.core.service import CacheService
 from tierd.errors import ConfigError
 from tierd.metrics import Metrics
 from tierd.server.decoding import DecodeGuard
+from tierd.server.fastpath import AttendRings
 from tierd.server.handoff import HandoffServer, handoff_path
 from tierd.server.listeners import bind_address, claim_unix_socket, refuse_live_sockets
 from tierd.server.liveness import RpcProbe
@@ -112,10 +113,12 @@ class Daemon:
             )
             if bound == 0:
                 raise OSError(f"cannot listen on {addr}")
-        # Same-host clients get their tenant's shared memory beside the first unix socket.
+        # Same-host clients get their tenant's shared memory beside the first unix socket,
+        # and attend rings through the same handoff.
+        self.rings = AttendRings(self.servicer)
         self.handoff = (
             HandoffServer(handoff_path(self._sockets[0]), self.service.client_fds,
-                          self.servicer.authorize_shared_memory)
+                          self.servicer.authorize_shared_memory, self.rings)
             if self._sockets else None
         )  # fmt: skip
         self.servicer.handoff = self.handoff
@@ -180,6 +183,9 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         started = time.monotonic()
         deadline = started + self.config.server.drain_seconds
+        # Rings first: each finishes its request, and their clients go on over gRPC, which
+        # serves until the drain ends.
+        self.rings.stop()
         # Clients between prepare and commit/release may finish (their calls still land);
         # new leases are refused with UNAVAILABLE, which clients retry on the successor.
         if not self.service.begin_drain(started + self.config.server.drain_seconds / 2):

@@ -1,7 +1,7 @@
 """Handing a tenant's shared memory to its clients: descriptors over a unix socket, after
 the client proved its tenant. Clients never open shared memory by path.
 
-Primitives: `HandoffServer(path, fds_for, authorize)`, `start()`, `stop()`,
+Primitives: `HandoffServer(path, fds_for, authorize, rings=None)`, `start()`, `stop()`,
 `instance_of(staging_generation) -> bytes`; `handoff_path(socket_path)`.
 
 One exchange per connection (the client side is `tierd_client.shm.receive_fds`):
@@ -12,6 +12,13 @@ One exchange per connection (the client side is `tierd_client.shm.receive_fds`):
             or {"ok": false, "code": "...", "error": "..."} and nothing attached.
 `instance` names this daemon process and the staging area's generation, so a client
 knows when what it mapped is no longer what the daemon uses.
+
+A request may name its kind: `"kind": "segment"` is the above (and the default, so older
+clients are served as before); `"kind": "ring"` asks for an attend ring
+(`tierd.server.fastpath`), authorized alike, answered {"ok": true, "kind": "ring",
+"version": 1, "area_bytes": N} with four descriptors, after which the connection stays
+open as the ring's lifeline and leaves this server's connection slots. An older daemon
+ignores the kind and answers with the segment, which tells the client it has no rings.
 
 `authorize(tenant, token)` returns the tenant the caller may map, or raises a TierdError
 (the RPCs' rules: with tenants configured the token names the tenant; in open mode the
@@ -34,9 +41,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tierd.core.results import ClientFds
-from tierd.errors import InvalidArgument, TierdError
+from tierd.errors import FailedPrecondition, InvalidArgument, TierdError
+
+if TYPE_CHECKING:
+    from tierd.server.fastpath import AttendRings
 
 log = logging.getLogger("tierd.handoff")
 
@@ -55,7 +66,7 @@ def handoff_path(socket_path: Path) -> Path:
 class HandoffServer:
     def __init__(
         self, path: Path, fds_for: Callable[[str], ClientFds],
-        authorize: Callable[[str, str | None], str],
+        authorize: Callable[[str, str | None], str], rings: AttendRings | None = None,
     ) -> None:  # fmt: skip
         if len(os.fsencode(path)) > _UNIX_PATH_MAX:
             raise OSError(f"the shared-memory socket {path} is longer than a unix socket path "
@@ -64,6 +75,7 @@ class HandoffServer:
         self.instance = os.urandom(8)
         self._fds_for = fds_for
         self._authorize = authorize
+        self._rings = rings
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._open: set[socket.socket] = set()
         self._by_uid: dict[int, int] = {}  # connections being served, per peer user
@@ -135,8 +147,9 @@ class HandoffServer:
                 del self._by_uid[uid]
 
     def _serve(self, conn: socket.socket, uid: int) -> None:
+        adopted = False
         try:
-            self._exchange(conn)
+            adopted = self._exchange(conn, uid)
         except OSError as e:  # the peer went away while it was answered
             log.info("shared-memory handoff: peer gone: %s", e)
         except Exception:  # a bug here must not take the accept loop with it
@@ -144,26 +157,35 @@ class HandoffServer:
         finally:
             with self._open_lock:
                 self._open.discard(conn)
-            conn.close()
+            if not adopted:
+                conn.close()
             self._slots.release()
             self._forget(uid)
 
-    def _exchange(self, conn: socket.socket) -> None:
+    def _exchange(self, conn: socket.socket, uid: int) -> bool:
+        """Answer one request; True when an attend ring now owns the connection."""
         peer = _peer(conn)
         deadline = time.monotonic() + DEADLINE_SECONDS
         try:
             request = _read_request(conn, deadline)
             token = request.get("token")
-            tenant = self._authorize(request.get("tenant") or "",
-                                     token if isinstance(token, str) and token else None)  # fmt: skip
+            token = token if isinstance(token, str) and token else None
+            kind = request.get("kind", "segment")
+            if kind not in ("segment", "ring"):
+                raise InvalidArgument(f"unknown kind {kind!r} (segment, ring)", field="kind")
+            tenant = self._authorize(request.get("tenant") or "", token)
+            if kind == "ring":
+                if self._rings is None:
+                    raise FailedPrecondition("this daemon offers no attend rings", field="kind")
+                return self._hand_ring(conn, peer, deadline, tenant, token, uid)
             fds = self._fds_for(tenant)
         except TierdError as e:
             log.warning("shared memory refused to %s: %s", peer, e)
             _reply(conn, deadline, {"ok": False, "code": type(e).__name__, "error": str(e)})
-            return
+            return False
         except OSError as e:  # the peer went away, said nothing in time, or no memory
             log.warning("shared-memory handoff with %s failed: %s", peer, e)
-            return
+            return False
         try:
             reply = {"ok": True, "size": fds.segment_size, "staging_size": fds.staging_size,
                      "instance": self.instance_of(fds.staging_generation).hex()}  # fmt: skip
@@ -173,6 +195,29 @@ class HandoffServer:
         finally:
             os.close(fds.segment_fd)
             os.close(fds.staging_fd)
+        return False
+
+    def _hand_ring(self, conn: socket.socket, peer: str, deadline: float, tenant: str,
+                   token: str | None, uid: int) -> bool:  # fmt: skip
+        """Make an attend ring, hand its descriptors over, and give it the connection."""
+        from tierd.server.fastpath import AREA_BYTES
+
+        assert self._rings is not None
+        ring = self._rings.open(tenant, token, uid)  # a TierdError is answered by the caller
+        fds = ring.client_fds()
+        try:
+            reply = {"ok": True, "kind": "ring", "version": 1, "area_bytes": AREA_BYTES}
+            _reply(conn, deadline, reply, fds)
+        except BaseException:
+            self._rings.discard(ring)
+            raise
+        finally:
+            os.close(fds[1])  # the read-only opening made for the client
+        with self._open_lock:
+            self._open.discard(conn)  # a ring's connection is no longer this server's to stop
+        self._rings.adopt(ring, conn)
+        log.info("attend ring %d for tenant %r opened by %s", ring.id, tenant, peer)
+        return True
 
 
 def _remaining(deadline: float) -> float:

@@ -157,7 +157,11 @@ class TierdServicer(pb_grpc.TierdServicer):
         return principal is None or self.svc.lease_tenant(lease_id) in (principal, None)
 
     def _sequence(self, seq_id: int, context: grpc.ServicerContext, field: str) -> None:
-        principal = self.auth.identify(context)
+        self.check_sequence_owner(self.auth.identify(context), seq_id, field)
+
+    def check_sequence_owner(self, principal: str | None, seq_id: int, field: str) -> None:
+        """The one tenant check of a sequence, shared with the attend rings (whose client
+        proved `principal` at the handoff; None: an open daemon)."""
         owner = self.svc.attend.sequence_tenant(seq_id)
         if principal is not None and owner is not None and owner != principal:
             raise NotFound("no such sequence (closed or expired)", field=field)
