@@ -2,7 +2,7 @@
 
 Primitives: `open_ring(handoff, tenant, token) -> Ring` (`call(items, as_torch, timeout)`,
 `close()`; for tests of the daemon, `request_area`, `send(seq)`, `wait(seq, timeout)`,
-`response_area`), and `FastAttend(handoff, tenant, token)`: `attend(items, as_torch,
+`response_area`), `request_ring(...)` (the handoff alone: raw descriptors), and `FastAttend(handoff, tenant, token)`: `attend(items, as_torch,
 timeout) -> [AttendOutput] | None`, `served`, `close()`, which `TierdClient.attend` and
 `AttendStream.send` try before gRPC.
 
@@ -160,9 +160,11 @@ def _map(fd: int, size: int, prot: int) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
 
 
-def open_ring(handoff: str, tenant: str, token: str | None,
-              timeout: float = HANDOFF_TIMEOUT) -> Ring:  # fmt: skip
-    """Ask the daemon at `handoff` for an attend ring, proving `tenant` as for its segment."""
+def request_ring(handoff: str, tenant: str, token: str | None,
+                 timeout: float = HANDOFF_TIMEOUT) -> tuple[socket.socket, int, list[int]]:  # fmt: skip
+    """The handoff of a ring: the connection (its lifeline), the area size, and the four
+    descriptors (request file, response file, request and response doorbells). The
+    caller owns all of them."""
     fds: list[int] = []
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -185,32 +187,47 @@ def open_ring(handoff: str, tenant: str, token: str | None,
                 cls = errors.Unavailable
             raise cls(f"attend ring refused: {reply.get('error')}", field="rings")
         if reply.get("kind") != "ring" or reply.get("version") != 1:
+            # An older daemon answers every request with the tenant's segment.
             raise errors.FailedPrecondition("the daemon offers no attend rings", field="rings")
         if len(fds) != 4:
             raise errors.Internal(f"the daemon handed over {len(fds)} descriptors, not 4",
                                   field="rings")  # fmt: skip
-        size = wire.CTL_BYTES + int(reply["area_bytes"])
+        area = int(reply["area_bytes"])
+        sock.settimeout(None)
+        return sock, area, fds
+    except BaseException as e:
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        if isinstance(e, (OSError, ValueError, KeyError, TypeError)):
+            raise errors.Unavailable(f"attend ring handoff at {handoff} failed: {e!r}",
+                                     field="rings") from e  # fmt: skip
+        raise
+
+
+def open_ring(handoff: str, tenant: str, token: str | None,
+              timeout: float = HANDOFF_TIMEOUT) -> Ring:  # fmt: skip
+    """Ask the daemon at `handoff` for an attend ring, proving `tenant` as for its segment."""
+    sock, area, fds = request_ring(handoff, tenant, token, timeout)
+    size = wire.CTL_BYTES + area
+    try:
         req = _map(fds[0], size, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             resp = _map(fds[1], size, mmap.PROT_READ)
         except BaseException:
             req.close()
             raise
-        for fd in fds[:2]:  # the mappings keep the files
-            os.close(fd)
-        sock.settimeout(None)
-        return Ring(sock, req, resp, fds[2], fds[3])
     except BaseException as e:
         sock.close()
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # closed above already
-        if isinstance(e, (OSError, ValueError, KeyError, TypeError)):
-            raise errors.Unavailable(f"attend ring handoff at {handoff} failed: {e!r}",
-                                     field="rings") from e  # fmt: skip
+        for fd in fds[2:]:
+            os.close(fd)
+        if isinstance(e, OSError):
+            raise errors.Unavailable(f"cannot map the attend ring: {e!r}", field="rings") from e
         raise
+    finally:
+        for fd in fds[:2]:  # the mappings keep the files
+            os.close(fd)
+    return Ring(sock, req, resp, fds[2], fds[3])
 
 
 class FastAttend:
