@@ -9,12 +9,14 @@
 // head, query tile, key range); a head's key ranges, when split, merge exactly by max and
 // sum. Masking: query token i sits at position causal_offset + i and sees keys at or
 // before it (no mask when `causal` is 0), as tierd_kernels.attend_blocks defines.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <initializer_list>
+#include <limits>
 #include <new>
+#include <system_error>
 #include <utility>
 #include <vector>
 

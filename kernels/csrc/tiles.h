@@ -29,7 +29,9 @@ __attribute__((always_inline)) inline void score_chunk(const float* q, int64_t q
   }
   for (int j = 0; j < KB; j++) {
     V kv = E::load(static_cast<const T*>(k[j]) + c * VL);
-    for (int i = 0; i < RB; i++) acc[i * KB + j] = First ? qv[i] * kv : acc[i * KB + j] + qv[i] * kv;
+    for (int i = 0; i < RB; i++) {
+      acc[i * KB + j] = First ? qv[i] * kv : acc[i * KB + j] + qv[i] * kv;
+    }
   }
 }
 
@@ -129,9 +131,10 @@ template <class E>
 void pv_rows(const float* p, int64_t rows, int64_t dp, const void* const* v, int n, float* acc) {
   int nc = static_cast<int>(dp / VL);
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) pv<4, E>(p + r * kTileKeys, kTileKeys, n, v, nc, acc + r * dp, dp);
-  for (; r + 2 <= rows; r += 2) pv<2, E>(p + r * kTileKeys, kTileKeys, n, v, nc, acc + r * dp, dp);
-  for (; r < rows; r++) pv<1, E>(p + r * kTileKeys, kTileKeys, n, v, nc, acc + r * dp, dp);
+  const int64_t ps = kTileKeys;
+  for (; r + 4 <= rows; r += 4) pv<4, E>(p + r * ps, ps, n, v, nc, acc + r * dp, dp);
+  for (; r + 2 <= rows; r += 2) pv<2, E>(p + r * ps, ps, n, v, nc, acc + r * dp, dp);
+  for (; r < rows; r++) pv<1, E>(p + r * ps, ps, n, v, nc, acc + r * dp, dp);
 }
 
 // n rows of dim elements to float32 rows of dp (zero padded), one per key.
