@@ -73,6 +73,8 @@ _FROM_TORCH = {"float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32,
                "bfloat16": pb.DTYPE_BFLOAT16, "float8_e4m3fn": pb.DTYPE_FLOAT8_E4M3,
                "uint8": pb.DTYPE_UINT8}  # fmt: skip
 _RAW = {"bfloat16": "int16", "float8_e4m3fn": "uint8"}  # numpy has no such dtypes
+_TORCH_NAMES = {code: name for name, code in _FROM_TORCH.items()}
+_MAX_DIM = 1 << 40  # as `to_numpy` bounds each dimension
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -120,35 +122,49 @@ class _Wire:
 # ---- client: requests ------------------------------------------------------------------
 
 
+_torch: Any = None  # the torch module, once a tensor was seen (never imported here)
+_TORCH_CODES: dict[Any, tuple[int, Any]] = {}  # torch dtype -> (wire code, raw view dtype)
+
+
+def _torch_codes(torch: Any) -> dict[Any, tuple[int, Any]]:
+    global _torch
+    if not _TORCH_CODES:
+        for name, code in _FROM_TORCH.items():
+            raw = getattr(torch, _RAW[name]) if name in _RAW else None
+            _TORCH_CODES[getattr(torch, name)] = (code, raw)
+        _torch = torch
+    return _TORCH_CODES
+
+
 def _as_array(x: Any) -> tuple[int, np.ndarray] | None:
     """The wire dtype and a numpy view of `x`, or None where only the RPC path can say
     what happens to it (its dtype, rank or kind is one `to_message` would treat alike)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        t = x.detach().cpu()
-        name = str(t.dtype).removeprefix("torch.")
-        code = _FROM_TORCH.get(name)
-        if code is None:
-            return None
-        try:
-            if name in _RAW:
-                t = t.view(getattr(torch, _RAW[name]))
-            arr = t.numpy()
-        except (RuntimeError, TypeError):  # lazy views (conjugate, negative): as the RPC does
-            return None
-    elif isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray):
         arr = x
         code = _FROM_NUMPY.get(arr.dtype)
         if code is None:
             return None
     else:
-        return None  # lists and scalars: as the RPC path converts them
+        torch = _torch or sys.modules.get("torch")
+        if torch is None or not isinstance(x, torch.Tensor):
+            return None  # lists and scalars: as the RPC path converts them
+        got = _torch_codes(torch).get(x.dtype)
+        if got is None:
+            return None
+        code, raw = got
+        t = x.detach().cpu() if x.requires_grad or not x.is_cpu else x
+        try:
+            arr = (t if raw is None else t.view(raw)).numpy()
+        except (RuntimeError, TypeError):  # lazy views (conjugate, negative): as the RPC does
+            return None
     if not 1 <= arr.ndim <= MAX_DIMS:
         return None
     return code, arr
 
 
 def _tokens(tokens: Sequence[int]) -> list[int] | None:
+    if not tokens:
+        return []
     try:
         out = [operator.index(t) for t in tokens]
     except TypeError:
@@ -157,6 +173,8 @@ def _tokens(tokens: Sequence[int]) -> list[int] | None:
 
 
 def _u(value: Any, bits: int) -> int | None:
+    if type(value) is int:
+        return value if 0 <= value < 2**bits else None
     if isinstance(value, bool):
         return None
     try:
@@ -167,6 +185,8 @@ def _u(value: Any, bits: int) -> int | None:
 
 
 def _scale(value: Any) -> float | None:
+    if type(value) is float and -_F32_MAX <= value <= _F32_MAX:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
         return None
     try:
@@ -214,8 +234,13 @@ def encode_request(area: memoryview, items: Sequence[Any]) -> int | None:
         if tokens:
             copies.append((tok_off, np.asarray(tokens, dtype="<i8")))
         entries.append((seq, layer, scale, int(has_kv), len(tokens), tok_off, specs))
-    flat = np.frombuffer(area, dtype=np.uint8, count=pos)
+    flat = None
     for off, arr in copies:
+        if arr.flags.c_contiguous:
+            area[off : off + arr.nbytes] = memoryview(arr).cast("B")
+            continue
+        if flat is None:
+            flat = np.frombuffer(area, dtype=np.uint8, count=pos)
         dst = flat[off : off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
         np.copyto(dst, arr, casting="no")
     _HEADER.pack_into(area, 0, REQUEST_MAGIC, n, 0)
@@ -278,11 +303,30 @@ def read_request(table: bytes, area_bytes: int) -> list[RingItem]:
     return items
 
 
+def _plain(spec: TensorSpec) -> Any:
+    """The torch dtype of a tensor whose shape and length agree, with a dtype the RPC
+    path takes (else None: `to_torch` then refuses it with the RPC path's own words)."""
+    import torch
+
+    name = _TORCH_NAMES.get(spec.dtype)
+    if name is None or not spec.shape or spec.nbytes == 0 or max(spec.shape) > _MAX_DIM:
+        return None
+    dtype = getattr(torch, name)
+    if math.prod(spec.shape) * dtype.itemsize != spec.nbytes:
+        return None
+    return dtype
+
+
 def wire_tensor(spec: TensorSpec, area: Any, field: str) -> Any:
     """The tensor `spec` points at, copied out of `area` into a torch tensor; checked as
     the RPC path checks a message (`to_torch`: dtype, dims, bytes for the shape)."""
-    return to_torch(_Wire(spec.dtype, spec.shape, area[spec.offset : spec.offset + spec.nbytes]),
-                    field)  # fmt: skip
+    raw = area[spec.offset : spec.offset + spec.nbytes]
+    dtype = _plain(spec)
+    if dtype is None:
+        return to_torch(_Wire(spec.dtype, spec.shape, raw), field)
+    import torch
+
+    return torch.frombuffer(bytearray(raw), dtype=dtype).view(spec.shape)
 
 
 def wire_tokens(item: RingItem, area: Any) -> tuple[int, ...]:
@@ -307,12 +351,9 @@ def response_bytes(q_shapes: Sequence[Sequence[int]]) -> int:
 def _tensor_bytes(t: Any) -> tuple[int, tuple[int, ...], memoryview]:
     import torch
 
+    code, raw = _torch_codes(torch)[t.dtype]
     t = t.detach().cpu().contiguous()
-    name = str(t.dtype).removeprefix("torch.")
-    code = _FROM_TORCH[name]
-    if name in _RAW:
-        t = t.view(getattr(torch, _RAW[name]))
-    return code, tuple(t.shape), memoryview(t.numpy()).cast("B")
+    return code, tuple(t.shape), memoryview((t if raw is None else t.view(raw)).numpy()).cast("B")
 
 
 def write_results(area: memoryview, results: Sequence[tuple[Any, Any]]) -> None:
@@ -368,8 +409,15 @@ def read_response(area: memoryview, as_torch: bool) -> list[tuple[Any, Any]] | R
         pair = []
         for j in range(2):
             at = _RESP_HEADER.size + (2 * i + j) * _TENSOR.size
-            spec = _spec(bytes(area[at : at + _TENSOR.size]), 0, len(area), data_start, "result")
-            wire = _Wire(spec.dtype, spec.shape, area[spec.offset : spec.offset + spec.nbytes])
-            pair.append(to_torch(wire, "result") if as_torch else to_numpy(wire, "result").copy())
+            spec = _spec(area, at, len(area), data_start, "result")
+            raw = area[spec.offset : spec.offset + spec.nbytes]
+            dtype = _plain(spec) if as_torch else None
+            if dtype is not None:
+                import torch
+
+                pair.append(torch.frombuffer(bytearray(raw), dtype=dtype).view(spec.shape))
+            else:
+                wire = _Wire(spec.dtype, spec.shape, raw)
+                pair.append(to_torch(wire, "result") if as_torch else to_numpy(wire).copy())
         out.append((pair[0], pair[1]))
     return out
