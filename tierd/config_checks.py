@@ -177,6 +177,7 @@ def _check_tier_list(cfg: Config) -> None:
             want = type(kind.OPTIONS[key])
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"{where}.{key}", f"expected {want.__name__}, got {show(value)}")
+        kind.check_spec(spec, where)
 
 
 def _check_leases(cfg: Config) -> None:

@@ -2,8 +2,13 @@
 
 Primitives: `Tier` (space: `reserve`, `adopt`, `free`; bytes: `write`, `read`, `read_range`;
 optional `partial_attend`; facts: `capacity`, `used_bytes`, `backend`, `available`;
-`close`), `MemoryTier` (a tier clients map: `view`, `client_fd`, `segment_size`, `trim`),
-`Copy` (one block's bytes in one tier), `BlockRef` (what a tier may know of a block).
+`check_spec`; `close`), `MemoryTier` (a tier clients map: `view`, `client_fd`,
+`segment_size`, `trim`), `Copy` (one block's bytes in one tier), `BlockRef` (what a tier
+may know of a block), `Found` (a block a shared tier holds that this daemon did not put).
+
+Capabilities the core consults, never a kind's name: `shared` (other daemons write and
+read the same store: a lookup that misses asks it with `find`), `write_through` (every
+committed block gets a copy here too, not only the blocks the tier above demotes).
 
 A tier is a value built from its `TierSpec` (tierd.config) by the kind registered in
 `tierd.tiers.registry`; the core holds them in chain order and never names one. A block
@@ -70,6 +75,16 @@ class Copy:
 
 
 @dataclass(frozen=True)
+class Found:
+    """A block found in a shared tier: where it is and what its header vouches for."""
+
+    location: Location
+    length: int
+    checksum: int  # of the block's bytes
+    layer_sums: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class TierUsage:
     capacity_bytes: int
     used_bytes: int
@@ -93,6 +108,11 @@ class Tier(ABC):
     memory: ClassVar[bool] = False
     # The kind's own [[tiers]] keys and their defaults (the type of each is checked).
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    # Other daemons write and read the same store: a lookup asks it (`find`) for the keys
+    # no tier of this daemon holds.
+    shared: ClassVar[bool] = False
+    # Every committed block is copied here too (asynchronously), not only demoted ones.
+    write_through: bool = False
 
     def __init__(self, spec: TierSpec) -> None:
         self.spec = spec
@@ -102,6 +122,11 @@ class Tier(ABC):
     @abstractmethod
     def open(cls, spec: TierSpec, context: TierContext) -> Tier:
         """Build the tier from its spec; a ConfigError names what keeps it from opening."""
+
+    @classmethod
+    def check_spec(cls, spec: TierSpec, where: str) -> None:
+        """Check the kind's options beyond their types, at config load (a ConfigError
+        naming `where`.key)."""
 
     # -- facts ----------------------------------------------------------------------------
 
@@ -203,6 +228,11 @@ class Tier(ABC):
         """Attention over `blocks` computed where their bytes are: (out, lse, keys missing
         or corrupt), or None when this tier has no compute (the core reads and reduces)."""
         return None
+
+    def find(self, ns: NamespaceRef, keys: Sequence[bytes]) -> list[Found | None]:
+        """Which of `ns`'s `keys` a shared tier holds (another daemon's), in one bounded
+        call; never raises (a tier that cannot answer finds nothing)."""
+        return [None] * len(keys)
 
     def start(self) -> list[str]:
         """Bring up what the tier runs (workers); returns what is not serving yet."""
