@@ -22,6 +22,7 @@ KINDS: dict[str, str] = {
     "host": "tierd.tiers.host_tier:HostTier",
     "nvme": "tierd.tiers.nvme_tier:NvmeTier",
     "csd": "tierd.tiers.csd_tier:CsdTier",
+    "redis": "tierd.tiers.remote_redis:RedisTier",
 }
 
 
