@@ -4,6 +4,7 @@ them, what each tier and tenant holds, and the catalog that makes it durable.
 Primitives:
   books    `index`, `leases`, `counters`, `policies`, `cond` (guards all of it)
   copies   `best(entry)` (the copy a read uses), `add_blocks(ns, placed)`, `add_copy`,
+           `add_found(ns, found)` (blocks a shared tier holds, found by a lookup),
            `drop_copy`, `record_copies`, `drop_corrupt_copy`, `evict(entry, tier)`,
            `free_space(entry)`, `delete(ns, keys)`, `set_pinned(ns, keys, pinned)`
   holders  `hold(ns, keys)`, `drop_reader(entry)`, `claim(entry)` / `unclaim(entry)` (a
@@ -41,7 +42,7 @@ from tierd.core.index import BlockEntry, Index, NamespaceInfo
 from tierd.core.leases import LeaseTable
 from tierd.core.policies import Policy
 from tierd.core.stats import Counters
-from tierd.tiers.base import Copy, Location
+from tierd.tiers.base import Copy, Found, Location
 
 log = logging.getLogger("tierd.core")
 
@@ -163,15 +164,42 @@ class Directory:
         staged, _ = self.stage_blocks(ns, placed, now)
         return self.publish(ns, staged, now)
 
-    def add_copy(self, entry: BlockEntry, copy: Copy) -> None:
-        """The block got a copy in `copy.tier` (not recorded: the caller records)."""
+    def add_copy(self, entry: BlockEntry, copy: Copy, *, written: bool = True) -> None:
+        """The block got a copy in `copy.tier` (not recorded: the caller records).
+        `written`: False for a copy found in a shared tier (this daemon wrote nothing)."""
         old = entry.copies.get(copy.tier)
         if old is not None:
             self.drop_copy(entry, old)
         entry.copies[copy.tier] = copy
         self._count(entry, copy, +1)
         self.policies[copy.tier].on_insert(entry)
-        self.counters.tier(copy.tier).bytes_written += copy.length
+        if written:
+            self.counters.tier(copy.tier).bytes_written += copy.length
+
+    def add_found(
+        self, ns: NamespaceInfo, found: Sequence[tuple[bytes, Found, Copy]],
+        now: float | None = None,
+    ) -> list[BlockEntry]:  # fmt: skip
+        """Blocks another daemon put into a shared tier, found by a lookup: new entries
+        whose one copy is there, with the checksums its header vouches for; visible now,
+        their rows committed behind (a cache row lost to a crash is only a miss). Keys
+        cached or being added meanwhile are skipped (the caller gives their space back)."""
+        now = time.time() if now is None else now
+        entries, rows = [], []
+        for key, what, copy in found:
+            if self.index.get(ns.id, key) is not None or (ns.id, key) in self.pending:
+                continue
+            entry = BlockEntry(ns, key, ns.block_bytes, what.checksum, {}, last_access=now,
+                               layer_sums=what.layer_sums)  # fmt: skip
+            self.index.add(entry)
+            self.add_copy(entry, copy, written=False)
+            self.accessed(entry)
+            entries.append(entry)
+            rows.append(BlockRow(ns.id, key, ns.block_bytes, what.checksum, False, now,
+                                 what.layer_sums, copy_rows([copy])))  # fmt: skip
+        if rows:
+            self.log.add(plan_insert_blocks(rows))
+        return entries
 
     def drop_copy(self, entry: BlockEntry, copy: Copy) -> None:
         """Forget one copy and release its space (not recorded: the caller records)."""

@@ -174,6 +174,11 @@ class Placer:
                 if entry.loading is not None:
                     theirs.append(entry.loading)
                 elif promote and held is None and entry.copies:
+                    fastest = svc.directory.best(entry)
+                    source = svc.tiers.get(fastest.tier) if fastest is not None else None
+                    if source is not None and not source.available():
+                        svc.counters.tier(source.name).misses += 1
+                        continue  # a miss now, without waiting for room it cannot fill
                     staging = self.allocate_top(entry.ns.tenant, entry.nbytes)
                     if staging is None:
                         for e, src, off in mine:  # undo what this call started
@@ -411,8 +416,8 @@ class Placer:
         """Room for a block in `tier`, evicting its lowest-ranked copies if it is full.
         Caller holds the lock."""
         loc = tier.reserve(tenant, nbytes)
-        if loc is not None:
-            return loc
+        if loc is not None or not tier.available():
+            return loc  # evicting from a tier that is down would only lose its copies
         # Evict a batch (a few percent of the tier) so each eviction pass amortises the sort.
         goal = max(nbytes, tier.capacity // 32)
         for entry in self.dir.victims(tier.name, goal):

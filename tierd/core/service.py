@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from itertools import islice
+from itertools import chain, islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,6 +42,7 @@ from tierd.core.results import (
     PutSlot,
     SegmentInfo,
 )
+from tierd.core.sharing import Sharing
 from tierd.core.startup import open_storage, recover
 from tierd.core.stats import StatsSnapshot, TierSnapshot
 from tierd.core.tierset import TierSet
@@ -98,6 +99,7 @@ class CacheService:
         self._host_id = host_id()
         recover(self)
         self.placer = Placer(self)
+        self.sharing = Sharing(self)  # shared and write-through tiers (tierd.core.sharing)
         self._attend: AttendService | None = None
         self.draining = False  # set on SIGTERM: no new leases, existing ones may finish
         self._attend_lock = threading.Lock()
@@ -108,6 +110,7 @@ class CacheService:
         for tier, down in self.tiers.start().items():
             log.warning("tier %s: not serving yet (its blocks are misses): %s", tier, down)
         self.placer.start()
+        self.sharing.start()
 
     @property
     def attend(self) -> AttendService:
@@ -135,6 +138,7 @@ class CacheService:
         if self._attend is not None:
             self._attend.close()
         self.placer.stop()
+        self.sharing.stop()
         self.directory.log.commit_all()
         self.tiers.close()
         self.catalog.close()
@@ -205,18 +209,21 @@ class CacheService:
         # stops at the first miss: at most about twice the hits are ever hashed.
         keys = iter_block_keys(ns.id, arr, ns.layout.block_tokens)
         found: list[tuple[bytes, str]] = []
-        now, batch, missed = time.time(), 1, False
+        now, batch, missed, rest = time.time(), 1, False, []
         while not missed and (todo := list(islice(keys, batch))):
             with self.cond:
-                for key in todo:
+                for i, key in enumerate(todo):
                     entry = self.index.get(ns.id, key)
                     if entry is None:
-                        missed = True
+                        missed, rest = True, todo[i:]
                         break
                     entry.last_access = now
                     entry.depth = len(found)
                     found.append((key, self.directory.best_name(entry)))
             batch = min(2 * batch, 1024)
+        if missed and self.sharing.shared:  # the prefix may go on in a tier others share
+            more, missed = self.sharing.find(ns, chain(rest, keys), len(found), now)
+            found += more
         with self.cond:
             self.counters.lookups += 1
             self.counters.misses += missed
@@ -320,7 +327,7 @@ class CacheService:
                     self.top.release(ns.tenant, copy.location, bb)
             raise
         with self.cond:
-            self.directory.publish(ns, staged)
+            self.sharing.write_through(self.directory.publish(ns, staged))
             self.placer.kick()
         return len(staged)
 
@@ -366,6 +373,7 @@ class CacheService:
                     self.top.release(ns.tenant, offset, bb)
                     return None
                 (entry,) = added
+                self.sharing.write_through(added)
                 self.placer.kick()
             entry.readers += 1
             held = entry.copies.get(self.top.name)
