@@ -132,10 +132,16 @@ class Sharing:
         """Start promoting found blocks into memory (caller holds the lock); held by a
         reader reference until done. Past the bound, a get promotes them itself."""
         svc = self.svc
-        nbytes = sum(e.nbytes for e in entries)
-        if not entries or self._promoter is None:
+        if self._promoter is None:
             return
-        if self._promoting + nbytes > svc.top.capacity // PROMOTE_SHARE:
+        room = svc.top.capacity // PROMOTE_SHARE - self._promoting
+        fits = 0
+        while fits < len(entries) and entries[fits].nbytes <= room:
+            room -= entries[fits].nbytes
+            fits += 1
+        entries = entries[:fits]  # the prefix's first blocks: a client reads those first
+        nbytes = sum(e.nbytes for e in entries)
+        if not entries:
             return
         for entry in entries:
             entry.readers += 1

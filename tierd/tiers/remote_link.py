@@ -130,7 +130,8 @@ class Link(Generic[C]):
         self._set_up(client)
 
     def start(self) -> None:
-        self._thread.start()
+        if not self._thread.is_alive() and not self._closed:
+            self._thread.start()
 
     def _set_up(self, client: C) -> None:
         with self._cond:

@@ -1,0 +1,255 @@
+"""Real Redis servers for tests: one server, or a cluster of three masters with one replica
+each, on free loopback ports, started and stopped by the tests themselves.
+
+Primitives: `HAVE_REDIS` (redis-server, redis-cli and redis-py are all here),
+`needs_redis` (the `redis` marker plus a clean skip without them), `RedisServer`
+(one process: `start`, `stop`, `kill`, `client`), `SingleServer(base)`, `Cluster(base)`
+(`start` builds it with `redis-cli --cluster create`, `stop`/`start` again keep its
+identity, `kill_master_of(key)` SIGKILLs the master serving a key and waits for its
+replica to take over), `free_port()`.
+
+Readiness is always polled (a PING answered, `cluster_state:ok` on every node), never
+assumed after a fixed sleep. Servers keep nothing on disk but the cluster's nodes.conf,
+so a cluster stopped and started again comes back empty, with the same topology.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import redis
+except ImportError:  # the dev extras bring it; without it these tests skip
+    redis = None  # type: ignore[assignment]
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+HAVE_REDIS = bool(REDIS_SERVER and REDIS_CLI and redis is not None)
+needs_redis = [
+    pytest.mark.redis,
+    pytest.mark.skipif(not HAVE_REDIS, reason="needs redis-server, redis-cli and redis-py"),
+]
+READY_DEADLINE_S = 20.0
+# Short, so a killed master's replica takes over within a couple of seconds.
+NODE_TIMEOUT_MS = 500
+
+
+def free_port(cluster: bool = False) -> int:
+    """A free loopback port (and, for a cluster node, a free bus port 10000 above it)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not cluster:
+            return port
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _poll(what: str, ready: Any, deadline_s: float = READY_DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready within {deadline_s}s")
+        time.sleep(0.02)  # polling a server that has nothing to wait on but its state
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:`port`, its files under `base`."""
+
+    def __init__(self, base: Path, port: int, *, cluster: bool = False,
+                 password: str | None = None) -> None:  # fmt: skip
+        self.base, self.port, self.cluster, self.password = base, port, cluster, password
+        self.dir = base / str(port)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        assert REDIS_SERVER is not None
+        cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+               "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+               "--logfile", str(self.dir / "redis.log"), "--protected-mode", "no"]  # fmt: skip
+        if self.cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                    "--cluster-replica-validity-factor", "0"]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
+        return cmd
+
+    def start(self, *, wait: bool = True) -> None:
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        if wait:
+            _poll(f"redis-server on {self.port}", self.answers)
+
+    def client(self) -> Any:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           socket_timeout=2.0, socket_connect_timeout=2.0)  # fmt: skip
+
+    def answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server on {self.port} exited with {self.proc.returncode}")
+        try:
+            with self.client() as r:
+                return bool(r.ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class SingleServer:
+    """One non-cluster server."""
+
+    def __init__(self, base: Path, password: str | None = None) -> None:
+        self.server = RedisServer(base, free_port(), password=password)
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.server.address]
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def client(self) -> Any:
+        return self.server.client()
+
+
+class Cluster:
+    """Three masters with one replica each."""
+
+    def __init__(self, base: Path, password: str | None = None) -> None:
+        self.password = password
+        self.servers = [RedisServer(base, free_port(cluster=True), cluster=True,
+                                    password=password) for _ in range(6)]  # fmt: skip
+        self.created = False
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.address for s in self.servers]
+
+    def start(self) -> None:
+        for s in self.servers:
+            if not s.running:
+                s.start(wait=False)
+        for s in self.servers:
+            _poll(f"redis-server on {s.port}", s.answers)
+        if not self.created:
+            assert REDIS_CLI is not None
+            auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+            subprocess.run([REDIS_CLI, *auth, "--cluster", "create", *self.nodes,
+                            "--cluster-replicas", "1", "--cluster-yes"],
+                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            self.created = True
+        _poll("the cluster", self.ok)
+
+    def ok(self) -> bool:
+        """Every running node says cluster_state:ok and every slot has a running master."""
+        for s in self.servers:
+            if not s.running:
+                continue
+            try:
+                with s.client() as r:
+                    if r.cluster("info").get("cluster_state") != "ok":
+                        return False
+            except redis.RedisError:
+                return False
+        return all(self.master_of_slot(slot) is not None for slot in (0, 8000, 16383))
+
+    def master_of_slot(self, slot: int) -> RedisServer | None:
+        """The running server that masters `slot`, as a running node sees it."""
+        by_port = {s.port: s for s in self.servers}
+        for s in self.servers:
+            if not s.running:
+                continue
+            try:
+                with s.client() as r:
+                    for lo, hi, master, *_ in r.execute_command("CLUSTER SLOTS"):
+                        if lo <= slot <= hi:
+                            owner = by_port.get(int(master[1]))
+                            return owner if owner is not None and owner.running else None
+            except redis.RedisError:
+                continue
+        return None
+
+    def client(self) -> Any:
+        nodes = [redis.cluster.ClusterNode("127.0.0.1", s.port) for s in self.servers
+                 if s.running]  # fmt: skip
+        return redis.RedisCluster(startup_nodes=nodes, password=self.password,
+                                  socket_timeout=2.0)  # fmt: skip
+
+    def kill_master_of(self, key: str) -> RedisServer:
+        """SIGKILL the master serving `key`; returns once its replica has taken over."""
+        with self.client() as rc:
+            slot = rc.keyslot(key)
+        victim = self.master_of_slot(slot)
+        assert victim is not None
+        victim.kill()
+        _poll("failover", lambda: self.master_of_slot(slot) is not None and self.ok())
+        return victim
+
+    def stop(self) -> None:
+        for s in self.servers:  # all at once: each takes a moment to shut down
+            if s.proc is not None and s.proc.poll() is None:
+                s.proc.terminate()
+        for s in self.servers:
+            s.stop()
+
+    def kill(self) -> None:
+        for s in self.servers:
+            s.kill()
+
+
+def started(kind: type[SingleServer | Cluster], base: Path,
+            password: str | None = None) -> Iterator[Any]:  # fmt: skip
+    """A fixture body: `kind` started under `base`, stopped (and its files removed) after."""
+    servers = kind(base, password)
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+        shutil.rmtree(base, ignore_errors=True)
