@@ -8,11 +8,10 @@ No mask: every key a worker holds precedes the query positions. `out` is
 partials of several tiers merge exactly: lse = logsumexp_i lse_i,
 out = sum_i exp(lse_i - lse) out_i. With no keys, out is 0 and lse is -inf (weight 0).
 
-The math is `tierd_kernels.attend_blocks`, the fast CPU path: it gathers keys a chunk at
-a time into a cache-sized float32 buffer (the gather is the dtype conversion), so it runs
-in float32 whatever the KV dtype and stays within 1e-5 of a float64 oracle. GQA maps query
-head h to kv head h // (heads / kv_heads). The blocks are handed over as views into the
-shard's read buffer: no copy before the kernel's own gather.
+The math is `tierd_kernels.attend_blocks`, the fast CPU path: it reads K and V in their
+storage dtype and computes in float32 whatever that dtype is, within 1e-5 of a float64
+oracle. GQA maps query head h to kv head h // (heads / kv_heads). The blocks are handed
+over as views into the shard's read buffer, which the kernel reads in place.
 """
 
 from __future__ import annotations
