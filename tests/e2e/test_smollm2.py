@@ -251,7 +251,11 @@ def test_greedy_matches_transformers_host(
     smollm2: Loaded, client: TierdClient, references: list[tuple[list[int], list[int]]]
 ) -> None:
     assert any(len(want) == NEW_TOKENS for _, want in references)  # decoding goes far enough
+    before = client.fast_attend_calls
     _check_matches(smollm2, client, references, None)
+    # The decode loop's per-layer attends went over the shared-memory ring, not gRPC.
+    layers = smollm2.model.config.num_hidden_layers
+    assert client.fast_attend_calls - before >= layers * sum(len(w) - 1 for _, w in references)
 
 
 def test_attend_prefill_and_unary_attend_match(
