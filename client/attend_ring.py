@@ -42,7 +42,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -67,11 +67,14 @@ _RESP_HEADER = struct.Struct("<IIII")
 _ERR = struct.Struct("<II")
 RESULT_BYTES = 2 * _TENSOR.size
 
-_FROM_NUMPY = {np.dtype(np.float16): pb.DTYPE_FLOAT16, np.dtype(np.float32): pb.DTYPE_FLOAT32,
-               np.dtype(np.uint8): pb.DTYPE_UINT8}  # fmt: skip
-_FROM_TORCH = {"float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32,
-               "bfloat16": pb.DTYPE_BFLOAT16, "float8_e4m3fn": pb.DTYPE_FLOAT8_E4M3,
-               "uint8": pb.DTYPE_UINT8}  # fmt: skip
+_FROM_NUMPY: dict[np.dtype, int] = {
+    np.dtype(np.float16): pb.DTYPE_FLOAT16, np.dtype(np.float32): pb.DTYPE_FLOAT32,
+    np.dtype(np.uint8): pb.DTYPE_UINT8,
+}  # fmt: skip
+_FROM_TORCH: dict[str, int] = {
+    "float16": pb.DTYPE_FLOAT16, "float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16,
+    "float8_e4m3fn": pb.DTYPE_FLOAT8_E4M3, "uint8": pb.DTYPE_UINT8,
+}  # fmt: skip
 _RAW = {"bfloat16": "int16", "float8_e4m3fn": "uint8"}  # numpy has no such dtypes
 _TORCH_NAMES = {code: name for name, code in _FROM_TORCH.items()}
 _MAX_DIM = 1 << 40  # as `to_numpy` bounds each dimension
@@ -237,7 +240,7 @@ def encode_request(area: memoryview, items: Sequence[Any]) -> int | None:
     flat = None
     for off, arr in copies:
         if arr.flags.c_contiguous:
-            area[off : off + arr.nbytes] = memoryview(arr).cast("B")
+            area[off : off + arr.nbytes] = arr.data.cast("B")
             continue
         if flat is None:
             flat = np.frombuffer(area, dtype=np.uint8, count=pos)
@@ -267,7 +270,9 @@ def table_bytes(header: bytes) -> int:
     return _HEADER.size + n * ITEM_BYTES
 
 
-def _spec(table: bytes, at: int, area_bytes: int, data_start: int, field: str) -> TensorSpec:
+def _spec(
+    table: bytes | memoryview, at: int, area_bytes: int, data_start: int, field: str
+) -> TensorSpec:
     dtype, ndim, *rest = _TENSOR.unpack_from(table, at)
     dims, offset, nbytes = rest[:MAX_DIMS], rest[MAX_DIMS], rest[MAX_DIMS + 1]
     if ndim > MAX_DIMS:
@@ -323,7 +328,7 @@ def wire_tensor(spec: TensorSpec, area: Any, field: str) -> Any:
     raw = area[spec.offset : spec.offset + spec.nbytes]
     dtype = _plain(spec)
     if dtype is None:
-        return to_torch(_Wire(spec.dtype, spec.shape, raw), field)
+        return to_torch(cast(Any, _Wire(spec.dtype, spec.shape, raw)), field)
     import torch
 
     return torch.frombuffer(bytearray(raw), dtype=dtype).view(spec.shape)
@@ -406,7 +411,7 @@ def read_response(area: memoryview, as_torch: bool) -> list[tuple[Any, Any]] | R
     data_start = _RESP_HEADER.size + n * RESULT_BYTES
     out: list[tuple[Any, Any]] = []
     for i in range(n):
-        pair = []
+        pair: list[Any] = []
         for j in range(2):
             at = _RESP_HEADER.size + (2 * i + j) * _TENSOR.size
             spec = _spec(area, at, len(area), data_start, "result")
@@ -417,7 +422,7 @@ def read_response(area: memoryview, as_torch: bool) -> list[tuple[Any, Any]] | R
 
                 pair.append(torch.frombuffer(bytearray(raw), dtype=dtype).view(spec.shape))
             else:
-                wire = _Wire(spec.dtype, spec.shape, raw)
+                wire = cast(Any, _Wire(spec.dtype, spec.shape, raw))
                 pair.append(to_torch(wire, "result") if as_torch else to_numpy(wire).copy())
         out.append((pair[0], pair[1]))
     return out

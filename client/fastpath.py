@@ -2,9 +2,10 @@
 
 Primitives: `open_ring(handoff, tenant, token) -> Ring` (`call(items, as_torch, timeout)`,
 `close()`; for tests of the daemon, `request_area`, `send(seq)`, `wait(seq, timeout)`,
-`response_area`), `request_ring(...)` (the handoff alone: raw descriptors), and `FastAttend(handoff, tenant, token)`: `attend(items, as_torch,
-timeout) -> [AttendOutput] | None`, `served`, `close()`, which `TierdClient.attend` and
-`AttendStream.send` try before gRPC.
+`response_area`), `request_ring(...)` (the handoff alone: raw descriptors), and
+`FastAttend(handoff, tenant, token)`: `attend(items, as_torch, timeout) -> [AttendOutput]
+| None`, `served`, `close()`, which `TierdClient.attend` and `AttendStream.send` try
+before gRPC.
 
 Why: per decode step a model calls attend once per layer; over gRPC each call is a
 stream message each way (~1.5 ms here), over a ring a few copies and a doorbell (the
@@ -160,8 +161,9 @@ def _map(fd: int, size: int, prot: int) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
 
 
-def request_ring(handoff: str, tenant: str, token: str | None,
-                 timeout: float = HANDOFF_TIMEOUT) -> tuple[socket.socket, int, list[int]]:  # fmt: skip
+def request_ring(
+    handoff: str, tenant: str, token: str | None, timeout: float = HANDOFF_TIMEOUT
+) -> tuple[socket.socket, int, list[int]]:
     """The handoff of a ring: the connection (its lifeline), the area size, and the four
     descriptors (request file, response file, request and response doorbells). The
     caller owns all of them."""

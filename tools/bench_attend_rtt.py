@@ -189,8 +189,9 @@ def main() -> int:
             d.stop()
     print_table(results, args.tokens)
     if args.json:
-        doc = {"tokens": args.tokens, "steps": args.steps, "client_spin_us": args.client_spin_us, "layers": LAYERS, "heads": HEADS,
-               "kv_heads": KV_HEADS, "head_dim": DIM, "results": results}  # fmt: skip
+        doc = {"tokens": args.tokens, "steps": args.steps, "client_spin_us": args.client_spin_us,
+               "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
+               "results": results}  # fmt: skip
         bench_trees.stamp(doc)
         args.json.write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}")

@@ -181,8 +181,9 @@ def tenant_daemon() -> Iterator[str]:
                           f'token_sha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
                           for n, t in TOKENS.items())  # fmt: skip
         cfg = base / "tierd.toml"
-        cfg.write_text(f'data_dir = "{base}/data"\n[server]\nlisten = ["unix:{base}/s.sock"]\n'
-                       f'[host]\ncapacity = "16MiB"\n[nvme]\ncapacity = "64MiB"\n{tenants}')  # fmt: skip
+        listen = f'[server]\nlisten = ["unix:{base}/s.sock"]\n'
+        sizes = '[host]\ncapacity = "16MiB"\n[nvme]\ncapacity = "64MiB"\n'
+        cfg.write_text(f'data_dir = "{base}/data"\n{listen}{sizes}{tenants}')
         with open(base / "log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", str(cfg)],
                                     stderr=log)  # fmt: skip
