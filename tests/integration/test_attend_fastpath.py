@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,17 +174,23 @@ def test_ring_errors_equal_grpc(daemon_address: str) -> None:
 # -- tenants -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tenant_daemon() -> Iterator[str]:
+def tenants_config(base: Path, tokens: dict[str, str]) -> Path:
+    tenants = "".join(f'[[tenants]]\nname = "{n}"\n'
+                      f'token_sha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
+                      for n, t in tokens.items())  # fmt: skip
+    cfg = base / "tierd.toml"
+    listen = f'[server]\nlisten = ["unix:{base}/s.sock"]\n'
+    sizes = '[host]\ncapacity = "16MiB"\n[nvme]\ncapacity = "64MiB"\n'
+    cfg.write_text(f'data_dir = "{base}/data"\n{listen}{sizes}{tenants}')
+    return cfg
+
+
+@contextmanager
+def tenants_daemon() -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """A daemon with tenants alpha and beta: its address, config file and process."""
     with tempfile.TemporaryDirectory(prefix="ring-") as d:
         base = Path(d)
-        tenants = "".join(f'[[tenants]]\nname = "{n}"\n'
-                          f'token_sha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
-                          for n, t in TOKENS.items())  # fmt: skip
-        cfg = base / "tierd.toml"
-        listen = f'[server]\nlisten = ["unix:{base}/s.sock"]\n'
-        sizes = '[host]\ncapacity = "16MiB"\n[nvme]\ncapacity = "64MiB"\n'
-        cfg.write_text(f'data_dir = "{base}/data"\n{listen}{sizes}{tenants}')
+        cfg = tenants_config(base, TOKENS)
         with open(base / "log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", str(cfg)],
                                     stderr=log)  # fmt: skip
@@ -191,12 +198,18 @@ def tenant_daemon() -> Iterator[str]:
         try:
             with TierdClient(address, tenant="alpha", token=TOKENS["alpha"]) as c:
                 c.stats()  # waits until the daemon answers
-            yield address
+            yield address, cfg, proc
         finally:
             proc.terminate()
             proc.wait(30)
             for seg in segments_of(base / "data"):
                 seg.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tenant_daemon() -> Iterator[str]:
+    with tenants_daemon() as (address, _, _):
+        yield address
 
 
 def test_another_tenants_sequence_is_not_found_over_the_ring(tenant_daemon: str) -> None:
@@ -232,6 +245,31 @@ def test_the_handoff_refuses_a_ring_to_other_credentials(tenant_daemon: str) -> 
         with pytest.raises(Unauthenticated):
             c.attend([AttendItem(1, 0, np.ones((1, 1, 8), np.float32))])
         assert c.fast_attend_calls == 0
+
+
+def test_a_token_revoked_by_a_reload_stops_its_ring() -> None:
+    """The ring checks its token again on every request, as every RPC does."""
+    layout = KVLayout(1, 1, 8, "float32", 8)
+    q, kv = np.ones((1, 1, 8), np.float32), np.ones((1, 1, 8), np.float32)
+    with (
+        tenants_daemon() as (address, cfg, proc),
+        TierdClient(address, tenant="alpha", token=TOKENS["alpha"]) as alpha,
+    ):
+        seq = alpha.open_sequence(alpha.open_namespace("ring-revoke", layout), [])
+        alpha.attend([AttendItem(seq, 0, q, kv, kv, [1])])
+        assert alpha.fast_attend_calls == 1
+        tenants_config(cfg.parent, {**TOKENS, "alpha": "a-new-secret"})
+        proc.send_signal(signal.SIGHUP)
+
+        def refused() -> bool:
+            try:
+                alpha.attend([AttendItem(seq, 0, q)])
+            except Unauthenticated:
+                return True
+            return False
+
+        wait_for(refused, 30, "the reload to revoke the ring's token")
+        assert alpha.fast_attend_calls >= 2  # refused over the ring itself
 
 
 def test_a_daemon_without_rings_leaves_attend_on_grpc() -> None:
