@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite on a fresh machine: venv, Redis (Debian package), then pytest.
+# Run the test suite on a fresh machine: venv, Redis (Debian package), the vLLM
+# environment (tools/vllm_env.sh, cached), then pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh" test
 
@@ -12,6 +13,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server is missing and this is not root; its tests will be skipped"
   fi
 fi
+
+# The vLLM tests (marker vllm) run in their own venv; minutes the first time, then cached.
+bash "$TIERD_ROOT/tools/vllm_env.sh" \
+  || echo "the vLLM environment could not be prepared; the vllm tests will be skipped"
 
 cd "$TIERD_ROOT"
 "$VENV/bin/python" tools/gen_protos.py --check

