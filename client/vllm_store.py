@@ -28,6 +28,7 @@ lookups answer 0 and saves are skipped, so vLLM keeps serving (recomputing) with
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import warnings
@@ -42,7 +43,7 @@ from . import keys as _keys
 from ._proto import tierd_pb2 as pb
 from .arrays import as_tensor
 from .client import TierdClient
-from .errors import Internal, TierdError
+from .errors import Internal, TierdError, Unavailable
 from .layout import KVLayout, dtype_to_proto
 from .results import Namespace
 from .shm import slot_view
@@ -134,10 +135,19 @@ class TierdLink:
         if not self.up:
             return default
         try:
+            self._check_socket()
             return fn()
         except (TierdError, OSError, ValueError) as e:
             self._failed(what, e)
             return default
+
+    def _check_socket(self) -> None:
+        # A daemon that is not running has no socket: fail now rather than after a timeout
+        # (a first call waits up to timeout_s for the channel to become ready).
+        assert self._client is not None
+        path = self._client.address.unix_path
+        if path and not os.path.exists(path):
+            raise Unavailable(f"no tierd socket at {path}", field="address")
 
     def namespace(self, salt: str | None) -> Namespace:
         ns = self._spaces.get(salt)
@@ -169,7 +179,7 @@ class TierdLink:
              visit: Callable[[int, torch.Tensor], None]) -> list[bool]:  # fmt: skip
         """Feed each found block to `visit(i, block)`; raises on failure (caller reports)."""
         if not self.up:
-            raise Internal("tierd is marked down", field="address")
+            raise Unavailable("tierd is marked down", field="address")
         assert self._client is not None
         try:
             return read_blocks(self._client, self.namespace(salt), keys, visit)

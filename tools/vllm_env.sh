@@ -17,8 +17,8 @@ PY="${PYTHON:-python3}"
 TORCH="torch==2.13.0"
 
 stamp="$VLLM_VENV/.tierd-vllm-installed"
-want="$(cat "$TIERD_ROOT/tools/vllm_env.sh" "$TIERD_ROOT/tools/vllm_model.py" \
-  "$TIERD_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+# tierd is installed editable: new modules need no reinstall, so only these two count.
+want="$(cat "$TIERD_ROOT/tools/vllm_env.sh" "$TIERD_ROOT/tools/vllm_model.py" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && grep -qx "$want" "$stamp" && [ -f "$VLLM_MODEL/.converted" ]; then
   exit 0
 fi

@@ -3,8 +3,9 @@
     .venv-vllm/bin/python tools/vllm_runner.py SPEC.json OUT.json
 
 SPEC: {"model": DIR, "tierd": {kv_connector_extra_config} or null, "prefix_caching": bool,
-"requests": [{"prompt_token_ids": [...], "cache_salt": str|null, "max_tokens": n}]}.
-OUT: {"load_s", "requests": [{"token_ids", "text", "prompt_tokens", "cached_tokens",
+"requests": [{"prompt_token_ids": [...] or "text": str, "cache_salt": str|null,
+"max_tokens": n}]}.
+OUT: {"load_s", "requests": [{"prompt_token_ids", "token_ids", "text", "cached_tokens",
 "ttft_s", "decode_tok_s", "wall_s"}], "connector": {scheduler and worker counters}}.
 
 Requests run one at a time, greedy, so each one's time to first token is its own. The
@@ -70,8 +71,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         disable_log_stats=False, seed=0,
     )  # fmt: skip
     out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "requests": []}
+    tokenizer = llm.get_tokenizer()
     for r in spec["requests"]:
-        prompt: dict[str, Any] = {"prompt_token_ids": r["prompt_token_ids"]}
+        ids = r.get("prompt_token_ids") or list(tokenizer.encode(r["text"]))
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if r.get("cache_salt"):
             prompt["cache_salt"] = r["cache_salt"]
         params = SamplingParams(max_tokens=r.get("max_tokens", 16), temperature=0.0,
@@ -86,7 +89,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         out["requests"].append({
             "token_ids": list(res.outputs[0].token_ids),
             "text": res.outputs[0].text,
-            "prompt_tokens": len(r["prompt_token_ids"]),
+            "prompt_token_ids": ids,
+            "cache_salt": r.get("cache_salt"),
             "cached_tokens": res.num_cached_tokens or 0,
             "ttft_s": ttft,
             "decode_tok_s": (n - 1) / span if n > 1 and span > 0 else None,
