@@ -162,17 +162,25 @@ class Link(Generic[C]):
     def call(self, io: Callable[[C], T], deliver: Callable[[T], R]) -> Future[R]:
         """`io(client)` on a link thread, then `deliver(its result)` if within the deadline.
         The future fails with Unavailable when the store is down or too slow, or with what
-        `io` or `deliver` raised otherwise."""
+        `io` or `deliver` raised otherwise.
+
+        The deadline runs from when the store is asked, not from when the call was queued:
+        a large batch waits its turn behind calls the store is answering (the daemon's own
+        queue), while a store that stops answering costs each call at most the deadline,
+        since the first call past it marks the store down and every queued call then fails
+        at once."""
         call: _Call[R] = _Call()
-        client = self.client
-        if not self.up or client is None:
+        if not self.up or self.client is None:
             call.future.set_exception(self.unavailable())
             return call.future
-        self._deadlines.add(time.monotonic() + self.timeout_s, call, self._late)
 
         def run() -> None:
-            if call.future.done():  # its deadline passed while it waited for a thread
+            client = self.client  # the newest: a reconnect replaces it
+            if not self.up or client is None:
+                if call.claim():
+                    call.future.set_exception(self.unavailable())
                 return
+            self._deadlines.add(time.monotonic() + self.timeout_s, call, self._late)
             try:
                 result = io(client)
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
