@@ -158,8 +158,8 @@ def probe(client: Any) -> None:
     if not isinstance(client, RedisCluster):
         client.ping()
         return
-    infos = client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
-    if "cluster_state" in infos:
+    infos: dict[str, Any] = client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+    if "cluster_state" in infos:  # one master: its own answer, not one per node
         infos = {"": infos}
     for node, info in infos.items():
         if info.get("cluster_state") != "ok":

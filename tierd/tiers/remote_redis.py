@@ -228,9 +228,10 @@ class RedisTier(Tier):
             held = self._queued.get(rkey)
         if held is not None:
             try:
-                return _done(self._deliver(block, copy, held, out))
+                self._deliver(block, copy, held, out)
             except CopyLost as e:
                 return _done(None, e)
+            return _done()
         return self.link.call(lambda c: c.get(rkey),
                               lambda v: self._deliver(block, copy, v, out))  # fmt: skip
 
@@ -280,9 +281,10 @@ class RedisTier(Tier):
 
         if held is not None:
             try:
-                return _done(deliver([held, held[lo : hi + 1]]))
+                deliver([held, held[lo : hi + 1]])
             except CopyLost as e:
                 return _done(None, e)
+            return _done()
 
         def io(c: Any) -> list[bytes]:
             pipe = c.pipeline(transaction=False)
@@ -330,7 +332,8 @@ class RedisTier(Tier):
     def _background(self, client: Any) -> bool:
         """Write out what was queued while the store was down, and send deletions."""
         with self._lock:
-            writes, size = [], 0
+            writes: list[tuple[str, bytes]] = []
+            size = 0
             for rkey, value in self._queued.items():
                 if writes and size + len(value) > FLUSH_BYTES:
                     break
