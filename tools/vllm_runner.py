@@ -96,8 +96,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             "decode_tok_s": (n - 1) / span if n > 1 and span > 0 else None,
             "wall_s": wall,
         })  # fmt: skip
+    _flush_connector()  # its pending commits count among its saves
     out["connector"] = _connector_counters(llm)
-    _flush_connector()
     return out
 
 
