@@ -2,7 +2,8 @@
 each, on free loopback ports, started and stopped by the tests themselves.
 
 Primitives: `HAVE_REDIS` (redis-server, redis-cli and redis-py are all here),
-`needs_redis` (the `redis` marker plus a clean skip without them), `RedisServer`
+`needs_redis` (the `redis` marker plus a clean skip without them), `make_tls(dir)` (a CA,
+a server and a client certificate, made with openssl), `RedisServer`
 (one process: `start`, `stop`, `kill`, `client`), `SingleServer(base)`, `Cluster(base)`
 (`start` builds it with `redis-cli --cluster create`, `stop`/`start` again keep its
 identity, `kill_master_of(key)` SIGKILLs the master serving a key and waits for its
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,40 @@ def free_port(cluster: bool = False) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls(base: Path) -> TlsFiles:
+    """A CA and two certificates it signed: the server's (for 127.0.0.1) and a client's."""
+    base.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca, ca_key = base / "ca.pem", base / "ca.key"
+    EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")  # fast to make
+    run("req", "-x509", *EC, "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", str(ca_key), "-out", str(ca))  # fmt: skip
+    made = []
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        key, csr, cert = base / f"{who}.key", base / f"{who}.csr", base / f"{who}.pem"
+        run("req", *EC, "-nodes", "-subj", f"/CN={who}", "-keyout", str(key),
+            "-out", str(csr))  # fmt: skip
+        extfile = base / f"{who}.ext"
+        extfile.write_text(ext + "\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-days", "1", "-out", str(cert),
+            *(["-extfile", str(extfile)] if ext else []))  # fmt: skip
+        made += [cert, key]
+    return TlsFiles(ca, *made)
+
+
 def _poll(what: str, ready: Any, deadline_s: float = READY_DEADLINE_S) -> None:
     deadline = time.monotonic() + deadline_s
     while not ready():
@@ -74,8 +110,9 @@ class RedisServer:
     """One redis-server process on 127.0.0.1:`port`, its files under `base`."""
 
     def __init__(self, base: Path, port: int, *, cluster: bool = False,
-                 password: str | None = None) -> None:  # fmt: skip
+                 password: str | None = None, tls: TlsFiles | None = None) -> None:  # fmt: skip
         self.base, self.port, self.cluster, self.password = base, port, cluster, password
+        self.tls = tls  # TLS only, client certificates required
         self.dir = base / str(port)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -86,7 +123,11 @@ class RedisServer:
 
     def command(self) -> list[str]:
         assert REDIS_SERVER is not None
-        cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+        ports = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                  str(self.tls.server_cert), "--tls-key-file", str(self.tls.server_key),
+                  "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "yes"]
+                 if self.tls else ["--port", str(self.port)])  # fmt: skip
+        cmd = [REDIS_SERVER, *ports, "--bind", "127.0.0.1",
                "--dir", str(self.dir), "--save", "", "--appendonly", "no",
                "--logfile", str(self.dir / "redis.log"), "--protected-mode", "no"]  # fmt: skip
         if self.cluster:
@@ -104,8 +145,13 @@ class RedisServer:
             _poll(f"redis-server on {self.port}", self.answers)
 
     def client(self) -> Any:
+        tls: dict[str, Any] = {}
+        if self.tls:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca),
+                   "ssl_certfile": str(self.tls.client_cert),
+                   "ssl_keyfile": str(self.tls.client_key)}  # fmt: skip
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                           socket_timeout=2.0, socket_connect_timeout=2.0)  # fmt: skip
+                           socket_timeout=2.0, socket_connect_timeout=2.0, **tls)  # fmt: skip
 
     def answers(self) -> bool:
         assert self.proc is not None
@@ -141,8 +187,9 @@ class RedisServer:
 class SingleServer:
     """One non-cluster server."""
 
-    def __init__(self, base: Path, password: str | None = None) -> None:
-        self.server = RedisServer(base, free_port(), password=password)
+    def __init__(self, base: Path, password: str | None = None,
+                 tls: TlsFiles | None = None) -> None:  # fmt: skip
+        self.server = RedisServer(base, free_port(), password=password, tls=tls)
 
     @property
     def nodes(self) -> list[str]:

@@ -7,6 +7,7 @@ writes and comes back by itself; options and credentials are checked with clear 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.redis_cluster import Cluster, SingleServer, needs_redis, started
+from tests.redis_cluster import Cluster, SingleServer, make_tls, needs_redis, started
 from tierd.config import Config, TierSpec, load_config
 from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.errors import ConfigError, Unavailable
@@ -289,6 +290,36 @@ def test_credentials_are_checked_at_open(tmp_path: Path) -> None:
                 open_tier(servers.nodes, "single", **opts)
         with pytest.raises(ConfigError, match=r"far\.password_file.*cannot read"):
             open_tier(servers.nodes, "single", password_file=str(tmp_path / "nope"))
+    finally:
+        servers.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for certificates")
+def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "tls")
+    servers = SingleServer(tmp_path / "s", tls=tls)
+    servers.start()
+    try:
+        files = {"ca_file": str(tls.ca), "cert_file": str(tls.client_cert),
+                 "key_file": str(tls.client_key)}  # fmt: skip
+        tier = open_tier(servers.nodes, "single", tls=True, **files)
+        try:
+            assert tier.available()
+            entry, data = block(ns_of("t", b"s"), b"t" * 16)
+            assert read(tier, entry, stored(tier, entry, data)) == data
+        finally:
+            tier.close()
+        # Without a client certificate, or trusting another CA, or in plain text: never up.
+        other = make_tls(tmp_path / "other")
+        for opts in ({"tls": True, "ca_file": str(tls.ca)},
+                     {**files, "tls": True, "ca_file": str(other.ca)}, {}):  # fmt: skip
+            tier = open_tier(servers.nodes, "single", **opts)
+            try:
+                assert not tier.available()
+            finally:
+                tier.close()
+        with pytest.raises(ConfigError, match=r"far\.ca_file.*not a readable file"):
+            open_tier(servers.nodes, "single", tls=True, ca_file=str(tmp_path / "none.pem"))
     finally:
         servers.stop()
 
