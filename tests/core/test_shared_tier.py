@@ -214,3 +214,21 @@ def test_demote_mode_writes_only_what_memory_demotes_and_through_mode_never_twic
     assert store.writes - before == 8 and "far" in through.locate(ns2, keys2)
     for i in range(0, 8, 2):
         assert get(through, ns2, keys2[i : i + 2]) == [data2[k] for k in keys2[i : i + 2]]
+
+
+def test_a_long_prefix_is_asked_in_growing_batches(
+    daemons: Callable[..., CacheService], tmp_path: Path
+) -> None:
+    a, b = daemons("a", write="through", host_blocks=64), daemons("b", host_blocks=64)
+    store = shared_dict_tier.STORES[str(tmp_path / "store")]
+    ns = a.open_namespace("t", "m", LAYOUT)[0].id
+    b.open_namespace("t", "m", LAYOUT)
+    keys, data = blocks(ns, 40)
+    for i in range(0, 40, 8):
+        put(a, ns, keys[i : i + 8], data)
+    poll(lambda: len(store.values) == 40, "write-through copies")
+    assert b.lookup(ns, np.arange(40 * TOKENS)).cached_tokens == 40 * TOKENS
+    assert store.finds == [32, 8]  # a small first call, then four times as many at most
+    del store.finds[:]
+    assert b.lookup(ns, np.arange(41 * TOKENS)).cached_tokens == 40 * TOKENS
+    assert store.finds == [1]  # past what b holds now, only the keys that are left

@@ -5,7 +5,7 @@ Primitives: `Sharing(service)`, `find(ns, keys, depth, now) -> (found, missed)` 
 holds no lock), `write_through(entries)` (caller holds the lock), `start()`, `stop()`.
 
 A lookup whose prefix ends locally asks each available `shared` tier about the keys that
-follow, in one bounded call (`PROBE_KEYS` keys). Keys found there continue the prefix:
+follow, in a few growing batches (at most `PROBE_KEYS` keys, one call per batch). Keys found there continue the prefix:
 each becomes a new entry whose one copy is the shared tier's ("found": space this daemon
 accounts for but did not write), with the checksums the copy's header vouches for, and
 is promoted into the memory tier in the background, so a get that follows usually finds
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tierd.core")
 
 PROBE_KEYS = 1024  # keys past the local prefix one lookup asks a shared tier about
+PROBE_FIRST = 32  # ...in batches of this many, then four times as many each
 THROUGH_QUEUE = 4096  # blocks waiting for a write-through copy; beyond, they get none
 THROUGH_PASS_BYTES = 64 << 20  # written per round, so the queue's head is never starved
 PROMOTE_SHARE = 4  # background promotions hold at most 1/PROMOTE_SHARE of memory
@@ -79,32 +80,47 @@ class Sharing:
         self, ns: NamespaceInfo, keys: Iterator[bytes], depth: int, now: float
     ) -> tuple[list[tuple[bytes, str]], bool]:
         """Continue a prefix from shared tiers: (key, tier) of each block, in order, and
-        whether it ended short of the tokens (a miss, or the probe's bound)."""
+        whether it ended short of the tokens (a miss, or the probe's bound).
+
+        The keys are asked in batches that grow (PROBE_FIRST, then four times as many, at
+        most PROBE_KEYS in all): a lookup that misses at once costs one small call, a long
+        prefix a few."""
         tiers = [t for t in self.shared if t.available()]
         if not tiers:
             return [], True
-        batch = list(islice(keys, PROBE_KEYS))
-        if not batch:
-            return [], False
-        answers = [(t, t.find(ns, batch)) for t in tiers]  # each bounded by its tier
-        svc = self.svc
         out: list[tuple[bytes, str]] = []
-        adopted: list[BlockEntry] = []
-        missed = False
-        with svc.cond:
-            for i, key in enumerate(batch):
-                entry = svc.index.get(ns.id, key)
-                if entry is None:
-                    entry = self._adopt(ns, key, [(t, got[i]) for t, got in answers], now)
-                    if entry is None:
-                        missed = True
-                        break
-                    adopted.append(entry)
-                entry.last_access = now
-                entry.depth = depth + len(out)
-                out.append((key, svc.directory.best_name(entry)))
-            self._promote_later(adopted)
+        size, asked, missed = PROBE_FIRST, 0, False
+        while not missed and asked < PROBE_KEYS:
+            batch = list(islice(keys, min(size, PROBE_KEYS - asked)))
+            if not batch:
+                return out, False
+            asked, size = asked + len(batch), 4 * size
+            answers = [(t, t.find(ns, batch)) for t in tiers]  # each bounded by its tier
+            missed = self._continue(ns, batch, answers, depth, now, out)
         return out, missed or next(keys, None) is not None
+
+    def _continue(self, ns: NamespaceInfo, batch: list[bytes],
+                  answers: list[tuple[Tier, list[Found | None]]], depth: int, now: float,
+                  out: list[tuple[bytes, str]]) -> bool:  # fmt: skip
+        """Extend `out` with the batch's keys, in order, up to the first that neither this
+        daemon nor a shared tier holds; True if there was one."""
+        svc = self.svc
+        adopted: list[BlockEntry] = []
+        with svc.cond:
+            try:
+                for i, key in enumerate(batch):
+                    entry = svc.index.get(ns.id, key)
+                    if entry is None:
+                        entry = self._adopt(ns, key, [(t, got[i]) for t, got in answers], now)
+                        if entry is None:
+                            return True
+                        adopted.append(entry)
+                    entry.last_access = now
+                    entry.depth = depth + len(out)
+                    out.append((key, svc.directory.best_name(entry)))
+                return False
+            finally:
+                self._promote_later(adopted)
 
     def _adopt(self, ns: NamespaceInfo, key: bytes, answers: list[tuple[Tier, Found | None]],
                now: float) -> BlockEntry | None:  # fmt: skip
