@@ -32,12 +32,15 @@ If tierd is unreachable the connector reports no hits and saves nothing for
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tierd_client.vllm")
 
+F = TypeVar("F", bound=Callable[..., Any])
 LOOKUP_WAIT_S = 0.02  # how long a scheduler step waits for a lookup before asking later
 _TIER_SOURCE = {"host": CacheHitSource.HOST, "nvme": CacheHitSource.DISK}
 
@@ -92,6 +96,20 @@ class _Tracked:
     local: int = 0  # vLLM's own hit when the load was planned (tokens)
     saved: int = 0  # leading blocks known to be in tierd
     load: BlockMove | None = None
+
+
+def _timed(fn: F) -> F:
+    """Adds the hook's time to the connector's `hook_ns` counter (what it costs a step)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: TierdConnector, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter_ns()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.counters["hook_ns"] += time.perf_counter_ns() - t0
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _served_model(vllm_config: VllmConfig) -> str:
@@ -132,7 +150,7 @@ class TierdConnector(KVConnectorBase_V1):
         self._lock = threading.Lock()
         self.counters: dict[str, int] = dict.fromkeys(
             ("lookups", "hit_blocks", "loaded_blocks", "load_failed_blocks", "saved_blocks",
-             "save_skipped_blocks"), 0)  # fmt: skip
+             "save_skipped_blocks", "hook_ns"), 0)  # fmt: skip
         # scheduler
         self._reqs: dict[str, _Tracked] = {}
         # worker
@@ -162,6 +180,7 @@ class TierdConnector(KVConnectorBase_V1):
         tokens = list(request.prompt_token_ids)
         t.lookup = self._threads.submit(self._link.lookup_tiers, request.cache_salt, tokens)
 
+    @_timed
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:  # fmt: skip
         t = self._reqs.get(request.request_id)
@@ -175,6 +194,9 @@ class TierdConnector(KVConnectorBase_V1):
             tiers = t.lookup.result(timeout=LOOKUP_WAIT_S)
         except FutureTimeout:
             return None, False  # asked again next step
+        except Exception as e:  # noqa: BLE001 - a cache must never take the scheduler down
+            log.warning("tierd connector: lookup for %s failed: %r", request.request_id, e)
+            tiers = []
         t.hit_tiers = tiers
         t.saved = max(t.saved, len(tiers))
         self._count("lookups")
@@ -197,6 +219,7 @@ class TierdConnector(KVConnectorBase_V1):
             out[source] = out.get(source, 0) + self._block
         return out if sum(out.values()) == num_external_tokens else {}
 
+    @_timed
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:  # fmt: skip
         t = self._reqs.get(request.request_id)
@@ -216,6 +239,7 @@ class TierdConnector(KVConnectorBase_V1):
         return self._link.guarded("keys", lambda: self._link.keys(t.request.cache_salt, tokens),
                                   None)  # fmt: skip
 
+    @_timed
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = TierdMeta()
         for t in self._reqs.values():
@@ -256,6 +280,7 @@ class TierdConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._paged = PagedKV.from_caches(kv_caches, self._layer_names, self._block)
 
+    @_timed
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
         if not isinstance(meta, TierdMeta):
@@ -292,11 +317,13 @@ class TierdConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are asynchronous: vLLM schedules a request once its load is reported
 
+    @_timed
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
             loaded, self._loaded = self._loaded, set()
         return None, (loaded or None)
 
+    @_timed
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
             bad, self._bad_blocks = self._bad_blocks, set()
@@ -304,6 +331,7 @@ class TierdConnector(KVConnectorBase_V1):
 
     # ---- worker side: saves ----------------------------------------------------------------
 
+    @_timed
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: AttentionMetadata, **kwargs: Any) -> None:  # fmt: skip
         if self.settings.save != "layer":
@@ -336,6 +364,7 @@ class TierdConnector(KVConnectorBase_V1):
                 out.append((put, slots))
         return out
 
+    @_timed
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
         if not isinstance(meta, TierdMeta) or self._paged is None:

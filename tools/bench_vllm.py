@@ -1,7 +1,7 @@
 """vLLM with tierd as its KV store: time to first token and prompt tokens computed for a
 shared 2k-token prefix, and decode speed with and without the connector.
 
-    python tools/bench_vllm.py --json FILE [--reps 3] [--decode 64] [--rounds 2]
+    python tools/bench_vllm.py --json FILE [--reps 3] [--decode 64] [--rounds 1]
 
 Needs the vLLM environment (bash tools/vllm_env.sh) and runs a tierd daemon of its own.
 Each vLLM is a fresh process (tools/vllm_runner.py), SmolLM2-135M float32 on the CPU,
@@ -14,7 +14,9 @@ ids, 16 blocks of 128) is followed by a short suffix that differs per request:
 - `warm from tierd`: a fresh process with the connector, another suffix: the prefix's 16
   blocks are loaded from tierd.
 Decode: tokens/s over `--decode` greedy tokens after a 100-token prompt, in processes
-with the connector and without, `--rounds` pairs run alternately (medians of all).
+with the connector and without, `--rounds` pairs run alternately (medians of all), and the
+time the connector itself spends in its hooks per engine step (robust to the machine's
+load, which moves tokens/s by far more than 5 % between runs).
 """
 
 from __future__ import annotations
@@ -125,20 +127,25 @@ def run(reps: int, decode: int, rounds: int) -> dict[str, Any]:
     daemon = Daemon()
     try:
         conn = {"address": daemon.address}
-        base = serve([req(p + s_cold) for p in other] + decode_reqs, None)
+        base = serve([req(p + s_cold) for p in other], None)
         first = serve([r for p in prefixes for r in (req(p + s_cold), req(p + s_local))],
                       {**conn, "save": "end"})  # fmt: skip
         layer = serve([req(p + s_cold) for p in layer_prefixes], {**conn, "save": "layer"})
-        warm = serve([req(p + s_warm) for p in prefixes] + decode_reqs, conn)
-        # More decode pairs, alternating, so drift in the machine's load hits both sides.
-        extra_off, extra_on = [], []
-        for _ in range(rounds - 1):
-            extra_off += serve(decode_reqs, None)["requests"]
-            extra_on += serve(decode_reqs, conn)["requests"]
+        warm = serve([req(p + s_warm) for p in prefixes], conn)
+        # Decode in processes of its own, alternating, so drift in the machine's load hits
+        # both sides; the connector's own time in its hooks is counted too.
+        off: list[dict[str, Any]] = []
+        on: list[dict[str, Any]] = []
+        hook_ns = 0
+        for _ in range(rounds):
+            off += serve(decode_reqs, None)["requests"]
+            got = serve(decode_reqs, conn)
+            on += got["requests"]
+            hook_ns += sum(c.get("hook_ns", 0) for c in got["connector"].values())
     finally:
         daemon.stop()
     b, f, w = base["requests"], first["requests"], warm["requests"]
-    for r in (*b, *f, *w, *layer["requests"]):
+    for r in (*b, *f, *w, *layer["requests"], *off, *on):
         r["prompt_tokens"] = len(r.pop("prompt_token_ids"))
     return {
         "model": "SmolLM2-135M float32 (vLLM 0.32.0 CPU, block 128)",
@@ -152,9 +159,11 @@ def run(reps: int, decode: int, rounds: int) -> dict[str, Any]:
             "warm from tierd (fresh process)": summary(w[:reps]),
         },
         "decode": {
-            "without connector": decode_rate(b[reps:] + extra_off),
-            "with connector": decode_rate(w[reps:] + extra_on),
+            "without connector": decode_rate(off),
+            "with connector": decode_rate(on),
             "new_tokens": decode,
+            # every request: a prefill step, then one step per further token
+            "connector_ms_per_step": hook_ns / 1e6 / (len(on) * decode),
         },
         "connector": {
             "first": first["connector"],
@@ -173,8 +182,11 @@ def table(res: dict[str, Any]) -> str:
     d = res["decode"]
     on, off = d["with connector"]["tok_s"], d["without connector"]["tok_s"]
     change = (on / off - 1) * 100
+    hook = d["connector_ms_per_step"]
+    share = hook * off / 10  # percent of a step without the connector (1000 / off ms)
     lines += ["", f"| decode ({d['new_tokens']} tokens) | tokens/s |", "|---|---|",
-              f"| without connector | {off:.2f} |", f"| with connector | {on:.2f} ({change:+.1f} %) |"]  # fmt: skip
+              f"| without connector | {off:.2f} |", f"| with connector | {on:.2f} ({change:+.1f} %) |",
+              f"| connector's own time per step | {hook:.3f} ms ({share:.2f} % of a step) |"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -183,7 +195,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="process pairs for the decode rate")
+    ap.add_argument("--rounds", type=int, default=1, help="process pairs for the decode rate")
     args = ap.parse_args()
     if not (MODEL / ".converted").exists():
         raise SystemExit(f"no vLLM environment at {VENV}: run bash tools/vllm_env.sh")
