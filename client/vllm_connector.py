@@ -1,6 +1,7 @@
 """tierd as a KV store of vLLM (V1 connector API, checked against vLLM 0.32.0).
 
-    vllm serve MODEL --kv-transfer-config '{"kv_connector": "TierdConnector",
+    python -m vllm.entrypoints.openai.api_server --model MODEL \
+        --kv-transfer-config '{"kv_connector": "TierdConnector",
         "kv_connector_module_path": "tierd_client.vllm_connector", "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"address": "unix:/run/tierd/tierd.sock"}}'

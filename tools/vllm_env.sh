@@ -4,7 +4,8 @@
 # converted to a float32 safetensors model vLLM can load. Idempotent: a stamp skips all
 # of it once done for the current sources.
 #
-#   bash tools/vllm_env.sh        # then: .venv-vllm/bin/vllm serve .venv-vllm/models/smollm2-135m-f32 ...
+#   bash tools/vllm_env.sh   # then: .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server
+#                            #   --model .venv-vllm/models/smollm2-135m-f32 ... (README)
 #
 # TIERD_VLLM_VENV overrides where the venv goes (the model lives inside it). Everything is
 # pinned; torch is pinned on every pip line so no dependency can pull a CUDA build.
