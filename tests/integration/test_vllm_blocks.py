@@ -88,3 +88,19 @@ def test_link_lookup_reports_tiers(daemon_address: str) -> None:
         assert link.lookup_tiers(None, tokens) == []
     finally:
         link.close()
+
+
+def test_link_tenants_never_share_blocks(daemon_address: str) -> None:
+    # Open mode: a tenant is a name; the connector's `tenant` setting picks it.
+    mine = TierdLink(ConnectorSettings.from_extra({"address": daemon_address}), LAYOUT, "tm")
+    other = TierdLink(ConnectorSettings.from_extra({"address": daemon_address, "tenant": "it"}),
+                      LAYOUT, "tm")  # fmt: skip
+    try:
+        tokens = list(range(60, 68))
+        put = mine.save(None, mine.keys(None, tokens), lambda i, slot: slot.fill_(1.0))
+        assert put is not None and mine.commit(put) == 2
+        assert mine.lookup_tiers(None, tokens) == ["host", "host"]
+        assert other.lookup_tiers(None, tokens) == []  # same model, salt and tokens
+    finally:
+        mine.close()
+        other.close()
