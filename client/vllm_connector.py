@@ -176,10 +176,12 @@ class TierdConnector(KVConnectorBase_V1):
 
     def _start_lookup(self, t: _Tracked) -> None:
         request = t.request
-        if not self._link.up or not request.prompt_token_ids or request.mm_features:
-            return  # multimodal placeholders do not identify their inputs: never cached
-        tokens = list(request.prompt_token_ids)
-        t.lookup = self._threads.submit(self._link.lookup_tiers, request.cache_salt, tokens)
+        prompt = request.prompt_token_ids
+        if not self._link.up or not prompt or len(prompt) < self._block or request.mm_features:
+            # Down, shorter than a block, or multimodal (placeholder ids do not identify
+            # their inputs, so such prompts are never cached).
+            return
+        t.lookup = self._threads.submit(self._link.lookup_tiers, request.cache_salt, list(prompt))
 
     @_timed
     def get_num_new_matched_tokens(self, request: Request,
