@@ -21,8 +21,10 @@ whose block is laid out `[kv_head][K|V][token][dim]`; a tierd block is
 allocation (vLLM allocates them so) all layers of a block are one strided view and a
 block moves in one `copy_`, straight between the daemon's mapped slot and vLLM's KV.
 
-The link fails soft: any error marks the daemon down for `retry_after_s`, during which
-lookups answer 0 and saves are skipped, so vLLM keeps serving (recomputing) without it.
+The link fails soft: a daemon that cannot be reached (or times out) is left alone for
+`retry_after_s`, during which lookups answer 0 and saves are skipped, so vLLM keeps serving
+(recomputing) without it; an error of one call (a corrupt block, a full tier) only fails
+that call.
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ from . import keys as _keys
 from ._proto import tierd_pb2 as pb
 from .arrays import as_tensor
 from .client import TierdClient
-from .errors import Internal, TierdError, Unavailable
+from .errors import (
+    DataLoss,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TierdError,
+    Unavailable,
+)
 from .layout import KVLayout, dtype_to_proto
 from .results import Namespace
 from .shm import slot_view
@@ -52,6 +63,10 @@ log = logging.getLogger("tierd_client.vllm")
 
 TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SAVE_MODES = ("end", "layer")
+# Failures of one call (a corrupt or vanished block, a full tier): that call is a miss or a
+# skipped save. Anything else (unreachable, timed out, refused) leaves the daemon alone for
+# `retry_after_s`.
+_ONE_CALL = (DataLoss, NotFound, ResourceExhausted, FailedPrecondition, InvalidArgument)
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,9 @@ class TierdLink:
 
     def _failed(self, what: str, err: BaseException) -> None:
         self.failures += 1
+        if isinstance(err, _ONE_CALL):
+            log.warning("tierd %s failed: %s", what, err)
+            return
         self._down_until = time.monotonic() + self.settings.retry_after_s
         log.warning("tierd %s failed (%s); serving without tierd for %.0f s",
                     what, err, self.settings.retry_after_s)  # fmt: skip

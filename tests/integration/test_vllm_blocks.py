@@ -104,3 +104,16 @@ def test_link_tenants_never_share_blocks(daemon_address: str) -> None:
     finally:
         mine.close()
         other.close()
+
+
+def test_link_one_failed_call_leaves_the_daemon_in_use(daemon_address: str) -> None:
+    link = TierdLink(ConnectorSettings.from_extra({"address": daemon_address}), LAYOUT, "one")
+    try:
+        assert link.save(None, [b"short key"], lambda i, slot: None) is None  # InvalidArgument
+        assert link.failures == 1 and link.up  # one call failed; the daemon is still used
+        tokens = list(range(8))
+        put = link.save(None, link.keys(None, tokens), lambda i, slot: slot.fill_(2.0))
+        assert put is not None and link.commit(put) == 2
+        assert link.lookup_tiers(None, tokens) == ["host", "host"]
+    finally:
+        link.close()
