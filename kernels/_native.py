@@ -1,9 +1,11 @@
 """The compiled fused CPU attention kernel (kernels/csrc/attention.cpp), called through ctypes.
 
 Primitives: `mode() -> "auto" | "torch" | "cpp"`, `available() -> bool`,
-`attend(blocks, layer, q, *, scale, seq, causal_offset, threads) -> AttentionOutput | None`.
+`attend(blocks, layer, q, *, scale, seq, causal_offset, threads) -> AttentionOutput | None`,
+`attend_codes(records, codec, shape, q, *, k_group, v_group, scale, valid_tokens, threads)
+-> AttentionOutput | None` (kernels/csrc/codes.cpp: attention on encoded layer records).
 
-`TIERD_KERNELS` picks the path of `attend_blocks`, read on every call: unset or `auto`
+`TIERD_KERNELS` picks the path of `attend_blocks` and `attend_codes`, read on every call: unset or `auto`
 uses this kernel when it loads and the torch path otherwise; `torch` forces the torch
 path; `cpp` insists on this kernel (an error when it cannot load, so a test of it never
 passes on the fallback by accident).
@@ -68,6 +70,32 @@ class _TkArgs(ctypes.Structure):
     ]
 
 
+# Codecs of the C++ side (enum Codec in codes.cpp).
+CODEC_CODES = {"int8": 0, "fp8": 1, "kivi4": 2, "kivi2": 3}
+
+
+class _TkCodesArgs(ctypes.Structure):
+    """struct TkCodesArgs in codes.cpp, field for field."""
+
+    _fields_ = [
+        ("records", ctypes.c_void_p),
+        ("n_blocks", ctypes.c_int64),
+        ("block_tokens", ctypes.c_int64),
+        ("last_tokens", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("k_group", ctypes.c_int64),
+        ("v_group", ctypes.c_int64),
+        ("q", ctypes.c_void_p),
+        ("q_tokens", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+        ("codec", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
 # Causal offsets are clamped to this: far enough to mean "all" or "none" of any sequence,
 # near enough that the kernel's offset + query index cannot overflow an int64.
 _FAR = 1 << 62
@@ -77,10 +105,11 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _why_not = ""
 _dtype_mask = 0
+_codec_mask = 0  # 0 for a library from before attention on codes (TIERD_KERNELS_LIBRARY)
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _why_not, _dtype_mask
+    global _lib, _tried, _why_not, _dtype_mask, _codec_mask
     if _tried:
         return _lib
     with _lock:
@@ -95,6 +124,11 @@ def _load() -> ctypes.CDLL | None:
             lib.tk_attend.restype = ctypes.c_int32
             lib.tk_dtypes.restype = ctypes.c_int32
             _dtype_mask = lib.tk_dtypes()
+            if hasattr(lib, "tk_attend_codes"):
+                lib.tk_attend_codes.argtypes = [ctypes.POINTER(_TkCodesArgs)]
+                lib.tk_attend_codes.restype = ctypes.c_int32
+                lib.tk_codes_codecs.restype = ctypes.c_int32
+                _codec_mask = lib.tk_codes_codecs()
             _lib = lib
         except (build.BuildError, OSError) as e:
             _why_not = str(e)
@@ -122,6 +156,24 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _library(what: str) -> ctypes.CDLL | None:
+    """The library when the compiled path should serve, None for the torch path."""
+    want = mode()
+    if want == "torch":
+        return None
+    lib = _load()
+    if lib is None and want == "cpp":
+        raise RuntimeError(f"TIERD_KERNELS=cpp but the {what} kernel is unavailable: {_why_not}")
+    return lib
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc == 2:
+        raise MemoryError(f"the {what} kernel ran out of memory")
+    if rc != 0:
+        raise RuntimeError(f"the {what} kernel refused its arguments (code {rc})")
+
+
 def attend(
     blocks: Sequence[torch.Tensor],
     layer: int,
@@ -135,13 +187,8 @@ def attend(
     """q [q_tokens, heads, dim] over the first `seq` keys of `layer` of the blocks (already
     validated by attend_blocks): the result, or None when the torch path must serve (no
     library, a dtype it does not read, or blocks whose strides differ)."""
-    want = mode()
-    if want == "torch":
-        return None
-    lib = _load()
+    lib = _library("fused")
     if lib is None:
-        if want == "cpp":
-            raise RuntimeError(f"TIERD_KERNELS=cpp but the fused kernel is unavailable: {_why_not}")
         return None
     first = blocks[0]
     code = DTYPE_CODES.get(first.dtype)
@@ -171,9 +218,49 @@ def attend(
         causal=0 if causal_offset is None else 1,
         threads=default_threads() if threads is None else threads,
     )  # fmt: skip
-    rc = lib.tk_attend(ctypes.byref(args))
-    if rc == 2:
-        raise MemoryError("the fused attention kernel ran out of memory")
-    if rc != 0:
-        raise RuntimeError(f"the fused attention kernel refused its arguments (code {rc})")
+    _check_rc(lib.tk_attend(ctypes.byref(args)), "fused attention")
+    return AttentionOutput(out, lse)
+
+
+def attend_codes(
+    records: Sequence[torch.Tensor],
+    codec: str,
+    shape: tuple[int, int, int, int],
+    q: torch.Tensor,
+    *,
+    k_group: int,
+    v_group: int,
+    scale: float,
+    valid_tokens: int,
+    threads: int | None = None,
+) -> AttentionOutput | None:
+    """q [q_tokens, heads, dim] over one layer record per block (already validated by
+    codes_attention.attend_codes: lengths, shape, groups): the result, or None when the
+    torch path must serve (no library, a codec it does not read, or a record that is not
+    one contiguous buffer)."""
+    lib = _library("codes attention")
+    if lib is None:
+        return None
+    code = CODEC_CODES.get(codec)
+    if code is None or not _codec_mask >> code & 1:
+        if mode() == "cpp" and code is not None:
+            raise RuntimeError("TIERD_KERNELS=cpp but the loaded library predates attention "
+                               "on codes")  # fmt: skip
+        return None
+    if not all(r.is_contiguous() for r in records):
+        return None
+    ptrs = array.array("Q", (r.data_ptr() for r in records))
+    _, kv_heads, tokens, dim = shape
+    q_tokens, heads = q.shape[0], q.shape[1]
+    qs = (q.float() * scale).contiguous()
+    out = torch.empty(q_tokens, heads, dim, dtype=torch.float32)
+    lse = torch.empty(q_tokens, heads, dtype=torch.float32)
+    args = _TkCodesArgs(
+        records=ptrs.buffer_info()[0], n_blocks=len(records), block_tokens=tokens,
+        last_tokens=valid_tokens, kv_heads=kv_heads, dim=dim, k_group=k_group,
+        v_group=v_group, q=qs.data_ptr(), q_tokens=q_tokens, heads=heads,
+        out=out.data_ptr(), lse=lse.data_ptr(), codec=code,
+        threads=default_threads() if threads is None else threads,
+    )  # fmt: skip
+    _check_rc(lib.tk_attend_codes(ctypes.byref(args)), "codes attention")
     return AttentionOutput(out, lse)

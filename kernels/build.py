@@ -6,8 +6,9 @@ Primitives: `find() -> Path | None` (a library built for these sources, this com
 this CPU), `build(force=False) -> Path` (find, or compile one: a few seconds),
 `BuildError`.
 
-Route: plain C++17 with `extern "C"` entry points, compiled by the machine's C++ compiler
-(`$CXX`, else g++, c++, clang++) into a shared library that ctypes loads. It needs no
+Route: plain C++17 with `extern "C"` entry points, every .cpp of csrc/ (attention.cpp over
+raw blocks, codes.cpp over encoded records) compiled by the machine's C++ compiler
+(`$CXX`, else g++, c++, clang++) into one shared library that ctypes loads. It needs no
 torch headers (the compile takes seconds, not the minutes of a torch extension) and no
 Python headers, and ctypes releases the GIL for the whole call. `-march=native` is used,
 so the library is per machine: its file name carries a hash of the sources, the flags,
@@ -37,7 +38,6 @@ import time
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-MAIN_SOURCE = CSRC / "attention.cpp"
 STEM = "tierd_attention"
 FLAGS = (
     "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden",
@@ -173,13 +173,18 @@ def _prune(d: Path) -> None:
             path.unlink()
 
 
+def sources() -> list[Path]:
+    """The translation units of the one library (every .cpp of csrc/)."""
+    return sorted(CSRC.glob("*.cpp"))
+
+
 def _compile(cxx: str, out: Path, arches: tuple[str, ...] = (NATIVE, "")) -> None:
     # Without -march=native when the compiler refuses it (some targets spell it -mcpu):
     # the kernel then uses the portable vector code.
     last = ""
     for arch in arches:
         flags = [arch] if arch else []
-        cmd = [cxx, *FLAGS, *flags, "-o", str(out), str(MAIN_SOURCE)]
+        cmd = [cxx, *FLAGS, *flags, "-o", str(out), *map(str, sources())]
         try:
             run = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
@@ -189,7 +194,7 @@ def _compile(cxx: str, out: Path, arches: tuple[str, ...] = (NATIVE, "")) -> Non
         if run.returncode == 0:
             return
         last = run.stderr.strip()[-2000:]
-    raise BuildError(f"{cxx} failed to compile {MAIN_SOURCE.name}:\n{last}")
+    raise BuildError(f"{cxx} failed to compile {', '.join(p.name for p in sources())}:\n{last}")
 
 
 def build_for(arch: str, out: Path) -> Path:

@@ -15,9 +15,16 @@ layer shape `shape` = (2, kv_heads, tokens, dim). Dequantized K or V are never f
   int8, fp8
         q.K[t]  = s_k[t] * (q.c[t]),  p.V = sum_t (p_t s_v[t]) cv[t]
 
-so the products run over the codes themselves (here as float tensors; a compiled kernel
-reads them packed). Equal to decode-then-attend up to float32 rounding; the tests check
-it against `attention_reference` over the decoded blocks.
+so the products run over the codes themselves. Two implementations answer alike: the
+compiled kernel (kernels/csrc/codes.cpp through `_native`: reads the packed codes in
+place, online softmax in float32, threads over KV heads and block ranges), used whenever
+it loads, and the torch reference below (codes as float tensors), which serves otherwise
+or when TIERD_KERNELS=torch. Both equal decode-then-attend up to float32 rounding; the
+tests check them against `attention_reference` over the decoded blocks and each other.
+
+Arguments are checked here, before either path runs: a record of the wrong length or
+dtype, a shape the codec cannot encode (groups that do not divide), or a q that does not
+fit are refused with ValueError (TypeError for raw and unknown codecs).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _native
 from .codecs import Codec, Kivi, Raw, Shape, _PerToken
 from .reference import AttentionOutput, check_query
 
@@ -74,6 +82,24 @@ def _weighted_values(codec: Codec, p: torch.Tensor, parts: object, extra: object
     return torch.einsum("hrt,htd->hrd", p * scales.unsqueeze(1), codes)
 
 
+def _check_records(records: Sequence[torch.Tensor], codec: Codec, shape: Shape) -> None:
+    if isinstance(codec, Raw):
+        raise TypeError("raw blocks go through attend_blocks, not attend_codes")
+    if not isinstance(codec, Kivi | _PerToken):
+        raise TypeError(f"no compressed-domain attention for codec {codec.name!r}")
+    codec.check(shape)  # a layer shape, and kivi groups that divide it
+    size = codec.record_bytes(shape, torch.float32)  # the dtype only sizes raw records
+    for i, r in enumerate(records):
+        if not isinstance(r, torch.Tensor) or r.dtype != torch.uint8 or r.dim() != 1:
+            what = f"{r.dtype} {list(r.shape)}" if isinstance(r, torch.Tensor) else type(r)
+            raise ValueError(f"record {i} must be a 1-d uint8 tensor, got {what}")
+        if r.numel() != size:
+            raise ValueError(f"record {i} holds {r.numel()} bytes; a {codec.name} record of "
+                             f"layer shape {list(shape)} holds {size}")  # fmt: skip
+        if r.device.type != "cpu":
+            raise ValueError(f"record {i} is on {r.device}; this path runs on the CPU")
+
+
 def attend_codes(
     records: Sequence[torch.Tensor],
     codec: Codec,
@@ -88,12 +114,20 @@ def attend_codes(
     tokens (None: all). Returns out [q_tokens, heads, dim] and lse [q_tokens, heads]."""
     if not records:
         raise ValueError("no blocks to attend over")
+    _check_records(records, codec, shape)
     _, kv_heads, tokens, dim = shape
     q_tokens, group = check_query(q, kv_heads, dim)
+    if q.device.type != "cpu":
+        raise ValueError(f"q is on {q.device}; this path runs on the CPU")
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     last = tokens if valid_tokens is None else valid_tokens
     if not 1 <= last <= tokens:
         raise ValueError(f"valid_tokens must be in [1, {tokens}], got {valid_tokens}")
+    kg, vg = codec.groups(shape) if isinstance(codec, Kivi) else (1, 1)
+    fused = _native.attend_codes(records, codec.name, shape, q.reshape(q_tokens, -1, dim),
+                                 k_group=kg, v_group=vg, scale=scale, valid_tokens=last)  # fmt: skip
+    if fused is not None:
+        return fused
     # [q_tokens, heads, dim] -> [kv_heads, group * q_tokens, dim]: rows share a KV head.
     qh = q.float().view(q_tokens, kv_heads, group, dim).permute(1, 2, 0, 3)
     qh = qh.reshape(kv_heads, group * q_tokens, dim)
