@@ -183,8 +183,8 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         started = time.monotonic()
         deadline = started + self.config.server.drain_seconds
-        # Rings first: each finishes its request, and their clients go on over gRPC, which
-        # serves until the drain ends.
+        # Rings first: an idle one closes, a busy one once it answered; their clients go on
+        # over gRPC, which serves until the drain ends.
         self.rings.stop()
         # Clients between prepare and commit/release may finish (their calls still land);
         # new leases are refused with UNAVAILABLE, which clients retry on the successor.
@@ -192,6 +192,7 @@ class Daemon:
             log.warning("%d leases still open at shutdown; they expire with the process",
                         len(self.service.leases))
         self.server.stop(grace=max(0.0, deadline - time.monotonic())).wait()
+        self.rings.join(deadline)  # rings answering, like calls in flight, until the deadline
         self.streams.close()
         if self.config.server.flush_on_stop:
             n = self.service.placer.flush(deadline)

@@ -2,7 +2,7 @@
 
 Primitives: `AttendRings(servicer)`; `open(tenant, token, uid) -> Ring` (after the
 handoff authenticated the client), `Ring.client_fds()`, `adopt(ring, conn)`, `stop()`,
-`__len__`. The wire format is `tierd_client.attend_ring`.
+`join(deadline)`, `__len__`. The wire format is `tierd_client.attend_ring`.
 
 Why: a decode step calls attend once per layer, and each call over gRPC costs a stream
 message each way (~1.5 ms on this machine) while the attention itself takes a fraction
@@ -31,9 +31,11 @@ do not pay a wakeup. Spinning on a word in shared memory needs stores seen in pr
 order (x86-64); elsewhere rings are not offered and clients use gRPC.
 
 Bounds: `MAX_RINGS` in all, `MAX_RINGS_PER_TENANT`, `MAX_RINGS_PER_USER` (peer OS user).
-A ring is freed when its client's connection closes; `stop()` wakes every ring thread
-(one shared eventfd), marks each ring closed (the client then knows its last request was
-not served) and closes it.
+A ring is freed when its client's connection closes. `stop()` wakes every ring thread
+(one shared eventfd); each marks its ring closed (the client then knows that a request
+it finds unanswered was not served, and sends it over gRPC) and frees it, a busy one once
+its attend returns; `join(deadline)` waits for those until the drain's deadline, as gRPC
+waits for calls in flight, except for rings whose client already left.
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ MAX_RINGS_PER_TENANT = 8
 MAX_RINGS_PER_USER = 16
 AREA_BYTES = 1 << 20  # each of request and response: a 256-token SmolLM2 query fits
 SPIN_S = 200e-6  # how long a ring thread watches for the next request before sleeping
-STOP_JOIN_S = 5.0
 ORDERED_STORES = platform.machine() in ("x86_64", "AMD64")
 _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux >= 5.1
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -128,9 +129,10 @@ class Ring:
 
 def _memfd(name: str, size: int, prot: int, seals: int) -> tuple[int, mmap.mmap]:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    mm: mmap.mmap | None = None
     try:
         os.posix_fallocate(fd, 0, size)  # backed now: a later touch cannot SIGBUS
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)  # before the seals: ours may write
         try:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
         except OSError:
@@ -140,6 +142,8 @@ def _memfd(name: str, size: int, prot: int, seals: int) -> tuple[int, mmap.mmap]
             # lets it garble its own responses.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals & ~_F_SEAL_FUTURE_WRITE)
     except BaseException:
+        if mm is not None:
+            mm.close()
         os.close(fd)
         raise
     return fd, mm
@@ -157,6 +161,16 @@ def _drain(efd: int) -> None:
         os.eventfd_read(efd)
     except BlockingIOError:
         pass
+
+
+def _connected(ring: Ring) -> bool:
+    """Whether the client of a ring still holds its connection. Caller holds the lock
+    (under which a registered ring's connection is open)."""
+    if ring.conn is None:
+        return False
+    p = select.poll()
+    p.register(ring.conn.fileno(), select.POLLIN)
+    return not p.poll(0)  # readable: hung up (a client never writes on it)
 
 
 class AttendRings:
@@ -199,19 +213,22 @@ class AttendRings:
     def _make(self, ring_id: int, tenant: str, token: str | None, uid: int) -> Ring:
         size = wire.CTL_BYTES + AREA_BYTES
         rw = mmap.PROT_READ | mmap.PROT_WRITE
+        made: list[tuple[int, mmap.mmap]] = []
+        efds: list[int] = []
         try:
-            req_fd, req_mm = _memfd("tierd-ring-request", size, mmap.PROT_READ, _SEALS)
-        except OSError as e:
-            raise ResourceExhausted(f"no memory for an attend ring: {e}", field="rings") from e
-        try:
-            resp_fd, resp_mm = _memfd("tierd-ring-response", size, rw,
-                                      _SEALS | _F_SEAL_FUTURE_WRITE)  # fmt: skip
-        except OSError as e:
-            req_mm.close()
-            os.close(req_fd)
-            raise ResourceExhausted(f"no memory for an attend ring: {e}", field="rings") from e
-        req_efd, resp_efd = os.eventfd(0, _EFD_FLAGS), os.eventfd(0, _EFD_FLAGS)
-        return Ring(ring_id, tenant, token, uid, req_fd, resp_fd, req_efd, resp_efd,
+            made.append(_memfd("tierd-ring-request", size, mmap.PROT_READ, _SEALS))
+            made.append(_memfd("tierd-ring-response", size, rw, _SEALS | _F_SEAL_FUTURE_WRITE))
+            for _ in range(2):
+                efds.append(os.eventfd(0, _EFD_FLAGS))
+        except OSError as e:  # no memory, or no descriptors left
+            for fd, mm in made:
+                mm.close()
+                os.close(fd)
+            for efd in efds:
+                os.close(efd)
+            raise ResourceExhausted(f"cannot make an attend ring: {e}", field="rings") from e
+        (req_fd, req_mm), (resp_fd, resp_mm) = made
+        return Ring(ring_id, tenant, token, uid, req_fd, resp_fd, efds[0], efds[1],
                     req_mm, resp_mm)  # fmt: skip
 
     def discard(self, ring: Ring) -> None:
@@ -235,15 +252,23 @@ class AttendRings:
         thread.start()
 
     def stop(self) -> None:
+        """Wake every ring thread: an idle ring closes at once, a busy one after its answer."""
         with self._lock:
             self._stopping = True
-            threads = list(self._threads.values())
         os.eventfd_write(self._stop_efd, 1)  # level-triggered: wakes every ring thread
-        deadline = time.monotonic() + STOP_JOIN_S
-        for t in threads:
+
+    def join(self, deadline: float) -> None:
+        """Wait, until `deadline` (the drain's), for rings still answering a client that is
+        still there, as gRPC waits for calls in flight. A ring whose client left is not
+        waited for: nobody will read its answer (a cancelled call, over gRPC)."""
+        with self._lock:
+            waited = [t for rid, t in self._threads.items()
+                      if _connected(self._rings[rid])]  # fmt: skip
+        for t in waited:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
-        busy = [t.name for t in threads if t.is_alive()]
-        if busy:  # in a long attend: each closes its ring when it returns
+        with self._lock:
+            busy = [t.name for t in self._threads.values()]
+        if busy:  # each closes its ring when its attend returns
             log.warning("attend rings still answering at shutdown: %s", ", ".join(busy))
         else:
             os.close(self._stop_efd)

@@ -204,7 +204,11 @@ class HandoffServer:
 
         assert self._rings is not None
         ring = self._rings.open(tenant, token, uid)  # a TierdError is answered by the caller
-        fds = ring.client_fds()
+        try:
+            fds = ring.client_fds()
+        except BaseException:
+            self._rings.discard(ring)
+            raise
         try:
             reply = {"ok": True, "kind": "ring", "version": 1, "area_bytes": AREA_BYTES}
             _reply(conn, deadline, reply, fds)
