@@ -5,10 +5,10 @@ handoff authenticated the client), `Ring.client_fds()`, `adopt(ring, conn)`, `st
 `join(deadline)`, `__len__`. The wire format is `tierd_client.attend_ring`.
 
 Why: a decode step calls attend once per layer, and each call over gRPC costs a stream
-message each way (~1.5 ms on this machine) while the attention itself takes a fraction
-of that. Over a ring the query is copied into shared memory, a doorbell rings, and the
-daemon answers in shared memory: a round trip is a few microseconds of copies plus the
-attention.
+message each way (0.6-1.3 ms per layer on the development machine, tools/BENCHMARKS.md),
+often more than the attention itself. Over a ring the query is copied into shared
+memory, a doorbell rings, and the daemon answers in shared memory: tens of microseconds
+of copies and checks plus the attention.
 
 A client asks for a ring on the handoff socket (`{"kind": "ring", ...}`), proving its
 tenant as for its segment, and receives four descriptors: the request file (read-write;
