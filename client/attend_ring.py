@@ -1,10 +1,12 @@
 """The attend ring's wire format, shared by the client and the daemon: one definition of
 where each byte lies, so both sides read and write the same layout.
 
-Primitives: `encode_request(area, items) -> int | None`, `read_request(table, area_bytes)
--> [RingItem]`, `wire_tensor(spec, area, field)`, `response_bytes(q_shapes)`,
-`write_results(area, results)`, `write_error(area, code, field, message)`,
-`read_response(area) -> list | RingError`; `Ctl` (the control words).
+Primitives: client `encode_request(area, items) -> int | None`, `response_bytes(q_shapes)`,
+`read_response(area, as_torch) -> [(out, lse)] | RingError`; daemon
+`table_bytes(header)`, `read_request(table, area_bytes) -> [RingItem]`,
+`wire_tensor(spec, area, field)`, `wire_tokens(item, area)`, `write_results(area,
+results)`, `write_error(area, code, field, message)`; the control words `CTL_BYTES`,
+`SEQ`, `CLOSED`.
 
 A ring is two sealed memory files the daemon creates per client connection: the request
 file (the client writes, the daemon only reads) and the response file (the daemon writes,
