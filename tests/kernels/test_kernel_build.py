@@ -36,6 +36,20 @@ CHECK = textwrap.dedent(
             got = attend_blocks(blocks, 1, q, valid_tokens=13, causal_offset=offset)
             want = attention_reference(q, k, v, causal_offset=offset or k.shape[1])
             assert_attention_close(got, want, tol[dtype])
+    # Attention on codes (codes.cpp): packed kivi codes with per-lane value scales, int8, fp8.
+    from tierd_kernels.codecs import make_codec
+    from tierd_kernels.codes_attention import attend_codes
+    for name, params in (("kivi4", {"k_group": 8, "v_group": 16}), ("kivi2", {"v_group": 4}),
+                         ("int8", {}), ("fp8", {})):
+        codec, shape = make_codec(name, **params), (2, 2, 32, 80)
+        g = torch.Generator().manual_seed(len(name))
+        records = [codec.encode(torch.randn(1, *shape, generator=g)) for _ in range(3)]
+        q = torch.randn(2, 6, 80, generator=g) * 4.5
+        decoded = [codec.decode(r, (1, *shape), torch.float32)[0] for r in records]
+        k = torch.cat([d[0] for d in decoded], dim=1)[:, :75]
+        v = torch.cat([d[1] for d in decoded], dim=1)[:, :75]
+        want = attention_reference(q, k, v, causal_offset=75)
+        assert_attention_close(attend_codes(records, codec, shape, q, valid_tokens=11), want, 1e-5)
     print(_native._load().tk_vector_floats())
     """
 )
