@@ -6,6 +6,9 @@ Primitives:
   CPU        `attend_blocks` (decode and multi-token queries over a list of blocks: the
              fused C++ kernel of csrc/, built per machine by `python -m
              tierd_kernels.build` or on first use, else the torch path)
+  codes      `codecs` (block codecs: raw, int8, fp8, kivi4, kivi2) and
+             `codes_attention.attend_codes` (decode attention on encoded layer records,
+             never dequantized: csrc/codes.cpp when it loads, else a torch reference)
   Triton     `decode_attention` (paged decode over a block pool on a GPU, or on the CPU
              under TRITON_INTERPRET=1), `triton_available`
 
