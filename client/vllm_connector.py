@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("tierd_client.vllm")
@@ -96,7 +97,9 @@ class _Tracked:
     hit_tiers: list[str] = field(default_factory=list)  # tier of each block tierd holds
     local: int = 0  # vLLM's own hit when the load was planned (tokens)
     saved: int = 0  # leading blocks known to be in tierd
-    load: BlockMove | None = None
+    load: BlockMove | None = None  # planned, not yet in a step's metadata
+    load_ids: set[int] = field(default_factory=set)  # vLLM blocks of the last load
+    failed: bool = False  # a load of it failed: recompute, never load it again
 
 
 def _timed(fn: F) -> F:
@@ -158,8 +161,8 @@ class TierdConnector(KVConnectorBase_V1):
         self._paged: PagedKV | None = None
         self._layer_index = {name: i for i, name in enumerate(self._layer_names)}
         self._threads = ThreadPoolExecutor(2, thread_name_prefix="tierd-kv")
-        self._loaded: set[str] = set()
-        self._bad_blocks: set[int] = set()
+        self._loads_done: list[tuple[str, list[int]]] = []  # (request, blocks that failed)
+        self._bad_blocks: set[int] = set()  # of loads already reported finished
         self._step_puts: list[tuple[PendingPut, list[tuple[int, torch.Tensor]]]] | None = None
         log.info("tierd connector (%s): %s, block %d tokens, save=%s", role.name,
                  self.settings.address or "no address", self._block, self.settings.save)  # fmt: skip
@@ -189,6 +192,8 @@ class TierdConnector(KVConnectorBase_V1):
         t = self._reqs.get(request.request_id)
         if t is None:
             t = self._reqs[request.request_id] = _Tracked(request)
+        if t.failed:
+            return 0, False
         if t.lookup is None:
             self._start_lookup(t)
             if t.lookup is None:
@@ -236,6 +241,7 @@ class TierdConnector(KVConnectorBase_V1):
         keys = keys[first:end] if keys is not None else []
         self._count("hit_blocks", end - first)
         t.load = BlockMove(request.request_id, request.cache_salt, keys, ids)
+        t.load_ids = set(ids)
 
     def _keys(self, t: _Tracked, n_blocks: int) -> list[bytes] | None:
         tokens = t.request.all_token_ids[: n_blocks * self._block]
@@ -272,6 +278,19 @@ class TierdConnector(KVConnectorBase_V1):
         meta.saves.append(BlockMove(req_id, t.request.cache_salt, keys[t.saved : full],
                                     list(ids[t.saved : full])))  # fmt: skip
         t.saved = full
+
+    @_timed
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        # A failed load sends the request back to be scheduled afresh, which asks for its
+        # hits again: the same answer would load the same failing blocks forever.
+        bad = connector_output.invalid_block_ids
+        if not bad:
+            return
+        for req_id in connector_output.finished_recving or ():
+            t = self._reqs.get(req_id)
+            if t is not None and t.load_ids & bad:
+                t.failed = True
+                t.saved = 0  # what it recomputes is stored again (present blocks cost nothing)
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:  # fmt: skip
@@ -312,8 +331,7 @@ class TierdConnector(KVConnectorBase_V1):
             raise
         finally:
             with self._lock:
-                self._bad_blocks.update(move.block_ids[done:])
-                self._loaded.add(move.req_id)
+                self._loads_done.append((move.req_id, move.block_ids[done:]))
                 self.counters["loaded_blocks"] += done
                 self.counters["load_failed_blocks"] += len(move.block_ids) - done
 
@@ -323,7 +341,12 @@ class TierdConnector(KVConnectorBase_V1):
     @_timed
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
-            loaded, self._loaded = self._loaded, set()
+            done, self._loads_done = self._loads_done, []
+            # A request's failed blocks go out in the same step as its "finished" (vLLM
+            # reads the errors right after this), so the scheduler sees both together.
+            for _req, bad in done:
+                self._bad_blocks.update(bad)
+        loaded = {req for req, _bad in done}
         return None, (loaded or None)
 
     @_timed

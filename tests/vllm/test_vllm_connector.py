@@ -8,7 +8,9 @@ One long prompt (~1.2k tokens, ten 128-token blocks), greedy:
   `cache_salt` gets nothing from tierd;
 - the blocks moved to the NVMe tier, the daemon restarted with its memory segments gone:
   a third process still gets the prefix (from NVMe);
-- the daemon stopped: a fourth process serves the prompt by computing, same tokens.
+- the NVMe copies' data damaged (headers intact, so lookups still hit): every load fails,
+  the connector reports the blocks, and vLLM recomputes them, same tokens;
+- the daemon stopped: a fifth process serves the prompt by computing, same tokens.
 
 Each vLLM runs in its own process (tools/vllm_runner.py; vLLM keeps global state), one
 after the other; time to first token is printed, not asserted (2 shared cores).
@@ -42,6 +44,8 @@ BLOCK = 128  # vLLM's CPU block size, and so tierd's block_tokens
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32", block_tokens=BLOCK)
 NEW_TOKENS = 24
 RUN_DEADLINE_S = 600
+PAGE = 4096  # the NVMe tier's extents are page-aligned, each block's header page first
+HEADER_MAGIC = b"TIERDHB1"
 
 ANIMALS = ("fox", "heron", "otter", "lynx", "badger", "crane", "marten", "ibex")
 CITIES = ("Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Tartu", "Cusco")
@@ -144,7 +148,29 @@ def after_restart(daemon: DaemonProcess, warm: Served) -> tuple[list[str | None]
 
 
 @pytest.fixture(scope="module")
-def tierd_down(daemon: DaemonProcess, after_restart: Any) -> Served:
+def corrupted(daemon: DaemonProcess, after_restart: Any) -> Served:
+    """Only NVMe copies left, their data damaged: lookups hit, every load fails."""
+    daemon.stop()
+    daemon.remove_segments()
+    nvme = daemon.base / "data" / "nvme" / "blocks.dat"
+    damaged = 0
+    with open(nvme, "r+b") as f:
+        offset = 0
+        while page := f.read(PAGE):
+            # Leave the block headers (so the blocks are still listed), damage the data.
+            if not page.startswith(HEADER_MAGIC) and any(page):
+                f.seek(offset)
+                f.write(bytes(b ^ 0xFF for b in page[:16]))
+                f.seek(offset + len(page))
+                damaged += 1
+            offset += len(page)
+    assert damaged
+    daemon.start()
+    return _serve(daemon.address, [_request()], "corrupted")
+
+
+@pytest.fixture(scope="module")
+def tierd_down(daemon: DaemonProcess, corrupted: Any) -> Served:
     daemon.stop()
     return _serve(daemon.address, [_request()], "down")
 
@@ -197,6 +223,16 @@ def test_restarted_daemon_serves_the_prefix_from_nvme(
     assert got["token_ids"] == cold.requests[0]["token_ids"]
     assert got["cached_tokens"] == _whole_blocks(got) * BLOCK
     assert served.connector["worker"]["load_failed_blocks"] == 0
+
+
+def test_failed_loads_fall_back_to_recomputing(cold: Served, corrupted: Served) -> None:
+    got = corrupted.requests[0]
+    assert corrupted.connector["scheduler"]["hit_blocks"] == _whole_blocks(got)  # listed...
+    assert corrupted.connector["worker"]["loaded_blocks"] == 0  # ...but none could be read
+    assert corrupted.connector["worker"]["load_failed_blocks"] == _whole_blocks(got)
+    assert got["token_ids"] == cold.requests[0]["token_ids"]  # vLLM recomputed them
+    # ...and the recomputed blocks went back into tierd in place of the damaged ones.
+    assert corrupted.connector["worker"]["saved_blocks"] >= _whole_blocks(got)
 
 
 def test_tierd_down_vllm_recomputes(cold: Served, tierd_down: Served) -> None:
