@@ -61,8 +61,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("tierd") is not None:
         kv = KVTransferConfig(
             kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE,
-            kv_role="kv_both", kv_load_failure_policy="recompute",
-            kv_connector_extra_config=spec["tierd"],
+            # kv_load_failure_policy left at vLLM's default: the connector makes it recompute.
+            kv_role="kv_both", kv_connector_extra_config=spec["tierd"],
         )  # fmt: skip
     t0 = time.perf_counter()
     llm = LLM(
