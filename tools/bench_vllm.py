@@ -8,9 +8,9 @@ Each vLLM is a fresh process (tools/vllm_runner.py), SmolLM2-135M float32 on the
 greedy, one request at a time. Per repetition k a new 2048-token prefix (random token
 ids, 16 blocks of 128) is followed by a short suffix that differs per request:
 - `cold`: a process without the connector computes prefix+suffix (vLLM alone);
-- `cold, saving to tierd`: the same in a process with the connector, which stores the
-  blocks (`save=end`: after the forward; `save=layer`: layer by layer in it);
-- `vLLM prefix cache`: the same process again with another suffix (vLLM's own cache);
+- `vLLM prefix cache`: that process again with another suffix (vLLM's own cache);
+- `cold, saving to tierd`: a process with the connector computes prefix+suffix and stores
+  the blocks (`save=end`: after the forward; `save=layer`: layer by layer in it);
 - `warm from tierd`: a fresh process with the connector, another suffix: the prefix's 16
   blocks are loaded from tierd.
 Decode: tokens/s over `--decode` greedy tokens after a 100-token prompt, in processes
@@ -127,9 +127,9 @@ def run(reps: int, decode: int, rounds: int) -> dict[str, Any]:
     daemon = Daemon()
     try:
         conn = {"address": daemon.address}
-        base = serve([req(p + s_cold) for p in other], None)
-        first = serve([r for p in prefixes for r in (req(p + s_cold), req(p + s_local))],
-                      {**conn, "save": "end"})  # fmt: skip
+        # vLLM alone: cold, then its own prefix cache (nothing of tierd's running beside it).
+        base = serve([r for p in other for r in (req(p + s_cold), req(p + s_local))], None)
+        first = serve([req(p + s_cold) for p in prefixes], {**conn, "save": "end"})
         layer = serve([req(p + s_cold) for p in layer_prefixes], {**conn, "save": "layer"})
         warm = serve([req(p + s_warm) for p in prefixes], conn)
         # Decode in processes of its own, alternating, so drift in the machine's load hits
@@ -152,10 +152,10 @@ def run(reps: int, decode: int, rounds: int) -> dict[str, Any]:
         "prefix_tokens": PREFIX,
         "reps": reps,
         "ttft": {
-            "cold": summary(b[:reps]),
-            "cold, saving to tierd (save=end)": summary(f[0::2]),
+            "cold": summary(b[0::2]),
+            "cold, saving to tierd (save=end)": summary(f),
             "cold, saving to tierd (save=layer)": summary(layer["requests"]),
-            "vLLM prefix cache (same process)": summary(f[1::2]),
+            "vLLM prefix cache (same process)": summary(b[1::2]),
             "warm from tierd (fresh process)": summary(w[:reps]),
         },
         "decode": {
