@@ -70,16 +70,18 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class Namespace(_message.Message):
-    __slots__ = ("tenant", "model", "layout", "extra_keys")
+    __slots__ = ("tenant", "model", "layout", "extra_keys", "lossless")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    LOSSLESS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     layout: KVLayout
     extra_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    lossless: bool
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ..., lossless: _Optional[bool] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("size", "host_id", "handoff", "staging_size", "instance")
