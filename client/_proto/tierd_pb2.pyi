@@ -464,3 +464,91 @@ class MoveResponse(_message.Message):
     MOVED_FIELD_NUMBER: _ClassVar[int]
     moved: int
     def __init__(self, moved: _Optional[int] = ...) -> None: ...
+
+class RegisterModelRequest(_message.Message):
+    __slots__ = ("path", "dtype", "name", "shared")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    dtype: str
+    name: str
+    shared: bool
+    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., name: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
+
+class ModelTensor(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "offset", "nbytes", "layer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    offset: int
+    nbytes: int
+    layer: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., layer: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "fingerprint", "size", "layers", "tenant", "shared", "dtype", "source", "tensor_count", "tensors", "config_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    size: int
+    layers: int
+    tenant: str
+    shared: bool
+    dtype: str
+    source: str
+    tensor_count: int
+    tensors: _containers.RepeatedCompositeFieldContainer[ModelTensor]
+    config_json: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., size: _Optional[int] = ..., layers: _Optional[int] = ..., tenant: _Optional[str] = ..., shared: _Optional[bool] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., tensor_count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[ModelTensor, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class RegisterModelResponse(_message.Message):
+    __slots__ = ("model", "created")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    created: bool
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("model", "tensors")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tensors: bool
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "segment")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    segment: ShmSegment
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., segment: _Optional[_Union[ShmSegment, _Mapping]] = ...) -> None: ...
+
+class DropModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class DropModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -124,6 +124,21 @@ class TierdStub:
                 request_serializer=tierd_dot_v1_dot_tierd__pb2.MoveRequest.SerializeToString,
                 response_deserializer=tierd_dot_v1_dot_tierd__pb2.MoveResponse.FromString,
                 _registered_method=True)
+        self.RegisterModel = channel.unary_unary(
+                '/tierd.v1.Tierd/RegisterModel',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.RegisterModelRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.RegisterModelResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/tierd.v1.Tierd/ListModels',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.DropModel = channel.unary_unary(
+                '/tierd.v1.Tierd/DropModel',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.DropModelRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.DropModelResponse.FromString,
+                _registered_method=True)
 
 
 class TierdServicer:
@@ -238,6 +253,24 @@ class TierdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TierdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +363,21 @@ def add_TierdServicer_to_server(servicer, server):
                     servicer.Move,
                     request_deserializer=tierd_dot_v1_dot_tierd__pb2.MoveRequest.FromString,
                     response_serializer=tierd_dot_v1_dot_tierd__pb2.MoveResponse.SerializeToString,
+            ),
+            'RegisterModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterModel,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.RegisterModelRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.RegisterModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.ListModelsRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DropModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropModel,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.DropModelRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.DropModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -818,6 +866,87 @@ class Tierd:
             '/tierd.v1.Tierd/Move',
             tierd_dot_v1_dot_tierd__pb2.MoveRequest.SerializeToString,
             tierd_dot_v1_dot_tierd__pb2.MoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/RegisterModel',
+            tierd_dot_v1_dot_tierd__pb2.RegisterModelRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.RegisterModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/ListModels',
+            tierd_dot_v1_dot_tierd__pb2.ListModelsRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/DropModel',
+            tierd_dot_v1_dot_tierd__pb2.DropModelRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.DropModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
