@@ -162,7 +162,8 @@ class TierSpec:
     high_watermark: float = 0.90  # the placer makes room above this occupancy...
     low_watermark: float = 0.75  # ...down to this one
     policy: str = DEFAULT_POLICY  # eviction order and admission (tierd.core.policies)
-    codec: str = "raw"  # how copies are encoded in this tier (raw only, for now)
+    codec: str = "raw"  # how copies are encoded in this tier (tierd_kernels.codecs)
+    codec_params: tuple[tuple[str, int], ...] = ()  # from `codec_params = {k_group = 32}`
     spill: bool = True  # takes the blocks the tier above it demotes
     options: tuple[tuple[str, Any], ...] = ()  # the kind's own keys (kind.OPTIONS)
 
@@ -412,6 +413,8 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
             value = _path(value, where)
         elif name == "quotas" and cls is TenantConfig:
             value = _build_quotas(value, where)
+        elif name == "codec_params" and cls is _TierCommon:
+            value = _build_codec_params(value, where)
         else:
             expected = type(getattr(cls(), name))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -471,7 +474,19 @@ class _TierCommon:
     low_watermark: float = 0.75
     policy: str = DEFAULT_POLICY
     codec: str = "raw"
+    codec_params: tuple[tuple[str, int], ...] = ()
     spill: bool = True
+
+
+def _build_codec_params(value: object, where: str) -> tuple[tuple[str, int], ...]:
+    """`codec_params = {k_group = 32, ...}`: integer options of the tier's codec (which
+    ones it takes is checked against the codec by config_checks)."""
+    if not isinstance(value, dict):
+        raise ConfigError(where, "expected a table of codec option = integer")
+    for k, v in value.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{where}.{key_name(k)}", f"expected int, got {show(v)}")
+    return tuple((key_name(k), v) for k, v in value.items())
 
 
 def _build_quotas(value: object, where: str) -> tuple[tuple[str, int], ...]:

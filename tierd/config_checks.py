@@ -21,7 +21,8 @@ from tierd.errors import ConfigError
 from tierd_client.address import unix_socket_path
 
 if TYPE_CHECKING:
-    from tierd.config import Config
+    from tierd.config import Config, TierSpec
+    from tierd.tiers.base import Tier
 
 MiB, GiB = 1 << 20, 1 << 30
 MAX_SIZE = 1 << 50  # 1 PiB: larger than any tier this daemon can address, so surely a typo
@@ -167,8 +168,7 @@ def _check_tier_list(cfg: Config) -> None:
         if spec.policy not in POLICIES:
             raise ConfigError(f"{where}.policy", f"unknown policy {spec.policy!r}; known: "
                               f"{', '.join(POLICIES)}")  # fmt: skip
-        if spec.codec != "raw":
-            raise ConfigError(f"{where}.codec", f"unknown codec {show(spec.codec)}; known: raw")
+        _check_codec(spec, kind, where)
         for key, value in spec.options:
             if key not in kind.OPTIONS:
                 known = ", ".join(sorted(kind.OPTIONS)) or "none"
@@ -178,6 +178,33 @@ def _check_tier_list(cfg: Config) -> None:
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"{where}.{key}", f"expected {want.__name__}, got {show(value)}")
         kind.check_spec(spec, where)
+
+
+def _check_codec(spec: TierSpec, kind: type[Tier], where: str) -> None:
+    """A tier's codec: known, its options taken by it, and a kind whose copies the daemon
+    alone reads (the memory tier is what clients map and write, raw; CSD workers attend
+    over raw layers; a shared tier's blocks are read by daemons that know no encoding)."""
+    if spec.codec == "raw" and not spec.codec_params:
+        return
+    from tierd_kernels.codecs import ENCODINGS, make_codec
+
+    if spec.codec not in ENCODINGS:
+        raise ConfigError(f"{where}.codec", f"unknown codec {show(spec.codec)}; known: "
+                          f"{', '.join(ENCODINGS)}")  # fmt: skip
+    for key, value in spec.codec_params:
+        try:
+            make_codec(spec.codec, **{key: value})
+        except ValueError as e:
+            raise ConfigError(f"{where}.codec_params.{key}", str(e)) from None
+    if spec.codec == "raw":
+        return
+    why = ("clients write and map its bytes as they are" if kind.memory else
+           "its workers attend over raw layers" if kind.attends else
+           "other daemons read its blocks without knowing their encoding" if kind.shared
+           else "")  # fmt: skip
+    if why:
+        raise ConfigError(f"{where}.codec", f"a {spec.kind} tier stores blocks raw ({why}); "
+                          "set a codec on an nvme tier below it")  # fmt: skip
 
 
 def _check_leases(cfg: Config) -> None:
