@@ -466,16 +466,18 @@ class MoveResponse(_message.Message):
     def __init__(self, moved: _Optional[int] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("path", "dtype", "name", "shared")
+    __slots__ = ("path", "dtype", "name", "shared", "tenant")
     PATH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     path: str
     dtype: str
     name: str
     shared: bool
-    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., name: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., name: _Optional[str] = ..., shared: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ModelTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype", "offset", "nbytes", "layer")
@@ -528,12 +530,14 @@ class RegisterModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("model", "tensors")
+    __slots__ = ("model", "tensors", "tenant")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensors: bool
-    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "segment")
@@ -544,10 +548,12 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., segment: _Optional[_Union[ShmSegment, _Mapping]] = ...) -> None: ...
 
 class DropModelRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "tenant")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class DropModelResponse(_message.Message):
     __slots__ = ()
