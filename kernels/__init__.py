@@ -10,7 +10,9 @@ Primitives:
              `codes_attention.attend_codes` (decode attention on encoded layer records,
              never dequantized: csrc/codes.cpp when it loads, else a torch reference)
   Triton     `decode_attention` (paged decode over a block pool on a GPU, or on the CPU
-             under TRITON_INTERPRET=1), `triton_available`
+             under TRITON_INTERPRET=1), `decode_attention_codes` (the same over a pool of
+             encoded blocks, codes turned into K and V in registers only),
+             `triton_available`
 
 Importing this package imports torch and nothing else: Triton is imported by the first
 `decode_attention` call, and the package works without it.
@@ -22,6 +24,7 @@ from .cpu_attention import attend_blocks
 from .merge import merge_into_, merge_partials, merge_stacked
 from .reference import AttentionOutput, LayerKV, attention_reference, empty_output, gather_layer_kv
 from .triton_attention import decode_attention, triton_available
+from .triton_codes import decode_attention_codes
 
 __all__ = [
     "AttentionOutput",
@@ -29,6 +32,7 @@ __all__ = [
     "attend_blocks",
     "attention_reference",
     "decode_attention",
+    "decode_attention_codes",
     "empty_output",
     "gather_layer_kv",
     "merge_into_",

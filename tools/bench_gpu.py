@@ -20,6 +20,11 @@ blocks of 64 tokens in a pool in shuffled order, as a paged cache holds them):
               a paged kernel pays)
   floor       the bytes of K and V read once at the `read` ceiling
 and the relative error of triton and sdpa against a float64 reference on the same inputs.
+
+Decode attention on codes (`--codecs`, default int8,kivi4,kivi2), same shapes: the pool
+holds encoded blocks (`tierd_kernels.triton_codes.decode_attention_codes`), timed against
+the raw kernel's row above and against the floor of the code bytes; `err` is its
+relative error against decode-then-attend (float64) on a small case of the same codec.
 Every input is random (never zeros); each case draws its own.
 """
 
@@ -229,6 +234,70 @@ def launch_sweep(device: torch.device, repeats: int, cases: list[tuple[int, int]
     return rows
 
 
+def codes_rows(device: torch.device, codecs: list[str], raw_rows: list[dict[str, Any]],
+               repeats: int, read: float) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per codec and (batch, tokens) of `raw_rows`."""
+    from tierd_kernels.codecs import make_codec
+    from tierd_kernels.triton_codes import decode_attention_codes
+
+    gen = torch.Generator().manual_seed(3)
+    block_shape = (1, 2, KV_HEADS, BLOCK_TOKENS, DIM)
+    rows = []
+    for name in codecs:
+        codec = make_codec(name)
+        # Encoding on the CPU is slow: a few distinct blocks, repeated through the pool
+        # (the kernel's time does not depend on the values).
+        distinct = [torch.randn(block_shape, generator=gen).to(DTYPE) for _ in range(16)]
+        encoded = torch.stack([codec.encode(b) for b in distinct]).to(device)
+        decoded = torch.stack([codec.decode(e.cpu(), block_shape, torch.float64)
+                               for e in encoded]).to(device)  # fmt: skip
+        err = _codes_error(device, codec, encoded, decoded, gen)
+        for raw in raw_rows:
+            batch, tokens = raw["batch"], raw["tokens"]
+            per_seq = math.ceil(tokens / BLOCK_TOKENS)
+            pick = torch.randint(len(distinct), (batch * per_seq,), generator=gen).to(device)
+            pool = encoded[pick].contiguous()
+            table = torch.randperm(batch * per_seq, generator=gen).to(device, torch.int32)
+            table = table.view(batch, per_seq)
+            lens = torch.full((batch,), tokens, dtype=torch.int32, device=device)
+            q = (torch.randn(batch, Q_HEADS, DIM, generator=gen) * 3.0).to(device, DTYPE)
+            run = partial(decode_attention_codes, q, pool, codec, block_shape, table, lens, 0)
+            t = timed(run, repeats=repeats, device=device)
+            code_bytes = pool.numel() * tokens // (per_seq * BLOCK_TOKENS)
+            floor = code_bytes / (read * 1e9)
+            rows.append({
+                "codec": name, "batch": batch, "tokens": tokens, "code_bytes": code_bytes,
+                "us": t * 1e6, "floor_us": floor * 1e6, "vs_floor": floor / t,
+                "raw_us": raw["triton_us"], "speedup_vs_raw": raw["triton_us"] / (t * 1e6),
+                "err_vs_decoded": err,
+            })  # fmt: skip
+            pool = table = q = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _codes_error(device: torch.device, codec: Any, encoded: torch.Tensor,
+                 decoded: torch.Tensor, gen: torch.Generator) -> float:  # fmt: skip
+    """Relative error of the codes kernel against float64 attention over the decoded
+    blocks, two sequences of 5 and 3.5 blocks."""
+    from tierd_kernels.triton_codes import decode_attention_codes
+
+    n = len(encoded)
+    table = torch.stack([torch.randperm(n, generator=gen)[:6] for _ in range(2)])
+    lens = [5 * BLOCK_TOKENS, 3 * BLOCK_TOKENS + BLOCK_TOKENS // 2]
+    q = (torch.randn(2, Q_HEADS, DIM, generator=gen) * 3.0).to(device, DTYPE)
+    got = decode_attention_codes(q, encoded.contiguous(), codec, tuple(decoded.shape[1:]),
+                                 table.to(device, torch.int32),
+                                 torch.tensor(lens, dtype=torch.int32, device=device), 0)  # fmt: skip
+    want = []
+    for b, tokens in enumerate(lens):
+        kv = decoded[table[b].to(device)][:, 0]  # [6, 2, kvh, T, D]
+        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, KV_HEADS, -1, DIM)[:, :, :tokens]
+        want.append(reference(q[b : b + 1], kv[0][None], kv[1][None])[0])
+    return rel_err(got.out, torch.stack(want))
+
+
 def print_report(doc: dict[str, Any]) -> None:
     c = doc["ceilings_gbs"]
     print(f"device: {doc['device']}")
@@ -247,6 +316,14 @@ def print_report(doc: dict[str, Any]) -> None:
         print(f"launch sweep, batch {batch}, {tokens} tokens (best first): "
               + ", ".join(f"t{r['tile']}/w{r['warps']}/s{r['stages']} {r['us']:.0f}"
                           for r in mine[:6]))  # fmt: skip
+    if doc.get("codes"):
+        print(f"{'codec':>6} {'batch':>5} {'tokens':>7} {'MiB':>7} {'us':>9} {'floor us':>9} "
+              f"{'vs floor':>8} {'raw us':>9} {'raw/codes':>9} {'err':>8}")  # fmt: skip
+        for r in doc["codes"]:
+            print(f"{r['codec']:>6} {r['batch']:>5} {r['tokens']:>7} "
+                  f"{r['code_bytes'] / 2**20:>7.0f} {r['us']:>9.1f} {r['floor_us']:>9.1f} "
+                  f"{r['vs_floor']:>8.2f} {r['raw_us']:>9.1f} {r['speedup_vs_raw']:>9.2f} "
+                  f"{r['err_vs_decoded']:>8.1e}")  # fmt: skip
     if doc.get("split_sweep_us"):
         print("split tokens -> us (batch 1, "
               f"{doc['split_sweep_tokens']} tokens): "
@@ -269,6 +346,11 @@ def main() -> int:
         action="store_true",
         help="also time tile sizes and launch shapes (batch 8 x 32k, batch 1 x 128k)",
     )
+    p.add_argument(
+        "--codecs",
+        default="int8,kivi4,kivi2",
+        help="codecs to time attention on codes for ('' for none)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.smoke:
@@ -289,6 +371,9 @@ def main() -> int:
     doc["attention"] = attention_rows(
         device, batches, contexts, repeats, doc["ceilings_gbs"]["read"]
     )
+    codecs = [c for c in args.codecs.split(",") if c]
+    doc["codes"] = codes_rows(device, codecs, doc["attention"], repeats,
+                              doc["ceilings_gbs"]["read"])  # fmt: skip
     sweep_tokens = max(contexts) if device.type == "cuda" else contexts[0]
     doc["split_sweep_tokens"] = sweep_tokens
     doc["split_sweep_us"] = split_sweep(device, repeats, sweep_tokens)
