@@ -37,6 +37,7 @@ from .errors import FailedPrecondition, Internal, InvalidArgument, TierdError
 from .fastpath import FastAttend
 from .hostinfo import host_id
 from .layout import KVLayout
+from .models import ModelsMixin
 from .results import (
     CachedBlock,
     GetResult,
@@ -83,7 +84,7 @@ def _kind_value(name: str) -> str:
     return value if value in pb.Tier.DESCRIPTOR.values_by_name else "TIER_UNSPECIFIED"
 
 
-class TierdClient:
+class TierdClient(ModelsMixin):
     """One connection to a tierd daemon; safe to share between threads.
 
         with TierdClient("unix:/run/tierd/tierd.sock", tenant="team-a") as c:

@@ -213,6 +213,14 @@ class CsdConfig:
 
 
 @dataclass(frozen=True)
+class WeightsConfig:
+    """Model weights the daemon holds for workers to map (RegisterModel)."""
+
+    capacity_bytes: int = 0  # all models' areas together; 0: sized as the host tier's default
+    roots: tuple[Path, ...] = ()  # directories models may be read from; empty: any path
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # [HOST:]PORT for Prometheus' /metrics (no host: loopback); empty: off
     tenant_labels: bool = False  # per-tenant series name tenants to whoever can scrape
@@ -284,6 +292,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     csd: CsdConfig = CsdConfig()
     limits: LimitsConfig = LimitsConfig()
+    weights: WeightsConfig = WeightsConfig()
     tenants: tuple[TenantConfig, ...] = ()
     tier_list: tuple[TierSpec, ...] = ()  # [[tiers]]; empty: the shorthand sections
 
@@ -337,7 +346,7 @@ class Config:
         )  # fmt: skip
         restart = [
             f"{section}.{f.name}"
-            for section in ("server", "host", "nvme", "metrics", "csd", "limits")
+            for section in ("server", "host", "nvme", "metrics", "csd", "limits", "weights")
             for f in dataclasses.fields(getattr(live, section))
             if getattr(getattr(live, section), f.name) != getattr(getattr(new, section), f.name)
         ]
@@ -376,8 +385,11 @@ class Config:
         for key, size in sized:
             if size <= 0:
                 raise ConfigError(key, "no free space to size this tier from; set it")
+        weights = self.weights
+        if weights.capacity_bytes == 0:
+            weights = dataclasses.replace(weights, capacity_bytes=default_host_capacity())
         cfg = dataclasses.replace(self, server=server, host=host, nvme=nvme,
-                                  tier_list=tuple(specs))  # fmt: skip
+                                  tier_list=tuple(specs), weights=weights)  # fmt: skip
         cfg.validate()
         return cfg
 
@@ -411,6 +423,10 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
             value = tuple(value)
         elif name in ("path", "tls_cert", "tls_key", "tls_client_ca"):
             value = _path(value, where)
+        elif name == "roots" and cls is WeightsConfig:
+            if not isinstance(value, list):
+                raise ConfigError(where, "expected a list of directories")
+            value = tuple(_path(v, f"{where}[{i}]") for i, v in enumerate(value))
         elif name == "quotas" and cls is TenantConfig:
             value = _build_quotas(value, where)
         elif name == "codec_params" and cls is _TierCommon:
@@ -519,6 +535,7 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "csd": CsdConfig,
     "limits": LimitsConfig,
+    "weights": WeightsConfig,
 }
 
 

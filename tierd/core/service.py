@@ -56,6 +56,7 @@ from tierd.tiers.base import Copy
 from tierd.tiers.host import segment_tag
 from tierd.tiers.staging import StagingArea, StagingAreas
 from tierd.transfer.engine import TransferEngine
+from tierd.weights.registry import ModelRegistry
 from tierd_client.hostinfo import host_id
 from tierd_client.keys import iter_block_keys, namespace_id
 from tierd_client.layout import KVLayout
@@ -100,6 +101,8 @@ class CacheService:
         recover(self)
         self.placer = Placer(self)
         self.sharing = Sharing(self)  # shared and write-through tiers (tierd.core.sharing)
+        self.weights = ModelRegistry(config.weights.capacity_bytes or self.top.capacity,
+                                     data_dir / "weights", config.weights.roots)  # fmt: skip
         self._attend: AttendService | None = None
         self.draining = False  # set on SIGTERM: no new leases, existing ones may finish
         self._attend_lock = threading.Lock()
@@ -139,6 +142,7 @@ class CacheService:
             self._attend.close()
         self.placer.stop()
         self.sharing.stop()
+        self.weights.close()
         self.directory.log.commit_all()
         self.tiers.close()
         self.catalog.close()

@@ -118,7 +118,8 @@ class Daemon:
         self.rings = AttendRings(self.servicer)
         self.handoff = (
             HandoffServer(handoff_path(self._sockets[0]), self.service.client_fds,
-                          self.servicer.authorize_shared_memory, self.rings)
+                          self.servicer.authorize_shared_memory, self.rings,
+                          weights=self.servicer.weights_fd)
             if self._sockets else None
         )  # fmt: skip
         self.servicer.handoff = self.handoff

@@ -20,6 +20,11 @@ clients are served as before); `"kind": "ring"` asks for an attend ring
 open as the ring's lifeline and leaves this server's connection slots. An older daemon
 ignores the kind and answers with the segment, which tells the client it has no rings.
 
+`"kind": "weights"` with `"model": "<name or fingerprint>"` asks for a model's weights
+area (`tierd.weights`): `weights(tenant, token, model)` authorizes (as the RPCs do; no
+namespace is needed) and returns a read-only descriptor, answered {"ok": true, "kind":
+"weights", "size": N, "fingerprint": "hex"} with that one descriptor attached.
+
 `authorize(tenant, token)` returns the tenant the caller may map, or raises a TierdError
 (the RPCs' rules: with tenants configured the token names the tenant; in open mode the
 caller names it, and the socket's permissions are the guard). Every connection has one
@@ -67,6 +72,7 @@ class HandoffServer:
     def __init__(
         self, path: Path, fds_for: Callable[[str], ClientFds],
         authorize: Callable[[str, str | None], str], rings: AttendRings | None = None,
+        weights: Callable[[str, str | None, str], tuple[int, int, str]] | None = None,
     ) -> None:  # fmt: skip
         if len(os.fsencode(path)) > _UNIX_PATH_MAX:
             raise OSError(f"the shared-memory socket {path} is longer than a unix socket path "
@@ -76,6 +82,7 @@ class HandoffServer:
         self._fds_for = fds_for
         self._authorize = authorize
         self._rings = rings
+        self._weights = weights
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._open: set[socket.socket] = set()
         self._by_uid: dict[int, int] = {}  # connections being served, per peer user
@@ -171,8 +178,11 @@ class HandoffServer:
             token = request.get("token")
             token = token if isinstance(token, str) and token else None
             kind = request.get("kind", "segment")
-            if kind not in ("segment", "ring"):
-                raise InvalidArgument(f"unknown kind {kind!r} (segment, ring)", field="kind")
+            if kind not in ("segment", "ring", "weights"):
+                raise InvalidArgument(f"unknown kind {kind!r} (segment, ring, weights)",
+                                      field="kind")  # fmt: skip
+            if kind == "weights":
+                return self._hand_weights(conn, peer, deadline, request, token)
             tenant = self._authorize(request.get("tenant") or "", token)
             if kind == "ring":
                 if self._rings is None:
@@ -195,6 +205,26 @@ class HandoffServer:
         finally:
             os.close(fds.segment_fd)
             os.close(fds.staging_fd)
+        return False
+
+    def _hand_weights(self, conn: socket.socket, peer: str, deadline: float, request: dict,
+                      token: str | None) -> bool:  # fmt: skip
+        if self._weights is None:
+            raise FailedPrecondition("this daemon holds no models", field="kind")
+        model = request.get("model")
+        if not isinstance(model, str):
+            raise InvalidArgument("name the model", field="model")
+        fd, size, fingerprint = self._weights(request.get("tenant") or "", token, model)
+        # After a restart the area is read back and verified first, which is the daemon's
+        # time, not the client's: the client's deadline starts again for the reply.
+        deadline = max(deadline, time.monotonic() + DEADLINE_SECONDS)
+        try:
+            reply = {"ok": True, "kind": "weights", "size": size, "fingerprint": fingerprint}
+            _reply(conn, deadline, reply, [fd])
+        except OSError as e:
+            log.warning("weights handoff to %s failed: %s", peer, e)
+        finally:
+            os.close(fd)
         return False
 
     def _hand_ring(self, conn: socket.socket, peer: str, deadline: float, tenant: str,

@@ -21,6 +21,7 @@ from tierd.errors import (
 )
 from tierd.server.auth import Authenticator
 from tierd.server.handoff import HandoffServer
+from tierd.server.models import ModelsServicer
 from tierd.server.status import translate_errors
 from tierd_client._proto import tierd_pb2 as pb
 from tierd_client._proto import tierd_pb2_grpc as pb_grpc
@@ -93,7 +94,7 @@ def _tier_stats(t: TierSnapshot) -> pb.TierStats:
     )  # fmt: skip
 
 
-class TierdServicer(pb_grpc.TierdServicer):
+class TierdServicer(ModelsServicer, pb_grpc.TierdServicer):
     def __init__(self, service: CacheService) -> None:
         self.svc = service
         self.auth = Authenticator(service.config.tenants)
