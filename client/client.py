@@ -191,8 +191,11 @@ class TierdClient(ModelsMixin):
     # ---- namespaces and keys ----------------------------------------------------------
 
     def open_namespace(
-        self, model: str, layout: KVLayout, *, extra_keys: Iterable[str] = ()
-    ) -> Namespace:
+        self, model: str, layout: KVLayout, *, extra_keys: Iterable[str] = (),
+        lossless: bool = False,
+    ) -> Namespace:  # fmt: skip
+        """`lossless`: the namespace's blocks are kept exact (tiers with a lossy codec
+        store them raw); a namespace of its own, apart from the one without it."""
         if isinstance(extra_keys, str):
             raise TypeError("extra_keys is a sequence of strings, not one string")
         req = pb.OpenNamespaceRequest(
@@ -201,6 +204,7 @@ class TierdClient(ModelsMixin):
                 model=model,
                 layout=layout.to_proto(),
                 extra_keys=list(extra_keys),
+                lossless=lossless,
             )
         )
         resp = self._retrying(lambda: self._unary("OpenNamespace", req))

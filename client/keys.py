@@ -27,13 +27,17 @@ def namespace_id(
     model: str,
     layout: Sequence[int | str],
     extra_keys: Iterable[str] = (),
+    *,
+    lossless: bool = False,
 ) -> bytes:
-    """A stable 16-byte id for (tenant, model fingerprint, KV layout, extra keys)."""
-    canonical = json.dumps(
-        {"tenant": tenant, "model": model, "layout": list(layout), "extra": list(extra_keys)},
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
+    """A stable 16-byte id for (tenant, model fingerprint, KV layout, extra keys) and, for a
+    namespace whose blocks are kept exact, that choice (absent otherwise, so the ids of
+    other namespaces are what they always were)."""
+    doc: dict[str, object] = {"tenant": tenant, "model": model, "layout": list(layout),
+                              "extra": list(extra_keys)}  # fmt: skip
+    if lossless:
+        doc["lossless"] = True
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=b"tierd-ns-v1").digest()
 
 

@@ -9,7 +9,10 @@ the partials merge exactly by log-sum-exp:
   other tiers     only this layer's K|V range of each block is read (one contiguous range
                   per block thanks to the [layer][K|V][head][token][dim] layout), through
                   the transfer engine, in parallel, checked against that layer's
-                  checksum, then reduced here; the bytes never leave the daemon;
+                  checksum, then reduced here; the bytes never leave the daemon. A copy
+                  encoded by its tier's codec is read the same way (one layer's record)
+                  and attended over on its codes (`tierd_kernels.codes_attention`): no
+                  dequantized K|V is formed;
   tail            the open tail, causal over the query tokens just appended.
 """
 
@@ -29,7 +32,8 @@ from tierd.errors import DataLoss, FailedPrecondition, Unavailable
 from tierd.tiers.base import Copy, Location
 from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
-from tierd.transfer.integrity import layer_intact
+from tierd.transfer.encoding import RAW, codec_of, layer_shape
+from tierd.transfer.integrity import as_put, layer_intact, layer_sums_of
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -161,13 +165,27 @@ class AttentionEngine:
         self, blocks: list[tuple[BlockEntry, Copy]], layer: int, q: torch.Tensor,
         scale: float | None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-        """Partials over blocks in storage tiers, a pipeline step at a time: the layer
+        """Partials over blocks in storage tiers, one run per encoding."""
+        runs: dict[str, list[tuple[BlockEntry, Copy]]] = {}
+        for entry, copy in blocks:
+            runs.setdefault(copy.encoding, []).append((entry, copy))
+        partials = []
+        for encoding, run in runs.items():
+            partials.extend(self._stored_run(run, encoding, layer, q, scale))
+        return partials
+
+    def _stored_run(
+        self, blocks: list[tuple[BlockEntry, Copy]], encoding: str, layer: int,
+        q: torch.Tensor, scale: float | None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """Partials over blocks of one encoding, a pipeline step at a time: the layer
         ranges of step i+1 are read (I/O threads) while step i is reduced (the kernel
         gives the GIL up), into the other of two scratch buffers."""
         from tierd_kernels import attend_blocks
+        from tierd_kernels.codes_attention import attend_codes
 
         lay = blocks[0][0].ns.layout
-        per_step = max(1, PIPELINE_BYTES // (lay.block_bytes // lay.num_layers))
+        per_step = max(1, PIPELINE_BYTES // (blocks[0][1].length // lay.num_layers))
         steps = [blocks[i : i + per_step] for i in range(0, len(blocks), per_step)]
         partials = []
         inflight = self._start_layer_reads(steps[0], layer, 0)
@@ -180,8 +198,12 @@ class AttentionEngine:
                     f.result()  # a failed read raises here, once none is in flight
                 if i + 1 < len(steps):
                     inflight = self._start_layer_reads(steps[i + 1], layer, (i + 1) % 2)
-                tensors = self._checked_layer(step, layer, views)
-                partials.append(attend_blocks(tensors, 0, q, scale=scale))
+                tensors = self._checked_layer(step, layer, views, encoding)
+                if encoding == RAW:
+                    partials.append(attend_blocks(tensors, 0, q, scale=scale))
+                else:
+                    partials.append(attend_codes(tensors, codec_of(encoding), layer_shape(lay),
+                                                 q, scale=scale))  # fmt: skip
         finally:
             _settle(inflight[0])  # never leave a read writing into a buffer reused later
         return partials
@@ -190,38 +212,43 @@ class AttentionEngine:
         self, blocks: list[tuple[BlockEntry, Copy]], layer: int, slot: int
     ) -> tuple[list[Future[None]], list[memoryview]]:
         lay = blocks[0][0].ns.layout
-        span = lay.block_bytes // lay.num_layers
-        reads = [(e, c, layer * span, span) for e, c in blocks]
+        # One layer's bytes of each copy: its K|V range, or its codec's record of the layer
+        # (records are of one size, so a copy splits into equal layer spans either way).
+        reads = [(e, c, layer * (span := c.length // lay.num_layers), span) for e, c in blocks]
         engine = self.svc.transfer
         scratch = self._scratch.get(engine.scratch_bytes(reads), slot)
         return engine.start_ranges(reads, memoryview(scratch))
 
     def _checked_layer(
-        self, blocks: list[tuple[BlockEntry, Copy]], layer: int, views: list[memoryview]
-    ) -> list[torch.Tensor]:
-        """The layer ranges read for `blocks` as tensors [1, 2, heads, T, dim].
+        self, blocks: list[tuple[BlockEntry, Copy]], layer: int, views: list[memoryview],
+        encoding: str = RAW,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """The layer ranges read for `blocks` as tensors [1, 2, heads, T, dim] (raw), or
+        as the layer's records (uint8, encoded copies).
 
-        Every range is checked against the block's checksum for that layer before the
+        Every range is checked against the copy's checksum for that layer before the
         kernel sees it. A block without per-layer checksums (catalog rows of an older
-        release) is read whole once, checked against its block checksum, and given them.
+        release) is read whole once, checked against its copy's checksum, and given them.
         """
         lay = blocks[0][0].ns.layout
         for (e, c), got in zip(blocks, views):
-            if e.layer_sums is None:
+            if layer_sums_of(e, c) is None:
                 self._verify_whole(e, c)
-            if not layer_intact(e, layer, got):
+            if not layer_intact(e, c, layer, got):
                 self._corrupt(e, c)
+        if encoding != RAW:
+            return [torch.frombuffer(v, dtype=torch.uint8) for v in views]
         dtype = lay.torch_dtype()
         shape = (1, 2, lay.num_kv_heads, lay.block_tokens, lay.head_dim)
         return [torch.frombuffer(v, dtype=dtype).view(shape) for v in views]
 
     def _verify_whole(self, entry: BlockEntry, copy: Copy) -> None:
-        """Read a block whole, check it, and record its per-layer checksums."""
-        buf = mmap.mmap(-1, align_up(entry.nbytes, _ALIGN))
+        """Read a copy whole, check it, and record its per-layer checksums."""
+        buf = mmap.mmap(-1, align_up(copy.length, _ALIGN))
         with memoryview(buf) as whole:
-            data = whole[: entry.nbytes]
-            (view,) = self.svc.transfer.read_ranges([(entry, copy, 0, entry.nbytes)], data)
-            intact = checksum(view) == entry.checksum
+            data = whole[: copy.length]
+            (view,) = self.svc.transfer.read_ranges([(entry, copy, 0, copy.length)], data)
+            intact = checksum(view) == copy.checksum
             sums = layer_checksums(view, entry.ns.layout.num_layers)
             view.release()
             data.release()
@@ -229,6 +256,11 @@ class AttentionEngine:
         if not intact:
             self._corrupt(entry, copy)
         with self.svc.cond:
+            if not as_put(entry, copy):  # the copy's own sums, on record with its row
+                if entry.copies.get(copy.tier) is copy and copy.layer_sums is None:
+                    copy.layer_sums = sums
+                    self.svc.directory.record_copies(entry)
+                return
             if entry.copies.get(copy.tier) is copy and entry.layer_sums is None:
                 entry.layer_sums = sums
                 self.svc.directory.log.add(

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS namespaces (
     tenant TEXT NOT NULL,
     model TEXT NOT NULL,
     layout TEXT NOT NULL,
-    extra TEXT NOT NULL
+    extra TEXT NOT NULL,
+    lossless INTEGER NOT NULL DEFAULT 0
 )"""
 _BLOCKS = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS copies (
     length INTEGER NOT NULL,
     checksum INTEGER NOT NULL,
     encoding TEXT NOT NULL DEFAULT 'raw',
+    layer_sums BLOB,
     PRIMARY KEY (ns_id, key, tier)
 ) WITHOUT ROWID"""
 _SCHEMA = f"{_NAMESPACES};{_BLOCKS};{_COPIES}"
@@ -70,6 +72,7 @@ class NamespaceRow:
     model: str
     layout: list[int | str]
     extra: list[str]
+    lossless: bool = False  # see NamespaceInfo.lossless
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class CopyRow:
     length: int
     checksum: int
     encoding: str = "raw"
+    layer_sums: tuple[int, ...] | None = None  # see Copy.layer_sums
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def migrate_v1(db: sqlite3.Connection) -> int:
             if column not in cols:
                 continue
             n += db.execute(
-                f"INSERT INTO copies SELECT ns_id, key, ?, {column}, nbytes, checksum, 'raw' "
+                f"INSERT INTO copies SELECT ns_id, key, ?, {column}, nbytes, checksum, 'raw', NULL "
                 f"FROM blocks_v1 WHERE {column} IS NOT NULL", (tier,)
             ).rowcount
         db.execute("DROP TABLE blocks_v1")
@@ -135,6 +139,11 @@ class Catalog:
             self._db.execute("ALTER TABLE blocks ADD COLUMN csd TEXT")
         migrate_v1(self._db)
         self._db.executescript(_SCHEMA)
+        # Catalogs from before codecs: copies were all raw, namespaces all lossy-allowed.
+        for table, column in (("namespaces", "lossless INTEGER NOT NULL DEFAULT 0"),
+                              ("copies", "layer_sums BLOB")):  # fmt: skip
+            if column.split()[0] not in columns(self._db, table):
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     def close(self) -> None:
         with self._lock:
@@ -142,14 +151,18 @@ class Catalog:
 
     def upsert_namespace(self, row: NamespaceRow) -> None:
         self.run([(
-            "INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?, ?)",
-            [(row.ns_id, row.tenant, row.model, json.dumps(row.layout), json.dumps(row.extra))],
+            "INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?, ?, ?)",
+            [(row.ns_id, row.tenant, row.model, json.dumps(row.layout), json.dumps(row.extra),
+              int(row.lossless))],
         )])  # fmt: skip
 
     def namespaces(self) -> list[NamespaceRow]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM namespaces").fetchall()
-        return [NamespaceRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4])) for r in rows]
+            rows = self._db.execute(
+                "SELECT ns_id, tenant, model, layout, extra, lossless FROM namespaces"
+            ).fetchall()
+        return [NamespaceRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), bool(r[5]))
+                for r in rows]  # fmt: skip
 
     def blocks(self) -> Iterator[BlockRow]:
         with self._lock:
@@ -158,10 +171,11 @@ class Catalog:
             ).fetchall()
             copies: dict[tuple[bytes, bytes], list[CopyRow]] = {}
             for c in self._db.execute(
-                "SELECT ns_id, key, tier, location, length, checksum, encoding FROM copies"
+                "SELECT ns_id, key, tier, location, length, checksum, encoding, layer_sums "
+                "FROM copies"
             ):
                 copies.setdefault((c[0], c[1]), []).append(
-                    CopyRow(c[2], c[3], c[4], from_sql_u64(c[5]), c[6])
+                    CopyRow(c[2], c[3], c[4], from_sql_u64(c[5]), c[6], unpack_layer_sums(c[7]))
                 )
         for r in rows:
             yield BlockRow(r[0], r[1], r[2], from_sql_u64(r[3]), bool(r[4]), r[5],
@@ -208,13 +222,13 @@ def plan_insert_blocks(rows: Iterable[BlockRow]) -> Plan:
         ("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
          [(r.ns_id, r.key, r.nbytes, to_sql_u64(r.checksum), int(r.pinned), r.last_access,
            pack_layer_sums(r.layer_sums)) for r in rows]),
-        ("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
          [_copy_values(r.ns_id, r.key, c) for r in rows for c in r.copies]),
     ]  # fmt: skip
 
 
 # Copies only of a block on record: a change to a block deleted meanwhile leaves no orphans.
-_INSERT_COPY = ("INSERT INTO copies SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+_INSERT_COPY = ("INSERT INTO copies SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
                 "(SELECT 1 FROM blocks WHERE ns_id = ? AND key = ?)")  # fmt: skip
 
 
@@ -245,9 +259,11 @@ def plan_set_pinned(keys: Iterable[tuple[bytes, bytes]], pinned: bool) -> Plan:
 
 
 def _copy_values(ns_id: bytes, key: bytes, c: CopyRow) -> tuple[object, ...]:
-    return (ns_id, key, c.tier, c.location, c.length, to_sql_u64(c.checksum), c.encoding)
+    return (ns_id, key, c.tier, c.location, c.length, to_sql_u64(c.checksum), c.encoding,
+            pack_layer_sums(c.layer_sums))
 
 
 def copy_rows(copies: Iterable[Copy]) -> tuple[CopyRow, ...]:
     """The catalog's rows for a block's copies."""
-    return tuple(CopyRow(c.tier, c.location, c.length, c.checksum, c.encoding) for c in copies)
+    return tuple(CopyRow(c.tier, c.location, c.length, c.checksum, c.encoding, c.layer_sums)
+                 for c in copies)  # fmt: skip

@@ -390,7 +390,8 @@ class Directory:
             order = fair_merge(dict(queues), self.usage(tier), self._config(), tier)
             while total < goal and (entry := next(order, None)) is not None:
                 picked.append(entry)
-                total += entry.nbytes
+                held = entry.copies.get(tier)  # encoded copies free their encoded size
+                total += held.length if held is not None else entry.nbytes
         finally:
             for q in queues.values():
                 q.close()  # what was taken but not picked goes back in place

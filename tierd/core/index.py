@@ -35,6 +35,8 @@ class NamespaceInfo:
     model: str
     layout: KVLayout
     extra_keys: tuple[str, ...]
+    # Blocks kept exact: tiers with a lossy codec store them raw (part of the id).
+    lossless: bool = False
 
     @property
     def block_bytes(self) -> int:

@@ -94,13 +94,14 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
             for entry in (e for e in todo if target.name not in e.copies and e.copies):
                 src = svc.directory.best(entry)
                 assert src is not None
-                loc = svc.placer.allocate_in(target, entry.ns.tenant, entry.nbytes)
+                size = svc.transfer.stored_bytes(target, entry)
+                loc = svc.placer.allocate_in(target, entry.ns.tenant, size)
                 if loc is None:
                     raise ResourceExhausted(f"{target.name} tier full", field="keys")
                 writes.append((entry, src, loc))
         except BaseException:
             for entry, _, loc in writes:
-                target.release(entry.ns.tenant, loc, entry.nbytes)
+                target.release(entry.ns.tenant, loc, svc.transfer.stored_bytes(target, entry))
             _release_claims(svc, claimed)
             raise
     stamped = [e.layer_sums is None for e, _, _ in writes]
@@ -109,14 +110,15 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
     corrupt: list[tuple[BlockEntry, Copy]] = []
     failed = False
     with svc.cond:
-        for (entry, src, loc), outcome, fresh in zip(writes, outcomes, stamped):
+        for (entry, src, loc), outcome, fresh, done in zip(writes, outcomes, stamped, moves):
             if outcome is not Outcome.OK or entry.deleted:
-                target.release(entry.ns.tenant, loc, entry.nbytes)
+                target.release(entry.ns.tenant, loc, svc.transfer.stored_bytes(target, entry))
                 if outcome is Outcome.CORRUPT:
                     corrupt.append((entry, src))
                 failed |= outcome is Outcome.UNREACHABLE
                 continue
-            svc.directory.add_copy(entry, Copy(target.name, loc, entry.nbytes, entry.checksum))
+            assert done.result is not None  # the copy made: in the target's encoding
+            svc.directory.add_copy(entry, done.result)
             if fresh and entry.layer_sums is not None:
                 svc.directory.log.add(
                     plan_set_layer_sums([(entry.ns.id, entry.key, entry.checksum, entry.layer_sums)])

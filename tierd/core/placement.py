@@ -30,7 +30,7 @@ from tierd.core.index import BlockEntry
 from tierd.errors import ResourceExhausted
 from tierd.tiers.base import Copy, Location, Tier
 from tierd.transfer.engine import Move, Outcome
-from tierd.transfer.integrity import block_intact
+from tierd.transfer.integrity import copy_intact
 
 if TYPE_CHECKING:
     from tierd.core.service import CacheService
@@ -99,7 +99,8 @@ class Placer:
                 batch, total = [], 0
                 for entry in self.svc.index.entries():
                     if list(entry.copies) == [self.top.name] and entry.movable:
-                        loc = self.allocate_in(dest, entry.ns.tenant, entry.nbytes)
+                        size = self.svc.transfer.stored_bytes(dest, entry)
+                        loc = self.allocate_in(dest, entry.ns.tenant, size)
                         if loc is None:
                             break
                         self.dir.claim(entry)
@@ -201,23 +202,26 @@ class Placer:
                     mine.append((entry, None, None))
         moves = [Move(e, src, top, off) for e, src, off in mine if src is not None]
         futures = iter(svc.transfer.copy_many(moves))
-        outcomes = []
+        made = iter(moves)
+        outcomes: list[tuple[Outcome, Copy | None]] = []
         for entry, src, _ in mine:
             if src is None:  # verification of an adopted memory copy
                 held = entry.copies[top.name]
                 view = top.view(entry.ns.tenant, int(held.location), held.length)
-                outcomes.append(Outcome.OK if block_intact(entry, view) else Outcome.CORRUPT)
+                outcomes.append((Outcome.OK if copy_intact(held, view) else Outcome.CORRUPT,
+                                 None))  # fmt: skip
             else:
-                outcomes.append(next(futures).result())
+                outcomes.append((next(futures).result(), next(made).result))
         with self.cond:
-            for (entry, src, staging), outcome in zip(mine, outcomes):
-                self._finish_load(entry, src, staging, outcome)
+            for (entry, src, staging), (outcome, copy) in zip(mine, outcomes):
+                self._finish_load(entry, src, staging, outcome, copy)
         for fut in theirs:
             fut.result()
 
     def _finish_load(
-        self, entry: BlockEntry, src: Copy | None, staging: int | None, outcome: Outcome
-    ) -> None:
+        self, entry: BlockEntry, src: Copy | None, staging: int | None, outcome: Outcome,
+        made: Copy | None = None,
+    ) -> None:  # fmt: skip
         svc, top = self.svc, self.top.name
         ok = outcome is Outcome.OK
         changed = False
@@ -229,7 +233,9 @@ class Placer:
                 self.dir.drop_copy(entry, held)
                 changed = True
         elif ok and not entry.deleted:
-            self.dir.add_copy(entry, Copy(top, int(staging or 0), entry.nbytes, entry.checksum))
+            # The copy the move made: the source's bytes, or decoded from an encoded copy.
+            assert made is not None
+            self.dir.add_copy(entry, made)
             svc.counters.promotions += 1
             changed = True
         else:
@@ -329,7 +335,7 @@ class Placer:
                     self._evict(entry, top)
                     self._last_pass_freed += entry.nbytes
                 continue
-            loc = self.allocate_in(dest, entry.ns.tenant, entry.nbytes)
+            loc = self.allocate_in(dest, entry.ns.tenant, svc.transfer.stored_bytes(dest, entry))
             if loc is None:
                 if not entry.pinned:  # nowhere to demote: evict it from the cache
                     self._evict(entry, top)
@@ -359,23 +365,23 @@ class Placer:
         stamped = [e.layer_sums is None for e, _ in writes]
         outcomes = [f.result() for f in svc.transfer.copy_many(moves)]
         bad: list[tuple[BlockEntry, Copy]] = []
-        done: list[tuple[BlockEntry, Location, bool]] = []  # (entry, where, memory copy kept)
+        done: list[tuple[BlockEntry, Copy, bool]] = []  # (entry, new copy, memory copy kept)
         with self.cond:
             for (entry, loc), outcome, move in zip(writes, outcomes, moves):
                 # A block being deleted (out of the index) is not recorded: its key may
                 # be another block's by now.
                 if outcome is Outcome.OK and not entry.deleted and self.dir.index.holds(entry):
-                    done.append((entry, loc, entry.readers > 0))
+                    assert move.result is not None
+                    done.append((entry, move.result, entry.readers > 0))
                     continue  # still claimed until its new copy is on record
                 self.dir.unclaim(entry)
-                dest.release(entry.ns.tenant, loc, entry.nbytes)
+                dest.release(entry.ns.tenant, loc, svc.transfer.stored_bytes(dest, entry))
                 if outcome is Outcome.CORRUPT:
                     bad.append((entry, move.src))
                 elif outcome is Outcome.UNREACHABLE:
                     log.error("writing a block to %s failed during demotion", dest.name)
             rows = []
-            for entry, loc, keep_top in done:
-                copy = Copy(dest.name, loc, entry.nbytes, entry.checksum)
+            for entry, copy, keep_top in done:
                 keep = [c for c in entry.copies.values() if c.tier != top.name or keep_top]
                 rows.append((entry.ns.id, entry.key, copy_rows([*keep, copy])))
             sums = [(e.ns.id, e.key, e.checksum, e.layer_sums)
@@ -391,12 +397,12 @@ class Placer:
             log.error("demotion not recorded, blocks stay in %s: %s", top.name, exc)
             recorded = False
         with self.cond:
-            for entry, loc, keep_top in done:
+            for entry, copy, keep_top in done:
                 if not recorded or entry.deleted:
-                    dest.release(entry.ns.tenant, loc, entry.nbytes)
+                    dest.release(entry.ns.tenant, copy.location, copy.length)
                     self.dir.unclaim(entry)
                     continue
-                self.dir.add_copy(entry, Copy(dest.name, loc, entry.nbytes, entry.checksum))
+                self.dir.add_copy(entry, copy)
                 held = entry.copies.get(top.name)
                 if entry.readers == 0 and held is not None:
                     self.dir.drop_copy(entry, held)

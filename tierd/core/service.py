@@ -152,26 +152,27 @@ class CacheService:
     # -- namespaces and lookup ------------------------------------------------------------
 
     def open_namespace(
-        self, tenant: str, model: str, layout: KVLayout, extra_keys: Sequence[str] = ()
-    ) -> tuple[NamespaceInfo, SegmentInfo]:
+        self, tenant: str, model: str, layout: KVLayout, extra_keys: Sequence[str] = (),
+        *, lossless: bool = False,
+    ) -> tuple[NamespaceInfo, SegmentInfo]:  # fmt: skip
         if not tenant:
             raise InvalidArgument("a tenant name is required", field="namespace.tenant")
         if not model:
             raise InvalidArgument("a model fingerprint is required", field="namespace.model")
         limits.check_namespace(self, tenant, model, layout, extra_keys)
-        ns_id = namespace_id(tenant, model, layout_to_list(layout), extra_keys)
+        ns_id = namespace_id(tenant, model, layout_to_list(layout), extra_keys,
+                             lossless=lossless)  # fmt: skip
         with self.cond:
             ns = self.index.namespaces.get(ns_id)
         if ns is None:
             # On record (idempotent, and never removed) before it is known, without the
             # lock: a slow catalog holds only this call.
-            self.catalog.upsert_namespace(
-                NamespaceRow(ns_id, tenant, model, layout_to_list(layout), list(extra_keys))
-            )
+            row = NamespaceRow(ns_id, tenant, model, layout_to_list(layout), list(extra_keys),
+                               lossless)  # fmt: skip
+            self.catalog.upsert_namespace(row)
+            info = NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys), lossless)
             with self.cond:
-                ns = self.index.namespaces.setdefault(
-                    ns_id, NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys))
-                )
+                ns = self.index.namespaces.setdefault(ns_id, info)
         return ns, self.segment_info(ns)
 
     def namespace(self, ns_id: bytes, principal: str | None = None) -> NamespaceInfo:

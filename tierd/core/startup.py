@@ -97,7 +97,7 @@ def recover(svc: CacheService) -> None:
     for row in svc.catalog.namespaces():
         layout = layout_from_list(row.layout)
         svc.index.namespaces[row.ns_id] = NamespaceInfo(
-            row.ns_id, row.tenant, row.model, layout, tuple(row.extra)
+            row.ns_id, row.tenant, row.model, layout, tuple(row.extra), row.lossless
         )
     dropped: list[tuple[bytes, bytes]] = []
     changed: list[BlockEntry] = []
@@ -114,7 +114,8 @@ def recover(svc: CacheService) -> None:
                 unknown.add(c.tier)
             elif tier.adopt(ns.tenant, c.location, c.length):
                 copies[c.tier] = Copy(c.tier, c.location, c.length, c.checksum, c.encoding,
-                                      verified=not tier.verify_adopted)  # fmt: skip
+                                      verified=not tier.verify_adopted,
+                                      layer_sums=c.layer_sums)  # fmt: skip
         if not copies:
             dropped.append((row.ns_id, row.key))
             continue

@@ -176,7 +176,8 @@ class TierdServicer(ModelsServicer, pb_grpc.TierdServicer):
                 raise PermissionDenied("credentials are for another tenant",
                                        field="namespace.tenant")
             tenant = principal
-        ns, seg = self.svc.open_namespace(tenant, n.model, _layout(n.layout), list(n.extra_keys))
+        ns, seg = self.svc.open_namespace(tenant, n.model, _layout(n.layout), list(n.extra_keys),
+                                          lossless=n.lossless)  # fmt: skip
         return pb.OpenNamespaceResponse(
             namespace_id=ns.id, block_bytes=ns.block_bytes, segment=self._segment(seg)
         )

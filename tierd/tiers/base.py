@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tierd_client.layout import KVLayout
@@ -66,12 +66,15 @@ class Copy:
 
     tier: str  # the tier's configured name
     location: Location
-    length: int  # stored bytes (the block's size while every encoding is raw)
+    length: int  # stored bytes (the block's size when raw, its codec's size when encoded)
     checksum: int  # of the stored bytes
-    encoding: str = "raw"
+    encoding: str = "raw"  # tierd.transfer.encoding: "raw", a codec and its options
     # False for a copy adopted after a restart from memory that may have been written
     # after its catalog row (checked before anyone reads it).
     verified: bool = True
+    # Per-layer checksums of the stored bytes, for a copy whose bytes are not the block's
+    # as put (encoded, or decoded from a lossy copy); None: the block's own apply.
+    layer_sums: tuple[int, ...] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ before its bytes are written anywhere (damage never spreads), and bytes read fro
 are verified before anyone uses them. Moves run asynchronously: a caller submits a batch
 and waits on the futures, so the reads and writes of a batch overlap.
 
+Codecs are applied here too (`tierd.transfer.encoding`): a move writes the block in the
+destination's encoding for its namespace, decoding the source copy first when it is
+encoded otherwise, and reports the copy it made (`Move.result`: stored length, checksum
+of the stored bytes, encoding). The memory tier always holds raw blocks.
+
 A route is chosen by the kinds at both ends. Without a registered route, the engine uses
 what the tiers can do: from a memory tier the destination writes straight from the
 source's bytes in place; into a memory tier the source reads straight into the
@@ -25,13 +30,14 @@ import logging
 import mmap
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tierd.core.index import BlockEntry
+from tierd.core.index import BlockEntry, NamespaceInfo
 from tierd.core.tierset import TierSet
-from tierd.tiers.base import Copy, CopyLost, Location, MemoryTier, Tier
-from tierd.tiers.checksum import checksum
-from tierd.transfer.integrity import block_intact, source_intact
+from tierd.tiers.base import BlockRef, Copy, CopyLost, Location, MemoryTier, Tier
+from tierd.tiers.checksum import checksum, layer_checksums
+from tierd.transfer.encoding import RAW, decode_into, encode, encoding_for, stored_bytes
+from tierd.transfer.integrity import as_put, copy_intact, source_intact
 
 log = logging.getLogger("tierd.transfer")
 
@@ -48,7 +54,20 @@ class Move:
     entry: BlockEntry
     src: Copy
     dst: Tier
-    location: Location  # where in `dst` (space the caller reserved)
+    location: Location  # where in `dst` (space the caller reserved: `stored_bytes`)
+    result: Copy | None = None  # the copy made in `dst`, once the move is OK
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What a tier is told of a copy whose bytes are not the block's as put (its header
+    describes the stored bytes)."""
+
+    ns: NamespaceInfo
+    key: bytes
+    nbytes: int
+    checksum: int
+    layer_sums: tuple[int, ...] | None
 
 
 Route = Callable[["TransferEngine", Sequence[Move]], list["Future[Outcome]"]]
@@ -64,6 +83,10 @@ def _done(outcome: Outcome) -> Future[Outcome]:
 class TransferEngine:
     def __init__(self, tiers: TierSet) -> None:
         self.tiers = tiers
+
+    def stored_bytes(self, tier: Tier, entry: BlockEntry) -> int:
+        """Room a copy of `entry` takes in `tier` (its encoded size there)."""
+        return stored_bytes(encoding_for(tier, entry.ns), entry.ns.layout)
 
     # -- into the memory tier from outside the chain ---------------------------------------
 
@@ -147,13 +170,17 @@ def _from_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[O
     """The destination writes from the source's bytes in place, once they check out."""
     top = engine.tiers.top
     out: list[Future[Outcome] | None] = [None] * len(moves)
-    writes: list[tuple[int, BlockEntry, Location, memoryview]] = []
+    writes: list[tuple[int, BlockRef, Location, memoryview]] = []
     for i, m in enumerate(moves):
         view = top.view(m.entry.ns.tenant, int(m.src.location), m.src.length)
-        if not source_intact(m.entry, view):
+        if not source_intact(m.entry, m.src, view):
             out[i] = _done(Outcome.CORRUPT)
+            continue
+        stored = _stored_form(m, view)
+        if stored is None:
+            out[i] = _done(Outcome.UNREACHABLE)
         else:
-            writes.append((i, m.entry, m.location, view))
+            writes.append((i, stored[0], m.location, stored[1]))
     if writes:
         dst = moves[writes[0][0]].dst
         try:
@@ -166,18 +193,82 @@ def _from_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[O
 
 
 def _into_memory(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:
-    """The source reads straight into the destination's bytes; checked after."""
+    """The source reads straight into the destination's bytes; checked after. An encoded
+    copy is read into a bounce buffer, checked, and decoded into the destination."""
     out = []
     for m in moves:
         src = engine.tiers.get(m.src.tier)
         assert src is not None and isinstance(m.dst, MemoryTier)
+        if m.src.encoding != RAW:
+            out.append(_decoded_into_memory(src, m))
+            continue
         view = m.dst.view(m.entry.ns.tenant, int(m.location), m.src.length)
         fut = _started(lambda s=src, m=m, v=view: s.read(m.entry, m.src, v))
-        out.append(_outcome_of(
-            fut, lambda e=m.entry, v=view: Outcome.OK if block_intact(e, v) else Outcome.CORRUPT,
-            reading=True,
-        ))  # fmt: skip
+        out.append(_outcome_of(fut, lambda m=m, v=view: _judged_in_place(m, v), reading=True))
     return out
+
+
+def _judged_in_place(m: Move, view: memoryview) -> Outcome:
+    if not copy_intact(m.src, view):
+        return Outcome.CORRUPT
+    m.result = replace(m.src, tier=m.dst.name, location=m.location, verified=True)
+    return Outcome.OK
+
+
+def _decoded_into_memory(src: Tier, m: Move) -> Future[Outcome]:
+    assert isinstance(m.dst, MemoryTier)
+    buf = memoryview(mmap.mmap(-1, max(m.src.length, 1)))[: m.src.length]
+    try:
+        src.read(m.entry, m.src, buf).result()
+    except Exception as e:  # noqa: BLE001 - judged like any failed read
+        return _done(_read_failure(e))
+    if not copy_intact(m.src, buf):
+        return _done(Outcome.CORRUPT)
+    layout = m.entry.ns.layout
+    view = m.dst.view(m.entry.ns.tenant, int(m.location), layout.block_bytes)
+    try:
+        decode_into(m.src.encoding, layout, buf, view)
+    except ValueError as e:  # an encoding this build cannot read: the copy is useless
+        log.warning("decoding a %s copy failed: %s", m.src.encoding, e)
+        return _done(Outcome.CORRUPT)
+    m.result = _made(m, view, RAW)
+    return _done(Outcome.OK)
+
+
+def _made(m: Move, data: memoryview, encoding: str) -> Copy:
+    """The copy `data` (bytes just made for `m.dst`) will be, with its own per-layer sums
+    when it is not the block as put."""
+    copy = Copy(m.dst.name, m.location, len(data), checksum(data), encoding)
+    if not as_put(m.entry, copy):
+        copy.layer_sums = layer_checksums(data, m.entry.ns.layout.num_layers)
+    return copy
+
+
+def _stored_form(m: Move, data: memoryview) -> tuple[BlockRef, memoryview] | None:
+    """From the (checked) bytes of `m.src`: what to tell the destination and the bytes to
+    write there, in its encoding; sets `m.result`. None when they cannot be made."""
+    entry, layout = m.entry, m.entry.ns.layout
+    want = encoding_for(m.dst, entry.ns)
+    if m.src.encoding == want:
+        m.result = replace(m.src, tier=m.dst.name, location=m.location, verified=True)
+    else:
+        try:
+            if m.src.encoding != RAW:
+                # Decode, then encode: a lossy source's error and the target's add up
+                # (tierd.transfer.encoding); an equal encoding never gets here.
+                raw = memoryview(bytearray(layout.block_bytes))
+                decode_into(m.src.encoding, layout, data, raw)
+                data = raw
+            if want != RAW:
+                data = encode(want, layout, data)
+        except ValueError as e:
+            log.warning("encoding a block for %s failed: %s", m.dst.name, e)
+            return None
+        m.result = _made(m, data, want)
+    copy = m.result
+    if as_put(entry, copy):
+        return entry, data
+    return _Stored(entry.ns, entry.key, copy.length, copy.checksum, copy.layer_sums), data
 
 
 def _bounced(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:
@@ -192,10 +283,15 @@ def _bounced(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outco
         except Exception as e:  # noqa: BLE001 - judged like any failed read
             out.append(_done(_read_failure(e)))
             continue
-        if not source_intact(m.entry, buf):
+        if not source_intact(m.entry, m.src, buf):
             out.append(_done(Outcome.CORRUPT))
             continue
-        out.append(_outcome_of(_started(lambda m=m, buf=buf: m.dst.write(m.entry, m.location, buf)),
+        stored = _stored_form(m, buf)
+        if stored is None:
+            out.append(_done(Outcome.UNREACHABLE))
+            continue
+        ref, data = stored
+        out.append(_outcome_of(_started(lambda m=m, r=ref, d=data: m.dst.write(r, m.location, d)),
                                lambda: Outcome.OK))  # fmt: skip
     return out
 
