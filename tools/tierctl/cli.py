@@ -33,7 +33,7 @@ class Command:
 # The registry: each module defines COMMAND. Order is the order `tierctl --help` lists them.
 COMMAND_MODULES: list[str] = [
     "tierctl.status", "tierctl.top", "tierctl.capacity", "tierctl.fsck", "tierctl.benchcmd",
-    "tierctl.replay",
+    "tierctl.replay", "tierctl.weights",
 ]  # fmt: skip
 
 
