@@ -10,6 +10,11 @@ memory, available RAM, free disk space) and a read bandwidth. Given a model:
   attend     = context x KV bytes per token / bandwidth: the time one decode step spends
                streaming one sequence's KV out of that tier (attention is memory-bound,
                so bandwidth, not FLOPs, sets it).
+With `--codec [KIND=]CODEC` a tier keeps KV as tierd's codec would store it there (as a
+tier's `codec` in the daemon's config; bare: the disks): its KV bytes per token are the
+encoded ones (`--block-tokens` per block, as a namespace's layout says), which set its
+tokens and attend time. A codec that would not shrink the KV is not used (tierd stores it
+raw then too).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Tier:
     tokens: int | None = None
     sequences: int | None = None
     attend_ms: float | None = None
+    codec: str = "raw"  # how tierd would store KV here (tierd.transfer.encoding)
+    kv_bytes_per_token: float | None = None  # in that encoding
 
 
 @dataclass
@@ -67,6 +74,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, metavar="TOKENS",
                    help="tokens per sequence (default: the model's trained context, else "
                         f"{DEFAULT_CONTEXT})")  # fmt: skip
+    p.add_argument("--codec", action="append", default=[], metavar="[KIND=]CODEC",
+                   help="count KV in a tierd codec in tiers of KIND (gpu, mig, ram, disk; "
+                        "default disk): raw, int8, fp8, kivi4, kivi2, with options as "
+                        "'kivi2;k_group=16;v_group=32' (repeatable)")  # fmt: skip
+    p.add_argument("--block-tokens", type=int, default=16, metavar="N",
+                   help="tokens per KV block, as the namespace's layout (default 16)")
     p.add_argument("--data-dir", type=Path, help="tierd data dir (default: tierd's default)")
     p.add_argument("--bench-dir", type=Path, action="append", metavar="DIR",
                    help="measure O_DIRECT bandwidth of the disk holding DIR (repeatable; "
@@ -145,14 +158,64 @@ def probe_tiers(args: argparse.Namespace, bench_size: int) -> tuple[list[Tier], 
     return tiers, notes
 
 
-def apply_model(tiers: list[Tier], model: ModelSpec, dtype: str, context: int) -> int:
-    """Fill tokens, sequences and attend time; returns KV bytes per token."""
+KINDS = ("gpu", "mig", "ram", "disk")
+
+
+def codecs_by_kind(specs: list[str]) -> dict[str, str]:
+    """`--codec` values -> {tier kind: encoding}; a UsageError names a bad one."""
+    from tierd.transfer.encoding import codec_of
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        kind, encoding = spec.split("=", 1) if "=" in spec.split(";")[0] else ("disk", spec)
+        if kind not in KINDS:
+            raise UsageError(f"--codec {spec}: no tier kind {kind!r} (one of {', '.join(KINDS)})")
+        try:
+            codec_of(encoding)
+        except ValueError as e:
+            raise UsageError(f"--codec {spec}: {e}") from None
+        out[kind] = encoding
+    return out
+
+
+def encoded_block_bytes(model: ModelSpec, dtype: str, encoding: str, block_tokens: int) -> int:
+    """Bytes of one block of `block_tokens` tokens of every layer in `encoding`."""
+    from tierd.transfer.encoding import codec_of
+    from tierd_client.layout import KVLayout
+
+    if model.head_dim != model.v_head_dim:
+        raise UsageError(f"--codec: {model.name} has K and V heads of different sizes; "
+                         "tierd's codecs take equal ones")  # fmt: skip
+    codec = codec_of(encoding)
+    torch_dtype = KVLayout(1, 1, 1, dtype_bytes(dtype)[0], 1).torch_dtype()
+    heads = model.kv_heads_per_layer or (model.num_kv_heads,) * model.num_layers
+    try:
+        return sum(codec.record_bytes((2, h, block_tokens, model.head_dim), torch_dtype)
+                   for h in heads)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(f"--codec {encoding}: {e}") from None
+
+
+def apply_model(
+    tiers: list[Tier], model: ModelSpec, dtype: str, context: int,
+    codecs: dict[str, str] | None = None, block_tokens: int = 16,
+) -> int:  # fmt: skip
+    """Fill tokens, sequences and attend time (each tier in its codec's bytes); returns raw
+    KV bytes per token."""
     per_token = model.kv_bytes_per_token(dtype)
     for t in tiers:
-        t.tokens = t.usable_bytes // per_token
+        encoding = (codecs or {}).get(t.kind, "raw")
+        stored = per_token * block_tokens
+        if encoding != "raw":
+            stored = encoded_block_bytes(model, dtype, encoding, block_tokens)
+        if stored >= per_token * block_tokens:  # no saving: tierd would store it raw
+            encoding, stored = "raw", per_token * block_tokens
+        t.codec, t.kv_bytes_per_token = encoding, stored / block_tokens
+        t.tokens = t.usable_bytes // stored * block_tokens if encoding != "raw" else (
+            t.usable_bytes // per_token)  # fmt: skip
         t.sequences = t.tokens // context
         if t.read_bps:
-            t.attend_ms = context * per_token / t.read_bps * 1e3
+            t.attend_ms = context * t.kv_bytes_per_token / t.read_bps * 1e3
     return per_token
 
 
@@ -165,12 +228,16 @@ def build_report(args: argparse.Namespace) -> Report:
         raise UsageError(str(e)) from None
     if args.context is not None and args.context <= 0:
         raise UsageError("--context must be a positive number of tokens")
+    if args.block_tokens <= 0:
+        raise UsageError("--block-tokens must be a positive number of tokens")
+    codecs = codecs_by_kind(args.codec)
     tiers, notes = probe_tiers(args, bench_size)
     report = Report(tiers=tiers, dtype=dtype_name, notes=notes)
     if model is not None:
         report.context = args.context or model.max_context or DEFAULT_CONTEXT
         report.model = dataclasses.asdict(model)
-        report.kv_bytes_per_token = apply_model(tiers, model, args.dtype, report.context)
+        report.kv_bytes_per_token = apply_model(tiers, model, args.dtype, report.context,
+                                                codecs, args.block_tokens)  # fmt: skip
     return report
 
 
@@ -192,16 +259,17 @@ def render_text(report: Report) -> str:
         out.append("")
     headers = ["tier", "device", "usable", "total", "read", "write", "measured"]
     if report.model is not None:
-        headers += ["tokens", "sequences", "attend/token"]
+        headers += ["codec", "B/token", "tokens", "sequences", "attend/token"]
     rows = []
     for t in report.tiers:
         row = [t.name, t.device, format_size(t.usable_bytes), format_size(t.total_bytes),
                tables.rate(t.read_bps), tables.rate(t.write_bps), t.measured]  # fmt: skip
         if report.model is not None:
             attend = "-" if t.attend_ms is None else f"{t.attend_ms:.3g} ms"
-            row += [tables.count(t.tokens), tables.count(t.sequences), attend]
+            per = "-" if t.kv_bytes_per_token is None else f"{t.kv_bytes_per_token:,.0f}"
+            row += [t.codec, per, tables.count(t.tokens), tables.count(t.sequences), attend]
         rows.append(row)
-    out.append(tables.render(headers, rows, right={2, 3, 4, 5, 7, 8, 9}))
+    out.append(tables.render(headers, rows, right={2, 3, 4, 5, 8, 9, 10, 11}))
     out.extend(f"note: {n}" for n in report.notes)
     return "\n".join(out)
 
