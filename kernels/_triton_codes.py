@@ -61,6 +61,8 @@ def paged_codes_partial(
     BITS: tl.constexpr,
     K_GROUP: tl.constexpr,
     V_GROUP: tl.constexpr,
+    WHOLE_TILES: tl.constexpr,
+    TILE_IN_K_GROUP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,8 +90,6 @@ def paged_codes_partial(
     # (per-token codecs are launched with BITS 8 and whole-row groups: these stay valid).
     n_elems = KV_HEADS * BLOCK_TOKENS * HEAD_DIM
     row_bytes = HEAD_DIM * BITS // 8
-    per_byte = 8 // BITS
-    mask_bits = (1 << BITS) - 1
     code_bytes = n_elems * BITS // 8
     k_params = KV_HEADS * (BLOCK_TOKENS // K_GROUP) * HEAD_DIM
     v_params = KV_HEADS * BLOCK_TOKENS * (HEAD_DIM // V_GROUP)
@@ -102,36 +102,60 @@ def paged_codes_partial(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_t
         n_ok = offs_n < end
-        blocks = tl.load(table + offs_n // BLOCK_TOKENS, mask=n_ok, other=0).to(tl.int64)
-        tok = (offs_n % BLOCK_TOKENS).to(tl.int64)
-        rec = blocks * block_bytes + layer * record_bytes  # [BLOCK_N] byte offsets (64-bit)
+        if WHOLE_TILES:
+            # A tile inside one block: one table entry, and a scalar base the compiler can
+            # see rows contiguous from (vector loads).
+            block = tl.load(table + n0 // BLOCK_TOKENS).to(tl.int64)
+            rec = block * block_bytes + layer * record_bytes
+            tok = n0 % BLOCK_TOKENS + offs_t
+        else:
+            blocks = tl.load(table + offs_n // BLOCK_TOKENS, mask=n_ok, other=0).to(tl.int64)
+            rec = blocks * block_bytes + layer * record_bytes  # per token, 64-bit
+            tok = offs_n % BLOCK_TOKENS
         tile_ok = n_ok[:, None] & d_ok[None, :]
+        head_rows = kv_head * BLOCK_TOKENS + tok  # row of (head, token) in [H, T, .]
         if CODEC == 2:
-            head_rows = kv_head * BLOCK_TOKENS + tok  # row of (head, token) in [H, T, .]
-            byte_at = (rec + head_rows * row_bytes)[:, None] + (offs_d // per_byte)[None, :]
-            shift = ((offs_d % per_byte) * BITS)[None, :]
-            kc = (
-                tl.load(u8_ptr + byte_at, mask=tile_ok, other=0).to(tl.int32) >> shift
-            ) & mask_bits
+            # Each code's byte, read once per code (the repeats hit in L1), then its field.
+            # (Interleaving the fields of a [N, D/2] load with tl.join gave wrong 4-bit
+            # codes at dim 64 on an H200 with Triton 3.6, while exact when interpreted.)
+            byte_at = (rec + head_rows * row_bytes)[:, None] + (offs_d * BITS // 8)[None, :]
+            shift = ((offs_d % (8 // BITS)) * BITS)[None, :]
+            kc = (tl.load(u8_ptr + byte_at, mask=tile_ok, other=0).to(tl.int32) >> shift) & (
+                (1 << BITS) - 1
+            )
             vc = (
                 tl.load(u8_ptr + byte_at + code_bytes, mask=tile_ok, other=0).to(tl.int32) >> shift
-            ) & mask_bits
-            k_row = kv_head * (BLOCK_TOKENS // K_GROUP) + tok // K_GROUP
-            k_at = ((rec + k_scale_at) // 2 + k_row * HEAD_DIM)[:, None] + offs_d[None, :]
-            ks = tl.load(f16_ptr + k_at, mask=tile_ok, other=0.0).to(tl.float32)
-            kz = tl.load(f16_ptr + k_at + k_params, mask=tile_ok, other=0.0).to(tl.float32)
-            v_row = head_rows * (HEAD_DIM // V_GROUP)
-            v_at = ((rec + v_scale_at) // 2 + v_row)[:, None] + (offs_d // V_GROUP)[None, :]
-            vs = tl.load(f16_ptr + v_at, mask=tile_ok, other=0.0).to(tl.float32)
-            vz = tl.load(f16_ptr + v_at + v_params, mask=tile_ok, other=0.0).to(tl.float32)
+            ) & ((1 << BITS) - 1)
+            k_params_at = (rec + k_scale_at) // 2  # float16 index of the K scales
+            if TILE_IN_K_GROUP:  # one scale and zero row per channel for the whole tile
+                k_row = kv_head * (BLOCK_TOKENS // K_GROUP) + (n0 % BLOCK_TOKENS) // K_GROUP
+                k_at = k_params_at + k_row * HEAD_DIM + offs_d
+                ks = tl.load(f16_ptr + k_at, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                kz = tl.load(f16_ptr + k_at + k_params, mask=d_ok, other=0.0).to(tl.float32)
+                kz = kz[None, :]
+            else:
+                k_row = kv_head * (BLOCK_TOKENS // K_GROUP) + tok // K_GROUP
+                k_at = (k_params_at + k_row * HEAD_DIM)[:, None] + offs_d[None, :]
+                ks = tl.load(f16_ptr + k_at, mask=tile_ok, other=0.0).to(tl.float32)
+                kz = tl.load(f16_ptr + k_at + k_params, mask=tile_ok, other=0.0).to(tl.float32)
+            v_params_at = (rec + v_scale_at) // 2
+            if V_GROUP == HEAD_DIM:  # one scale and zero per token
+                v_at = v_params_at + head_rows
+                vs = tl.load(f16_ptr + v_at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                vz = tl.load(f16_ptr + v_at + v_params, mask=n_ok, other=0.0).to(tl.float32)
+                vz = vz[:, None]
+            else:
+                v_row = head_rows * (HEAD_DIM // V_GROUP)
+                v_at = (v_params_at + v_row)[:, None] + (offs_d // V_GROUP)[None, :]
+                vs = tl.load(f16_ptr + v_at, mask=tile_ok, other=0.0).to(tl.float32)
+                vz = tl.load(f16_ptr + v_at + v_params, mask=tile_ok, other=0.0).to(tl.float32)
             k = kc.to(tl.float32) * ks + kz
             v = vc.to(tl.float32) * vs + vz
         else:
-            row = kv_head * BLOCK_TOKENS + tok  # K row; V rows follow n_elems later
-            code_at = (rec + row * HEAD_DIM)[:, None] + offs_d[None, :]
+            code_at = (rec + head_rows * HEAD_DIM)[:, None] + offs_d[None, :]
             kc = tl.load(c8_ptr + code_at, mask=tile_ok, other=0.0).to(tl.float32)
             vc = tl.load(c8_ptr + code_at + n_elems, mask=tile_ok, other=0.0).to(tl.float32)
-            scale_at = (rec + 2 * n_elems) // 4 + row  # float32 [2, H, T] after the codes
+            scale_at = (rec + 2 * n_elems) // 4 + head_rows  # float32 [2, H, T] after codes
             ks = tl.load(f32_ptr + scale_at, mask=n_ok, other=0.0)
             vs = tl.load(f32_ptr + scale_at + KV_HEADS * BLOCK_TOKENS, mask=n_ok, other=0.0)
             k = kc * ks[:, None]

@@ -135,6 +135,7 @@ def decode_attention_codes(
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     block_n = tile_tokens(block_tokens)
+    whole = block_tokens % block_n == 0  # tiles inside one block (and one key group?)
     split_tokens = -(-split_tokens // block_n) * block_n
     splits = max(1, math.ceil(block_table.shape[1] * block_tokens / split_tokens))
     out = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
@@ -151,6 +152,7 @@ def decode_attention_codes(
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(MIN_DOT, _pow2(group)), HEAD_DIM=dim,
         DIM_PAD=max(MIN_DOT, _pow2(dim)), BLOCK_TOKENS=block_tokens, BLOCK_N=block_n,
         CODEC=kind, BITS=bits, K_GROUP=kg, V_GROUP=vg,
+        WHOLE_TILES=whole, TILE_IN_K_GROUP=whole and kg % block_n == 0,
         **LAUNCH,
     )  # fmt: skip
     if splits == 1:

@@ -22,7 +22,8 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 LAYERS, KV_HEADS, POOL_BLOCKS = 2, 2, 12
 TOL = 2e-5  # float32 products on both sides: rounding only, the codes are the same
 # (codec, params, group, dim, block tokens, q dtype): every codec; kivi with default and
-# narrow groups; grouped-query and single heads; q in each float dtype.
+# narrow groups; grouped-query and single heads; q in each float dtype; tiles inside one
+# block and tiles across blocks.
 SWEEP = [
     ("int8", {}, 4, 64, 16, torch.float32),
     ("int8", {}, 1, 128, 32, torch.bfloat16),
@@ -31,6 +32,9 @@ SWEEP = [
     ("kivi4", {"k_group": 8, "v_group": 32}, 3, 128, 32, torch.float32),
     ("kivi2", {}, 1, 64, 32, torch.float16),
     ("kivi2", {"k_group": 16, "v_group": 16}, 4, 64, 32, torch.bfloat16),
+    # 24-token blocks: tiles of 16 straddle blocks (each token's block looked up)
+    ("kivi4", {}, 2, 64, 24, torch.float32),
+    ("int8", {}, 2, 64, 24, torch.bfloat16),
 ]
 
 
