@@ -89,7 +89,7 @@ def prompts(quick: bool) -> list[str]:
         *SHORT,
         market_log(10) + "\nQuestion: what did the heron bring?",
         market_log(45) + "\nQuestion: what did the owl bring?",
-        ship_log(60) + "\nSummarize the voyage in three sentences.",
+        ship_log(52) + "\nSummarize the voyage in three sentences.",
     ]
 
 
