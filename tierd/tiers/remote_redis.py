@@ -13,81 +13,36 @@ placement: a namespace lives on one master (and its replica), so one very large
 namespace is not spread over the cluster and its node takes all its traffic; many
 namespaces spread as usual.
 
-Values are self-describing (`tierd.tiers.remote_value`): a header naming the namespace,
-key, length, checksum and per-layer checksums, then the bytes. Every read checks the
-header and the checksum; a value missing (evicted by the cluster's maxmemory policy,
-dropped by another daemon) or failing a check raises CopyLost: the copy is dropped and
-the read is a miss, never served.
-
-Copies. Location "own" is a copy this daemon wrote: it counts against the tier's
-capacity (the daemon's budget in the cluster) and is deleted when it goes. "found" is a
-copy another daemon wrote, found by a lookup: it counts too, but going only forgets it.
-Two daemons that write the same key share one value (a later write replaces it; a read
-that finds other bytes than it recorded is a lost copy), and one that deletes its copy
-deletes it for the others, whose next read is then a miss.
-
-Availability (`tierd.tiers.remote_link`): every call has a deadline of `timeout_ms`; a
-store that refuses connections or does not answer in time makes the tier unavailable:
-reads fail at once (misses), writes are queued in memory up to `max_queued_bytes` (and
-served to reads from there) or refused, and a probe with a backoff brings the tier back,
-which then writes out the queue and the deletions held meanwhile.
+Copies, values, checks and availability are every shared store's (`tierd.tiers.
+remote_store`); this module is the Redis side of them: a lookup reads each key's header
+with GETRANGE in one pipeline (one slot: one node, one round trip), attend reads a
+layer's range and the header in one pipeline, background work is one pipeline of SETs
+and DELs.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import xxhash
-
 from tierd.config import TierSpec
-from tierd.errors import ConfigError, Unavailable
+from tierd.errors import ConfigError
 from tierd.tiers import redis_conn
-from tierd.tiers.base import BlockRef, Copy, CopyLost, Found, Location, NamespaceRef, Tier
+from tierd.tiers.base import NamespaceRef
 from tierd.tiers.redis_conn import RedisOptions
 from tierd.tiers.registry import TierContext
 from tierd.tiers.remote_link import Link
-from tierd.tiers.remote_value import decode, encode, header_bytes
+from tierd.tiers.remote_store import StoreTier
 
 log = logging.getLogger("tierd.tiers")
 
-OWN, FOUND = "own", "found"
-# Deletions held while the store is down (beyond: left to the cluster's own eviction).
-MAX_DROPS = 1 << 16
-# What one background round writes out of the queue, or deletes.
-FLUSH_BYTES = 64 << 20
-DROP_BATCH = 512
 
-
-def _done(value: Any = None, error: BaseException | None = None) -> Future[Any]:
-    f: Future[Any] = Future()
-    if error is not None:
-        f.set_exception(error)
-    else:
-        f.set_result(value)
-    return f
-
-
-class RedisTier(Tier):
+class RedisTier(StoreTier):
     kind = "redis"
-    shared = True
     OPTIONS: ClassVar[dict[str, Any]] = redis_conn.OPTIONS
-
-    def __init__(self, spec: TierSpec, opts: RedisOptions, link: Link[Any]) -> None:
-        super().__init__(spec)
-        self.opts, self.link = opts, link
-        self.write_through = opts.write == "through"
-        self._lock = threading.Lock()
-        self._used = 0
-        self._queued: OrderedDict[str, bytes] = OrderedDict()  # writes held while down
-        self._queued_bytes = 0
-        self._drops: OrderedDict[str, None] = OrderedDict()  # deletions not sent yet
-        link.background = self._background
+    opts: RedisOptions
 
     @classmethod
     def check_spec(cls, spec: TierSpec, where: str) -> None:
@@ -119,26 +74,12 @@ class RedisTier(Tier):
                         spec.name, link.reason)  # fmt: skip
         return cls(spec, opts, link)
 
-    # -- facts -----------------------------------------------------------------------------
-
-    @property
-    def capacity(self) -> int:
-        return self.spec.capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
     @property
     def backend(self) -> str:
         return "redis-cluster" if self.opts.mode == "cluster" else "redis"
 
-    def available(self) -> bool:
-        return self.link.up
-
     def details(self) -> dict[str, Any]:
-        with self._lock:
-            queued, drops = self._queued_bytes, len(self._drops)
+        queued, drops = self.held()
         return {"nodes": _nodes(self.opts), "mode": self.opts.mode, "write": self.opts.write,
                 "state": "up" if self.link.up else f"down: {self.link.reason}",
                 "queued_bytes": queued, "pending_deletes": drops}  # fmt: skip
@@ -147,224 +88,36 @@ class RedisTier(Tier):
         tenant = quote(ns.tenant, safe="")
         return f"{self.opts.key_prefix}:{{{tenant}:{ns.id.hex()}}}:{key.hex()}"
 
-    # -- space -----------------------------------------------------------------------------
+    # -- the store's calls -----------------------------------------------------------------
 
-    def reserve(self, tenant: str, nbytes: int) -> Location | None:
-        with self._lock:
-            if self._used + nbytes > self.capacity:
-                return None
-            if not self.link.up and self._queued_bytes + nbytes > self.opts.max_queued_bytes:
-                return None  # down, and no room to hold it until it is back: dropped
-            self._used += nbytes
-            return OWN
+    def _io_set(self, client: Any, rkey: str, value: bytes) -> None:
+        client.set(rkey, value)
 
-    def adopt(self, tenant: str, location: Location, nbytes: int) -> bool:
-        if location not in (OWN, FOUND):
-            return False
-        with self._lock:
-            self._used += nbytes
-        return True
+    def _io_get(self, client: Any, rkey: str) -> bytes | None:
+        return client.get(rkey)  # type: ignore[no-any-return]
 
-    def release(self, tenant: str, location: Location, nbytes: int) -> None:
-        with self._lock:
-            self._used -= nbytes
-
-    def free(self, block: BlockRef, copy: Copy) -> None:
-        with self._lock:
-            self._used -= copy.length
-            if copy.location != OWN:
-                return  # another daemon's value: forgotten here, left to its writer
-            rkey = self.key_of(block.ns, block.key)
-            held = self._queued.pop(rkey, None)
-            if held is not None:
-                self._queued_bytes -= len(held)
-            if len(self._drops) < MAX_DROPS:
-                self._drops[rkey] = None
-        self.link.wake()
-
-    # -- bytes -----------------------------------------------------------------------------
-
-    def write(self, block: BlockRef, location: Location, data: memoryview) -> Future[None]:
-        lay = block.ns.layout
-        # One buffer of header and bytes, copied now: the caller's memory may be reused
-        # once its future is settled, even if the store answers later.
-        value = encode(block.ns.id, block.key, data, block.checksum, block.layer_sums,
-                       lay.num_layers)  # fmt: skip
-        rkey = self.key_of(block.ns, block.key)
-        with self._lock:
-            self._drops.pop(rkey, None)  # a deletion of an older copy must not follow it
-        if not self.link.up:
-            return _done(None, None if self._hold(rkey, value) else self.link.unavailable())
-        done: Future[None] = Future()
-
-        def finish(f: Future[None]) -> None:
-            exc = f.exception()
-            if isinstance(exc, Unavailable) and self._hold(rkey, value):
-                exc = None  # the store went down meanwhile: held until it is back
-            if exc is None:
-                done.set_result(None)
-            else:
-                done.set_exception(exc)
-
-        self.link.call(lambda c: c.set(rkey, value), lambda _: None).add_done_callback(finish)
-        return done
-
-    def _hold(self, rkey: str, value: bytes) -> bool:
-        """Queue a write while the store is down, if `max_queued_bytes` has room."""
-        with self._lock:
-            old = self._queued.pop(rkey, None)
-            room = self.opts.max_queued_bytes - self._queued_bytes + (len(old) if old else 0)
-            if len(value) > room:
-                if old is not None:
-                    self._queued[rkey] = old
-                return False
-            self._queued[rkey] = value
-            self._queued_bytes += len(value) - (len(old) if old else 0)
-            return True
-
-    def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:
-        rkey = self.key_of(block.ns, block.key)
-        with self._lock:
-            held = self._queued.get(rkey)
-        if held is not None:
-            try:
-                self._deliver(block, copy, held, out)
-            except CopyLost as e:
-                return _done(None, e)
-            return _done()
-        return self.link.call(lambda c: c.get(rkey),
-                              lambda v: self._deliver(block, copy, v, out))  # fmt: skip
-
-    def _deliver(self, block: BlockRef, copy: Copy, value: bytes | None, out: memoryview) -> None:
-        """Check a whole value and copy its bytes into `out`."""
-        hlen = header_bytes(block.ns.layout.num_layers)
-        head = self._header(block, copy, value)
-        assert value is not None
-        data = memoryview(value)[hlen:]
-        if len(data) != head.nbytes or len(out) != head.nbytes:
-            raise CopyLost(f"{self.key_of(block.ns, block.key)}: {len(data)} bytes, expected "
-                           f"{len(out)}")  # fmt: skip
-        if xxhash.xxh3_64_intdigest(data) != head.checksum:
-            raise CopyLost(f"{self.key_of(block.ns, block.key)}: bytes fail their checksum")
-        out[:] = data
-
-    def _header(self, block: BlockRef, copy: Copy, value: bytes | None) -> Any:
-        """The value's header if it is this copy's (else CopyLost: gone, replaced or
-        damaged)."""
-        rkey = self.key_of(block.ns, block.key)
-        if not value:
-            raise CopyLost(f"{rkey} is gone from the store")
-        head = decode(value, block.ns.id, block.key, block.ns.layout.num_layers)
-        if head is None:
-            raise CopyLost(f"{rkey}: not an intact value of this block")
-        if head.checksum != copy.checksum or head.nbytes != copy.length:
-            raise CopyLost(f"{rkey} holds other bytes than this copy (written again since)")
-        return head
-
-    def read_range(self, block: BlockRef, copy: Copy, start: int, out: memoryview) -> Future[None]:
-        """Bytes [start, start + len(out)) behind the header, and the header to check
-        they belong to this copy, in one round trip."""
-        if not len(out):
-            return _done()
-        rkey = self.key_of(block.ns, block.key)
-        with self._lock:
-            held = self._queued.get(rkey)
-        hlen = header_bytes(block.ns.layout.num_layers)
-        lo, hi = hlen + start, hlen + start + len(out) - 1
-
-        def deliver(got: list[bytes]) -> None:
-            head, part = got
-            self._header(block, copy, head)
-            if len(part) != len(out):
-                raise CopyLost(f"{rkey}: shorter than its header says")
-            out[:] = part
-
-        if held is not None:
-            try:
-                deliver([held, held[lo : hi + 1]])
-            except CopyLost as e:
-                return _done(None, e)
-            return _done()
-
-        def io(c: Any) -> list[bytes]:
-            pipe = c.pipeline(transaction=False)
+    def _io_heads(self, client: Any, rkeys: Sequence[str], hlen: int) -> list[bytes | None]:
+        pipe = client.pipeline(transaction=False)
+        for rkey in rkeys:
             pipe.getrange(rkey, 0, hlen - 1)
-            pipe.getrange(rkey, lo, hi)
-            return list(pipe.execute())
+        return list(pipe.execute())
 
-        return self.link.call(io, deliver)
+    def _io_range(self, client: Any, rkey: str, hlen: int, lo: int, hi: int
+                  ) -> tuple[bytes | None, bytes]:  # fmt: skip
+        pipe = client.pipeline(transaction=False)
+        pipe.getrange(rkey, 0, hlen - 1)
+        pipe.getrange(rkey, lo, hi)
+        head, part = pipe.execute()
+        return head, part
 
-    # -- lookup ----------------------------------------------------------------------------
-
-    def find(self, ns: NamespaceRef, keys: Sequence[bytes]) -> list[Found | None]:
-        """One pipeline reading each key's header (one slot: one node, one round trip);
-        a value whose header is not an intact one of that block is not found."""
-        nothing: list[Found | None] = [None] * len(keys)
-        if not keys or not self.link.up:
-            return nothing
-        layers = ns.layout.num_layers
-        hlen = header_bytes(layers)
-        rkeys = [self.key_of(ns, k) for k in keys]
-
-        def io(c: Any) -> list[bytes]:
-            pipe = c.pipeline(transaction=False)
-            for rkey in rkeys:
-                pipe.getrange(rkey, 0, hlen - 1)
-            return list(pipe.execute())
-
-        def deliver(heads: list[bytes]) -> list[Found | None]:
-            found: list[Found | None] = []
-            for key, head in zip(keys, heads):
-                h = decode(head, ns.id, key, layers) if head else None
-                ok = h is not None and h.nbytes == ns.layout.block_bytes
-                found.append(Found(FOUND, h.nbytes, h.checksum, h.layer_sums)
-                             if ok and h is not None else None)  # fmt: skip
-            return found
-
-        try:
-            return self.link.call(io, deliver).result()
-        except Exception as e:  # noqa: BLE001 - a lookup finds nothing rather than fail
-            log.debug("tier %s: lookup probe failed: %s", self.name, e)
-            return nothing
-
-    # -- the link's background work ------------------------------------------------------
-
-    def _background(self, client: Any) -> bool:
-        """Write out what was queued while the store was down, and send deletions."""
-        with self._lock:
-            writes: list[tuple[str, bytes]] = []
-            size = 0
-            for rkey, value in self._queued.items():
-                if writes and size + len(value) > FLUSH_BYTES:
-                    break
-                writes.append((rkey, value))
-                size += len(value)
-            drops = list(self._drops)[:DROP_BATCH]
-        if not writes and not drops:
-            return False
+    def _io_flush(self, client: Any, writes: Sequence[tuple[str, bytes]],
+                  drops: Sequence[str]) -> None:  # fmt: skip
         pipe = client.pipeline(transaction=False)
         for rkey, value in writes:
             pipe.set(rkey, value)
         for rkey in drops:
             pipe.delete(rkey)
         pipe.execute()
-        with self._lock:
-            for rkey, value in writes:
-                if self._queued.get(rkey) is value:  # not freed or written again meanwhile
-                    del self._queued[rkey]
-                    self._queued_bytes -= len(value)
-            for rkey in drops:
-                self._drops.pop(rkey, None)
-        return True
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> list[str]:
-        self.link.start()
-        return [] if self.link.up else [self.link.reason]
-
-    def close(self) -> None:
-        self.link.close()
 
 
 def _nodes(opts: RedisOptions) -> str:
