@@ -216,7 +216,7 @@ class CsdConfig:
 class WeightsConfig:
     """Model weights the daemon holds for workers to map (RegisterModel)."""
 
-    capacity_bytes: int = 0  # all models' areas together; 0: sized as the host tier's default
+    capacity_bytes: int = 0  # all models' areas together; 0: the memory tier's capacity
     roots: tuple[Path, ...] = ()  # directories models may be read from; empty: any path
 
 
@@ -385,11 +385,8 @@ class Config:
         for key, size in sized:
             if size <= 0:
                 raise ConfigError(key, "no free space to size this tier from; set it")
-        weights = self.weights
-        if weights.capacity_bytes == 0:
-            weights = dataclasses.replace(weights, capacity_bytes=default_host_capacity())
         cfg = dataclasses.replace(self, server=server, host=host, nvme=nvme,
-                                  tier_list=tuple(specs), weights=weights)  # fmt: skip
+                                  tier_list=tuple(specs))  # fmt: skip
         cfg.validate()
         return cfg
 
