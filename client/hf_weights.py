@@ -35,7 +35,7 @@ def _parameters_on_meta() -> Iterator[None]:
             assert p is not None
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
