@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
   # torch first and pinned: an unpinned torch pulls the CUDA build (several GB).
   "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
   extras="."
-  [ "${1:-run}" = "test" ] && extras=".[dev,e2e,triton]"
+  [ "${1:-run}" = "test" ] && extras=".[dev,e2e,triton,mooncake]"
   # torch pinned on the same line, so no dependency can pull a newer (CUDA) build.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 \
     -e "$TIERD_ROOT/$extras"

@@ -346,7 +346,7 @@ def test_a_store_unreachable_at_start_is_unavailable_not_an_error() -> None:
     ({"key_prefix": "a{b}"}, r"tiers\[1\]\.key_prefix.*no braces"),
     ({"timeout_ms": 0}, r"tiers\[1\]\.timeout_ms"),
     ({"write": "back"}, r"tiers\[1\]\.write.*demote or through"),
-    ({"capacity": 0}, r"tiers\[1\]\.capacity.*budget in the cluster"),
+    ({"capacity": 0}, r"tiers\[1\]\.capacity.*budget in the store"),
     ({"shards": 3}, r"tiers\[1\]\.shards.*its own keys: ca_file, cert_file"),
 ])  # fmt: skip
 def test_options_are_checked_at_config_load(

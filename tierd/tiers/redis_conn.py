@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tierd.config_checks import show
 from tierd.errors import ConfigError
+from tierd.tiers.store_options import COMMON, check_common
 
 if TYPE_CHECKING:
     from tierd.config import TierSpec
@@ -32,15 +33,9 @@ OPTIONS: dict[str, Any] = {
     "ca_file": "",
     "cert_file": "",  # client certificate (mutual TLS), with key_file
     "key_file": "",
-    "key_prefix": "tierd",  # every key this daemon reads or writes starts <prefix>:
-    "timeout_ms": 1000,  # no request waits longer on the store
-    "max_queued_bytes": 0,  # demotions kept in memory while the store is down (0: dropped)
-    "write": "demote",  # demote | through (every committed block is copied here too)
-    "io_threads": 8,  # parallel calls to the store
+    **COMMON,
 }
 _NODE_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
-_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
-MAX_QUEUED = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -64,9 +59,7 @@ class RedisOptions:
     def of(cls, spec: TierSpec, where: str) -> RedisOptions:
         """The spec's options, checked; `where` prefixes the keys errors name."""
         o = {k: spec.option(k, d) for k, d in OPTIONS.items()}
-        if spec.capacity_bytes <= 0:
-            raise ConfigError(f"{where}.capacity", "set capacity: this daemon's budget in the "
-                              "cluster (it cannot be sized from free space)")  # fmt: skip
+        check_common(o, spec, where)
         nodes = []
         for addr in o["nodes"]:
             m = _NODE_RE.match(addr) if isinstance(addr, str) else None
@@ -87,18 +80,6 @@ class RedisOptions:
                     raise ConfigError(f"{where}.{key}", "needs tls = true")
         if bool(o["cert_file"]) != bool(o["key_file"]):
             raise ConfigError(f"{where}.cert_file", "cert_file and key_file go together")
-        if not _PREFIX_RE.fullmatch(o["key_prefix"]):
-            raise ConfigError(f"{where}.key_prefix", "1 to 64 of letters, digits, '.', '_' and "
-                              f"'-' (no braces or colons), got {show(o['key_prefix'])}")  # fmt: skip
-        if not 1 <= o["timeout_ms"] <= 60_000:
-            raise ConfigError(f"{where}.timeout_ms", "must be between 1 and 60000")
-        if not 0 <= o["max_queued_bytes"] <= MAX_QUEUED:
-            raise ConfigError(f"{where}.max_queued_bytes", "must be between 0 and 1 TiB (bytes)")
-        if o["write"] not in ("demote", "through"):
-            raise ConfigError(f"{where}.write", f"must be demote or through, got "
-                              f"{show(o['write'])}")  # fmt: skip
-        if not 1 <= o["io_threads"] <= 256:
-            raise ConfigError(f"{where}.io_threads", "must be between 1 and 256")
         return cls(**{**o, "nodes": tuple(nodes)})
 
 

@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "nvme": "tierd.tiers.nvme_tier:NvmeTier",
     "csd": "tierd.tiers.csd_tier:CsdTier",
     "redis": "tierd.tiers.remote_redis:RedisTier",
+    "mooncake": "tierd.tiers.remote_mooncake:MooncakeTier",
 }
 
 

@@ -10,7 +10,8 @@ not answered by then. `io` does the network part and touches nothing of the call
 `deliver` (copying into the caller's buffer) runs only if the call beat its deadline, so
 no late answer ever writes into memory its caller has moved on from.
 
-A connection refused, a timeout or a cluster that says it is down marks the store down:
+A connection refused, a timeout, a cluster that says it is down or a failed probe (the
+link probes an idle store every couple of seconds) marks the store down:
 calls then fail at once (the tier's copies are misses, its writes queue or are dropped),
 and the link's thread reconnects with a backoff until a probe passes, then marks it up.
 """
@@ -244,6 +245,15 @@ class Link(Generic[C]):
                 with self._cond:
                     if self.up and not self._closed:
                         self._cond.wait(BACKOFF_MAX_S)
+                # Idle: ask the store whether it still serves. Some stores answer a read
+                # of a key on a server that has gone as a missing key, so reads alone
+                # would never mark them down.
+                if self.up and client is not None and client is self.client:
+                    try:
+                        self._probe(client)
+                    except Exception as e:  # noqa: BLE001 - judged like any failed call
+                        if self._is_outage(e):
+                            self.down(f"{type(e).__name__}: {e}")
 
     def close(self) -> None:
         with self._cond:

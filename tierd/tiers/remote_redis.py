@@ -111,13 +111,14 @@ class RedisTier(StoreTier):
         return head, part
 
     def _io_flush(self, client: Any, writes: Sequence[tuple[str, bytes]],
-                  drops: Sequence[str]) -> None:  # fmt: skip
+                  drops: Sequence[str]) -> Sequence[str]:  # fmt: skip
         pipe = client.pipeline(transaction=False)
         for rkey, value in writes:
             pipe.set(rkey, value)
         for rkey in drops:
             pipe.delete(rkey)
         pipe.execute()
+        return ()
 
 
 def _nodes(opts: RedisOptions) -> str:

@@ -108,9 +108,9 @@ class StoreTier(Tier):
 
     @abstractmethod
     def _io_flush(self, client: Any, writes: Sequence[tuple[str, bytes]],
-                  drops: Sequence[str]) -> None:  # fmt: skip
+                  drops: Sequence[str]) -> Sequence[str]:  # fmt: skip
         """Write these values and delete these keys (a deleted key that is absent is no
-        error)."""
+        error); returns the keys the store would not delete now (tried again later)."""
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -313,15 +313,20 @@ class StoreTier(Tier):
             drops = list(self._drops)[:DROP_BATCH]
         if not writes and not drops:
             return False
-        self._io_flush(client, writes, drops)
+        kept = set(self._io_flush(client, writes, drops))
         with self._lock:
             for rkey, value in writes:
                 if self._queued.get(rkey) is value:  # not freed or written again meanwhile
                     del self._queued[rkey]
                     self._queued_bytes -= len(value)
             for rkey in drops:
-                self._drops.pop(rkey, None)
-        return True
+                if rkey in kept and rkey in self._drops:
+                    self._drops.move_to_end(rkey)  # after the others: tried again later
+                else:
+                    self._drops.pop(rkey, None)
+        # Busy only if something moved: deletions the store keeps refusing are retried on
+        # the link's idle tick, not in a loop.
+        return bool(writes) or len(kept) < len(drops)
 
     # -- lifecycle -------------------------------------------------------------------------
 

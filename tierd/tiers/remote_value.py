@@ -1,8 +1,8 @@
 """Self-describing values for remote tiers: the header in front of each block's bytes.
 
-Primitives: `header_bytes(num_layers) -> int`, `encode(ns_id, key, data, checksum,
-layer_sums) -> bytes` (header + data, one buffer), `decode(head, ns_id, key, num_layers)
--> RemoteHeader | None`.
+Primitives: `header_bytes(num_layers) -> int`, `stated_header_bytes(value) -> int`,
+`encode(ns_id, key, data, checksum, layer_sums) -> bytes` (header + data, one buffer),
+`decode(head, ns_id, key, num_layers) -> RemoteHeader | None`.
 
 A value in a store other daemons share must say what it is: a reader cannot trust its own
 books alone, since another daemon may have replaced, evicted or damaged the key. So a
@@ -49,6 +49,14 @@ class RemoteHeader:
 
 def header_bytes(num_layers: int) -> int:
     return _FIXED.size + 8 * num_layers + _SUM.size
+
+
+def stated_header_bytes(value: bytes | memoryview) -> int:
+    """The header length a value of `encode` states (0 if too short to say): for stores
+    that keep the header under a key of its own."""
+    if len(value) < _FIXED.size:
+        return 0
+    return int(struct.unpack_from("<I", value, 12)[0])
 
 
 def encode(ns_id: bytes, key: bytes, data: Any, checksum: int,
