@@ -11,6 +11,7 @@ encode -> decode, the open last block stays raw. Per codec, against full precisi
 
   greedy_agreement        top-1 agreement over the prompts' teacher-forced steps (every
                           step sees full precision's greedy prefix), `--steps` per prompt
+                          (steps after an end-of-turn token count too)
   free_running_identical  per prompt: the codec's own greedy text equals full precision's
                           (exactly: no teacher-forced step disagreed, see kv_quality)
   kl_mean                 mean KL(full || codec) of the next-token distributions, same steps
