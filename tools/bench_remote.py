@@ -1,7 +1,7 @@
 """Remote-tier get through tierd against the cluster it reads from, in one run.
 
     python tools/bench_remote.py [--block 2MiB] [--total 256MiB] [--threads 8] [--rounds 7]
-                                 [--json FILE]
+                                 [--stores redis,mooncake] [--json FILE]
 
 Starts a Redis cluster (three masters, one replica each, on loopback: redis-server and
 redis-cli from PATH) and a tierd whose chain is host -> redis, then measures on the same
@@ -13,11 +13,17 @@ blocks:
                  as the tier's io_threads (the physical peer: what a client reading the
                  cluster itself gets), and with one thread
   in-band get    tierd gRPC in-band get of the same blocks held in host memory
+and then, on a Mooncake Store master and a holder process that lends the pool its memory
+(every block lives there, so each read crosses processes over the transfer engine, TCP):
+  mooncake tier get   tierd get of blocks whose only copy is in its mooncake tier
+  mooncake get        Mooncake's own client reading those values (`io_threads` threads,
+                      and one): the peer, in another process than the holder too
 Each round times all four, in rotating order, after moving the blocks where the next
 one reads them (untimed); figures are medians over rounds, ratios are per round (a busy
 machine moves both sides of a round together). `--json` writes `remote_get_gbps`,
-`raw_cluster_get_gbps`, `inband_get_gbps` and the ratio the target is stated in (remote
-get >= 0.9x raw GET), with each figure's range.
+`raw_cluster_get_gbps`, `inband_get_gbps`, `mooncake_get_gbps`, `mooncake_tier_get_gbps`
+and the ratios the targets are stated in (remote get >= 0.9x raw GET), with each figure's
+range.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ sys.path.insert(0, str(ROOT))  # tests.redis_cluster: the servers the tests run 
 import bench_kv
 import bench_trees
 
+from tests.mooncake_master import HAVE_MOONCAKE
 from tests.redis_cluster import HAVE_REDIS, Cluster
 from tierd.config import format_size, parse_size
 from tierd.tiers.host import segments_of
@@ -56,16 +63,17 @@ def timed(fn: Callable[[], object], before: Callable[[], object]) -> float:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, nodes: list[str], host: int, remote: int,
+    def __init__(self, workdir: Path, remote_tier: str, host: int, remote: int,
                  threads: int) -> None:  # fmt: skip
+        """`remote_tier`: the remote tier's kind and options, TOML lines."""
         self.dir = workdir / "tierd"
         self.dir.mkdir()
         self.address = f"unix:{self.dir}/tierd.sock"
         config = self.dir / "tierd.toml"
         config.write_text(
             f'[[tiers]]\nname = "mem"\nkind = "host"\ncapacity = {host}\n\n'
-            f'[[tiers]]\nname = "remote"\nkind = "redis"\ncapacity = {remote}\n'
-            f"nodes = {json.dumps(nodes)}\nio_threads = {threads}\ntimeout_ms = 5000\n"
+            f'[[tiers]]\nname = "remote"\ncapacity = {remote}\n{remote_tier}'
+            f"io_threads = {threads}\ntimeout_ms = 5000\n"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tierd", "serve", "--config", str(config), "--listen",
@@ -90,7 +98,8 @@ def run(layout: KVLayout, total: int, threads: int, rounds: int,
     out = np.empty((per_call, *layout.block_shape), dtype=np.float16)
     cluster = Cluster(workdir / "cluster")
     cluster.start()
-    daemon = Daemon(workdir, cluster.nodes, 2 * total + (256 << 20), 4 * total, threads)
+    daemon = Daemon(workdir, f'kind = "redis"\nnodes = {json.dumps(cluster.nodes)}\n',
+                    2 * total + (256 << 20), 4 * total, threads)  # fmt: skip
     figures: dict[str, list[float]] = {}
     try:
         with TierdClient(daemon.address, transport="shm", timeout=120) as c, \
@@ -149,21 +158,121 @@ def run(layout: KVLayout, total: int, threads: int, rounds: int,
     return figures
 
 
+# A Mooncake client that only lends memory to the pool: the blocks live in its segment,
+# so every read below (tierd's and the raw client's) crosses to another process.
+HOLDER = """
+import sys
+from mooncake.store import MooncakeDistributedStore
+s = MooncakeDistributedStore()
+rc = s.setup("127.0.0.1", sys.argv[1], int(sys.argv[2]), 16 << 20, "tcp", "", sys.argv[3])
+print("READY" if rc == 0 else f"FAILED {rc}", flush=True)
+sys.stdin.read()
+s.close()
+"""
+READER_SEGMENT = 0  # readers lend nothing: no block lands in their memory
+
+
+def run_mooncake(layout: KVLayout, total: int, threads: int, rounds: int,
+                 workdir: Path) -> dict[str, list[float]]:  # fmt: skip
+    """GB/s of the mooncake tier's get through tierd and of Mooncake's own client."""
+    from mooncake.store import MooncakeDistributedStore
+
+    from tests.mooncake_master import Master
+
+    block = layout.block_bytes
+    n = total // block
+    per_call = max(1, (32 << 20) // block)
+    batches = bench_kv._batches(n, per_call)
+    blocks = bench_kv._blocks(layout, n)
+    out = np.empty((per_call, *layout.block_shape), dtype=np.float16)
+    (workdir / "master").mkdir()
+    master = Master(workdir / "master")
+    master.start()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, master.metadata,
+                               str(2 * total + (64 << 20)), master.address],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "READY"
+    tier = (
+        f'kind = "mooncake"\nmaster = "{master.address}"\n'
+        f'metadata_server = "{master.metadata}"\nlend = false\n'
+    )
+    daemon = Daemon(workdir, tier, 2 * total + (256 << 20), 2 * total, threads)
+    store = MooncakeDistributedStore()
+    assert store.setup("127.0.0.1", master.metadata, READER_SEGMENT, 64 << 20, "tcp", "",
+                       master.address) == 0  # fmt: skip
+    figures: dict[str, list[float]] = {}
+    try:
+        with TierdClient(daemon.address, transport="shm", timeout=120) as c, \
+                ThreadPoolExecutor(threads) as pool:  # fmt: skip
+            ns = c.open_namespace("bench-remote", layout)
+            keys = [i.to_bytes(16, "little") for i in range(n)]
+            rkeys = [f"tierd/default/{ns.id.hex()}/{k.hex()}" for k in keys]
+            for b in batches:
+                c.put(ns, keys[b.start : b.stop], blocks[b.start : b.stop])
+
+            def only_remote() -> None:
+                for b in batches:
+                    assert c.move(ns, keys[b.start : b.stop], "remote") == len(b)
+
+            def tier_get() -> None:
+                for b in batches:
+                    got = c.get(ns, keys[b.start : b.stop], out=out[: len(b)])
+                    assert all(got.found)
+
+            def raw(width: int) -> Callable[[], None]:
+                def get_all() -> None:
+                    got = (list(pool.map(store.get, rkeys)) if width > 1 else
+                           [store.get(k) for k in rkeys])  # fmt: skip
+                    assert got[-1][-block:] == blocks[-1].tobytes()
+
+                return get_all
+
+            paths = [
+                ("mooncake_tier_get", tier_get, only_remote),
+                ("mooncake_get", raw(threads), only_remote),
+                ("mooncake_get_1thread", raw(1), only_remote),
+            ]
+            for i in range(rounds):
+                for name, fn, before in paths[i % 3 :] + paths[: i % 3]:
+                    figures.setdefault(name, []).append(bench_kv.gbps(n * block,
+                                                                      timed(fn, before)))  # fmt: skip
+    finally:
+        daemon.stop()
+        store.close()
+        holder.communicate("", timeout=30)
+        master.kill()
+    figures["mooncake_tier_get_over_mooncake_get"] = [
+        a / b for a, b in zip(figures["mooncake_tier_get"], figures["mooncake_get"])]  # fmt: skip
+    return figures
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block", default="2MiB")
     p.add_argument("--total", default="256MiB", help="bytes read per measurement")
     p.add_argument("--threads", type=int, default=8, help="the tier's io_threads, and raw GET's")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--stores", default="redis,mooncake", help="which stores to measure")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
-    if not HAVE_REDIS:
+    stores = set(args.stores.split(","))
+    if "redis" in stores and not HAVE_REDIS:
         print("needs redis-server, redis-cli and redis-py", file=sys.stderr)
+        return 1
+    if "mooncake" in stores and not HAVE_MOONCAKE:
+        print("needs mooncake-transfer-engine-non-cuda and libibverbs1", file=sys.stderr)
         return 1
     layout = bench_kv.layout_for(parse_size(args.block))
     total = parse_size(args.total)
+    figures: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tierd-bench-remote-") as tmp:
-        figures = run(layout, total, args.threads, args.rounds, Path(tmp))
+        if "redis" in stores:
+            (Path(tmp) / "redis").mkdir()
+            figures |= run(layout, total, args.threads, args.rounds, Path(tmp) / "redis")
+        if "mooncake" in stores:
+            (Path(tmp) / "mooncake").mkdir()
+            figures |= run_mooncake(layout, total, args.threads, args.rounds,
+                                    Path(tmp) / "mooncake")  # fmt: skip
     print(f"{format_size(layout.block_bytes)} blocks, {format_size(total)} per round, "
           f"{args.threads} threads, {args.rounds} rounds: median (range)")  # fmt: skip
     doc: dict[str, object] = {}
@@ -173,7 +282,10 @@ def main() -> int:
         print(f"  {name:<34}{med:6.2f}{unit} ({min(values):.2f}-{max(values):.2f})")
         key = name if "_over_" in name else f"{name}_gbps"
         doc[key], doc[f"{key}_range"] = med, [min(values), max(values)]
-    print("target: remote get >= 0.9x raw cluster GET")
+    print(
+        "target: remote get >= 0.9x raw cluster GET (and the mooncake tier's against "
+        "Mooncake's own client)"
+    )
     if args.json:
         doc.update(block_bytes=layout.block_bytes, total_bytes=total, threads=args.threads,
                    rounds=args.rounds)  # fmt: skip

@@ -33,6 +33,7 @@ def test_defaults() -> None:
     assert o.protocol == "tcp" and o.segment_bytes == 64 << 20  # it lends its budget
     assert o.write == "demote" and o.max_queued_bytes == 0 and o.key_prefix == "tierd"
     assert opts(master="[::1]:7000").master_addr == "[::1]:7000"
+    assert opts(lend=False).segment_bytes == 0  # a reader that lends nothing
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,7 @@ def test_defaults() -> None:
         ({"protocol": "udp"}, "far.protocol"),
         ({"protocol": "rdma"}, "far.device"),
         ({"buffer_bytes": 1024}, "far.buffer_bytes"),
+        ({"segment_bytes": 1 << 20}, "far.segment_bytes"),
         ({"key_prefix": "a/b"}, "far.key_prefix"),
         ({"write": "back"}, "far.write"),
         ({"timeout_ms": 0}, "far.timeout_ms"),

@@ -35,10 +35,13 @@ OPTIONS: dict[str, Any] = {
     "local_hostname": "127.0.0.1",  # where peers reach this daemon's segment
     "protocol": "tcp",  # tcp | rdma
     "device": "",  # RDMA device names (protocol = rdma)
-    "segment_bytes": 0,  # memory this daemon lends to the pool (0: the tier's capacity)
+    "lend": True,  # whether this daemon lends memory to the pool (false: it only reads
+    # and writes what others lend)
+    "segment_bytes": 0,  # how much it lends (0: the tier's capacity)
     "buffer_bytes": 64 << 20,  # this daemon's transfer buffer
     **COMMON,
 }
+MIN_SEGMENT = 16 << 20  # Mooncake refuses to mount smaller segments (status -600)
 _ADDR_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
 
 # Codes about the request, not the store's health (Mooncake's error codes).
@@ -96,9 +99,11 @@ class MooncakeOptions:
         if not isinstance(o["local_hostname"], str) or not o["local_hostname"]:
             raise ConfigError(f"{where}.local_hostname", "the address peers reach this "
                               "daemon at")  # fmt: skip
-        segment = o["segment_bytes"] or spec.capacity_bytes
-        if not 0 < segment <= 1 << 44:
-            raise ConfigError(f"{where}.segment_bytes", "must be between 1 byte and 16 TiB")
+        segment = (o["segment_bytes"] or spec.capacity_bytes) if o["lend"] else 0
+        if o["lend"] and not MIN_SEGMENT <= segment <= 1 << 44:
+            raise ConfigError(f"{where}.segment_bytes", "between 16 MiB (Mooncake's smallest "
+                              "segment) and 16 TiB; or lend = false")  # fmt: skip
+        del o["lend"]
         if not 1 << 20 <= o["buffer_bytes"] <= 1 << 36:
             raise ConfigError(f"{where}.buffer_bytes", "must be between 1 MiB and 64 GiB")
         return cls(**{**o, "master": master, "metadata_server": meta,
