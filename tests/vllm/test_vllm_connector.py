@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -120,6 +121,7 @@ def daemon() -> Iterator[DaemonProcess]:
     finally:
         d.stop()
         d.remove_segments()
+        shutil.rmtree(base, ignore_errors=True)  # its NVMe reservation is a gigabyte
 
 
 @pytest.fixture(scope="module")
