@@ -17,6 +17,7 @@ import torch
 
 from tests.integration.conftest import START_DEADLINE_S, DaemonProcess
 from tests.integration.test_tier_stats import configured
+from tierctl.cli import main as tierctl
 from tierd.core.startup import CATALOG_FILE
 from tierd.tiers.nvme_files import DATA_FILE
 from tierd_client import AttendItem, DataLoss, KVLayout, TierdClient
@@ -189,3 +190,8 @@ def test_a_lossless_namespace_is_stored_raw_in_a_lossy_tier(daemon: DaemonProces
         assert usage(c, "disk") == 6 * LAY.block_bytes + 4 * ENCODED
         res = c.get(exact, keys)
         assert [got.tobytes() for got in res.blocks] == [block_for(k).tobytes() for k in keys]
+
+    # fsck finds raw and encoded copies alike intact, headers describing the stored bytes.
+    daemon.stop()
+    config, data = daemon.base / "tierd.toml", daemon.base / "data"
+    assert tierctl(["fsck", "--config", str(config), "--data-dir", str(data)]) == 0

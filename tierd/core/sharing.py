@@ -232,8 +232,8 @@ class Sharing:
         with svc.cond:
             for (entry, loc), outcome, move, fresh in zip(writes, outcomes, moves, stamped):
                 if outcome is Outcome.OK and not entry.deleted and svc.index.holds(entry):
-                    svc.directory.add_copy(entry, Copy(tier.name, loc, entry.nbytes,
-                                                       entry.checksum))  # fmt: skip
+                    assert move.result is not None  # what was written (checksum of its bytes)
+                    svc.directory.add_copy(entry, move.result)
                     svc.directory.record_copies(entry)
                     if fresh and entry.layer_sums is not None:
                         svc.directory.log.add(
