@@ -24,6 +24,7 @@ import psutil
 
 from tierd.config_checks import MAX_SIZE, check_config, key_name, show
 from tierd.errors import ConfigError
+from tierd.peer_config import PeersConfig, peers_config
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {
@@ -293,6 +294,7 @@ class Config:
     csd: CsdConfig = CsdConfig()
     limits: LimitsConfig = LimitsConfig()
     weights: WeightsConfig = WeightsConfig()
+    peers: PeersConfig = field(default_factory=PeersConfig)  # tierd.peer_config
     tenants: tuple[TenantConfig, ...] = ()
     tier_list: tuple[TierSpec, ...] = ()  # [[tiers]]; empty: the shorthand sections
 
@@ -346,7 +348,7 @@ class Config:
         )  # fmt: skip
         restart = [
             f"{section}.{f.name}"
-            for section in ("server", "host", "nvme", "metrics", "csd", "limits", "weights")
+            for section in _RESTART_SECTIONS
             for f in dataclasses.fields(getattr(live, section))
             if getattr(getattr(live, section), f.name) != getattr(getattr(new, section), f.name)
         ]
@@ -394,6 +396,9 @@ class Config:
         check_config(self)
         self.limits.check(self.server.workers)
 
+
+# Sections whose every key needs a restart (the live ones are picked in reload_changes).
+_RESTART_SECTIONS = ("server", "host", "nvme", "metrics", "csd", "limits", "weights", "peers")
 
 # TOML section -> (dataclass, {key: converter})
 _SIZE_KEYS = {"capacity", "capacity_bytes", "max_message_bytes", "chunk_bytes", "host_quota",
@@ -551,6 +556,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise ConfigError(key, "expected [[tiers]] tables")
             kwargs["tier_list"] = tuple(_build_tier(t, f"tiers[{i}]") for i, t in enumerate(value))
+        elif key == "peers":
+            if not isinstance(value, dict):
+                raise ConfigError(key, "expected a table")
+            kwargs["peers"] = peers_config(value)
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(key, "expected a table")
@@ -558,7 +567,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         else:
             raise ConfigError(
                 key_name(key),
-                f"unknown section (known: data_dir, tiers, tenants, {', '.join(_SECTIONS)})",
+                "unknown section (known: data_dir, tiers, tenants, peers, "
+                f"{', '.join(_SECTIONS)})",
             )
     return Config(**kwargs)
 

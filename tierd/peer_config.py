@@ -1,0 +1,124 @@
+"""The `[peers]` section: other tierd daemons this one pulls blocks from, and the listener
+they pull from it through (disaggregated serving: prefill on one host, decode on another).
+
+Primitives: `PeersConfig` (frozen), `peers_config(raw) -> PeersConfig`.
+
+Off by default: with neither `listen` nor `peers` nothing is started and nothing changes.
+`listen` is a second gRPC server for daemons only (TCP), answering `Peer` calls; the bytes
+themselves move by one-sided reads of this daemon's memory through a transfer engine
+reached at `engine_hostname`. Every peer call carries the shared secret in `token_file`,
+so it is required as soon as either side is configured. `ca_file`, `cert_file` and
+`key_file` (all three or none) turn on mutual TLS between daemons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierd.config_checks import key_name, show
+from tierd.errors import ConfigError
+
+_ADDRESS_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
+PROTOCOLS = ("tcp", "rdma")
+MAX_PEERS = 64
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    listen: str = ""  # HOST:PORT of the daemons-only gRPC server; empty: serve no peer
+    engine_hostname: str = "127.0.0.1"  # where peers reach this daemon's transfer engine
+    protocol: str = "tcp"  # the transfer engine's transport: tcp or rdma
+    peers: tuple[str, ...] = ()  # other daemons' `listen` addresses, asked in this order
+    token_file: Path | None = None  # the secret every daemon of the group presents
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    timeout_ms: int = 2_000  # deadline of one call to a peer (a slow peer is a miss)
+    lease_ttl_ms: int = 10_000  # how long a source pins blocks for a pull that went quiet
+    retry_ms: int = 2_000  # a peer that failed is not asked again for this long
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.peers)
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+
+def _address(value: object, where: str) -> str:
+    m = _ADDRESS_RE.match(value) if isinstance(value, str) else None
+    if m is None or not 1 <= int(m.group(2)) <= 65535:
+        raise ConfigError(where, f"expected HOST:PORT (TCP), got {show(value)}")
+    return str(value)
+
+
+def _path(value: object, where: str) -> Path:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(where, f"expected a path, got {show(value)}")
+    return Path(value)
+
+
+def _int(value: object, where: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(where, f"expected an integer between {lo} and {hi}, got {show(value)}")
+    return value
+
+
+def peers_config(raw: dict[str, Any]) -> PeersConfig:
+    """The section as written, checked; every error names its key."""
+    known = {f.name for f in dataclasses.fields(PeersConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"peers.{key_name(key)}"
+        if key not in known:
+            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known))})")
+        if key == "listen":
+            kwargs[key] = _address(value, where)
+        elif key == "peers":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or len(value) > MAX_PEERS:
+                raise ConfigError(where, f"expected a list of at most {MAX_PEERS} HOST:PORT")
+            kwargs[key] = tuple(_address(v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif key == "engine_hostname":
+            if not isinstance(value, str) or not value or not value.isprintable() or " " in value:
+                raise ConfigError(where, f"expected a host name or address, got {show(value)}")
+            kwargs[key] = value
+        elif key == "protocol":
+            if value not in PROTOCOLS:
+                raise ConfigError(where, f"expected one of {', '.join(PROTOCOLS)}, "
+                                  f"got {show(value)}")  # fmt: skip
+            kwargs[key] = value
+        elif key in ("timeout_ms", "retry_ms"):
+            kwargs[key] = _int(value, where, 1, 3_600_000)
+        elif key == "lease_ttl_ms":
+            kwargs[key] = _int(value, where, 1, 600_000)
+        else:
+            kwargs[key] = _path(value, where)
+    cfg = PeersConfig(**kwargs)
+    if cfg.enabled and cfg.token_file is None:
+        raise ConfigError("peers.token_file", "required with peers.listen or peers.peers: "
+                          "a file holding the secret every daemon of the group presents")  # fmt: skip
+    tls = {"ca_file": cfg.ca_file, "cert_file": cfg.cert_file, "key_file": cfg.key_file}
+    missing = [k for k, v in tls.items() if v is None]
+    if missing and len(missing) < len(tls):
+        raise ConfigError(f"peers.{missing[0]}", "mutual TLS between daemons needs ca_file, "
+                          "cert_file and key_file together")  # fmt: skip
+    return cfg
+
+
+def read_token(cfg: PeersConfig) -> str:
+    """The shared secret (read at start, whitespace around it dropped)."""
+    assert cfg.token_file is not None
+    try:
+        token = cfg.token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("peers.token_file", f"cannot read {cfg.token_file}: {e}") from e
+    if len(token) < 16:
+        raise ConfigError("peers.token_file", f"{cfg.token_file} holds fewer than 16 characters")
+    return token
