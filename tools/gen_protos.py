@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "client" / "_proto"
-PROTOS = ["tierd/v1/tierd.proto", "tierd/v1/csd.proto"]
+PROTOS = ["tierd/v1/tierd.proto", "tierd/v1/csd.proto", "tierd/v1/peer.proto"]
 
 
 def generate(out_dir: Path) -> None:

@@ -348,7 +348,7 @@ class TenantUsage(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., used_bytes: _Optional[int] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "lookups", "misses", "demotions", "promotions", "corrupt_reads", "active_leases", "namespaces", "tenants", "active_sequences")
+    __slots__ = ("tiers", "lookups", "misses", "demotions", "promotions", "corrupt_reads", "active_leases", "namespaces", "tenants", "active_sequences", "peers")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +359,7 @@ class StatsResponse(_message.Message):
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     lookups: int
     misses: int
@@ -369,7 +370,26 @@ class StatsResponse(_message.Message):
     namespaces: int
     tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
     active_sequences: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookups: _Optional[int] = ..., misses: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt_reads: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., active_sequences: _Optional[int] = ...) -> None: ...
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStats]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookups: _Optional[int] = ..., misses: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt_reads: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStats, _Mapping]]] = ...) -> None: ...
+
+class PeerStats(_message.Message):
+    __slots__ = ("address", "available", "pulls", "blocks", "bytes", "errors", "corrupt")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    available: bool
+    pulls: int
+    blocks: int
+    bytes: int
+    errors: int
+    corrupt: int
+    def __init__(self, address: _Optional[str] = ..., available: _Optional[bool] = ..., pulls: _Optional[int] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., errors: _Optional[int] = ..., corrupt: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
