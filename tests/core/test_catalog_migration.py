@@ -122,3 +122,34 @@ def test_migration_turns_each_column_into_a_copy(tmp_path: Path) -> None:
     }  # fmt: skip
     with closing(Catalog(path)) as again:  # idempotent: a second open migrates nothing
         assert {r.key: r.copies for r in again.blocks()} == got
+
+
+def test_a_catalog_from_before_codecs_gains_their_columns_and_the_new_version(
+    tmp_path: Path,
+) -> None:
+    """Version 2 (a row per copy, no codecs): opened, it gains copies.layer_sums and
+    namespaces.lossless, is stamped 3 (a daemon that knows only 2 then refuses it rather
+    than read encoded copies as raw), and serves its blocks."""
+    h = Harness(tmp_path / "data")
+    try:
+        svc = h.open(host_blocks=8, nvme_blocks=64)
+        ns = svc.open_namespace("t1", "m", LAYOUT)[0].id
+        keys = keys_for(ns, 4)
+        put_blocks(svc, ns, keys)
+        h.close_all()
+        path = tmp_path / "data" / CATALOG_FILE
+        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute("ALTER TABLE copies DROP COLUMN layer_sums")
+            db.execute("ALTER TABLE namespaces DROP COLUMN lossless")
+            db.execute("PRAGMA user_version = 2")
+        assert check_catalog(path) == "previous"
+
+        svc = h.open(host_blocks=8, nvme_blocks=64)
+        assert check_catalog(path) == "current"
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert "layer_sums" in {r[1] for r in db.execute("PRAGMA table_info(copies)")}
+            assert "lossless" in {r[1] for r in db.execute("PRAGMA table_info(namespaces)")}
+        assert get_blocks(svc, ns, keys) == [block_bytes_for(k) for k in keys]
+    finally:
+        h.close_all(destroy=True)

@@ -25,8 +25,10 @@ from urllib.parse import quote
 from tierd.core.catalog import Catalog
 
 APPLICATION_ID = 0x54495244  # "TIRD"
+# 3: copies may be encoded by a tier's codec (copies.layer_sums, namespaces.lossless): a
+# daemon that knows only 2 would read an encoded copy as raw bytes, so it must refuse;
 # 2: a row per copy (table copies); 1 and unversioned: a column per tier, migrated on open.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NAMESPACES = {"ns_id", "tenant", "model", "layout", "extra"}
 _REQUIRED = {
