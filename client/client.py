@@ -403,13 +403,15 @@ class TierdClient(ModelsMixin):
         resp = self._retrying(lambda: self._unary("Stats", pb.StatsRequest()))
         out: dict[str, Any] = {}
         for f in resp.DESCRIPTOR.fields:
-            if f.name not in ("tiers", "tenants"):
+            if f.name not in ("tiers", "tenants", "peers"):
                 out[f.name] = getattr(resp, f.name)
         out["tenants"] = [
             {"tenant": u.tenant, "tier": tier_name(u.tier_name, u.tier), "used_bytes": u.used_bytes}
             for u in resp.tenants
         ]
         out["tiers"] = {tier_name(t.tier_name, t.tier): _tier_stats(t) for t in resp.tiers}
+        out["peers"] = {p.address: {f.name: getattr(p, f.name) for f in p.DESCRIPTOR.fields
+                                    if f.name != "address"} for p in resp.peers}  # fmt: skip
         return out
 
     # ---- attend ----------------------------------------------------------------------

@@ -63,6 +63,7 @@ from tierd_client.layout import KVLayout
 
 if TYPE_CHECKING:
     from tierd.attention.attend import AttendService
+    from tierd.core.peers import Peers
 
 log = logging.getLogger("tierd.core")
 
@@ -101,6 +102,7 @@ class CacheService:
         recover(self)
         self.placer = Placer(self)
         self.sharing = Sharing(self)  # shared and write-through tiers (tierd.core.sharing)
+        self.peers: Peers | None = None  # other daemons to pull from; the server sets it
         self.weights = ModelRegistry(config.weights.capacity_bytes or self.top.capacity,
                                      data_dir / "weights", config.weights.roots)  # fmt: skip
         self._attend: AttendService | None = None
@@ -228,6 +230,9 @@ class CacheService:
             batch = min(2 * batch, 1024)
         if missed and self.sharing.shared:  # the prefix may go on in a tier others share
             more, missed = self.sharing.find(ns, chain(rest, keys), len(found), now)
+            found += more
+        if missed and self.peers is not None:  # ...or on another daemon, then pulled here
+            more, missed = self.peers.pull(ns, arr, len(found), now)
             found += more
         with self.cond:
             self.counters.lookups += 1

@@ -37,6 +37,7 @@ from tierd.server.fastpath import AttendRings
 from tierd.server.handoff import HandoffServer, handoff_path
 from tierd.server.listeners import bind_address, claim_unix_socket, refuse_live_sockets
 from tierd.server.liveness import RpcProbe
+from tierd.server.peers import PeerNode
 from tierd.server.sdnotify import Notifier
 from tierd.server.servicer import TierdServicer
 from tierd.server.streams import StreamGuard
@@ -123,12 +124,15 @@ class Daemon:
             if self._sockets else None
         )  # fmt: skip
         self.servicer.handoff = self.handoff
+        self.peer_node = PeerNode.build(config, self.service)  # None unless [peers] is set
         self._probe = RpcProbe(f"unix:{self._sockets[0]}" if self._sockets else None, pool)
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self.service.start()
         self.server.start()
+        if self.peer_node is not None:
+            self.peer_node.start()
         if self.handoff is not None:
             self.handoff.start()
         for path in self._sockets:
@@ -193,6 +197,8 @@ class Daemon:
             log.warning("%d leases still open at shutdown; they expire with the process",
                         len(self.service.leases))
         self.server.stop(grace=max(0.0, deadline - time.monotonic())).wait()
+        if self.peer_node is not None:  # no lookup pulls from peers now; peers pull no more
+            self.peer_node.stop()
         self.rings.join(deadline)  # rings answering, like calls in flight, until the deadline
         self.streams.close()
         if self.config.server.flush_on_stop:

@@ -5,6 +5,7 @@ Every method is wrapped by `translate_errors`, so a domain error becomes its sta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -305,6 +306,7 @@ class TierdServicer(ModelsServicer, pb_grpc.TierdServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext):
         principal = self.auth.identify(context)  # totals are daemon-wide; usage is per tenant
         s = self.svc.stats()
+        peers = self.svc.peers.snapshot() if self.svc.peers is not None else []
         usage = [
             pb.TenantUsage(tenant=tenant, tier=self._tier(tier), tier_name=tier, used_bytes=n)
             for (tenant, tier), n in sorted(self.svc.usage_by_tenant().items())
@@ -315,6 +317,7 @@ class TierdServicer(ModelsServicer, pb_grpc.TierdServicer):
             demotions=s.demotions, promotions=s.promotions, corrupt_reads=s.corrupt_reads,
             active_leases=s.active_leases, namespaces=s.namespaces, tenants=usage,
             active_sequences=s.active_sequences,
+            peers=[pb.PeerStats(**dataclasses.asdict(p)) for p in peers],
         )  # fmt: skip
 
     @translate_errors
