@@ -4,7 +4,9 @@ A down, a wrong secret or damaged bytes are misses on B, never errors, counted p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +17,7 @@ from tests.integration.conftest import DaemonProcess
 from tests.integration.test_remote_redis import LAY, T, block_for, poll
 from tests.integration.test_tier_stats import configured
 from tests.mooncake_master import free_port, needs_mooncake
+from tierctl.status import render_status
 from tierd.tiers.host import segments_of
 from tierd_client import TierdClient
 from tierd_client._proto import peer_pb2, peer_pb2_grpc
@@ -76,6 +79,8 @@ def test_b_pulls_a_prefix_a_put_byte_exact_and_keeps_it(spawn_daemon: Spawn) -> 
         assert peer["blocks"] == 4 and peer["bytes"] == 4 * data[0].nbytes and peer["pulls"] >= 1
         assert peer["errors"] == 0 and peer["corrupt"] == 0
         assert stats["tiers"]["host"]["blocks"] == 4
+        row = next(line for line in render_status(stats).splitlines() if line.startswith(where))
+        assert row.split()[1:4] == ["up", "1", "4"]
         a.stop()  # the pulled blocks are B's own now
         res = c.get(ns, keys)
         assert res.found == [True] * 4 and res.blocks.tobytes() == data.tobytes()
@@ -115,8 +120,10 @@ def test_a_stopped_is_a_miss_on_b_not_an_error(spawn_daemon: Spawn) -> None:
     with TierdClient(b.address, tenant="it") as c:
         ns = c.open_namespace("gone", LAY)
         assert c.lookup(ns, tokens).cached_tokens == 0
-        peer = c.stats()["peers"][where]
+        stats = c.stats()
+        peer = stats["peers"][where]
         assert peer["errors"] >= 1 and not peer["available"] and peer["blocks"] == 0
+        assert f"{where} DOWN" in " ".join(render_status(stats).split())
 
 
 def test_a_wrong_peer_token_is_refused(spawn_daemon: Spawn) -> None:
@@ -160,3 +167,30 @@ def test_damaged_bytes_are_a_miss_counted_corrupt(spawn_daemon: Spawn) -> None:
         res = c.get(ns, keys)
         assert res.found == [True, False, False]
         assert res.blocks[0].tobytes() == data[0].tobytes()
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers (a hung peer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_hung_peer_costs_its_deadline_then_the_next_peer_serves(
+    spawn_daemon: Spawn, silent: str
+) -> None:
+    where = f"127.0.0.1:{free_port()}"
+    a = peer_daemon(spawn_daemon, listen=where)
+    b = peer_daemon(spawn_daemon, peers=(silent, where))
+    tokens, keys, data = put_prefix(a.address, "hung", 2)
+    with TierdClient(b.address, tenant="it", timeout=30) as c:
+        ns = c.open_namespace("hung", LAY)
+        started = time.monotonic()
+        assert c.lookup(ns, tokens).cached_tokens == 2 * T
+        assert time.monotonic() - started < 10  # timeout_ms = 1000 for the hung one
+        stats = c.stats()["peers"]
+        assert stats[silent]["errors"] == 1 and not stats[silent]["available"]
+        assert stats[where]["blocks"] == 2
+        assert c.get(ns, keys).blocks.tobytes() == data.tobytes()

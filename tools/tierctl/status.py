@@ -104,6 +104,13 @@ def render_status(
                           [[t, *(_size(u.get(x, 0)) for x in tiers)]
                            for t, u in sorted(by_tenant.items())],
                           right=set(range(1, len(tiers) + 1))))  # fmt: skip
+    if stats.get("peers"):  # daemons this one pulls blocks from ([peers])
+        out.append("")
+        out.append(render(["peer", "state", "pulls", "blocks", "pulled", "errors", "corrupt"],
+                          [[addr, "up" if p["available"] else "DOWN", count(p["pulls"]),
+                            count(p["blocks"]), _size(p["bytes"]), count(p["errors"]),
+                            count(p["corrupt"])] for addr, p in stats["peers"].items()],
+                          right=set(range(2, 7))))  # fmt: skip
     return "\n".join(out)
 
 
