@@ -1,7 +1,7 @@
 """Remote-tier get through tierd against the cluster it reads from, in one run.
 
     python tools/bench_remote.py [--block 2MiB] [--total 256MiB] [--threads 8] [--rounds 7]
-                                 [--stores redis,mooncake] [--json FILE]
+                                 [--stores redis,mooncake,p2p] [--json FILE]
 
 Starts a Redis cluster (three masters, one replica each, on loopback: redis-server and
 redis-cli from PATH) and a tierd whose chain is host -> redis, then measures on the same
@@ -20,7 +20,9 @@ and then, on a Mooncake Store master and a holder process that lends the pool it
                       and one): the peer, in another process than the holder too
 Each round times all four, in rotating order, after moving the blocks where the next
 one reads them (untimed); figures are medians over rounds, ratios are per round (a busy
-machine moves both sides of a round together). `--json` writes `remote_get_gbps`,
+machine moves both sides of a round together). With `p2p`, a daemon pulling a prefix from a
+peer daemon against the transfer engine's own reads (`tools/bench_p2p.py`: `p2p_get_gbps`,
+`raw_te_read_gbps`). `--json` writes `remote_get_gbps`,
 `raw_cluster_get_gbps`, `inband_get_gbps`, `mooncake_get_gbps`, `mooncake_tier_get_gbps`
 and the ratios the targets are stated in (remote get >= 0.9x raw GET), with each figure's
 range.
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT / "tools"))  # sibling benchmarks
 sys.path.insert(0, str(ROOT))  # tests.redis_cluster: the servers the tests run on
 import bench_kv
 import bench_trees
+from bench_p2p import run_p2p
 
 from tests.mooncake_master import HAVE_MOONCAKE
 from tests.redis_cluster import HAVE_REDIS, Cluster
@@ -252,14 +255,14 @@ def main() -> int:
     p.add_argument("--total", default="256MiB", help="bytes read per measurement")
     p.add_argument("--threads", type=int, default=8, help="the tier's io_threads, and raw GET's")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--stores", default="redis,mooncake", help="which stores to measure")
+    p.add_argument("--stores", default="redis,mooncake,p2p", help="which stores to measure")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
     stores = set(args.stores.split(","))
     if "redis" in stores and not HAVE_REDIS:
         print("needs redis-server, redis-cli and redis-py", file=sys.stderr)
         return 1
-    if "mooncake" in stores and not HAVE_MOONCAKE:
+    if stores & {"mooncake", "p2p"} and not HAVE_MOONCAKE:
         print("needs mooncake-transfer-engine-non-cuda and libibverbs1", file=sys.stderr)
         return 1
     layout = bench_kv.layout_for(parse_size(args.block))
@@ -273,6 +276,9 @@ def main() -> int:
             (Path(tmp) / "mooncake").mkdir()
             figures |= run_mooncake(layout, total, args.threads, args.rounds,
                                     Path(tmp) / "mooncake")  # fmt: skip
+        if "p2p" in stores:
+            (Path(tmp) / "p2p").mkdir()
+            figures |= run_p2p(layout, total, args.rounds, Path(tmp) / "p2p")
     print(f"{format_size(layout.block_bytes)} blocks, {format_size(total)} per round, "
           f"{args.threads} threads, {args.rounds} rounds: median (range)")  # fmt: skip
     doc: dict[str, object] = {}
