@@ -4,6 +4,7 @@ A down, a wrong secret or damaged bytes are misses on B, never errors, counted p
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ import pytest
 from tests.integration.conftest import DaemonProcess
 from tests.integration.test_remote_redis import LAY, T, block_for, poll
 from tests.integration.test_tier_stats import configured
+from tests.integration.test_tls import make_pki
 from tests.mooncake_master import free_port, needs_mooncake
 from tierctl.status import render_status
 from tierd.tiers.host import segments_of
@@ -28,7 +30,7 @@ Spawn = Callable[..., DaemonProcess]
 
 
 def peer_daemon(spawn: Spawn, *, listen: str = "", peers: tuple[str, ...] = (),
-                token: str = TOKEN) -> DaemonProcess:  # fmt: skip
+                token: str = TOKEN, pki: Path | None = None) -> DaemonProcess:  # fmt: skip
     daemon = spawn(start=False)
     token_file = daemon.base / "peer.token"
     token_file.write_text(token + "\n")
@@ -37,6 +39,9 @@ def peer_daemon(spawn: Spawn, *, listen: str = "", peers: tuple[str, ...] = (),
         lines.append(f'listen = "{listen}"')
     if peers:
         lines.append("peers = [" + ", ".join(f'"{p}"' for p in peers) + "]")
+    if pki is not None:  # one certificate per daemon, as server and as client
+        lines += [f'ca_file = "{pki / "ca.pem"}"', f'cert_file = "{pki / "server.pem"}"',
+                  f'key_file = "{pki / "server.key"}"']  # fmt: skip
     body = ('[host]\ncapacity = "64MiB"\n\n[nvme]\ncapacity = "256MiB"\n\n[peers]\n'
             + "\n".join(lines) + "\n")  # fmt: skip
     daemon = configured(daemon, body)
@@ -194,3 +199,22 @@ def test_a_hung_peer_costs_its_deadline_then_the_next_peer_serves(
         assert stats[silent]["errors"] == 1 and not stats[silent]["available"]
         assert stats[where]["blocks"] == 2
         assert c.get(ns, keys).blocks.tobytes() == data.tobytes()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_mutual_tls_between_daemons(spawn_daemon: Spawn, tmp_path: Path) -> None:
+    make_pki(tmp_path)  # a CA and a certificate for 127.0.0.1, which both daemons use
+    where = f"127.0.0.1:{free_port()}"
+    a = peer_daemon(spawn_daemon, listen=where, pki=tmp_path)
+    b = peer_daemon(spawn_daemon, peers=(where,), pki=tmp_path)
+    tokens, keys, data = put_prefix(a.address, "tls", 2)
+    with TierdClient(b.address, tenant="it") as c:
+        ns = c.open_namespace("tls", LAY)
+        assert c.lookup(ns, tokens).cached_tokens == 2 * T
+        assert c.get(ns, keys).blocks.tobytes() == data.tobytes()
+    # Without a certificate (even with the secret) the listener does not answer.
+    with grpc.insecure_channel(where) as channel, pytest.raises(grpc.RpcError):
+        peer_pb2_grpc.PeerStub(channel).PeerLocate(
+            peer_pb2.PeerLocateRequest(tenant="it", keys=keys),
+            metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5,
+        )  # fmt: skip
