@@ -24,6 +24,7 @@ from tierd.core.index import BlockEntry, NamespaceInfo, layout_from_list
 from tierd.errors import ConfigError
 from tierd.filelock import lock_data_dir
 from tierd.tiers.base import Copy
+from tierd.transfer.encoding import stored_bytes
 from tierd_client.layout import KVLayout
 
 CATALOG_FILE = "index.sqlite3"
@@ -90,6 +91,14 @@ def _sums_of(sums: tuple[int, ...] | None, layout: KVLayout) -> tuple[int, ...] 
     return sums if sums is not None and len(sums) == layout.num_layers else None
 
 
+def _sized(encoding: str, length: int, layout: KVLayout) -> bool:
+    """Whether a copy of `length` bytes is what `encoding` makes of a block of `layout`."""
+    try:
+        return length == stored_bytes(encoding, layout)
+    except ValueError:  # an encoding this build cannot read
+        return False
+
+
 def recover(svc: CacheService) -> None:
     """Rebuild the index from the catalog: adopt each recorded copy its tier can still
     vouch for (a memory tier's copies only where the tenant's memory survived, and then
@@ -112,6 +121,11 @@ def recover(svc: CacheService) -> None:
             tier = svc.tiers.get(c.tier)
             if tier is None:
                 unknown.add(c.tier)
+            elif row.nbytes != ns.block_bytes or not _sized(c.encoding, c.length, ns.layout):
+                # A row no daemon writes (a catalog rebuilt from headers that cannot say
+                # how a copy is encoded): read as it claims, its bytes would be served wrong.
+                log.warning("block %s: a %d-byte %s copy in %s is not one of this namespace's "
+                            "blocks; forgotten", row.key.hex(), c.length, c.encoding, c.tier)  # fmt: skip
             elif tier.adopt(ns.tenant, c.location, c.length):
                 copies[c.tier] = Copy(c.tier, c.location, c.length, c.checksum, c.encoding,
                                       verified=not tier.verify_adopted,

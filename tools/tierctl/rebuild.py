@@ -78,9 +78,8 @@ def _old_namespaces(path: Path | None) -> dict[bytes, NamespaceRow]:
         db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
         try:
             for r in db.execute("SELECT ns_id, tenant, model, layout, extra FROM namespaces"):
-                row = NamespaceRow(bytes(r[0]), str(r[1]), str(r[2]), json.loads(r[3]),
-                                   json.loads(r[4]))  # fmt: skip
-                if namespace_id(row.tenant, row.model, row.layout, row.extra) == row.ns_id:
+                meta = NamespaceMeta(str(r[1]), str(r[2]), json.loads(r[3]), json.loads(r[4]))
+                if (row := _from_meta(bytes(r[0]), meta)) is not None:
                     out[row.ns_id] = row
         finally:
             db.close()
@@ -90,9 +89,16 @@ def _old_namespaces(path: Path | None) -> dict[bytes, NamespaceRow]:
 
 
 def _from_meta(ns_id: bytes, meta: NamespaceMeta | None) -> NamespaceRow | None:
-    if meta is None or namespace_id(meta.tenant, meta.model, meta.layout, meta.extra) != ns_id:
+    """The namespace `meta` describes, if its id is `ns_id`; a lossless one's id says so
+    (the metadata does not)."""
+    if meta is None:
         return None
-    return NamespaceRow(ns_id, meta.tenant, meta.model, list(meta.layout), list(meta.extra))
+    for lossless in (False, True):
+        if namespace_id(meta.tenant, meta.model, meta.layout, meta.extra,
+                        lossless=lossless) == ns_id:  # fmt: skip
+            return NamespaceRow(ns_id, meta.tenant, meta.model, list(meta.layout),
+                                list(meta.extra), lossless)  # fmt: skip
+    return None
 
 
 def _open_store(place: TierPlace, out: Rebuilt, stack: ExitStack) -> NvmeStore | None:
