@@ -2,7 +2,8 @@
 
 Primitives: `WeightStreamer(model, budget_bytes, lookahead=1, device=None)` (also a context
 manager), `.close()`, `.stats` (`StreamStats`), `layer_bytes(layer)`,
-`decoder_layers(model)`.
+`decoder_layers(model)`, `streamer_for_slice(model, slice)` and `slice_device(slice)` (a
+config's `[[slices]]`: the budget and device of a GPU or MIG instance).
 
 Only the layers in flight are resident on the compute device: while layer i computes,
 layers i+1..i+k (k = `lookahead`) are copied into a bounded ring of device buffers, and
@@ -29,6 +30,7 @@ first ones are prefetched again (the ring wraps).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -283,3 +285,24 @@ def _param_device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def slice_device(slice: str) -> str:
+    """The torch device of a `[[slices]]` slice: a GPU index is `cuda:N`; a MIG instance is
+    `cuda:0` of a process started with CUDA_VISIBLE_DEVICES=<its UUID>, the only way CUDA
+    addresses one (checked: any other device 0 would be the wrong memory)."""
+    if not slice.startswith("MIG-"):
+        return f"cuda:{int(slice)}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if visible != slice:
+        raise ValueError(f"MIG instance {slice}: start the process with "
+                         f"CUDA_VISIBLE_DEVICES={slice} (now {visible or 'unset'})")  # fmt: skip
+    return "cuda:0"
+
+
+def streamer_for_slice(model: Any, slice: Any, lookahead: int = 1,
+                       device: torch.device | str | None = None) -> WeightStreamer:  # fmt: skip
+    """A `WeightStreamer` whose ring is `slice.weight_budget` bytes, on the slice's device
+    unless `device` is given (`slice`: a `tierd.slice_config.SliceConfig`)."""
+    return WeightStreamer(model, slice.weight_budget, lookahead,
+                          device if device is not None else slice_device(slice.slice))  # fmt: skip

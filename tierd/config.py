@@ -25,6 +25,7 @@ import psutil
 from tierd.config_checks import MAX_SIZE, check_config, key_name, show
 from tierd.errors import ConfigError
 from tierd.peer_config import PeersConfig, peers_config
+from tierd.slice_config import SliceConfig, slices_config
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {
@@ -297,6 +298,7 @@ class Config:
     peers: PeersConfig = field(default_factory=PeersConfig)  # tierd.peer_config
     tenants: tuple[TenantConfig, ...] = ()
     tier_list: tuple[TierSpec, ...] = ()  # [[tiers]]; empty: the shorthand sections
+    slices: tuple[SliceConfig, ...] = ()  # [[slices]] (tierd.slice_config)
 
     def tenant(self, name: str) -> TenantConfig | None:
         return self._tenants_by_name.get(name)
@@ -342,6 +344,7 @@ class Config:
             limits=dataclasses.replace(new.limits, **{k: getattr(self.limits, k)
                                                       for k in LimitsConfig.RESTART_KEYS}),
             tenants=new.tenants,
+            slices=new.slices,  # nothing in the daemon holds them
             tier_list=_live_tiers(self.tier_list, new.tier_list),
             server=dataclasses.replace(self.server, drain_seconds=new.server.drain_seconds,
                                        flush_on_stop=new.server.flush_on_stop),
@@ -556,6 +559,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise ConfigError(key, "expected [[tiers]] tables")
             kwargs["tier_list"] = tuple(_build_tier(t, f"tiers[{i}]") for i, t in enumerate(value))
+        elif key == "slices":
+            kwargs["slices"] = slices_config(value)
         elif key == "peers":
             if not isinstance(value, dict):
                 raise ConfigError(key, "expected a table")
@@ -567,7 +572,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         else:
             raise ConfigError(
                 key_name(key),
-                "unknown section (known: data_dir, tiers, tenants, peers, "
+                "unknown section (known: data_dir, tiers, tenants, peers, slices, "
                 f"{', '.join(_SECTIONS)})",
             )
     return Config(**kwargs)

@@ -35,6 +35,7 @@ from tierctl.errors import ExitCode, UsageError
 from tierctl.models import ModelSpec, dtype_bytes, resolve_model
 from tierd.config import default_data_dir, format_size, parse_size
 from tierd.errors import ConfigError
+from tierd.slice_config import SliceConfig
 
 DEFAULT_CONTEXT = 4096  # when the model does not say what it was trained for
 
@@ -54,6 +55,7 @@ class Tier:
     attend_ms: float | None = None
     codec: str = "raw"  # how tierd would store KV here (tierd.transfer.encoding)
     kv_bytes_per_token: float | None = None  # in that encoding
+    uuid: str = ""  # a GPU's or MIG instance's, as nvidia-smi -L prints it
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Report:
     context: int | None = None
     kv_bytes_per_token: int | None = None
     notes: list[str] = field(default_factory=list)
+    slices: list[dict[str, Any]] = field(default_factory=list)  # the config's [[slices]]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,6 +84,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-tokens", type=int, default=16, metavar="N",
                    help="tokens per KV block, as the namespace's layout (default 16)")
     p.add_argument("--data-dir", type=Path, help="tierd data dir (default: tierd's default)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="a tierd config: show its [[slices]] against the GPUs found")  # fmt: skip
     p.add_argument("--bench-dir", type=Path, action="append", metavar="DIR",
                    help="measure O_DIRECT bandwidth of the disk holding DIR (repeatable; "
                         "default: the data dir if it exists, else the current directory)")  # fmt: skip
@@ -114,17 +119,30 @@ def _bench_dirs(args: argparse.Namespace, disks: list[probe.Disk]) -> list[Path]
     return dirs
 
 
+def gpu_tiers(gpus: list[probe.Gpu]) -> list[Tier]:
+    """A tier per GPU, or per MIG instance of a GPU in MIG mode (the GPU itself is not one
+    then: its memory is the instances')."""
+    tiers = []
+    for gpu in gpus:
+        if gpu.mig_enabled and gpu.mig:
+            tiers += [Tier(f"gpu{gpu.index}/mig{s.index}", "mig", f"{gpu.name} {s.profile}",
+                           s.memory, s.memory, uuid=s.uuid) for s in gpu.mig]  # fmt: skip
+        else:
+            tiers.append(Tier(f"gpu{gpu.index}", "gpu", gpu.name, gpu.free, gpu.total,
+                              uuid=gpu.uuid))  # fmt: skip
+    return tiers
+
+
 def probe_tiers(args: argparse.Namespace, bench_size: int) -> tuple[list[Tier], list[str]]:
     notes: list[str] = []
     tiers: list[Tier] = []
-    for gpu in probe.probe_gpus():
-        if gpu.mig_enabled and gpu.mig:
-            for s in gpu.mig:
-                tiers.append(Tier(f"gpu{gpu.index}/mig{s.index}", "mig",
-                                  f"{gpu.name} {s.profile}", s.memory, s.memory))  # fmt: skip
-            continue
-        t = Tier(f"gpu{gpu.index}", "gpu", gpu.name, gpu.free, gpu.total)
-        if not args.no_bench and (bps := bench.measure_gpu(gpu.index)) is not None:
+    gpus, gpu_note = probe.find_gpus()
+    if gpu_note:
+        notes.append(gpu_note)
+    for t in gpu_tiers(gpus):
+        measure = t.kind == "gpu" and not args.no_bench
+        bps = bench.measure_gpu(int(t.name.removeprefix("gpu"))) if measure else None
+        if bps is not None:
             t.read_bps, t.measured = bps, "device copy"
         tiers.append(t)
     ram = probe.probe_ram()
@@ -231,14 +249,55 @@ def build_report(args: argparse.Namespace) -> Report:
     if args.block_tokens <= 0:
         raise UsageError("--block-tokens must be a positive number of tokens")
     codecs = codecs_by_kind(args.codec)
+    configured = slices_of(args.config) if args.config is not None else ()
     tiers, notes = probe_tiers(args, bench_size)
-    report = Report(tiers=tiers, dtype=dtype_name, notes=notes)
+    report = Report(tiers=tiers, dtype=dtype_name, notes=notes,
+                    slices=place_slices(configured, tiers))  # fmt: skip
     if model is not None:
         report.context = args.context or model.max_context or DEFAULT_CONTEXT
         report.model = dataclasses.asdict(model)
         report.kv_bytes_per_token = apply_model(tiers, model, args.dtype, report.context,
                                                 codecs, args.block_tokens)  # fmt: skip
     return report
+
+
+def slices_of(path: Path) -> tuple[SliceConfig, ...]:
+    """The [[slices]] of the tierd config at `path` (the whole file checked, as tierd would)."""
+    from tierd.config import load_config
+
+    try:
+        return load_config(path).slices
+    except ConfigError as e:
+        raise UsageError(f"--config: {e}") from None
+
+
+def place_slices(slices: tuple[SliceConfig, ...], tiers: list[Tier]) -> list[dict[str, Any]]:
+    """Each slice with the tier it names (a GPU by index, a MIG instance by UUID) and that
+    tier's memory; a budget larger than the memory is flagged."""
+    out = []
+    for s in slices:
+        if s.is_mig:
+            tier = next((t for t in tiers if t.kind == "mig" and t.uuid == s.slice), None)
+        else:
+            tier = next((t for t in tiers if t.kind == "gpu" and t.name == f"gpu{s.slice}"), None)
+        memory = tier.total_bytes if tier is not None else None
+        out.append({"slice": s.slice, "tier": tier.name if tier is not None else None,
+                    "memory_bytes": memory, "weight_budget": s.weight_budget,
+                    "models": list(s.models),
+                    "over_memory": memory is not None and s.weight_budget > memory})  # fmt: skip
+    return out
+
+
+def render_slices(slices: list[dict[str, Any]]) -> str:
+    rows = []
+    for s in slices:
+        where = s["tier"] or "not on this machine"
+        memory = "-" if s["memory_bytes"] is None else format_size(s["memory_bytes"])
+        budget = format_size(s["weight_budget"]) + (" (over memory)" if s["over_memory"] else "")
+        rows.append([tables.printable(s["slice"]), where, memory, budget,
+                     tables.printable(", ".join(s["models"]))])  # fmt: skip
+    return tables.render(["slice", "tier", "memory", "weight budget", "models"], rows,
+                         right={2, 3})  # fmt: skip
 
 
 def report_json(report: Report) -> str:
@@ -257,19 +316,22 @@ def render_text(report: Report) -> str:
             f"{format_size((report.kv_bytes_per_token or 0) * (report.context or 0))} per sequence"
         )
         out.append("")
-    headers = ["tier", "device", "usable", "total", "read", "write", "measured"]
+    headers = ["tier", "device", "uuid", "usable", "total", "read", "write", "measured"]
     if report.model is not None:
         headers += ["codec", "B/token", "tokens", "sequences", "attend/token"]
     rows = []
     for t in report.tiers:
-        row = [t.name, t.device, format_size(t.usable_bytes), format_size(t.total_bytes),
+        row = [t.name, t.device, t.uuid or "-", format_size(t.usable_bytes),
+               format_size(t.total_bytes),
                tables.rate(t.read_bps), tables.rate(t.write_bps), t.measured]  # fmt: skip
         if report.model is not None:
             attend = "-" if t.attend_ms is None else f"{t.attend_ms:.3g} ms"
             per = "-" if t.kv_bytes_per_token is None else f"{t.kv_bytes_per_token:,.0f}"
             row += [t.codec, per, tables.count(t.tokens), tables.count(t.sequences), attend]
         rows.append(row)
-    out.append(tables.render(headers, rows, right={2, 3, 4, 5, 8, 9, 10, 11}))
+    out.append(tables.render(headers, rows, right={3, 4, 5, 6, 9, 10, 11, 12}))
+    if report.slices:
+        out += ["", render_slices(report.slices)]
     out.extend(f"note: {n}" for n in report.notes)
     return "\n".join(out)
 

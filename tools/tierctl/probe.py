@@ -2,7 +2,8 @@
 
 Primitives: `probe_ram() -> Ram`, `probe_disks() -> list[Disk]`, `disk_of(path, disks)`,
 `probe_gpus() -> list[Gpu]` (nvidia-smi when on PATH, else torch.cuda when a driver is
-present), `parse_nvidia_smi(query_csv, list_output)` (pure, for tests).
+present), `find_gpus() -> (gpus, note)` (the note says why there are none),
+`parse_nvidia_smi(query_csv, list_output)` (pure, for tests), `GPU_QUERY`.
 
 GPU probing avoids importing torch unless a driver is there: on a CPU machine importing
 torch costs seconds and finds nothing.
@@ -65,6 +66,7 @@ class Gpu:
     mig_enabled: bool
     source: str  # "nvidia-smi" or "torch"
     mig: list[MigSlice] = field(default_factory=list)
+    uuid: str = ""  # "GPU-..." (nvidia-smi only)
 
 
 def probe_ram() -> Ram:
@@ -136,18 +138,42 @@ def filesystem_of(path: Path) -> Disk:
 # -- GPUs -----------------------------------------------------------------------------------
 
 _MIG_LINE = re.compile(r"^\s*MIG\s+(\S+)\s+Device\s+(\d+):\s*\(UUID:\s*([^)]+)\)")
-_GPU_LINE = re.compile(r"^GPU\s+(\d+):")
+_GPU_LINE = re.compile(r"^GPU\s+(\d+):.*?(?:\(UUID:\s*([^)]+)\))?\s*$")
 _PROFILE_MEM = re.compile(r"(\d+)gb$")
+_UNIT = re.compile(r"\s*\[[^\]]*\]$")  # " [MiB]" after a column's name in the header
+# What probe_gpus asks for (`--format=csv`: a header, values with their units).
+GPU_QUERY = "index,uuid,name,memory.total,memory.used,mig.mode.current"
+_NOHEADER = ("index", "name", "memory.total", "memory.free", "mig.mode.current")
+
+
+def _mib(value: str) -> int:
+    """Bytes of "143771 MiB" or "143771"; ValueError for "[N/A]" and the like."""
+    return int(value.removesuffix("MiB").strip()) << 20
+
+
+def _csv_rows(query_csv: str) -> list[dict[str, str]]:
+    """Rows of the query by column name: with the header `--format=csv` prints (names with
+    units, which are dropped), or without one in the older `--query-gpu=index,name,
+    memory.total,memory.free,mig.mode.current --format=csv,noheader,nounits` order."""
+    lines = [line for line in query_csv.strip().splitlines() if line.strip()]
+    names = list(_NOHEADER)
+    if lines and lines[0].split(",")[0].strip() == "index":
+        names = [_UNIT.sub("", c.strip()) for c in lines.pop(0).split(",")]
+    return [dict(zip(names, (c.strip() for c in line.split(",")), strict=False))
+            for line in lines]  # fmt: skip
 
 
 def parse_nvidia_smi(query_csv: str, list_output: str) -> list[Gpu]:
-    """`nvidia-smi --query-gpu=index,name,memory.total,memory.free,mig.mode.current
-    --format=csv,noheader,nounits` and `nvidia-smi -L`, parsed."""
+    """`nvidia-smi --query-gpu=GPU_QUERY --format=csv` (or the older form `_csv_rows` reads)
+    and `nvidia-smi -L`, parsed. A MIG instance's memory is its profile's ("1g.18gb":
+    18 GB); `-L` gives nothing finer."""
     migs: dict[int, list[MigSlice]] = {}
+    uuids: dict[int, str] = {}
     current = -1
     for line in list_output.splitlines():
         if m := _GPU_LINE.match(line):
             current = int(m.group(1))
+            uuids[current] = (m.group(2) or "").strip()
         elif (m := _MIG_LINE.match(line)) and current >= 0:
             profile = m.group(1)
             gb = _PROFILE_MEM.search(profile)
@@ -155,16 +181,17 @@ def parse_nvidia_smi(query_csv: str, list_output: str) -> list[Gpu]:
             slices = migs.setdefault(current, [])
             slices.append(MigSlice(current, int(m.group(2)), profile, memory, m.group(3).strip()))
     gpus: list[Gpu] = []
-    for row in query_csv.strip().splitlines():
-        cols = [c.strip() for c in row.split(",")]
-        if len(cols) < 5:
-            continue
+    for row in _csv_rows(query_csv):
         try:
-            index, total, free = int(cols[0]), int(cols[2]), int(cols[3])
-        except ValueError:  # "[N/A]" on some virtualised GPUs
+            index, total = int(row["index"]), _mib(row["memory.total"])
+            free = (_mib(row["memory.free"]) if "memory.free" in row
+                    else total - _mib(row["memory.used"]))  # fmt: skip
+        except (KeyError, ValueError):  # "[N/A]" on some virtualised GPUs
             continue
-        gpus.append(Gpu(index, cols[1], total << 20, free << 20, cols[4] == "Enabled",
-                        "nvidia-smi", migs.get(index, [])))  # fmt: skip
+        uuid = row.get("uuid") or uuids.get(index, "")
+        gpus.append(Gpu(index, row.get("name", "?"), total, free,
+                        row.get("mig.mode.current") == "Enabled", "nvidia-smi",
+                        migs.get(index, []), uuid))  # fmt: skip
     return gpus
 
 
@@ -192,13 +219,24 @@ def _gpus_from_torch() -> list[Gpu]:
     return out
 
 
-def probe_gpus() -> list[Gpu]:
+def find_gpus() -> tuple[list[Gpu], str | None]:
+    """The GPUs, and when there are none, one line saying why."""
     smi = shutil.which("nvidia-smi")
+    driver = Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()
+    note = None
     if smi:
-        query = _run([smi, "--query-gpu=index,name,memory.total,memory.free,mig.mode.current",
-                      "--format=csv,noheader,nounits"])  # fmt: skip
+        query = _run([smi, f"--query-gpu={GPU_QUERY}", "--format=csv"])
         if query is not None:
-            return parse_nvidia_smi(query, _run([smi, "-L"]) or "")
-    if Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists():
-        return _gpus_from_torch()
-    return []
+            gpus = parse_nvidia_smi(query, _run([smi, "-L"]) or "")
+            return gpus, None if gpus else "no GPU: nvidia-smi lists none"
+        note = "no GPU: nvidia-smi failed"
+    if driver:
+        gpus = _gpus_from_torch()
+        return gpus, None if gpus else (note or "no GPU: torch sees none")
+    if note is None:
+        note = "no GPU: nvidia-smi is not on PATH and no NVIDIA driver is loaded"
+    return [], note
+
+
+def probe_gpus() -> list[Gpu]:
+    return find_gpus()[0]
