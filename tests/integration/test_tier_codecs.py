@@ -10,6 +10,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tests.integration.conftest import START_DEADLINE_S, DaemonProcess
 from tests.integration.test_tier_stats import configured
 from tierctl.cli import main as tierctl
 from tierd.core.startup import CATALOG_FILE
+from tierd.tiers.block_header import HEADER_BYTES
 from tierd.tiers.nvme_files import DATA_FILE
 from tierd_client import AttendItem, DataLoss, KVLayout, TierdClient
 from tierd_kernels.codecs import make_codec
@@ -197,13 +199,13 @@ def test_a_lossless_namespace_is_stored_raw_in_a_lossy_tier(daemon: DaemonProces
     assert tierctl(["fsck", "--config", str(config), "--data-dir", str(data)]) == 0
 
 
-def test_a_rebuilt_catalog_never_serves_an_encoded_extent_as_raw_bytes(
+def test_a_rebuilt_catalog_reads_encoded_extents_as_encoded_copies(
     daemon: DaemonProcess,
 ) -> None:
     tokens = np.arange(4 * LAY.block_tokens)
     with TierdClient(daemon.address, tenant="it") as c:
-        lossy, exact = c.open_namespace("rebuild", LAY), c.open_namespace("rebuild", LAY,
-                                                                          lossless=True)
+        lossy = c.open_namespace("rebuild", LAY)
+        exact = c.open_namespace("rebuild", LAY, lossless=True)
         for ns in (lossy, exact):
             keys = c.block_keys(ns, tokens)
             c.put(ns, keys, np.stack([block_for(k) for k in keys]))
@@ -212,16 +214,50 @@ def test_a_rebuilt_catalog_never_serves_an_encoded_extent_as_raw_bytes(
     daemon.stop()
     config, data = daemon.base / "tierd.toml", daemon.base / "data"
     (data / CATALOG_FILE).unlink()
-    tierctl(["fsck", "--config", str(config), "--data-dir", str(data), "--repair"])
+    fsck = ["fsck", "--config", str(config), "--data-dir", str(data)]
+    assert tierctl([*fsck, "--repair"]) == 1
+    assert tierctl(fsck) == 0  # every block came back as the copy it is
     daemon.start()
     with TierdClient(daemon.address, tenant="it") as c:
-        lossy, exact = c.open_namespace("rebuild", LAY), c.open_namespace("rebuild", LAY,
-                                                                          lossless=True)
+        lossy = c.open_namespace("rebuild", LAY)
+        exact = c.open_namespace("rebuild", LAY, lossless=True)
         keys = c.block_keys(lossy, tokens)
         res = c.get(lossy, keys)
-        for k, found, got in zip(keys, res.found, res.blocks):  # a miss, or what kivi4 keeps
-            assert not found or np.array_equal(got, dequantized(block_for(k)))
+        assert all(res.found)  # decoded: what kivi4 kept, never the codes read as floats
+        for k, got in zip(keys, res.blocks):
+            assert np.array_equal(got, dequantized(block_for(k)))
         keys = c.block_keys(exact, tokens)
         res = c.get(exact, keys)  # raw on disk: every block comes back byte-exact
         assert all(res.found)
         assert [got.tobytes() for got in res.blocks] == [block_for(k).tobytes() for k in keys]
+
+
+def test_fsck_rewrites_the_header_of_an_encoded_copy_as_the_copy_it_is(
+    daemon: DaemonProcess,
+) -> None:
+    with TierdClient(daemon.address, tenant="it") as c:
+        ns = c.open_namespace("header", LAY)
+        keys = c.block_keys(ns, np.arange(2 * LAY.block_tokens))
+        c.put(ns, keys, np.stack([block_for(k) for k in keys]))
+        assert c.move(ns, keys, "disk") == 2
+    daemon.stop()
+    config, data = daemon.base / "tierd.toml", daemon.base / "data"
+    with closing(sqlite3.connect(data / CATALOG_FILE)) as db:
+        ((location,),) = db.execute("SELECT location FROM copies WHERE ns_id = ? AND key = ? "
+                                    "AND tier = 'disk'", (ns.id, keys[0])).fetchall()  # fmt: skip
+    fd = os.open(data / "disk" / DATA_FILE, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(HEADER_BYTES), location - HEADER_BYTES)  # a lost header page
+    finally:
+        os.close(fd)
+    fsck = ["fsck", "--config", str(config), "--data-dir", str(data)]
+    assert tierctl([*fsck, "--repair"]) == 1
+    assert tierctl(fsck) == 0  # the rewritten header describes the encoded bytes
+    (data / CATALOG_FILE).unlink()
+    assert tierctl([*fsck, "--repair"]) == 1  # a rebuild finds the block through it
+    daemon.start()
+    with TierdClient(daemon.address, tenant="it") as c:
+        ns = c.open_namespace("header", LAY)
+        res = c.get(ns, keys)
+        assert all(res.found)
+        assert np.array_equal(res.blocks[0], dequantized(block_for(keys[0])))

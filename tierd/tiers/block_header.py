@@ -1,6 +1,7 @@
 """Self-describing NVMe blocks: the header page the daemon writes in front of each block.
 
-Primitives: `BlockHeader` (namespace id and metadata, key, length, checksum, generation),
+Primitives: `BlockHeader` (namespace id and metadata, key, length, checksum, generation,
+encoding),
 `encode(header, mac_key) -> bytes` (one `HEADER_BYTES` page), `decode(page, mac_key) ->
 BlockHeader | None`.
 
@@ -53,6 +54,11 @@ class BlockHeader:
     # then recoverable only if another source names its namespace.
     namespace: NamespaceMeta | None = None
     generation: int = 0  # 0: stamped with the time of encoding
+    # An encoded copy (a tier's codec): `nbytes` and `checksum` are of the stored bytes, so
+    # a rebuild needs how they are encoded and what the block itself is to read them.
+    encoding: str = "raw"
+    block_nbytes: int = 0  # of the block as put (encoded copies only)
+    block_checksum: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ def encode(header: BlockHeader, mac_key: bytes) -> bytes:
         "sum": header.checksum,
         "gen": header.generation or time.time_ns(),
     }
+    if header.encoding != "raw":
+        doc.update(enc=header.encoding, bn=header.block_nbytes, bsum=header.block_checksum)
     if header.namespace is not None:
         m = header.namespace
         doc["nsmeta"] = {"tenant": m.tenant, "model": m.model, "layout": m.layout,
@@ -104,6 +112,7 @@ def decode(page: bytes | memoryview, mac_key: bytes) -> BlockHeader | None:
             NamespaceMeta(str(meta["tenant"]), str(meta["model"]), list(meta["layout"]),
                           [str(x) for x in meta["extra"]]) if meta else None,
             int(doc["gen"]),
+            str(doc.get("enc", "raw")), int(doc.get("bn", 0)), int(doc.get("bsum", 0)),
         )  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return None  # authentic but unreadable: a format this code does not know

@@ -29,7 +29,14 @@ def block_header(block: BlockRef) -> BlockHeader:
     lay = ns.layout
     layout = [lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype, lay.block_tokens]
     meta = NamespaceMeta(ns.tenant, ns.model, layout, list(ns.extra_keys))
-    return BlockHeader(ns.id, block.key, block.nbytes, block.checksum, meta)
+    # A copy stored encoded is described by the transfer engine's stand-in for the block
+    # (its stored bytes, their encoding, the block's own size and checksum).
+    encoding = getattr(block, "encoding", "raw")
+    if encoding == "raw":
+        return BlockHeader(ns.id, block.key, block.nbytes, block.checksum, meta)
+    stored: Any = block
+    return BlockHeader(ns.id, block.key, block.nbytes, block.checksum, meta, 0, encoding,
+                       stored.block_nbytes, stored.block_checksum)  # fmt: skip
 
 
 class NvmeTier(Tier):

@@ -68,6 +68,9 @@ class _Stored:
     nbytes: int
     checksum: int
     layer_sums: tuple[int, ...] | None
+    encoding: str  # what the stored bytes are: with the block's size and checksum, a
+    block_nbytes: int  # header says enough for a rebuild to read them back
+    block_checksum: int
 
 
 Route = Callable[["TransferEngine", Sequence[Move]], list["Future[Outcome]"]]
@@ -268,7 +271,8 @@ def _stored_form(m: Move, data: memoryview) -> tuple[BlockRef, memoryview] | Non
     copy = m.result
     if as_put(entry, copy):
         return entry, data
-    return _Stored(entry.ns, entry.key, copy.length, copy.checksum, copy.layer_sums), data
+    return _Stored(entry.ns, entry.key, copy.length, copy.checksum, copy.layer_sums,
+                   copy.encoding, entry.nbytes, entry.checksum), data  # fmt: skip
 
 
 def _bounced(engine: TransferEngine, moves: Sequence[Move]) -> list[Future[Outcome]]:

@@ -128,7 +128,9 @@ def _rewrite_headers(place: TierPlace, result: Scan, items: list[tuple[BlockRow,
     size = (place.path / DATA_FILE).stat().st_size // ALIGNMENT * ALIGNMENT
     with NvmeStore(place.path, size, backend=PosixBackend(), headers=True) as store:
         for r, c in items:
-            header = BlockHeader(r.ns_id, r.key, r.nbytes, r.checksum, result.meta.get(r.ns_id))
+            # The copy's stored bytes, which an encoded copy's are not the block's.
+            header = BlockHeader(r.ns_id, r.key, c.length, c.checksum, result.meta.get(r.ns_id),
+                                 0, c.encoding, r.nbytes, r.checksum)  # fmt: skip
             store.write_header(int(c.location), header)
 
 

@@ -340,9 +340,10 @@ def _check_header(scan: Scan, tier: str, store: NvmeStore, e: Extent) -> None:
     elif (h.ns_id, h.key) != (row.ns_id, row.key):
         scan.flag_header(e.v, tier, f"the header page names the block {h.ns_id.hex()[:8]}/"
                                     f"{h.key.hex()}")  # fmt: skip
-    elif (h.nbytes, h.checksum) != (e.copy.length, e.copy.checksum):  # encoded: its own
+    elif (h.nbytes, h.checksum, h.encoding) != (e.copy.length, e.copy.checksum,
+                                                 e.copy.encoding):  # encoded: its own  # fmt: skip
         scan.flag_header(e.v, tier, f"the header page says {h.nbytes} bytes, xxh3 "
-                                    f"{h.checksum:#018x}")  # fmt: skip
+                                    f"{h.checksum:#018x}, {h.encoding}")  # fmt: skip
 
 
 def _check_host(scan: Scan, tier: str, shm_dir: Path, tag: str, tenant: str,

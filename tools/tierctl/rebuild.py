@@ -157,7 +157,7 @@ def _newest(found: dict[_Ident, list[_Found]], out: Rebuilt, order: dict[str, in
         h = newest.header
         copies: dict[str, _Found] = {}
         for f in headers:
-            same = (f.header.nbytes, f.header.checksum) == (h.nbytes, h.checksum)
+            same = _block_of(f.header) == _block_of(h)
             have = copies.get(f.place.name)
             if same and (have is None or f.header.generation > have.header.generation):
                 if have is not None:
@@ -168,8 +168,18 @@ def _newest(found: dict[_Ident, list[_Found]], out: Rebuilt, order: dict[str, in
                 out.duplicates += 1
                 f.store.zero_header(f.offset)
         kept = sorted(copies.values(), key=lambda f: order[f.place.name])
-        rows = tuple(CopyRow(f.place.name, f.offset, h.nbytes, h.checksum) for f in kept)
-        blocks[ident] = BlockRow(h.ns_id, h.key, h.nbytes, h.checksum, False, now, copies=rows)
+        rows = tuple(CopyRow(f.place.name, f.offset, f.header.nbytes, f.header.checksum,
+                             f.header.encoding) for f in kept)  # fmt: skip
+        nbytes, digest = _block_of(h)
+        blocks[ident] = BlockRow(h.ns_id, h.key, nbytes, digest, False, now, copies=rows)
+
+
+def _block_of(h: BlockHeader) -> tuple[int, int]:
+    """The size and checksum of the block a header's copy holds (an encoded copy's header
+    names them beside those of its stored bytes)."""
+    if h.encoding == "raw":
+        return h.nbytes, h.checksum
+    return h.block_nbytes, h.block_checksum
 
 
 _ShardRow = tuple[_Ident, tuple[int, int, int]]  # (ns_id, key), (offset, nbytes, checksum)
