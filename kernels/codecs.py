@@ -27,7 +27,7 @@ zero [H, T, D/v_group] float16 each. int8/fp8: K|V codes [2, H, T, D] then scale
 Error: a kivi element is off by at most half its group's step (scale / 2) plus the
 float16 rounding of the group's range; int8 by half of amax/127; fp8 by e4m3's relative
 rounding (2^-4) of the scaled value. Non-finite inputs are refused: a NaN would poison a
-whole group's range.
+whole group's range; so are inputs kivi's float16 scales and zero points cannot reach.
 """
 
 from __future__ import annotations
@@ -226,6 +226,11 @@ class Kivi(Codec):
         kc, ks, kz = _affine(k.view(heads, tokens // kg, kg, dim), 2, self.bits)
         # Values: per token over groups of vg channels.
         vc, vs, vz = _affine(v.view(heads, tokens, dim // vg, vg), 3, self.bits)
+        # A finite float32/bfloat16 value past float16's range makes an infinite zero point
+        # or scale, which would decode its whole group to inf/NaN.
+        if not all(bool(torch.isfinite(p).all()) for p in (ks, kz, vs, vz)):
+            raise ValueError(f"{self.name}: values past the range of its float16 scales and "
+                             "zero points: not encoded")  # fmt: skip
         parts = [
             pack(kc.view(heads, tokens, dim), self.bits),
             pack(vc.view(heads, tokens, dim), self.bits),

@@ -16,6 +16,7 @@ from tierd.config import Config, TierSpec
 from tierd.core.catalog import Catalog
 from tierd.core.service import CacheService
 from tierd.core.startup import CATALOG_FILE
+from tierd.errors import Unavailable
 from tierd.transfer.encoding import RAW, encoding_for, stored_bytes
 from tierd_client.layout import KVLayout
 from tierd_kernels.codecs import make_codec
@@ -115,3 +116,24 @@ def test_attend_on_codes_equals_attend_on_decoded_blocks(svc: CacheService) -> N
         want = dense(q, kv_seen[layer, 0].float(), kv_seen[layer, 1].float())
         assert ((out.double() - want).norm() / want.norm()) <= 1e-5
     svc.attend.close_sequence(seq_id)
+
+
+def test_a_block_kivi_cannot_hold_stays_exact_and_is_never_served_as_nan(
+    svc: CacheService,
+) -> None:
+    ns, _, _, kv = put_sequence(svc, LAY, 1, seed=11)
+    big = kv.clone()
+    big[0, 0, 0, 0, 0] = -1e5  # finite in bfloat16; past float16's range
+    key = bytes(16)
+    held = svc.store_block(ns, key, memoryview(big[:, :, :, :16].contiguous().view(torch.uint8)
+                                               .numpy()).cast("B"))  # fmt: skip
+    assert held is not None
+    with svc.cond:
+        svc.drop_reader(held)
+    with pytest.raises(Unavailable):
+        svc.move(ns.id, [key], "far")  # kivi2 refuses it: no copy made, nothing dropped
+    assert list(held.copies) == ["mem"]
+    got = svc.prepare_get(ns.id, [key])
+    out = torch.frombuffer(bytearray(svc.view(ns, got.slots[0].offset)), dtype=torch.bfloat16)
+    svc.release(got.lease_id)
+    assert torch.equal(out.view(LAY.block_shape), big[:, :, :, :16])

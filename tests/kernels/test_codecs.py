@@ -131,6 +131,15 @@ def test_non_finite_blocks_are_refused(name, bad):
         make_codec(name).encode(b)
 
 
+@pytest.mark.parametrize("value", [-1e5, 2e6])
+@pytest.mark.parametrize("name", ["kivi4", "kivi2"])
+def test_kivi_refuses_ranges_its_float16_scales_cannot_hold(name, value):
+    b = block(dtype=torch.float32)
+    b[1, 0, 1, 3, 9] = value  # finite, but no float16 zero point or scale reaches it
+    with pytest.raises(ValueError, match="float16"):
+        make_codec(name).encode(b)
+
+
 @pytest.mark.parametrize(
     ("name", "params", "shape", "match"),
     [

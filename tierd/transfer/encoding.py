@@ -20,7 +20,8 @@ tiers) is re-quantized from the decoded values: its error is at most the sum of 
 codecs' bounds, never compounded silently past that, and a copy that is already in the
 target encoding is never re-encoded (the bytes are copied as they are). Non-finite values,
 which no usable cache holds, are stored as 0 by lossy codecs, so such a block still moves
-down instead of staying stuck above.
+down instead of staying stuck above. A finite block a codec cannot represent (kivi's
+float16 ranges) is refused: the move fails and the block keeps the copies it had.
 """
 
 from __future__ import annotations
