@@ -89,10 +89,13 @@ class WeightStreamer:
     must hold at least two slots (one computing, one being filled)."""
 
     def __init__(self, model: Any, budget_bytes: int, lookahead: int = 1,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+                 device: torch.device | str | None = None,
+                 layers: list[torch.nn.Module] | None = None) -> None:  # fmt: skip
+        """`layers`: the modules streamed (default: the decoder layers); a subclass streams
+        other units (`moe_streaming` streams one MoE layer's experts)."""
         if lookahead < 1:
             raise ValueError("lookahead must be at least 1")
-        self.layers = decoder_layers(model)
+        self.layers = decoder_layers(model) if layers is None else list(layers)
         self.device = torch.device(device) if device is not None else _param_device(model)
         self._cuda = self.device.type == "cuda"
         self.host: list[dict[str, torch.Tensor]] = []
@@ -129,9 +132,13 @@ class WeightStreamer:
         self._pool = (
             None if self._cuda else ThreadPoolExecutor(1, thread_name_prefix="tierd-stream")
         )
-        self._hooks = []
-        for i, layer in enumerate(self.layers):
+        self._hooks: list[Any] = []
+        for i in range(len(self.layers)):
             self._detach(i)
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._before(i)))
             self._hooks.append(layer.register_forward_hook(self._after(i)))
 
