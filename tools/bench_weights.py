@@ -201,15 +201,15 @@ def streaming(address: str, fingerprint: str, fractions: list[float], prompt: in
     doc: dict[str, Any] = {"layers_bytes": total, "prompt_tokens": prompt, "rounds": rounds,
                            "resident_prompt_ms": r_prompt * 1e3,
                            "resident_step_ms": r_step * 1e3, "budgets": {}}  # fmt: skip
-    for frac in map(str, fractions):
-        s_prompt, s_step = med[frac]
-        st = stats[frac]
-        doc["budgets"][frac] = {
+    for key in map(str, fractions):
+        s_prompt, s_step = med[key]
+        st = stats[key]
+        doc["budgets"][key] = {
             "slots": st.slots, "prompt_ms": s_prompt * 1e3, "step_ms": s_step * 1e3,
             "prompt_over_resident": s_prompt / r_prompt, "step_over_resident": s_step / r_step,
-            # per round: 2 prompt forwards and 2 steps, each a pass over every layer
+            # the last round's streamer: 2 prompt forwards and 2 steps, each a pass over the layers
             "waits_per_round": st.waits, "copied_mib_per_round": st.copied_bytes / 2**20,
-            "identical_logits": all(torch.equal(a, b) for run in runs[frac]
+            "identical_logits": all(torch.equal(a, b) for run in runs[key]
                                     for a, b in zip(run[2], want)),
         }  # fmt: skip
     return doc
