@@ -158,12 +158,23 @@ def bench_redis(block: int, total: int, workdir: Path) -> tuple[float, float] | 
 class Daemon:
     """A tierd on a private socket and data dir, for the length of one measurement."""
 
-    def __init__(self, workdir: Path, host: int, nvme: int, name: str) -> None:
+    def __init__(self, workdir: Path, host: int, nvme: int, name: str,
+                 nvme_codec: str = "raw") -> None:  # fmt: skip
         self.dir = workdir / name
         self.address = f"unix:{self.dir}/tierd.sock"
         cmd = [sys.executable, "-m", "tierd", "serve", "--listen", self.address,
-               "--data-dir", str(self.dir / "data"), "--host-capacity", str(host),
-               "--nvme-capacity", str(nvme), "--log-level", "WARNING"]  # fmt: skip
+               "--data-dir", str(self.dir / "data"), "--log-level", "WARNING"]  # fmt: skip
+        if nvme_codec == "raw":
+            cmd += ["--host-capacity", str(host), "--nvme-capacity", str(nvme)]
+        else:  # the same two tiers, as a chain whose NVMe tier encodes
+            self.dir.mkdir(parents=True, exist_ok=True)
+            config = self.dir / "tierd.toml"
+            config.write_text(
+                f'[[tiers]]\nname = "host"\nkind = "host"\ncapacity = {host}\n\n'
+                f'[[tiers]]\nname = "nvme"\nkind = "nvme"\ncapacity = {nvme}\n'
+                f'codec = "{nvme_codec}"\n'
+            )
+            cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd)
 
     def client(self, transport: str) -> TierdClient:
