@@ -8,7 +8,8 @@ step (the prompt's prefill is not in the figures):
   host    attention in tierd, KV in the host tier (`tierd_client.hf`)
   nvme    attention in tierd, KV in the NVMe tier
   fetch   fetch-then-compute: the prompt's KV as blocks in the NVMe tier; every step gets
-          all of them back (one `get`) and attends in the worker (the FlexGen-style
+          all of them back (one `get`, the blocks moved back to NVMe untimed before it, since
+          a get promotes them) and attends in the worker (the FlexGen-style
           baseline, as InstInfer compares with)
 plus the per-layer attend round trip (p50, p99) measured inside the host run. Every
 placement's greedy tokens are compared with `local`'s (reported, and the exit status is
@@ -163,6 +164,9 @@ def run_fetch(model: Any, client: TierdClient, ids: list[int], new: int, tag: st
     token, tokens, steps = int(out.logits[0, -1].argmax()), [], []
     for _ in range(new):
         tokens.append(token)
+        # A get promotes what it reads into host memory: put the blocks back on NVMe
+        # (untimed), so every step fetches from the disk as the baseline means to.
+        client.move(ns, keys, "nvme")
         t0 = time.perf_counter()
         got = client.get(ns, keys, out=buf)
         if not all(got.found):
