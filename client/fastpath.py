@@ -23,7 +23,6 @@ the daemon vanished mid-call, an interrupt) is closed, never reused.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import select
@@ -39,13 +38,13 @@ import numpy as np
 from . import attend_ring as wire
 from . import errors
 from .attend import AttendOutput
+from .shm import exchange
 from .status import ERROR_OF
 
 HANDOFF_TIMEOUT = 5.0
 RETRY_S = 2.0  # after a ring could not be opened, gRPC only for this long
 MAX_RINGS = 4  # per client: concurrent calls beyond this go over gRPC
 SPIN_S = 50e-6  # how long a caller watches for its response before sleeping
-_MAX_REPLY = 4096
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -168,44 +167,21 @@ def request_ring(
     """The handoff of a ring: the connection (its lifeline), the area size, and the four
     descriptors (request file, response file, request and response doorbells). The
     caller owns all of them."""
-    fds: list[int] = []
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(handoff)
-        sock.sendall(json.dumps({"tenant": tenant, "token": token, "kind": "ring"}).encode()
-                     + b"\n")  # fmt: skip
-        data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 4)
-        while b"\n" not in data and len(data) < _MAX_REPLY:
-            more = sock.recv(_MAX_REPLY - len(data))
-            if not more:
-                break
-            data += more
-        reply = json.loads(data.split(b"\n", 1)[0])
-        if not isinstance(reply, dict):
-            raise TypeError("not a JSON object")
-        if not reply.get("ok"):
-            cls = getattr(errors, str(reply.get("code")), None)
-            if not (isinstance(cls, type) and issubclass(cls, errors.TierdError)):
-                cls = errors.Unavailable
-            raise cls(f"attend ring refused: {reply.get('error')}", field="rings")
+
+    def parse(reply: dict[str, Any], fds: list[int]) -> tuple[int, list[int]]:
         if reply.get("kind") != "ring" or reply.get("version") != 1:
             # An older daemon answers every request with the tenant's segment.
             raise errors.FailedPrecondition("the daemon offers no attend rings", field="rings")
         if len(fds) != 4:
             raise errors.Internal(f"the daemon handed over {len(fds)} descriptors, not 4",
                                   field="rings")  # fmt: skip
-        area = int(reply["area_bytes"])
-        sock.settimeout(None)
-        return sock, area, fds
-    except BaseException as e:
-        sock.close()
-        for fd in fds:
-            os.close(fd)
-        if isinstance(e, (OSError, ValueError, KeyError, TypeError)):
-            raise errors.Unavailable(f"attend ring handoff at {handoff} failed: {e!r}",
-                                     field="rings") from e  # fmt: skip
-        raise
+        return int(reply["area_bytes"]), list(fds)
+
+    (area, fds), sock = exchange(handoff, {"tenant": tenant, "token": token, "kind": "ring"},
+                                 max_fds=4, timeout=timeout, what="attend ring", field="rings",
+                                 parse=parse, keep=True)  # fmt: skip
+    assert sock is not None
+    return sock, area, fds
 
 
 def open_ring(handoff: str, tenant: str, token: str | None,

@@ -16,19 +16,17 @@ harm to them.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import errors
 from ._proto import tierd_pb2 as pb
 from .errors import FailedPrecondition, Internal
 from .hostinfo import host_id
+from .shm import exchange
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +34,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 REGISTER_TIMEOUT_S = 600.0  # the daemon reads and converts the whole model in this call
-_MAX_REPLY = 4096
 
 
 @dataclass(frozen=True)
@@ -91,46 +88,17 @@ def receive_weights_fd(handoff: str, tenant: str, token: str | None, model: str,
                        timeout: float) -> tuple[int, int, str]:  # fmt: skip
     """Ask the daemon at `handoff` for `model`'s area: (descriptor, size, fingerprint);
     the caller owns the descriptor."""
-    fds: list[int] = []
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(handoff)
-            request = {"tenant": tenant, "token": token, "kind": "weights", "model": model}
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 1)
-            while b"\n" not in data and len(data) < _MAX_REPLY:
-                more = sock.recv(_MAX_REPLY - len(data))
-                if not more:
-                    break
-                data += more
-        reply = json.loads(data.split(b"\n", 1)[0])
-        if not isinstance(reply, dict):
-            raise TypeError("not a JSON object")
-        if not reply.get("ok"):
-            cls = getattr(errors, str(reply.get("code")), None)
-            if not (isinstance(cls, type) and issubclass(cls, errors.TierdError)):
-                cls = errors.Unavailable
-            raise cls(f"weights refused: {reply.get('error')}", field="model")
+
+    def parse(reply: dict[str, Any], fds: list[int]) -> tuple[int, int, str]:
         if reply.get("kind") != "weights" or len(fds) != 1:
             raise FailedPrecondition("the daemon does not hand over weights (older daemon?)",
                                      field="model")  # fmt: skip
         return fds[0], int(reply["size"]), str(reply["fingerprint"])
-    except errors.TierdError:
-        _close_all(fds)
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        _close_all(fds)
-        raise errors.Unavailable(f"weights handoff at {handoff} failed: {e!r}",
-                                 field="model") from e  # fmt: skip
-    except BaseException:
-        _close_all(fds)
-        raise
 
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+    request = {"tenant": tenant, "token": token, "kind": "weights", "model": model}
+    handed, _ = exchange(handoff, request, max_fds=1, timeout=timeout, what="weights",
+                         field="model", parse=parse)  # fmt: skip
+    return handed
 
 
 def _tensor(mm: mmap.mmap, t: ModelTensor, size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The tenant's shared memory in this process: received as descriptors, mapped once.
 
 Primitives: `SegmentMaps(tenant, token)` (`.map(segment) -> Mapping`,
-`.unusable(segment) -> reason | None`, `.close()`), `receive_fds(...)`,
+`.unusable(segment) -> reason | None`, `.close()`), `receive_fds(...)`, `exchange(...)`
+(one handoff exchange: the shared-memory, attend-ring and weights handoffs all use it),
 `slot_view(mm, offset, layout) -> np.ndarray`.
 
 The daemon never gives out a path. A client connects to the handoff socket the daemon
@@ -24,8 +25,9 @@ import mmap
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +37,7 @@ from .hostinfo import host_id
 from .layout import KVLayout
 
 HANDOFF_TIMEOUT = 5.0
+T = TypeVar("T")
 _MAX_REPLY = 4096
 
 
@@ -54,21 +57,27 @@ class HandedFds:
     instance: bytes
 
 
-def receive_fds(handoff: str, tenant: str, token: str | None,
-                timeout: float = HANDOFF_TIMEOUT) -> HandedFds:  # fmt: skip
-    """Ask the daemon at `handoff` for `tenant`'s shared memory; the caller owns the fds."""
+def exchange(handoff: str, request: dict[str, Any], *, max_fds: int, timeout: float,
+             what: str, field: str, parse: Callable[[dict[str, Any], list[int]], T],
+             keep: bool = False) -> tuple[T, socket.socket | None]:  # fmt: skip
+    """One handoff exchange: send `request` (JSON) to the daemon at `handoff`, receive its
+    reply with up to `max_fds` descriptors, and `parse(reply, fds)` into the result. A
+    refusal raises the error class the daemon named (`what` refused); anything garbled,
+    refused or timed out raises Unavailable; either way every descriptor received (and
+    the connection) is closed. `keep`: return the open connection too (its life is the
+    caller's: an attend ring lives as long as it); else it is closed and None returned."""
     fds: list[int] = []
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(handoff)
-            sock.sendall(json.dumps({"tenant": tenant, "token": token}).encode() + b"\n")
-            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 2)
-            while b"\n" not in data and len(data) < _MAX_REPLY:
-                more = sock.recv(_MAX_REPLY - len(data))
-                if not more:
-                    break
-                data += more
+        sock.settimeout(timeout)
+        sock.connect(handoff)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, max_fds)
+        while b"\n" not in data and len(data) < _MAX_REPLY:
+            more = sock.recv(_MAX_REPLY - len(data))
+            if not more:
+                break
+            data += more
         reply = json.loads(data.split(b"\n", 1)[0])
         if not isinstance(reply, dict):
             raise TypeError("not a JSON object")
@@ -76,22 +85,39 @@ def receive_fds(handoff: str, tenant: str, token: str | None,
             cls = getattr(errors, str(reply.get("code")), None)
             if not (isinstance(cls, type) and issubclass(cls, errors.TierdError)):
                 cls = errors.Unavailable
-            raise cls(f"shared memory refused: {reply.get('error')}", field="segment")
+            raise cls(f"{what} refused: {reply.get('error')}", field=field)
+        result = parse(reply, fds)
+    except BaseException as e:
+        sock.close()
+        _close_all(fds)
+        if isinstance(e, (OSError, ValueError, KeyError, TypeError)) and not isinstance(
+            e, errors.TierdError
+        ):  # timeout, refused, garbled
+            raise errors.Unavailable(f"{what} handoff at {handoff} failed: {e!r}",
+                                     field=field) from e  # fmt: skip
+        raise
+    if keep:
+        sock.settimeout(None)
+        return result, sock
+    sock.close()
+    return result, None
+
+
+def receive_fds(handoff: str, tenant: str, token: str | None,
+                timeout: float = HANDOFF_TIMEOUT) -> HandedFds:  # fmt: skip
+    """Ask the daemon at `handoff` for `tenant`'s shared memory; the caller owns the fds."""
+
+    def parse(reply: dict[str, Any], fds: list[int]) -> HandedFds:
         if len(fds) != 2:
             raise Internal(f"daemon handed over {len(fds)} descriptors, not 2",
                            field="segment")  # fmt: skip
         return HandedFds(fds[0], int(reply["size"]), fds[1], int(reply["staging_size"]),
                          bytes.fromhex(reply["instance"]))  # fmt: skip
-    except errors.TierdError:
-        _close_all(fds)
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:  # timeout, refused, garbled
-        _close_all(fds)
-        raise errors.Unavailable(f"shared-memory handoff at {handoff} failed: {e!r}",
-                                 field="segment") from e  # fmt: skip
-    except BaseException:
-        _close_all(fds)
-        raise
+
+    handed, _ = exchange(handoff, {"tenant": tenant, "token": token}, max_fds=2,
+                         timeout=timeout, what="shared memory", field="segment",
+                         parse=parse)  # fmt: skip
+    return handed
 
 
 def _close_all(fds: list[int]) -> None:
