@@ -5,6 +5,8 @@ Primitives:
   `interpreting() -> bool`   whether TRITON_INTERPRET runs kernels on the CPU
   `decode_attention(q, kv_pool, block_table, seq_lens, layer, *, scale, split_tokens)
       -> AttentionOutput`
+  `check_device_and_table`, `split_plan`, `merged`: the launch's checks, plan and merge,
+      shared with `triton_codes`
 
 One query token per sequence (a decode step), grouped-query heads. The pool is every block
 in one tensor `[num_blocks, layers, 2, kv_heads, block_tokens, dim]` (tierd's block
@@ -103,7 +105,13 @@ def _check(
         raise ValueError("kv_pool and block_table must be contiguous")
     if q.stride(-1) != 1:
         raise ValueError("q's last dimension must be contiguous")
-    devices = {t.device for t in (q, kv_pool, block_table, seq_lens)}
+    check_device_and_table(q, kv_pool, block_table, seq_lens, block_tokens)
+
+
+def check_device_and_table(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tokens: int) -> None:  # fmt: skip
+    """One device Triton can run on; and on the CPU, lengths and block indices in range."""
+    devices = {t.device for t in (q, pool, block_table, seq_lens)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
@@ -118,8 +126,29 @@ def _check(
             raise ValueError(f"seq_lens must be in [0, {capacity}] (block_table width x tokens)")
         used = torch.arange(block_table.shape[1]) * block_tokens < seq_lens.unsqueeze(1)
         ids = block_table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= kv_pool.shape[0]):
-            raise ValueError(f"block_table holds indices outside [0, {kv_pool.shape[0]})")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= pool.shape[0]):
+            raise ValueError(f"block_table holds indices outside [0, {pool.shape[0]})")
+
+
+def split_plan(q: torch.Tensor, block_table: torch.Tensor, block_tokens: int,
+               split_tokens: int) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Tile and split sizes of a paged decode launch, and its partial outputs:
+    (tile tokens, split tokens, splits, out [batch, heads, splits, dim], lse)."""
+    batch, heads, dim = q.shape
+    block_n = tile_tokens(block_tokens)
+    # Whole tiles need every split to start on a tile boundary.
+    split_tokens = -(-split_tokens // block_n) * block_n
+    splits = max(1, math.ceil(block_table.shape[1] * block_tokens / split_tokens))
+    out = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    return block_n, split_tokens, splits, out, lse
+
+
+def merged(out: torch.Tensor, lse: torch.Tensor) -> AttentionOutput:
+    """The splits' partials merged exactly (log-sum-exp) into one result per head."""
+    if out.shape[2] == 1:
+        return AttentionOutput(out[:, :, 0], lse[:, :, 0])
+    return merge_stacked(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))
 
 
 def decode_attention(
@@ -144,13 +173,9 @@ def decode_attention(
     kv_heads, block_tokens = kv_pool.shape[3], kv_pool.shape[4]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    block_n = tile_tokens(block_tokens)
+    block_n, split_tokens, splits, out, lse = split_plan(q, block_table, block_tokens,
+                                                         split_tokens)  # fmt: skip
     whole_tiles = block_tokens % block_n == 0
-    # Whole tiles need every split to start on a tile boundary.
-    split_tokens = -(-split_tokens // block_n) * block_n
-    splits = max(1, math.ceil(block_table.shape[1] * block_tokens / split_tokens))
-    out = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     if batch == 0:
         return AttentionOutput(out[:, :, 0], lse[:, :, 0])
     exact_in_tf32 = q.dtype != torch.float32 and kv_pool.dtype != torch.float32
@@ -168,6 +193,4 @@ def decode_attention(
         NATIVE_QK=exact_in_tf32 and q.dtype == kv_pool.dtype and not interpreting(),
         **LAUNCH,
     )  # fmt: skip
-    if splits == 1:
-        return AttentionOutput(out[:, :, 0], lse[:, :, 0])
-    return merge_stacked(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))
+    return merged(out, lse)

@@ -22,20 +22,19 @@ import math
 import torch
 
 from .codecs import Codec, Kivi, Shape, _PerToken
-from .merge import merge_stacked
 from .reference import AttentionOutput
 from .triton_attention import (
+    _FLOATS,
+    _INDEX,
     DEFAULT_SPLIT_TOKENS,
     LAUNCH,
     MIN_DOT,
     _pow2,
-    interpreting,
-    tile_tokens,
+    check_device_and_table,
+    merged,
+    split_plan,
     triton_available,
 )
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX = (torch.int32, torch.int64)
 
 
 def _kind(codec: Codec) -> tuple[int, int]:
@@ -89,21 +88,7 @@ def _check(q: torch.Tensor, pool: torch.Tensor, codec: Codec, block_shape: tuple
         raise ValueError("split_tokens must be positive")
     if not pool.is_contiguous() or not block_table.is_contiguous() or q.stride(-1) != 1:
         raise ValueError("pool and block_table must be contiguous, and q's last dimension")
-    devices = {t.device for t in (q, pool, block_table, seq_lens)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    device = devices.pop()
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(f"inputs are on {device}: Triton needs CUDA tensors, "
-                         "or CPU tensors with TRITON_INTERPRET=1")  # fmt: skip
-    if device.type == "cpu":  # bounds read the tables: free here, a stall on a GPU
-        capacity = block_table.shape[1] * block_tokens
-        if bool((seq_lens < 0).any()) or bool((seq_lens > capacity).any()):
-            raise ValueError(f"seq_lens must be in [0, {capacity}] (block_table width x tokens)")
-        used = torch.arange(block_table.shape[1]) * block_tokens < seq_lens.unsqueeze(1)
-        ids = block_table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= pool.shape[0]):
-            raise ValueError(f"block_table holds indices outside [0, {pool.shape[0]})")
+    check_device_and_table(q, pool, block_table, seq_lens, block_tokens)
     return record
 
 
@@ -134,12 +119,9 @@ def decode_attention_codes(
     batch, heads, _ = q.shape
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    block_n = tile_tokens(block_tokens)
+    block_n, split_tokens, splits, out, lse = split_plan(q, block_table, block_tokens,
+                                                         split_tokens)  # fmt: skip
     whole = block_tokens % block_n == 0  # tiles inside one block (and one key group?)
-    split_tokens = -(-split_tokens // block_n) * block_n
-    splits = max(1, math.ceil(block_table.shape[1] * block_tokens / split_tokens))
-    out = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     if batch == 0:
         return AttentionOutput(out[:, :, 0], lse[:, :, 0])
     codes = pool.view(torch.float8_e4m3fn if kind == 1 else torch.int8)
@@ -155,6 +137,4 @@ def decode_attention_codes(
         WHOLE_TILES=whole, TILE_IN_K_GROUP=whole and kg % block_n == 0,
         **LAUNCH,
     )  # fmt: skip
-    if splits == 1:
-        return AttentionOutput(out[:, :, 0], lse[:, :, 0])
-    return merge_stacked(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))
+    return merged(out, lse)
