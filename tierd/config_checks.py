@@ -75,6 +75,18 @@ def _address(key: str, addr: str) -> bool:
     return True
 
 
+_HOST_PORT_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
+
+
+def host_port(value: object, key: str, what: str = "host:port") -> tuple[str, int]:
+    """A TCP HOST:PORT ([v6]:PORT too) as (host without brackets, port); otherwise a
+    ConfigError naming `key`: "<value> is not <what>"."""
+    m = _HOST_PORT_RE.match(value) if isinstance(value, str) else None
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise ConfigError(key, f"{show(value)} is not {what}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
 def _printable(key: str, text: str) -> None:
     if not text.isprintable():
         raise ConfigError(key, f"{show(text)} contains control or non-printable characters")

@@ -14,15 +14,13 @@ so it is required as soon as either side is configured. `ca_file`, `cert_file` a
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tierd.config_checks import key_name, show
+from tierd.config_checks import host_port, key_name, show
 from tierd.errors import ConfigError
 
-_ADDRESS_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
 PROTOCOLS = ("tcp", "rdma")
 MAX_PEERS = 64
 
@@ -51,9 +49,7 @@ class PeersConfig:
 
 
 def _address(value: object, where: str) -> str:
-    m = _ADDRESS_RE.match(value) if isinstance(value, str) else None
-    if m is None or not 1 <= int(m.group(2)) <= 65535:
-        raise ConfigError(where, f"expected HOST:PORT (TCP), got {show(value)}")
+    host_port(value, where, "HOST:PORT (TCP)")
     return str(value)
 
 

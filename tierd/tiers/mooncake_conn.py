@@ -17,12 +17,11 @@ setting a client up while the master is down blocks for a minute and a half, so 
 
 from __future__ import annotations
 
-import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tierd.config_checks import show
+from tierd.config_checks import host_port, show
 from tierd.errors import ConfigError
 from tierd.tiers.store_options import COMMON, check_common
 
@@ -42,7 +41,6 @@ OPTIONS: dict[str, Any] = {
     **COMMON,
 }
 MIN_SEGMENT = 16 << 20  # Mooncake refuses to mount smaller segments (status -600)
-_ADDR_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
 
 # Codes about the request, not the store's health (Mooncake's error codes).
 NO_SPACE = -600  # no segment has room for the object
@@ -82,12 +80,10 @@ class MooncakeOptions:
     def of(cls, spec: TierSpec, where: str) -> MooncakeOptions:
         o = {k: spec.option(k, d) for k, d in OPTIONS.items()}
         check_common(o, spec, where)
-        m = _ADDR_RE.match(o["master"]) if isinstance(o["master"], str) else None
-        if m is None or not 0 < int(m.group(2)) < 65536:
-            raise ConfigError(f"{where}.master", "the master's host:port, e.g. "
-                              f'"10.0.0.5:50051", got {show(o["master"])}')  # fmt: skip
-        master = (m.group(1).strip("[]"), int(m.group(2)))
-        meta = o["metadata_server"] or f"http://{m.group(1)}:8080/metadata"
+        master = host_port(o["master"], f"{where}.master",
+                           "the master's host:port (e.g. 10.0.0.5:50051)")  # fmt: skip
+        host = f"[{master[0]}]" if ":" in master[0] else master[0]
+        meta = o["metadata_server"] or f"http://{host}:8080/metadata"
         if not (meta == "P2PHANDSHAKE" or meta.startswith(("http://", "etcd://"))):
             raise ConfigError(f"{where}.metadata_server", "an http:// or etcd:// address, or "
                               f"P2PHANDSHAKE, got {show(meta)}")  # fmt: skip

@@ -11,12 +11,11 @@ a failed call means, and a retry would only stretch a call past its deadline.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tierd.config_checks import show
+from tierd.config_checks import host_port, show
 from tierd.errors import ConfigError
 from tierd.tiers.store_options import COMMON, check_common
 
@@ -35,7 +34,6 @@ OPTIONS: dict[str, Any] = {
     "key_file": "",
     **COMMON,
 }
-_NODE_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]\s]+):([0-9]{1,5})$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -60,12 +58,7 @@ class RedisOptions:
         """The spec's options, checked; `where` prefixes the keys errors name."""
         o = {k: spec.option(k, d) for k, d in OPTIONS.items()}
         check_common(o, spec, where)
-        nodes = []
-        for addr in o["nodes"]:
-            m = _NODE_RE.match(addr) if isinstance(addr, str) else None
-            if m is None or not 0 < int(m.group(2)) < 65536:
-                raise ConfigError(f"{where}.nodes", f"{show(addr)} is not host:port")
-            nodes.append((m.group(1).strip("[]"), int(m.group(2))))
+        nodes = [host_port(addr, f"{where}.nodes") for addr in o["nodes"]]
         if not nodes:
             raise ConfigError(f"{where}.nodes", 'name at least one node, e.g. ["10.0.0.5:6379"]')
         if o["mode"] not in ("cluster", "single"):

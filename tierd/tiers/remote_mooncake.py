@@ -35,7 +35,6 @@ from tierd.tiers import mooncake_conn
 from tierd.tiers.base import NamespaceRef
 from tierd.tiers.mooncake_conn import LEASED, NOT_FOUND, MooncakeOptions, StoreDown, check
 from tierd.tiers.registry import TierContext
-from tierd.tiers.remote_link import Link
 from tierd.tiers.remote_store import StoreTier
 from tierd.tiers.remote_value import stated_header_bytes
 
@@ -63,15 +62,9 @@ class MooncakeTier(StoreTier):
             raise ConfigError(f"{where}.kind", "the mooncake tier needs Mooncake Store: pip "
                               "install mooncake-transfer-engine-non-cuda (and the system's "
                               f"libibverbs1): {e}") from None  # fmt: skip
-        link: Link[Any] = Link(spec.name, lambda: mooncake_conn.connect(opts),
-                               mooncake_conn.probe_with(opts), mooncake_conn.is_outage,
-                               opts.timeout_ms / 1000, opts.io_threads)  # fmt: skip
-        try:
-            link.connect_now()
-        except Exception as e:  # noqa: BLE001 - retried by the link
-            link.reason = f"{type(e).__name__}: {e}"
-            log.warning("tier %s starts unavailable (retrying in the background): %s",
-                        spec.name, link.reason)  # fmt: skip
+        link = cls.open_link(spec.name, lambda: mooncake_conn.connect(opts),
+                             mooncake_conn.probe_with(opts), mooncake_conn.is_outage,
+                             opts.timeout_ms, opts.io_threads)  # fmt: skip
         return cls(spec, opts, link)
 
     @property

@@ -33,7 +33,6 @@ from tierd.tiers import redis_conn
 from tierd.tiers.base import NamespaceRef
 from tierd.tiers.redis_conn import RedisOptions
 from tierd.tiers.registry import TierContext
-from tierd.tiers.remote_link import Link
 from tierd.tiers.remote_store import StoreTier
 
 log = logging.getLogger("tierd.tiers")
@@ -59,19 +58,16 @@ class RedisTier(StoreTier):
         except ImportError:
             raise ConfigError(f"{where}.kind", "the redis tier needs redis-py: pip install "
                               "'tierd[redis]'") from None  # fmt: skip
-        link: Link[Any] = Link(spec.name, lambda: redis_conn.connect(opts, password),
-                               redis_conn.probe, redis_conn.is_outage,
-                               opts.timeout_ms / 1000, opts.io_threads)  # fmt: skip
-        try:
-            link.connect_now()
-        except Exception as e:  # noqa: BLE001 - sorted below
-            if redis_conn.is_auth_failure(e):
-                link.close()
-                raise ConfigError(f"{where}.password", f"the store at {_nodes(opts)} refused "
-                                  f"these credentials: {e}") from None  # fmt: skip
-            link.reason = f"{type(e).__name__}: {e}"
-            log.warning("tier %s starts unavailable (retrying in the background): %s",
-                        spec.name, link.reason)  # fmt: skip
+
+        def refused(e: Exception) -> Exception | None:
+            if not redis_conn.is_auth_failure(e):
+                return None
+            return ConfigError(f"{where}.password", f"the store at {_nodes(opts)} refused "
+                               f"these credentials: {e}")  # fmt: skip
+
+        link = cls.open_link(spec.name, lambda: redis_conn.connect(opts, password),
+                             redis_conn.probe, redis_conn.is_outage, opts.timeout_ms,
+                             opts.io_threads, refused)  # fmt: skip
         return cls(spec, opts, link)
 
     @property

@@ -2,9 +2,9 @@
 by this daemon or found from others, self-describing values checked on every read, and
 a link that keeps the daemon serving while the store is down.
 
-Primitives: `StoreTier` (a Tier; a kind subclasses it, supplies `key_of`, `open`,
-`backend`, `details` and the five store calls `_io_set`, `_io_get`, `_io_heads`,
-`_io_range`, `_io_flush`), `StoreOptions` (what this part reads from a kind's options),
+Primitives: `StoreTier` (a Tier; a kind subclasses it, supplies `key_of`, `open` (with
+`StoreTier.open_link`), `backend`, `details` and the five store calls `_io_set`,
+`_io_get`, `_io_heads`, `_io_range`, `_io_flush`), `StoreOptions` (what this part reads from a kind's options),
 `OWN`, `FOUND`.
 
 Copies. Location "own" is a copy this daemon wrote: it counts against the tier's
@@ -33,7 +33,7 @@ import logging
 import threading
 from abc import abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -111,6 +111,27 @@ class StoreTier(Tier):
                   drops: Sequence[str]) -> Sequence[str]:  # fmt: skip
         """Write these values and delete these keys (a deleted key that is absent is no
         error); returns the keys the store would not delete now (tried again later)."""
+
+    @staticmethod
+    def open_link(name: str, connect: Callable[[], Any], probe: Callable[[Any], None],
+                  is_outage: Callable[[BaseException], bool], timeout_ms: int, io_threads: int,
+                  fatal: Callable[[Exception], Exception | None] = lambda e: None
+                  ) -> Link[Any]:  # fmt: skip
+        """The store's link, connected now if it answers; a store that does not starts the
+        tier unavailable (the link keeps trying). `fatal(e)`: an error that must stop the
+        daemon instead (refused credentials), raised after the link is closed."""
+        link: Link[Any] = Link(name, connect, probe, is_outage, timeout_ms / 1000, io_threads)
+        try:
+            link.connect_now()
+        except Exception as e:  # noqa: BLE001 - sorted below
+            stop = fatal(e)
+            if stop is not None:
+                link.close()
+                raise stop from None
+            link.reason = f"{type(e).__name__}: {e}"
+            log.warning("tier %s starts unavailable (retrying in the background): %s",
+                        name, link.reason)  # fmt: skip
+        return link
 
     # -- facts -----------------------------------------------------------------------------
 
