@@ -33,7 +33,7 @@ what the block picks, or the experts it misses are copied when they run (still c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,20 +157,25 @@ class ExpertStreamer(WeightStreamer):
             if self._fetch(e, -1, optional=True) is None:
                 break
 
-    def _victim(self, current: int) -> _Slot | None:
-        """A slot for expert `current` (-1: a prefetch): a free one, else the one whose
-        expert scores lowest and is not to run in this step. For an expert about to run
-        (`current` >= 0) and nothing else, the slot of the one that runs last."""
+    def _free_or_lowest(self, spare: Container[int]) -> _Slot | None:
+        """A free idle slot, else the idle one whose expert (not in `spare`) scores lowest."""
         best: _Slot | None = None
         for slot in self.slots:
             if slot.busy:
                 continue
             if slot.layer is None:
                 return slot
-            if slot.layer in self._pending:
+            if slot.layer in spare:
                 continue
             if best is None or self.scores[slot.layer] < self.scores[best.layer]:  # type: ignore[index]
                 best = slot
+        return best
+
+    def _victim(self, current: int) -> _Slot | None:
+        """A slot for expert `current` (-1: a prefetch): a free one, else the one whose
+        expert scores lowest and is not to run in this step. For an expert about to run
+        (`current` >= 0) and nothing else, the slot of the one that runs last."""
+        best = self._free_or_lowest(self._pending)
         if best is not None or current < 0:
             return best
         rank = {e: r for r, e in enumerate(self._pending)}
@@ -179,15 +184,8 @@ class ExpertStreamer(WeightStreamer):
 
     def _lower_than(self, score: float) -> _Slot | None:
         """A free slot, else the idle one whose expert scores lowest, if below `score`."""
-        best: _Slot | None = None
-        for slot in self.slots:
-            if slot.busy:
-                continue
-            if slot.layer is None:
-                return slot
-            if best is None or self.scores[slot.layer] < self.scores[best.layer]:  # type: ignore[index]
-                best = slot
-        if best is not None and self.scores[best.layer] < score:  # type: ignore[index]
+        best = self._free_or_lowest(())
+        if best is None or best.layer is None or self.scores[best.layer] < score:
             return best
         return None
 
