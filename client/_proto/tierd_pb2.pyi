@@ -112,14 +112,16 @@ class OpenNamespaceRequest(_message.Message):
     def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ...) -> None: ...
 
 class OpenNamespaceResponse(_message.Message):
-    __slots__ = ("namespace_id", "block_bytes", "segment")
+    __slots__ = ("namespace_id", "block_bytes", "segment", "bulk_engine")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    BULK_ENGINE_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     block_bytes: int
     segment: ShmSegment
-    def __init__(self, namespace_id: _Optional[bytes] = ..., block_bytes: _Optional[int] = ..., segment: _Optional[_Union[ShmSegment, _Mapping]] = ...) -> None: ...
+    bulk_engine: BulkEngine
+    def __init__(self, namespace_id: _Optional[bytes] = ..., block_bytes: _Optional[int] = ..., segment: _Optional[_Union[ShmSegment, _Mapping]] = ..., bulk_engine: _Optional[_Union[BulkEngine, _Mapping]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace_id", "tokens")
@@ -280,6 +282,74 @@ class GetChunk(_message.Message):
     block_bytes: int
     data: bytes
     def __init__(self, found: _Optional[_Iterable[bool]] = ..., block_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BulkEngine(_message.Message):
+    __slots__ = ("address", "protocol")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    protocol: str
+    def __init__(self, address: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class BulkGetRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "lease_ttl_ms")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    lease_ttl_ms: int
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class BulkBlock(_message.Message):
+    __slots__ = ("found", "remote_address", "length", "checksum", "tier", "tier_name")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    remote_address: int
+    length: int
+    checksum: int
+    tier: Tier
+    tier_name: str
+    def __init__(self, found: _Optional[bool] = ..., remote_address: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ...) -> None: ...
+
+class BulkGetResponse(_message.Message):
+    __slots__ = ("lease_id", "engine", "blocks")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    engine: BulkEngine
+    blocks: _containers.RepeatedCompositeFieldContainer[BulkBlock]
+    def __init__(self, lease_id: _Optional[int] = ..., engine: _Optional[_Union[BulkEngine, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BulkBlock, _Mapping]]] = ...) -> None: ...
+
+class BulkPutRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "shape", "engine", "buffer_address", "buffer_length", "checksums")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    shape: BlockShape
+    engine: BulkEngine
+    buffer_address: int
+    buffer_length: int
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., shape: _Optional[_Union[BlockShape, _Mapping]] = ..., engine: _Optional[_Union[BulkEngine, _Mapping]] = ..., buffer_address: _Optional[int] = ..., buffer_length: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BulkPutResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedScalarFieldContainer[PutResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PutResult, str]]] = ...) -> None: ...
 
 class LocateResponse(_message.Message):
     __slots__ = ("tiers", "tier_names")

@@ -74,6 +74,16 @@ class TierdStub:
                 request_serializer=tierd_dot_v1_dot_tierd__pb2.GetRequest.SerializeToString,
                 response_deserializer=tierd_dot_v1_dot_tierd__pb2.GetChunk.FromString,
                 _registered_method=True)
+        self.BulkGet = channel.unary_unary(
+                '/tierd.v1.Tierd/BulkGet',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.BulkGetRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.BulkGetResponse.FromString,
+                _registered_method=True)
+        self.BulkPut = channel.unary_unary(
+                '/tierd.v1.Tierd/BulkPut',
+                request_serializer=tierd_dot_v1_dot_tierd__pb2.BulkPutRequest.SerializeToString,
+                response_deserializer=tierd_dot_v1_dot_tierd__pb2.BulkPutResponse.FromString,
+                _registered_method=True)
         self.Locate = channel.unary_unary(
                 '/tierd.v1.Tierd/Locate',
                 request_serializer=tierd_dot_v1_dot_tierd__pb2.KeysRequest.SerializeToString,
@@ -187,6 +197,19 @@ class TierdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BulkGet(self, request, context):
+        """Bytes through the transfer engine (see BulkEngine); Release ends a BulkGet's lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BulkPut(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -313,6 +336,16 @@ def add_TierdServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=tierd_dot_v1_dot_tierd__pb2.GetRequest.FromString,
                     response_serializer=tierd_dot_v1_dot_tierd__pb2.GetChunk.SerializeToString,
+            ),
+            'BulkGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.BulkGet,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.BulkGetRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.BulkGetResponse.SerializeToString,
+            ),
+            'BulkPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.BulkPut,
+                    request_deserializer=tierd_dot_v1_dot_tierd__pb2.BulkPutRequest.FromString,
+                    response_serializer=tierd_dot_v1_dot_tierd__pb2.BulkPutResponse.SerializeToString,
             ),
             'Locate': grpc.unary_unary_rpc_method_handler(
                     servicer.Locate,
@@ -596,6 +629,60 @@ class Tierd:
             '/tierd.v1.Tierd/Get',
             tierd_dot_v1_dot_tierd__pb2.GetRequest.SerializeToString,
             tierd_dot_v1_dot_tierd__pb2.GetChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/BulkGet',
+            tierd_dot_v1_dot_tierd__pb2.BulkGetRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.BulkGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierd.v1.Tierd/BulkPut',
+            tierd_dot_v1_dot_tierd__pb2.BulkPutRequest.SerializeToString,
+            tierd_dot_v1_dot_tierd__pb2.BulkPutResponse.FromString,
             options,
             channel_credentials,
             insecure,
