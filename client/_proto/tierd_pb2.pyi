@@ -142,12 +142,16 @@ class BlockLocation(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("cached_tokens", "blocks")
+    __slots__ = ("cached_tokens", "blocks", "held_by", "held_blocks")
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BY_FIELD_NUMBER: _ClassVar[int]
+    HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     cached_tokens: int
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
-    def __init__(self, cached_tokens: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ...) -> None: ...
+    held_by: str
+    held_blocks: int
+    def __init__(self, cached_tokens: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., held_by: _Optional[str] = ..., held_blocks: _Optional[int] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
     __slots__ = ("namespace_id", "keys")
@@ -418,7 +422,7 @@ class TenantUsage(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., used_bytes: _Optional[int] = ..., tier_name: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "lookups", "misses", "demotions", "promotions", "corrupt_reads", "active_leases", "namespaces", "tenants", "active_sequences", "peers")
+    __slots__ = ("tiers", "lookups", "misses", "demotions", "promotions", "corrupt_reads", "active_leases", "namespaces", "tenants", "active_sequences", "peers", "directory")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +434,7 @@ class StatsResponse(_message.Message):
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     lookups: int
     misses: int
@@ -441,10 +446,29 @@ class StatsResponse(_message.Message):
     tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
     active_sequences: int
     peers: _containers.RepeatedCompositeFieldContainer[PeerStats]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookups: _Optional[int] = ..., misses: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt_reads: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStats, _Mapping]]] = ...) -> None: ...
+    directory: PrefixDirectoryStats
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., lookups: _Optional[int] = ..., misses: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt_reads: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStats, _Mapping]]] = ..., directory: _Optional[_Union[PrefixDirectoryStats, _Mapping]] = ...) -> None: ...
+
+class PrefixDirectoryStats(_message.Message):
+    __slots__ = ("tier_name", "available", "hits", "misses", "writes", "writes_dropped", "errors")
+    TIER_NAME_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    WRITES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    tier_name: str
+    available: bool
+    hits: int
+    misses: int
+    writes: int
+    writes_dropped: int
+    errors: int
+    def __init__(self, tier_name: _Optional[str] = ..., available: _Optional[bool] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., writes: _Optional[int] = ..., writes_dropped: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class PeerStats(_message.Message):
-    __slots__ = ("address", "available", "pulls", "blocks", "bytes", "errors", "corrupt")
+    __slots__ = ("address", "available", "pulls", "blocks", "bytes", "errors", "corrupt", "asked", "directory_hits")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     PULLS_FIELD_NUMBER: _ClassVar[int]
@@ -452,6 +476,8 @@ class PeerStats(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    ASKED_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_HITS_FIELD_NUMBER: _ClassVar[int]
     address: str
     available: bool
     pulls: int
@@ -459,7 +485,9 @@ class PeerStats(_message.Message):
     bytes: int
     errors: int
     corrupt: int
-    def __init__(self, address: _Optional[str] = ..., available: _Optional[bool] = ..., pulls: _Optional[int] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., errors: _Optional[int] = ..., corrupt: _Optional[int] = ...) -> None: ...
+    asked: int
+    directory_hits: int
+    def __init__(self, address: _Optional[str] = ..., available: _Optional[bool] = ..., pulls: _Optional[int] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., errors: _Optional[int] = ..., corrupt: _Optional[int] = ..., asked: _Optional[int] = ..., directory_hits: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
