@@ -70,18 +70,20 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class Namespace(_message.Message):
-    __slots__ = ("tenant", "model", "layout", "extra_keys", "lossless")
+    __slots__ = ("tenant", "model", "layout", "extra_keys", "lossless", "adapter")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     layout: KVLayout
     extra_keys: _containers.RepeatedScalarFieldContainer[str]
     lossless: bool
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ..., lossless: _Optional[bool] = ...) -> None: ...
+    adapter: str
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ..., lossless: _Optional[bool] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("size", "host_id", "handoff", "staging_size", "instance")
@@ -584,18 +586,20 @@ class MoveResponse(_message.Message):
     def __init__(self, moved: _Optional[int] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("path", "dtype", "name", "shared", "tenant")
+    __slots__ = ("path", "dtype", "name", "shared", "tenant", "base_model")
     PATH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     path: str
     dtype: str
     name: str
     shared: bool
     tenant: str
-    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., name: _Optional[str] = ..., shared: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
+    base_model: str
+    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., name: _Optional[str] = ..., shared: _Optional[bool] = ..., tenant: _Optional[str] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class ModelTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype", "offset", "nbytes", "layer")
@@ -614,7 +618,7 @@ class ModelTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "size", "layers", "tenant", "shared", "dtype", "source", "tensor_count", "tensors", "config_json")
+    __slots__ = ("name", "fingerprint", "size", "layers", "tenant", "shared", "dtype", "source", "tensor_count", "tensors", "config_json", "adapter")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -626,6 +630,7 @@ class ModelInfo(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     size: int
@@ -637,7 +642,22 @@ class ModelInfo(_message.Message):
     tensor_count: int
     tensors: _containers.RepeatedCompositeFieldContainer[ModelTensor]
     config_json: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., size: _Optional[int] = ..., layers: _Optional[int] = ..., tenant: _Optional[str] = ..., shared: _Optional[bool] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., tensor_count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[ModelTensor, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+    adapter: AdapterInfo
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., size: _Optional[int] = ..., layers: _Optional[int] = ..., tenant: _Optional[str] = ..., shared: _Optional[bool] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., tensor_count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[ModelTensor, _Mapping]]] = ..., config_json: _Optional[str] = ..., adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("base_model", "rank", "alpha", "target_modules", "dependent_blocks")
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    DEPENDENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    dependent_blocks: int
+    def __init__(self, base_model: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., dependent_blocks: _Optional[int] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
     __slots__ = ("model", "created")
