@@ -1,5 +1,5 @@
-"""A tier's codec in the config: known codecs and their options, refused where the daemon
-cannot keep encoded copies."""
+"""A tier's codec in the config: known codecs and their options, refused on the memory
+tier (clients map its bytes), taken by storage, CSD and shared tiers."""
 
 from __future__ import annotations
 
@@ -59,7 +59,15 @@ def test_the_memory_tier_stays_raw(tmp_path: Path) -> None:
         load(tmp_path, body)
 
 
-def test_csd_tiers_stay_raw(tmp_path: Path) -> None:
-    body = nvme("") + '\n[[tiers]]\nname = "shards"\nkind = "csd"\ncodec = "int8"\n'
-    with pytest.raises(ConfigError, match=r"tiers\[2\]\.codec: .*attend over raw layers"):
-        load(tmp_path, body)
+@pytest.mark.parametrize(
+    ("kind", "keys", "codec"),
+    [
+        ("csd", "", "int8"),
+        ("redis", 'capacity = "1GiB"\nnodes = ["127.0.0.1:6379"]', "kivi4"),
+        ("mooncake", 'capacity = "1GiB"\nmaster = "127.0.0.1:50051"', "int8"),
+    ],
+)
+def test_csd_and_shared_tiers_take_a_codec(tmp_path: Path, kind: str, keys: str,
+                                           codec: str) -> None:  # fmt: skip
+    body = nvme("") + f'\n[[tiers]]\nname = "below"\nkind = "{kind}"\ncodec = "{codec}"\n{keys}\n'
+    assert load(tmp_path, body).tiers[2].codec == codec

@@ -193,9 +193,9 @@ def _check_tier_list(cfg: Config) -> None:
 
 
 def _check_codec(spec: TierSpec, kind: type[Tier], where: str) -> None:
-    """A tier's codec: known, its options taken by it, and a kind whose copies the daemon
-    alone reads (the memory tier is what clients map and write, raw; CSD workers attend
-    over raw layers; a shared tier's blocks are read by daemons that know no encoding)."""
+    """A tier's codec: known, its options taken by it, and not the memory tier's (what
+    clients map and write, raw). Storage, CSD and shared kinds store encoded copies: CSD
+    workers attend over the codes, and a shared value's header names its encoding."""
     if spec.codec == "raw" and not spec.codec_params:
         return
     from tierd_kernels.codecs import ENCODINGS, make_codec
@@ -208,15 +208,10 @@ def _check_codec(spec: TierSpec, kind: type[Tier], where: str) -> None:
             make_codec(spec.codec, **{key: value})
         except ValueError as e:
             raise ConfigError(f"{where}.codec_params.{key}", str(e)) from None
-    if spec.codec == "raw":
-        return
-    why = ("clients write and map its bytes as they are" if kind.memory else
-           "its workers attend over raw layers" if kind.attends else
-           "other daemons read its blocks without knowing their encoding" if kind.shared
-           else "")  # fmt: skip
-    if why:
-        raise ConfigError(f"{where}.codec", f"a {spec.kind} tier stores blocks raw ({why}); "
-                          "set a codec on an nvme tier below it")  # fmt: skip
+    if spec.codec != "raw" and kind.memory:
+        raise ConfigError(f"{where}.codec", f"a {spec.kind} tier stores blocks raw (clients "
+                          "write and map its bytes as they are); set a codec on a tier "
+                          "below it")  # fmt: skip
 
 
 def _check_leases(cfg: Config) -> None:

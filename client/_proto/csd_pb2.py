@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import tierd_pb2 as tierd_dot_v1_dot_tierd__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12tierd/v1/csd.proto\x12\x08tierd.v1\x1a\x14tierd/v1/tierd.proto\"M\n\x08\x43sdBlock\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\\\n\x12StoreBlocksRequest\x12\"\n\x06layout\x18\x01 \x01(\x0b\x32\x12.tierd.v1.KVLayout\x12\"\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x12.tierd.v1.CsdBlock\"%\n\x13StoreBlocksResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"-\n\x07\x43sdKeys\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\x12\x44ropBlocksResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"\x99\x01\n\x14PartialAttendRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.tierd.v1.KVLayout\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\r\n\x05layer\x18\x04 \x01(\r\x12\x1b\n\x01q\x18\x05 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\r\n\x05scale\x18\x06 \x01(\x02\"f\n\x15PartialAttendResponse\x12\x1d\n\x03out\x18\x01 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1d\n\x03lse\x18\x02 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x0f\n\x07missing\x18\x03 \x03(\x0c\"\x13\n\x11ListBlocksRequest\";\n\x12ListBlocksResponse\x12%\n\nnamespaces\x18\x01 \x03(\x0b\x32\x11.tierd.v1.CsdKeys\"\x14\n\x12WorkerStatsRequest\"h\n\x13WorkerStatsResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x15\n\rcorrupt_reads\x18\x04 \x01(\x04\x32\xae\x03\n\tCsdWorker\x12J\n\x0bStoreBlocks\x12\x1c.tierd.v1.StoreBlocksRequest\x1a\x1d.tierd.v1.StoreBlocksResponse\x12\x35\n\nReadBlocks\x12\x11.tierd.v1.CsdKeys\x1a\x12.tierd.v1.CsdBlock0\x01\x12=\n\nDropBlocks\x12\x11.tierd.v1.CsdKeys\x1a\x1c.tierd.v1.DropBlocksResponse\x12P\n\rPartialAttend\x12\x1e.tierd.v1.PartialAttendRequest\x1a\x1f.tierd.v1.PartialAttendResponse\x12G\n\nListBlocks\x12\x1b.tierd.v1.ListBlocksRequest\x1a\x1c.tierd.v1.ListBlocksResponse\x12\x44\n\x05Stats\x12\x1c.tierd.v1.WorkerStatsRequest\x1a\x1d.tierd.v1.WorkerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12tierd/v1/csd.proto\x12\x08tierd.v1\x1a\x14tierd/v1/tierd.proto\"_\n\x08\x43sdBlock\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\"\\\n\x12StoreBlocksRequest\x12\"\n\x06layout\x18\x01 \x01(\x0b\x32\x12.tierd.v1.KVLayout\x12\"\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x12.tierd.v1.CsdBlock\"%\n\x13StoreBlocksResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"-\n\x07\x43sdKeys\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\x12\x44ropBlocksResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"\x99\x01\n\x14PartialAttendRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.tierd.v1.KVLayout\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\r\n\x05layer\x18\x04 \x01(\r\x12\x1b\n\x01q\x18\x05 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\r\n\x05scale\x18\x06 \x01(\x02\"f\n\x15PartialAttendResponse\x12\x1d\n\x03out\x18\x01 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x1d\n\x03lse\x18\x02 \x01(\x0b\x32\x10.tierd.v1.Tensor\x12\x0f\n\x07missing\x18\x03 \x03(\x0c\"\x13\n\x11ListBlocksRequest\";\n\x12ListBlocksResponse\x12%\n\nnamespaces\x18\x01 \x03(\x0b\x32\x11.tierd.v1.CsdKeys\"\x14\n\x12WorkerStatsRequest\"h\n\x13WorkerStatsResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x15\n\rcorrupt_reads\x18\x04 \x01(\x04\x32\xae\x03\n\tCsdWorker\x12J\n\x0bStoreBlocks\x12\x1c.tierd.v1.StoreBlocksRequest\x1a\x1d.tierd.v1.StoreBlocksResponse\x12\x35\n\nReadBlocks\x12\x11.tierd.v1.CsdKeys\x1a\x12.tierd.v1.CsdBlock0\x01\x12=\n\nDropBlocks\x12\x11.tierd.v1.CsdKeys\x1a\x1c.tierd.v1.DropBlocksResponse\x12P\n\rPartialAttend\x12\x1e.tierd.v1.PartialAttendRequest\x1a\x1f.tierd.v1.PartialAttendResponse\x12G\n\nListBlocks\x12\x1b.tierd.v1.ListBlocksRequest\x1a\x1c.tierd.v1.ListBlocksResponse\x12\x44\n\x05Stats\x12\x1c.tierd.v1.WorkerStatsRequest\x1a\x1d.tierd.v1.WorkerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierd.v1.csd_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CSDBLOCK']._serialized_start=54
-  _globals['_CSDBLOCK']._serialized_end=131
-  _globals['_STOREBLOCKSREQUEST']._serialized_start=133
-  _globals['_STOREBLOCKSREQUEST']._serialized_end=225
-  _globals['_STOREBLOCKSRESPONSE']._serialized_start=227
-  _globals['_STOREBLOCKSRESPONSE']._serialized_end=264
-  _globals['_CSDKEYS']._serialized_start=266
-  _globals['_CSDKEYS']._serialized_end=311
-  _globals['_DROPBLOCKSRESPONSE']._serialized_start=313
-  _globals['_DROPBLOCKSRESPONSE']._serialized_end=350
-  _globals['_PARTIALATTENDREQUEST']._serialized_start=353
-  _globals['_PARTIALATTENDREQUEST']._serialized_end=506
-  _globals['_PARTIALATTENDRESPONSE']._serialized_start=508
-  _globals['_PARTIALATTENDRESPONSE']._serialized_end=610
-  _globals['_LISTBLOCKSREQUEST']._serialized_start=612
-  _globals['_LISTBLOCKSREQUEST']._serialized_end=631
-  _globals['_LISTBLOCKSRESPONSE']._serialized_start=633
-  _globals['_LISTBLOCKSRESPONSE']._serialized_end=692
-  _globals['_WORKERSTATSREQUEST']._serialized_start=694
-  _globals['_WORKERSTATSREQUEST']._serialized_end=714
-  _globals['_WORKERSTATSRESPONSE']._serialized_start=716
-  _globals['_WORKERSTATSRESPONSE']._serialized_end=820
-  _globals['_CSDWORKER']._serialized_start=823
-  _globals['_CSDWORKER']._serialized_end=1253
+  _globals['_CSDBLOCK']._serialized_end=149
+  _globals['_STOREBLOCKSREQUEST']._serialized_start=151
+  _globals['_STOREBLOCKSREQUEST']._serialized_end=243
+  _globals['_STOREBLOCKSRESPONSE']._serialized_start=245
+  _globals['_STOREBLOCKSRESPONSE']._serialized_end=282
+  _globals['_CSDKEYS']._serialized_start=284
+  _globals['_CSDKEYS']._serialized_end=329
+  _globals['_DROPBLOCKSRESPONSE']._serialized_start=331
+  _globals['_DROPBLOCKSRESPONSE']._serialized_end=368
+  _globals['_PARTIALATTENDREQUEST']._serialized_start=371
+  _globals['_PARTIALATTENDREQUEST']._serialized_end=524
+  _globals['_PARTIALATTENDRESPONSE']._serialized_start=526
+  _globals['_PARTIALATTENDRESPONSE']._serialized_end=628
+  _globals['_LISTBLOCKSREQUEST']._serialized_start=630
+  _globals['_LISTBLOCKSREQUEST']._serialized_end=649
+  _globals['_LISTBLOCKSRESPONSE']._serialized_start=651
+  _globals['_LISTBLOCKSRESPONSE']._serialized_end=710
+  _globals['_WORKERSTATSREQUEST']._serialized_start=712
+  _globals['_WORKERSTATSREQUEST']._serialized_end=732
+  _globals['_WORKERSTATSRESPONSE']._serialized_start=734
+  _globals['_WORKERSTATSRESPONSE']._serialized_end=838
+  _globals['_CSDWORKER']._serialized_start=841
+  _globals['_CSDWORKER']._serialized_end=1271
 # @@protoc_insertion_point(module_scope)

@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CsdBlock(_message.Message):
-    __slots__ = ("namespace_id", "key", "checksum", "data")
+    __slots__ = ("namespace_id", "key", "checksum", "data", "encoding")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     key: bytes
     checksum: int
     data: bytes
-    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., checksum: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    encoding: str
+    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., checksum: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class StoreBlocksRequest(_message.Message):
     __slots__ = ("layout", "blocks")

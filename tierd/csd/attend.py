@@ -1,7 +1,8 @@
 """Partial decode attention over the layer bytes a shard read: (out, lse) for one worker.
 
 Primitives: `check_query(q, layout)`, `layer_blocks(batch, layout) -> [block views]`,
-`attend_batch(batch, layout, q, scale) -> (out, lse)`.
+`attend_batch(batch, layout, q, scale) -> (out, lse)`, `attend_runs(runs, layout, q,
+scale) -> (out, lse)` (batches of several encodings, merged).
 
 No mask: every key a worker holds precedes the query positions. `out` is
 [q_tokens, heads, dim] float32 and `lse` [q_tokens, heads] float32 (natural log), so
@@ -12,6 +13,11 @@ The math is `tierd_kernels.attend_blocks`, the fast CPU path: it reads K and V i
 storage dtype and computes in float32 whatever that dtype is, within 1e-5 of a float64
 oracle. GQA maps query head h to kv head h // (heads / kv_heads). The blocks are handed
 over as views into the shard's read buffer, which the kernel reads in place.
+
+Blocks stored encoded by a codec are attended over on their codes with the compiled codes
+kernel the daemon's NVMe path uses (`tierd_kernels.codes_attention.attend_codes`): each
+layer's record is handed over as it was read, and no dequantized K|V is formed. The
+result equals decode-then-attend up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import torch
 
 from tierd.csd.shard import LayerBatch
 from tierd.errors import InvalidArgument
+from tierd.transfer.encoding import RAW, codec_of, layer_shape
 from tierd_client.layout import KVLayout
 from tierd_client.shapes import check_query_shape
-from tierd_kernels import attend_blocks
+from tierd_kernels import attend_blocks, merge_partials
 
 _ATTENDABLE = ("float16", "bfloat16", "float32", "float8_e4m3")
 
@@ -60,5 +67,27 @@ def attend_batch(
         return (torch.zeros(tq, hq, d, dtype=torch.float32),
                 torch.full((tq, hq), -math.inf, dtype=torch.float32))  # fmt: skip
     scale = scale or 1.0 / math.sqrt(layout.head_dim)
+    if batch.encoding != RAW:
+        from tierd_kernels.codes_attention import attend_codes
+
+        out, lse = attend_codes(layer_records(batch), codec_of(batch.encoding),
+                                layer_shape(layout), q, scale=scale)  # fmt: skip
+        return out, lse
     out, lse = attend_blocks(layer_blocks(batch, layout), 0, q, scale=scale)
+    return out, lse
+
+
+def layer_records(batch: LayerBatch) -> list[torch.Tensor]:
+    """Each found block's record of the layer (uint8, its codec's), in request order."""
+    return [torch.from_numpy(batch.layer_bytes(i)) for i in range(len(batch.slots))]
+
+
+def attend_runs(
+    runs: list[LayerBatch], layout: KVLayout, q: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend_batch` over each encoding's batch, merged exactly by log-sum-exp."""
+    partials = [attend_batch(run, layout, q, scale) for run in runs]
+    if len(partials) == 1:
+        return partials[0]
+    out, lse = merge_partials(partials)
     return out, lse

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     checksum INTEGER NOT NULL,
     layout TEXT NOT NULL,
     layer_sums BLOB,
+    encoding TEXT NOT NULL DEFAULT 'raw',
     PRIMARY KEY (ns_id, key)
 ) WITHOUT ROWID;
 """
@@ -49,6 +50,10 @@ class ShardRow:
     # One checksum per layer's K|V range (attend verifies what it reads); None for rows
     # written before they existed, until a whole read checks the block and adds them.
     layer_sums: tuple[int, ...] | None = None
+    # How the stored bytes are encoded (tierd.transfer.encoding): `nbytes`, `checksum` and
+    # `layer_sums` are of those bytes, so a restarted worker serves and attends over its
+    # codes as they were stored.
+    encoding: str = "raw"
 
 
 def layout_to_json(layout: KVLayout) -> str:
@@ -66,8 +71,11 @@ class ShardCatalog:
         # One connection under our own lock: the shard serialises metadata anyway.
         self._db = connect(path, _SCHEMA)
         self._lock = threading.Lock()
-        if "layer_sums" not in columns(self._db, "blocks"):  # shards before per-layer checksums
+        have = columns(self._db, "blocks")
+        if "layer_sums" not in have:  # shards before per-layer checksums
             self._db.execute("ALTER TABLE blocks ADD COLUMN layer_sums BLOB")
+        if "encoding" not in have:  # shards before codecs: every block raw
+            self._db.execute("ALTER TABLE blocks ADD COLUMN encoding TEXT NOT NULL DEFAULT 'raw'")
 
     def close(self) -> None:
         with self._lock:
@@ -76,20 +84,22 @@ class ShardCatalog:
     def rows(self) -> list[ShardRow]:
         with self._lock:
             raw = self._db.execute(
-                "SELECT ns_id, key, offset, nbytes, checksum, layout, layer_sums FROM blocks"
+                "SELECT ns_id, key, offset, nbytes, checksum, layout, layer_sums, encoding "
+                "FROM blocks"
             ).fetchall()
         return [
             ShardRow(r[0], r[1], r[2], r[3], from_sql_u64(r[4]), layout_from_json(r[5]),
-                     unpack_layer_sums(r[6]))
+                     unpack_layer_sums(r[6]), r[7])
             for r in raw
         ]  # fmt: skip
 
     def insert(self, rows: Iterable[ShardRow]) -> None:
         self._write(
-            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO blocks (ns_id, key, offset, nbytes, checksum, layout, "
+            "layer_sums, encoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 (r.ns_id, r.key, r.offset, r.nbytes, to_sql_u64(r.checksum),
-                 layout_to_json(r.layout), pack_layer_sums(r.layer_sums))
+                 layout_to_json(r.layout), pack_layer_sums(r.layer_sums), r.encoding)
                 for r in rows
             ),
         )  # fmt: skip

@@ -5,6 +5,7 @@ Primitives:
   facts:   `names`, `healthy(name)`, `info(name) -> CsdWorkerInfo`
   place:   `pick(n_blocks) -> [name]`   round-robin over the healthy workers
   blocks:  `store(name, layout, ns_id, items) -> stored`, `read(name, ns_id, keys) -> dict`,
+           `read_encoded(name, ns_id, keys) -> {key: (encoding, bytes)}`,
            `drop(name, ns_id, keys) -> dropped`, `list_blocks(name) -> {ns_id: [key]}`,
            `drop_later(name, ns_id, keys)` (queued, never blocks; see tierd.csd.drops)
   attend:  `partial_attend(name, ns_id, layout, keys, layer, q, scale) -> Partial`
@@ -127,16 +128,21 @@ class CsdPool:
         layout: KVLayout,
         ns_id: bytes,
         items: Sequence[tuple[bytes, int, memoryview]],
+        encodings: Sequence[str] | None = None,
     ) -> int:
-        """Store (key, checksum, data) blocks; each request is all-or-nothing on the worker,
-        and batches go in requests of at most `max_batch_bytes`."""
+        """Store (key, checksum, data) blocks, item i encoded as `encodings[i]` (None:
+        all raw; checksum and data are of the stored bytes); each request is
+        all-or-nothing on the worker, and batches go in requests of at most
+        `max_batch_bytes`."""
         # A queued drop of one of these keys would delete the copy stored now.
         self._drops.cancel(name, ns_id, [k for k, _, _ in items])
         stored = 0
-        for batch in _batches(items, self.max_batch_bytes):
+        named = [(k, c, d, "" if e == "raw" else e)
+                 for (k, c, d), e in zip(items, encodings or ["raw"] * len(items))]  # fmt: skip
+        for batch in _batches(named, self.max_batch_bytes):
             req = cpb.StoreBlocksRequest(layout=layout.to_proto(), blocks=[
-                cpb.CsdBlock(namespace_id=ns_id, key=k, checksum=c, data=bytes(d))
-                for k, c, d in batch
+                cpb.CsdBlock(namespace_id=ns_id, key=k, checksum=c, data=bytes(d), encoding=e)
+                for k, c, d, e in batch
             ])  # fmt: skip
             stored += self._store_request(name, req)
         return stored
@@ -146,10 +152,17 @@ class CsdPool:
 
     def read(self, name: str, ns_id: bytes, keys: Sequence[bytes]) -> dict[bytes, bytes]:
         """Bytes of the held, intact blocks among `keys` (the worker verified each)."""
+        return {k: data for k, (_, data) in self.read_encoded(name, ns_id, keys).items()}
+
+    def read_encoded(
+        self, name: str, ns_id: bytes, keys: Sequence[bytes]
+    ) -> dict[bytes, tuple[str, bytes]]:
+        """(encoding, stored bytes) of the held, intact blocks among `keys`."""
         req = cpb.CsdKeys(namespace_id=ns_id, keys=list(keys))
 
-        def run(stub: cpb_grpc.CsdWorkerStub) -> dict[bytes, bytes]:
-            return {b.key: b.data for b in stub.ReadBlocks(req, timeout=self.rpc_timeout_s)}
+        def run(stub: cpb_grpc.CsdWorkerStub) -> dict[bytes, tuple[str, bytes]]:
+            return {b.key: (b.encoding or "raw", b.data)
+                    for b in stub.ReadBlocks(req, timeout=self.rpc_timeout_s)}  # fmt: skip
 
         return self._call(name, run)
 
@@ -223,13 +236,15 @@ class CsdPool:
             raise type(e)(f"csd worker {name!r}: {e.message}", field=e.field) from None
 
 
-def _batches(
-    items: Iterable[tuple[bytes, int, memoryview]], max_bytes: int
-) -> Iterable[list[tuple[bytes, int, memoryview]]]:
-    batch: list[tuple[bytes, int, memoryview]] = []
+_Item = TypeVar("_Item", bound=tuple[object, ...])
+
+
+def _batches(items: Iterable[_Item], max_bytes: int) -> Iterable[list[_Item]]:
+    """Items (whose third field is the data) in batches of at most `max_bytes`."""
+    batch: list[_Item] = []
     size = 0
     for it in items:
-        n = memoryview(it[2]).nbytes
+        n = memoryview(it[2]).nbytes  # type: ignore[arg-type]
         if batch and size + n > max_bytes:
             yield batch
             batch, size = [], 0

@@ -5,10 +5,18 @@ Primitives:
                                          `<dir>/shard.sqlite3`; one process per directory
   `store(layout, items) -> int`          all-or-nothing; bad checksum -> InvalidArgument,
                                          no room -> ResourceExhausted
-  `read_blocks(ns_id, keys)`             iterator of verified (key, checksum, bytes)
-  `read(ns_id, keys) -> dict`            the same as a dict
-  `read_layers(ns_id, layout, keys, layer) -> LayerBatch`   one layer's K|V of each block
+  `read_blocks(ns_id, keys)`             iterator of verified (key, checksum, bytes, encoding)
+  `read(ns_id, keys) -> dict`            key -> bytes
+  `read_layer_runs(ns_id, layout, keys, layer) -> [LayerBatch]`  one layer's K|V (or its
+                                         codec's record) of each block, a batch per encoding
+  `read_layers(ns_id, layout, keys, layer) -> LayerBatch`   the same, for blocks of one
+                                         encoding
   `drop(ns_id, keys) -> int`, `list_blocks()`, `stats() -> ShardStats`, `close()`
+
+Blocks may be stored encoded by a codec (`StoreItem.encoding`, tierd.transfer.encoding):
+the shard then holds the codes (their length is the codec's, and space, checksums and
+stats count them), records the encoding in the block's row, and serves the codes as they
+are; attend reads each layer's record and computes on the codes (tierd.csd.attend).
 
 A block whose bytes fail their checksum is reported missing, counted in
 `stats().corrupt_reads` and dropped (its bytes will not get better).
@@ -38,6 +46,7 @@ from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
 from tierd.tiers.io_backend import ALIGNMENT, IOBackend, as_bytes_view, select_backend
 from tierd.tiers.nvme import NvmeStore
+from tierd.transfer.encoding import RAW, stored_bytes
 from tierd_client.layout import KVLayout
 
 log = logging.getLogger("tierd.csd")
@@ -51,7 +60,8 @@ class StoreItem:
     ns_id: bytes
     key: bytes
     checksum: int  # xxh3_64 of data, as the sender computed it
-    data: Any  # any C-contiguous buffer of layout.block_bytes bytes
+    data: Any  # any C-contiguous buffer: layout.block_bytes, or the encoding's size
+    encoding: str = RAW
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class LayerBatch:
     stride: int
     pad: int
     nbytes: int  # bytes of one block's layer: 2 * kv_heads * block_tokens * head_dim * itemsize
+    # (raw), or of the layer's record in `encoding`
+    encoding: str = RAW
 
     def layer_bytes(self, i: int) -> np.ndarray:
         start = self.slots[i] * self.stride + self.pad
@@ -180,9 +192,10 @@ class CsdShard:
             if not it.key:
                 raise InvalidArgument("a block key is required", field=f"blocks[{i}].key")
             view = as_bytes_view(it.data)
-            if len(view) != layout.block_bytes:
+            size = _stored_size(it.encoding, layout, i)
+            if len(view) != size:
                 raise InvalidArgument(
-                    f"{len(view)} bytes, the layout's blocks have {layout.block_bytes}",
+                    f"{len(view)} bytes, the layout's blocks have {size} in {it.encoding}",
                     field=f"blocks[{i}].data",
                 )
             # Checked before anything is written: bytes damaged on the way never land.
@@ -193,14 +206,14 @@ class CsdShard:
         with self._lock:
             self._check_open()
             todo = [(k, it, v) for k, (it, v) in unique.items()
-                    if not self._holds(k, it.checksum, layout)]  # fmt: skip
+                    if not self._holds(k, it, layout)]  # fmt: skip
             offsets: list[int] = []
-            for _ in todo:
-                off = self._nvme.allocate(layout.block_bytes)
+            for _, _, v in todo:
+                off = self._nvme.allocate(len(v))
                 if off is None:
-                    for o in offsets:
-                        self._nvme.free(o, layout.block_bytes)
-                    need = len(todo) * self._nvme.extent_bytes(layout.block_bytes)
+                    for o, (_, _, w) in zip(offsets, todo):
+                        self._nvme.free(o, len(w))
+                    need = sum(self._nvme.extent_bytes(len(w)) for _, _, w in todo)
                     raise ResourceExhausted(
                         f"csd shard {self.directory} is full: {len(todo)} blocks need {need} "
                         f"bytes, {self._nvme.capacity - self._nvme.used_bytes} of "
@@ -213,11 +226,13 @@ class CsdShard:
             wait_all(futures)
         except BaseException:
             with self._lock:
-                for off in offsets:
-                    self._nvme.free(off, layout.block_bytes)
+                for off, (_, _, v) in zip(offsets, todo):
+                    self._nvme.free(off, len(v))
             raise
-        rows = [ShardRow(k[0], k[1], off, layout.block_bytes, it.checksum, layout,
-                         layer_checksums(v, layout.num_layers))
+        # Per-layer sums of the stored bytes: a codec's records are of one size per layer,
+        # so an encoded block splits into equal layer spans like a raw one.
+        rows = [ShardRow(k[0], k[1], off, len(v), it.checksum, layout,
+                         layer_checksums(v, layout.num_layers), it.encoding)
                 for off, (k, it, v) in zip(offsets, todo)]  # fmt: skip
         with self._lock:
             # Row and in-memory entry change together under the lock, so two stores of
@@ -243,23 +258,26 @@ class CsdShard:
     # -- reads ------------------------------------------------------------------------------
 
     def read(self, ns_id: bytes, keys: Sequence[bytes]) -> dict[bytes, bytes]:
-        return {k: data for k, _, data in self.read_blocks(ns_id, keys)}
+        return {k: data for k, _, data, _ in self.read_blocks(ns_id, keys)}
 
     def read_blocks(
         self, ns_id: bytes, keys: Sequence[bytes]
-    ) -> Iterator[tuple[bytes, int, bytes]]:
-        """(key, checksum, bytes) of each held, intact block; batches read in parallel."""
+    ) -> Iterator[tuple[bytes, int, bytes, str]]:
+        """(key, checksum, bytes, encoding) of each held, intact block (the stored bytes:
+        an encoded block's codes); batches read in parallel."""
         keys = list(dict.fromkeys(keys))
         for start in range(0, len(keys), self._read_batch):
             # Pins last for one batch only: a consumer that stops iterating holds nothing.
             yield from self._read_batch_of(ns_id, keys[start : start + self._read_batch])
 
-    def _read_batch_of(self, ns_id: bytes, keys: list[bytes]) -> list[tuple[bytes, int, bytes]]:
+    def _read_batch_of(
+        self, ns_id: bytes, keys: list[bytes]
+    ) -> list[tuple[bytes, int, bytes, str]]:
         entries = self._pin(ns_id, keys)
         try:
             held = [e for e in entries if e is not None]
             return [
-                (e.row.key, e.row.checksum, whole.tobytes())
+                (e.row.key, e.row.checksum, whole.tobytes(), e.row.encoding)
                 for e, whole in zip(held, self._read_whole(held))
                 if whole is not None
             ]
@@ -284,18 +302,23 @@ class CsdShard:
     def read_layers(
         self, ns_id: bytes, layout: KVLayout, keys: Sequence[bytes], layer: int
     ) -> LayerBatch:
-        """Read one layer's K|V of each block: one contiguous range per block, in parallel."""
+        """`read_layer_runs` for blocks of one encoding (InvalidArgument if they mix)."""
+        runs = self.read_layer_runs(ns_id, layout, keys, layer)
+        if len(runs) != 1:
+            raise InvalidArgument("the blocks are stored in several encodings", field="keys")
+        return runs[0]
+
+    def read_layer_runs(
+        self, ns_id: bytes, layout: KVLayout, keys: Sequence[bytes], layer: int
+    ) -> list[LayerBatch]:
+        """Read one layer of each block: one contiguous range per block (its K|V, or its
+        codec's record of the layer), in parallel; one batch per encoding held, the
+        first also naming every missing key (at least one batch)."""
         if not 0 <= layer < layout.num_layers:
             raise InvalidArgument(f"layer {layer} outside [0, {layout.num_layers})", field="layer")
         if len(set(keys)) != len(keys):
             # Attending over a block twice would silently weigh it double.
             raise InvalidArgument("a key appears more than once", field="keys")
-        nbytes = layout.block_bytes // layout.num_layers
-        layer_off = layer * nbytes
-        # O_DIRECT wants aligned file offsets: read from the page holding the layer's first
-        # byte, and find the layer `pad` bytes into the slot.
-        pad = layer_off % ALIGNMENT
-        stride = align_up(pad + nbytes, ALIGNMENT)
         entries = self._pin(ns_id, keys)
         try:
             for e in entries:
@@ -304,53 +327,70 @@ class CsdShard:
                         f"block {e.row.key.hex()} was stored with layout {e.row.layout}",
                         field="layout",
                     )
-            held = list(enumerate(e for e in entries if e is not None))
-            buf = aligned_buffer(len(held) * stride)
-            # Blocks with per-layer checksums are read one layer and checked against it.
-            # Rows written before those existed are read whole once (num_layers x the
-            # bytes, in bounded batches beside the layer reads), checked against the
-            # block checksum, and given per-layer checksums for every later read.
-            trusted: list[tuple[int, _Entry, tuple[int, ...]]] = []
-            unverified: list[tuple[int, _Entry]] = []
-            for slot, e in held:
-                sums = e.row.layer_sums  # read once: a concurrent whole read may set it
-                if sums is None:
-                    unverified.append((slot, e))
-                else:
-                    trusted.append((slot, e, sums))
-            futures = [
-                self._nvme.read_async(e.row.offset + layer_off - pad,
-                                      buf[slot * stride : slot * stride + pad + nbytes])
-                for slot, e, _ in trusted
-            ]  # fmt: skip
-            bad: set[int] = set()
-            try:
-                for at in range(0, len(unverified), self._read_batch):
-                    part = unverified[at : at + self._read_batch]
-                    for (slot, e), whole in zip(part, self._read_whole([e for _, e in part])):
-                        if whole is None:
-                            bad.add(slot)
-                            continue
-                        start = slot * stride + pad
-                        buf[start : start + nbytes] = whole[layer_off : layer_off + nbytes]
-            except BaseException:
-                for f in futures:
-                    f.exception()  # let no read still fill `buf` after we gave up on it
-                raise
-            wait_all(futures)
-            for slot, e, sums in trusted:
-                start = slot * stride + pad
-                if checksum(buf[start : start + nbytes]) != sums[layer]:
-                    bad.add(slot)
-                    self._corrupted(e)
+            groups: dict[str, list[_Entry]] = {}
+            for e in entries:
+                if e is not None:
+                    groups.setdefault(e.row.encoding, []).append(e)
+            runs = [self._layer_run(layout, group, layer) for group in groups.values()]
         finally:
             self._unpin(entries)
-        found = [(slot, e.row.key) for slot, e in held if slot not in bad]
-        found_keys = {k for _, k in found}
+        found = {k for run in runs for k in run.keys}
+        missing = [k for k in keys if k not in found]
+        if not runs:
+            return [LayerBatch([], missing, aligned_buffer(0), [], 0, 0, 0)]
+        return [dataclasses.replace(runs[0], missing=missing), *runs[1:]]
+
+    def _layer_run(self, layout: KVLayout, held: list[_Entry], layer: int) -> LayerBatch:
+        """One layer of each of `held` (pinned, of one encoding)."""
+        encoding = held[0].row.encoding
+        nbytes = held[0].row.nbytes // layout.num_layers
+        layer_off = layer * nbytes
+        # O_DIRECT wants aligned file offsets: read from the page holding the layer's first
+        # byte, and find the layer `pad` bytes into the slot.
+        pad = layer_off % ALIGNMENT
+        stride = align_up(pad + nbytes, ALIGNMENT)
+        buf = aligned_buffer(len(held) * stride)
+        # Blocks with per-layer checksums are read one layer and checked against it.
+        # Rows written before those existed are read whole once (num_layers x the
+        # bytes, in bounded batches beside the layer reads), checked against the
+        # block checksum, and given per-layer checksums for every later read.
+        trusted: list[tuple[int, _Entry, tuple[int, ...]]] = []
+        unverified: list[tuple[int, _Entry]] = []
+        for slot, e in enumerate(held):
+            sums = e.row.layer_sums  # read once: a concurrent whole read may set it
+            if sums is None:
+                unverified.append((slot, e))
+            else:
+                trusted.append((slot, e, sums))
+        futures = [
+            self._nvme.read_async(e.row.offset + layer_off - pad,
+                                  buf[slot * stride : slot * stride + pad + nbytes])
+            for slot, e, _ in trusted
+        ]  # fmt: skip
+        bad: set[int] = set()
+        try:
+            for at in range(0, len(unverified), self._read_batch):
+                part = unverified[at : at + self._read_batch]
+                for (slot, e), whole in zip(part, self._read_whole([e for _, e in part])):
+                    if whole is None:
+                        bad.add(slot)
+                        continue
+                    start = slot * stride + pad
+                    buf[start : start + nbytes] = whole[layer_off : layer_off + nbytes]
+        except BaseException:
+            for f in futures:
+                f.exception()  # let no read still fill `buf` after we gave up on it
+            raise
+        wait_all(futures)
+        for slot, e, sums in trusted:
+            start = slot * stride + pad
+            if checksum(buf[start : start + nbytes]) != sums[layer]:
+                bad.add(slot)
+                self._corrupted(e)
+        found = [(slot, e.row.key) for slot, e in enumerate(held) if slot not in bad]
         return LayerBatch(
-            keys=[k for _, k in found],
-            missing=[k for k in keys if k not in found_keys],
-            buffer=buf, slots=[s for s, _ in found], stride=stride, pad=pad, nbytes=nbytes,
+            keys=[k for _, k in found], missing=[], buffer=buf, slots=[s for s, _ in found],
+            stride=stride, pad=pad, nbytes=nbytes, encoding=encoding,
         )  # fmt: skip
 
     # -- internals --------------------------------------------------------------------------
@@ -359,9 +399,10 @@ class CsdShard:
         if self._closed:
             raise FailedPrecondition(f"csd shard {self.directory} is closed")
 
-    def _holds(self, k: tuple[bytes, bytes], sum_: int, layout: KVLayout) -> bool:
+    def _holds(self, k: tuple[bytes, bytes], it: StoreItem, layout: KVLayout) -> bool:
         e = self._entries.get(k)
-        return e is not None and e.row.checksum == sum_ and e.row.layout == layout
+        return (e is not None and e.row.checksum == it.checksum and e.row.layout == layout
+                and e.row.encoding == it.encoding)  # fmt: skip
 
     def _pin(self, ns_id: bytes, keys: Sequence[bytes]) -> list[_Entry | None]:
         with self._lock:
@@ -404,3 +445,16 @@ class CsdShard:
                 self._retire(e)  # the caller still pins it: freed on unpin
         log.warning("csd shard %s: block %s failed its checksum; dropped",
                     self.directory, e.row.key.hex())  # fmt: skip
+
+
+def _stored_size(encoding: str, layout: KVLayout, i: int) -> int:
+    """Bytes a block of `layout` takes in `encoding` (InvalidArgument for one this worker
+    cannot read or that cannot encode the layout)."""
+    if encoding == RAW:
+        return layout.block_bytes
+    try:
+        return stored_bytes(encoding, layout)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(
+            f"encoding {encoding!r}: {e}", field=f"blocks[{i}].encoding"
+        ) from None

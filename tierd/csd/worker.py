@@ -58,15 +58,17 @@ class CsdWorkerServicer(cpb_grpc.CsdWorkerServicer):
     def StoreBlocks(self, request: cpb.StoreBlocksRequest, context: grpc.ServicerContext
                     ) -> cpb.StoreBlocksResponse:  # fmt: skip
         layout = _layout(request.layout)
-        items = [StoreItem(b.namespace_id, b.key, b.checksum, b.data) for b in request.blocks]
+        items = [StoreItem(b.namespace_id, b.key, b.checksum, b.data, b.encoding or "raw")
+                 for b in request.blocks]  # fmt: skip
         return cpb.StoreBlocksResponse(stored=self.shard.store(layout, items))
 
     @translate_errors
     def ReadBlocks(self, request: cpb.CsdKeys, context: grpc.ServicerContext
                    ) -> Iterator[cpb.CsdBlock]:  # fmt: skip
         ns = request.namespace_id
-        for key, sum_, data in self.shard.read_blocks(ns, list(request.keys)):
-            yield cpb.CsdBlock(namespace_id=ns, key=key, checksum=sum_, data=data)
+        for key, sum_, data, encoding in self.shard.read_blocks(ns, list(request.keys)):
+            yield cpb.CsdBlock(namespace_id=ns, key=key, checksum=sum_, data=data,
+                               encoding="" if encoding == "raw" else encoding)  # fmt: skip
 
     @translate_errors
     def DropBlocks(self, request: cpb.CsdKeys, context: grpc.ServicerContext
@@ -78,18 +80,18 @@ class CsdWorkerServicer(cpb_grpc.CsdWorkerServicer):
     @translate_errors
     def PartialAttend(self, request: cpb.PartialAttendRequest, context: grpc.ServicerContext
                       ) -> cpb.PartialAttendResponse:  # fmt: skip
-        from tierd.csd.attend import attend_batch, check_query  # torch: see module doc
+        from tierd.csd.attend import attend_runs, check_query  # torch: see module doc
         from tierd_client.tensors import to_message as tensor_to_proto
         from tierd_client.tensors import to_torch as tensor_from_proto
 
         layout = _layout(request.layout)
         q = tensor_from_proto(request.q, "q")
         check_query(q, layout)  # before any I/O: a bad query costs no reads
-        batch = self.shard.read_layers(request.namespace_id, layout, list(request.keys),
-                                       request.layer)  # fmt: skip
-        out, lse = attend_batch(batch, layout, q, request.scale)
+        runs = self.shard.read_layer_runs(request.namespace_id, layout, list(request.keys),
+                                          request.layer)  # fmt: skip
+        out, lse = attend_runs(runs, layout, q, request.scale)
         return cpb.PartialAttendResponse(out=tensor_to_proto(out), lse=tensor_to_proto(lse),
-                                         missing=batch.missing)  # fmt: skip
+                                         missing=runs[0].missing)  # fmt: skip
 
     @translate_errors
     def ListBlocks(self, request: cpb.ListBlocksRequest, context: grpc.ServicerContext

@@ -2,7 +2,9 @@
 
 A copy's location is the name of the worker holding it. Workers verify what they store and
 serve, and attend next to their blocks (`partial_attend`), so only a query and one partial
-result cross the wire. Space is accounted here per worker (each has `capacity` bytes);
+result cross the wire. A tier with a codec gets its copies encoded (the transfer engine
+encodes; the worker stores, serves and attends over the codes, and records each block's
+encoding in its own catalog); space is counted in stored, encoded bytes. Space is accounted here per worker (each has `capacity` bytes);
 drops are queued, never waited on, so the core may free copies under its lock.
 """
 
@@ -123,7 +125,8 @@ class CsdTier(Tier):
                 layout = items[idx[0]][0].ns.layout
                 self.pool.store(name, layout, ns_id,
                                 [(items[i][0].key, items[i][0].checksum, items[i][2])
-                                 for i in idx])  # fmt: skip
+                                 for i in idx],
+                                [getattr(items[i][0], "encoding", "raw") for i in idx])  # fmt: skip
             except BaseException as e:  # noqa: BLE001 - each waiter gets the failure
                 for i in idx:
                     futures[i].set_exception(e)
@@ -135,10 +138,11 @@ class CsdTier(Tier):
     def read(self, block: BlockRef, copy: Copy, out: memoryview) -> Future[None]:
         done: Future[None] = Future()
         try:
-            data = self.pool.read(str(copy.location), block.ns.id, [block.key]).get(block.key)
-            if data is None or len(data) != len(out):
-                raise CopyLost(f"csd worker {copy.location} does not hold the block")
-            out[:] = data
+            got = self.pool.read_encoded(str(copy.location), block.ns.id, [block.key])
+            held = got.get(block.key)
+            if held is None or held[0] != copy.encoding or len(held[1]) != len(out):
+                raise CopyLost(f"csd worker {copy.location} does not hold this copy")
+            out[:] = held[1]
             done.set_result(None)
         except BaseException as e:  # noqa: BLE001 - handed to the waiter
             done.set_exception(e)
