@@ -6,7 +6,9 @@ Primitives: `open_namespace`, `block_keys`, `lookup`, `put`, `get`, `delete`, `p
 Bulk bytes go through the tenant's shared-memory segment when the daemon is on this host
 and the segment can be mapped (put: PreparePut -> copy into leased slots -> CommitPut;
 get: PrepareGet -> copy out -> Release), otherwise in-band as gRPC streams. Either way
-each byte is copied once between the caller's buffer and the daemon's memory.
+each byte is copied once between the caller's buffer and the daemon's memory. A client
+on another host moves blocks through a transfer engine instead of gRPC payloads when
+both ends have one (`bulk`, `tierd_client.bulk`).
 
 `attend` and `attend_stream` go over a shared-memory ring when the daemon is on this host
 (`tierd_client.fastpath`), else over gRPC.
@@ -32,6 +34,7 @@ from ._proto import tierd_pb2_grpc as pb_grpc
 from .address import parse_address
 from .arrays import BlockRows, block_rows, byte_rows, out_buffer
 from .attend import AttendItem, AttendOutput, AttendStream, outputs_of, request_of
+from .bulk import BulkPath
 from .chunks import GetAssembler, put_chunks
 from .errors import FailedPrecondition, Internal, InvalidArgument, TierdError
 from .fastpath import FastAttend
@@ -101,6 +104,10 @@ class TierdClient(ModelsMixin):
     default). `credentials` secures a TCP channel; `token` is the tenant's bearer token.
     `fast_attend`: attend over a shared-memory ring when the daemon is on this host (the
     first attend opens it; gRPC whenever it cannot be used); False: always gRPC.
+    `bulk`: how blocks travel without shared memory: "auto" (through a Mooncake transfer
+    engine when the daemon announces one and the `mooncake` extra is installed, else
+    in-band gRPC), "engine" (fail if impossible) or "inband"; `bulk_hostname`: where the
+    daemon reaches this client's engine (default: this host's address toward the daemon).
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class TierdClient(ModelsMixin):
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         fast_attend: bool = True,
+        bulk: str = "auto",
+        bulk_hostname: str | None = None,
     ) -> None:
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
@@ -155,6 +164,7 @@ class TierdClient(ModelsMixin):
         # else beside a unix socket (the handoff authenticates whoever connects).
         self._handoff: str | None = None
         self._fast = FastAttend(self._ring_handoff, tenant, token) if fast_attend else None
+        self._bulk = BulkPath(self, bulk, bulk_hostname)
 
     # ---- plumbing -------------------------------------------------------------------
 
@@ -227,17 +237,24 @@ class TierdClient(ModelsMixin):
             layout=layout,
             block_bytes=resp.block_bytes,
             segment=segment,
-            transport=self._choose_transport(segment),
-        )
+            transport=self._choose_transport(segment, resp.bulk_engine
+                                             if resp.HasField("bulk_engine") else None),
+        )  # fmt: skip
 
-    def _choose_transport(self, segment: SegmentInfo | None) -> Transport:
-        if self.transport == "inband":
-            return "inband"
-        reason = self._segments.unusable(segment)  # maps the segment when it can
-        if reason is None:
-            return "shm"
-        if self.transport == "shm":
-            raise FailedPrecondition(f"shared memory is impossible: {reason}", field="transport")
+    def _choose_transport(self, segment: SegmentInfo | None, engine: Any) -> Transport:
+        reason: str | None = "transport='inband'"
+        if self.transport != "inband":
+            reason = self._segments.unusable(segment)  # maps the segment when it can
+            if reason is None:
+                return "shm"
+            if self.transport == "shm":
+                raise FailedPrecondition(f"shared memory is impossible: {reason}",
+                                         field="transport")  # fmt: skip
+        why_not = self._bulk.usable(engine)  # opens this client's engine when it can
+        if why_not is None:
+            return "engine"
+        if self._bulk.mode == "engine":
+            raise FailedPrecondition(f"no transfer engine path: {why_not}", field="bulk")
         return "inband"
 
     def block_keys(self, ns: Namespace, tokens: Sequence[int] | np.ndarray) -> list[bytes]:
@@ -269,6 +286,8 @@ class TierdClient(ModelsMixin):
             return []
         if ns.transport == "shm":
             return self._retrying(lambda: self._put_shm(ns, key_list, rows))
+        if ns.transport == "engine":
+            return self._retrying(lambda: self._bulk.put(ns, key_list, rows))
         return self._retrying(lambda: self._put_inband(ns, key_list, rows))
 
     def _put_shm(self, ns: Namespace, keys: list[bytes], rows: BlockRows) -> list[PutOutcome]:
@@ -330,7 +349,8 @@ class TierdClient(ModelsMixin):
         buf = out_buffer(ns.layout, len(key_list), out=out, as_torch=as_torch)
         if not key_list:
             return GetResult([], buf.result)
-        fetch = self._get_shm if ns.transport == "shm" else self._get_inband
+        fetch = {"shm": self._get_shm, "engine": self._bulk.get}.get(ns.transport,
+                                                                     self._get_inband)  # fmt: skip
         found = self._retrying(lambda: fetch(ns, key_list, buf.view))
         buf.finish(found)
         return GetResult(found, buf.result)
@@ -462,6 +482,7 @@ class TierdClient(ModelsMixin):
         self._segments.close()
         if self._fast is not None:
             self._fast.close()
+        self._bulk.close()
 
     def __enter__(self) -> Self:
         return self

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from ._proto import tierd_pb2 as pb
 from .layout import KVLayout
 
-Transport = Literal["shm", "inband"]
+Transport = Literal["shm", "engine", "inband"]
 PutOutcome = Literal["stored", "already_present"]
 
 
@@ -46,7 +46,8 @@ class Namespace:
     """An opened namespace: every data call takes one.
 
     `transport` is what this client decided for it at open time ("shm" when the segment
-    could be mapped, else "inband").
+    could be mapped, else "engine" when blocks go through a transfer engine, else
+    "inband").
     """
 
     id: bytes

@@ -9,6 +9,11 @@ themselves move by one-sided reads of this daemon's memory through a transfer en
 reached at `engine_hostname`. Every peer call carries the shared secret in `token_file`,
 so it is required as soon as either side is configured. `ca_file`, `cert_file` and
 `key_file` (all three or none) turn on mutual TLS between daemons.
+
+`bulk = true` lets remote clients (on other hosts) get and put blocks through the same
+transfer engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service,
+under its tenant checks); it needs no secret, since no `Peer` call is involved. The
+engine's port then exposes the memory tier to whoever reaches it: trusted hosts only.
 """
 
 from __future__ import annotations
@@ -38,10 +43,17 @@ class PeersConfig:
     timeout_ms: int = 2_000  # deadline of one call to a peer (a slow peer is a miss)
     lease_ttl_ms: int = 10_000  # how long a source pins blocks for a pull that went quiet
     retry_ms: int = 2_000  # a peer that failed is not asked again for this long
+    bulk: bool = False  # remote clients move blocks through the engine too
+
+    @property
+    def group(self) -> bool:
+        """Whether this daemon talks to peer daemons (which needs the group's secret)."""
+        return bool(self.listen or self.peers)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.listen or self.peers)
+        """Whether the daemon opens a transfer engine at all."""
+        return self.group or self.bulk
 
     @property
     def tls(self) -> bool:
@@ -90,6 +102,10 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
                 raise ConfigError(where, f"expected one of {', '.join(PROTOCOLS)}, "
                                   f"got {show(value)}")  # fmt: skip
             kwargs[key] = value
+        elif key == "bulk":
+            if not isinstance(value, bool):
+                raise ConfigError(where, f"expected true or false, got {show(value)}")
+            kwargs[key] = value
         elif key in ("timeout_ms", "retry_ms"):
             kwargs[key] = _int(value, where, 1, 3_600_000)
         elif key == "lease_ttl_ms":
@@ -97,7 +113,7 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
         else:
             kwargs[key] = _path(value, where)
     cfg = PeersConfig(**kwargs)
-    if cfg.enabled and cfg.token_file is None:
+    if cfg.group and cfg.token_file is None:
         raise ConfigError("peers.token_file", "required with peers.listen or peers.peers: "
                           "a file holding the secret every daemon of the group presents")  # fmt: skip
     tls = {"ca_file": cfg.ca_file, "cert_file": cfg.cert_file, "key_file": cfg.key_file}

@@ -63,6 +63,7 @@ from tierd_client.layout import KVLayout
 
 if TYPE_CHECKING:
     from tierd.attention.attend import AttendService
+    from tierd.core.bulk import Bulk
     from tierd.core.peers import Peers
 
 log = logging.getLogger("tierd.core")
@@ -103,6 +104,7 @@ class CacheService:
         self.placer = Placer(self)
         self.sharing = Sharing(self)  # shared and write-through tiers (tierd.core.sharing)
         self.peers: Peers | None = None  # other daemons to pull from; the server sets it
+        self.bulk: Bulk | None = None  # remote clients' transfer engine path; the server too
         self.weights = ModelRegistry(config.weights.capacity_bytes or self.top.capacity,
                                      data_dir / "weights", config.weights.roots)  # fmt: skip
         self._attend: AttendService | None = None
@@ -318,8 +320,14 @@ class CacheService:
         with self.cond:
             self.leases.pop(lease_id)
             self.end_lease(lease)
-            placed = [(slot.key, Copy(top, offset, bb, digest))
-                      for slot, offset, digest in zip(todo, targets, sums)]  # fmt: skip
+        return self.record_put(ns, [(slot.key, Copy(top, offset, bb, digest))
+                                    for slot, offset, digest in zip(todo, targets, sums)])  # fmt: skip
+
+    def record_put(self, ns: NamespaceInfo, placed: list[tuple[bytes, Copy]]) -> int:
+        """Put blocks whose checked copies are in the memory tier (space the caller
+        reserved) on record, then make them visible; how many were this put's own."""
+        bb = ns.block_bytes
+        with self.cond:
             # Keys another client committed (or is committing) meanwhile stay theirs.
             staged, ticket = self.directory.stage_blocks(ns, placed)
             mine = {key for key, _ in staged}

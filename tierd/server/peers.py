@@ -9,6 +9,8 @@ must carry the group's secret (`authorization: Bearer <token>`, compared in cons
 and, with TLS files configured, a certificate the group's CA signed (mutual TLS). A call
 without the secret is refused (UNAUTHENTICATED) and logged with its caller's address.
 Only control goes through it; the bytes move through the transfer engine (`PeerEngine`).
+With `bulk = true` the same engine serves remote clients too (`tierd.core.bulk`, through
+the client service's `BulkGet`/`BulkPut`); a daemon with only that opens no listener.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import grpc
 
 from tierd.config import Config
+from tierd.core.bulk import Bulk
 from tierd.core.peers import Located, Peers, RemoteBlock
 from tierd.core.service import CacheService
 from tierd.errors import Unauthenticated, Unavailable
@@ -134,7 +137,7 @@ class PeerNode:
         cfg = config.peers
         if not cfg.enabled:
             return None
-        token = read_token(cfg)
+        token = read_token(cfg) if cfg.group else ""
         engine = PeerEngine.open(cfg.engine_hostname, cfg.protocol)
         links = [GrpcPeerLink(address, token, cfg) for address in cfg.peers]
         peers = Peers(service, engine, links, cfg)
@@ -152,21 +155,24 @@ class PeerNode:
             peers.close()
             raise
         service.peers = peers
+        service.bulk = Bulk(service, engine) if cfg.bulk else None
         return cls(service, peers, server)
 
     def start(self) -> None:
         if self.server is not None:
             self.server.start()
         cfg = self.peers.config
-        log.info("peers: engine at %s (%s)%s%s", self.peers.engine.address, cfg.protocol,
+        log.info("peers: engine at %s (%s)%s%s%s", self.peers.engine.address, cfg.protocol,
                  f"; serving peers on {cfg.listen}" if cfg.listen else "",
-                 f"; pulling from {', '.join(cfg.peers)}" if cfg.peers else "")  # fmt: skip
+                 f"; pulling from {', '.join(cfg.peers)}" if cfg.peers else "",
+                 "; remote clients' gets and puts through it" if cfg.bulk else "")  # fmt: skip
 
     def stop(self, grace: float = 1.0) -> None:
         """After the client listener stopped: no lookup pulls any more."""
         if self.server is not None:
             self.server.stop(grace).wait()
         self.service.peers = None
+        self.service.bulk = None
         self.peers.close()
 
 

@@ -21,6 +21,7 @@ from tierd.errors import (
     Unauthenticated,
 )
 from tierd.server.auth import Authenticator
+from tierd.server.bulk import BulkServicer, bulk_engine
 from tierd.server.handoff import HandoffServer
 from tierd.server.models import ModelsServicer
 from tierd.server.status import translate_errors
@@ -95,7 +96,9 @@ def _tier_stats(t: TierSnapshot) -> pb.TierStats:
     )  # fmt: skip
 
 
-class TierdServicer(ModelsServicer, pb_grpc.TierdServicer):
+class TierdServicer(ModelsServicer, BulkServicer, pb_grpc.TierdServicer):
+    shape_of = staticmethod(_shape)
+
     def __init__(self, service: CacheService) -> None:
         self.svc = service
         self.auth = Authenticator(service.config.tenants)
@@ -180,8 +183,9 @@ class TierdServicer(ModelsServicer, pb_grpc.TierdServicer):
         ns, seg = self.svc.open_namespace(tenant, n.model, _layout(n.layout), list(n.extra_keys),
                                           lossless=n.lossless)  # fmt: skip
         return pb.OpenNamespaceResponse(
-            namespace_id=ns.id, block_bytes=ns.block_bytes, segment=self._segment(seg)
-        )
+            namespace_id=ns.id, block_bytes=ns.block_bytes, segment=self._segment(seg),
+            bulk_engine=bulk_engine(self.svc),
+        )  # fmt: skip
 
     @translate_errors
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext):
