@@ -18,14 +18,19 @@ and then, on a Mooncake Store master and a holder process that lends the pool it
   mooncake tier get   tierd get of blocks whose only copy is in its mooncake tier
   mooncake get        Mooncake's own client reading those values (`io_threads` threads,
                       and one): the peer, in another process than the holder too
+  remote client get   a client that maps no shared memory (as on another host) getting
+                      the same blocks, held in the daemon's memory, through the transfer
+                      engine (`[peers] bulk`: BulkGet, one-sided reads, checksums)
+  remote client put   the same client putting them (the daemon reads them one-sided)
 Each round times all four, in rotating order, after moving the blocks where the next
 one reads them (untimed); figures are medians over rounds, ratios are per round (a busy
 machine moves both sides of a round together). With `p2p`, a daemon pulling a prefix from a
 peer daemon against the transfer engine's own reads (`tools/bench_p2p.py`: `p2p_get_gbps`,
 `raw_te_read_gbps`). `--json` writes `remote_get_gbps`,
-`raw_cluster_get_gbps`, `inband_get_gbps`, `mooncake_get_gbps`, `mooncake_tier_get_gbps`
-and the ratios the targets are stated in (remote get >= 0.9x raw GET), with each figure's
-range.
+`raw_cluster_get_gbps`, `inband_get_gbps`, `mooncake_get_gbps`, `mooncake_tier_get_gbps`,
+`remote_client_get_gbps`, `remote_client_put_gbps` and the ratios the targets are stated
+in (remote get >= 0.9x raw GET, remote client get >= 1.0x Mooncake get), with each
+figure's range.
 """
 
 from __future__ import annotations
@@ -67,8 +72,9 @@ def timed(fn: Callable[[], object], before: Callable[[], object]) -> float:
 
 class Daemon:
     def __init__(self, workdir: Path, remote_tier: str, host: int, remote: int,
-                 threads: int) -> None:  # fmt: skip
-        """`remote_tier`: the remote tier's kind and options, TOML lines."""
+                 threads: int, extra: str = "") -> None:  # fmt: skip
+        """`remote_tier`: the remote tier's kind and options, TOML lines; `extra`: more
+        sections."""
         self.dir = workdir / "tierd"
         self.dir.mkdir()
         self.address = f"unix:{self.dir}/tierd.sock"
@@ -76,7 +82,7 @@ class Daemon:
         config.write_text(
             f'[[tiers]]\nname = "mem"\nkind = "host"\ncapacity = {host}\n\n'
             f'[[tiers]]\nname = "remote"\ncapacity = {remote}\n{remote_tier}'
-            f"io_threads = {threads}\ntimeout_ms = 5000\n"
+            f"io_threads = {threads}\ntimeout_ms = 5000\n{extra}"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tierd", "serve", "--config", str(config), "--listen",
@@ -199,15 +205,20 @@ def run_mooncake(layout: KVLayout, total: int, threads: int, rounds: int,
         f'kind = "mooncake"\nmaster = "{master.address}"\n'
         f'metadata_server = "{master.metadata}"\nlend = false\n'
     )
-    daemon = Daemon(workdir, tier, 2 * total + (256 << 20), 2 * total, threads)
+    daemon = Daemon(workdir, tier, 2 * total + (256 << 20), 2 * total, threads,
+                    '\n[peers]\nbulk = true\nengine_hostname = "127.0.0.1"\n')  # fmt: skip
     store = MooncakeDistributedStore()
     assert store.setup("127.0.0.1", master.metadata, READER_SEGMENT, 64 << 20, "tcp", "",
                        master.address) == 0  # fmt: skip
     figures: dict[str, list[float]] = {}
     try:
         with TierdClient(daemon.address, transport="shm", timeout=120) as c, \
+                TierdClient(daemon.address, transport="inband", bulk="engine",
+                            timeout=120) as rc, \
                 ThreadPoolExecutor(threads) as pool:  # fmt: skip
             ns = c.open_namespace("bench-remote", layout)
+            nsr = rc.open_namespace("bench-remote", layout)  # through the transfer engine
+            assert nsr.transport == "engine"
             keys = [i.to_bytes(16, "little") for i in range(n)]
             rkeys = [f"tierd/default/{ns.id.hex()}/{k.hex()}" for k in keys]
             for b in batches:
@@ -222,6 +233,25 @@ def run_mooncake(layout: KVLayout, total: int, threads: int, rounds: int,
                     got = c.get(ns, keys[b.start : b.stop], out=out[: len(b)])
                     assert all(got.found)
 
+            def in_memory() -> None:
+                for b in batches:
+                    assert c.move(ns, keys[b.start : b.stop], "mem") == len(b)
+
+            def client_get() -> None:
+                for b in batches:
+                    got = rc.get(nsr, keys[b.start : b.stop], out=out[: len(b)])
+                    assert all(got.found)
+                assert np.array_equal(out[len(batches[-1]) - 1].view(np.uint16),
+                                      blocks[-1].view(np.uint16))  # fmt: skip
+
+            def deleted() -> None:
+                assert c.delete(ns, keys) == n
+
+            def client_put() -> None:
+                for b in batches:
+                    assert rc.put(nsr, keys[b.start : b.stop], blocks[b.start : b.stop]) == [
+                        "stored"] * len(b)  # fmt: skip
+
             def raw(width: int) -> Callable[[], None]:
                 def get_all() -> None:
                     got = (list(pool.map(store.get, rkeys)) if width > 1 else
@@ -234,9 +264,12 @@ def run_mooncake(layout: KVLayout, total: int, threads: int, rounds: int,
                 ("mooncake_tier_get", tier_get, only_remote),
                 ("mooncake_get", raw(threads), only_remote),
                 ("mooncake_get_1thread", raw(1), only_remote),
+                ("remote_client_get", client_get, in_memory),
+                ("remote_client_put", client_put, deleted),
             ]
             for i in range(rounds):
-                for name, fn, before in paths[i % 3 :] + paths[: i % 3]:
+                at = i % len(paths)
+                for name, fn, before in paths[at:] + paths[:at]:
                     figures.setdefault(name, []).append(bench_kv.gbps(n * block,
                                                                       timed(fn, before)))  # fmt: skip
     finally:
@@ -246,6 +279,11 @@ def run_mooncake(layout: KVLayout, total: int, threads: int, rounds: int,
         master.kill()
     figures["mooncake_tier_get_over_mooncake_get"] = [
         a / b for a, b in zip(figures["mooncake_tier_get"], figures["mooncake_get"])]  # fmt: skip
+    figures["remote_client_get_over_mooncake_get"] = [
+        a / b for a, b in zip(figures["remote_client_get"], figures["mooncake_get"])]  # fmt: skip
+    figures["remote_client_get_over_mooncake_get_1thread"] = [
+        a / b for a, b in zip(figures["remote_client_get"],
+                              figures["mooncake_get_1thread"])]  # fmt: skip
     return figures
 
 
@@ -290,7 +328,7 @@ def main() -> int:
         doc[key], doc[f"{key}_range"] = med, [min(values), max(values)]
     print(
         "target: remote get >= 0.9x raw cluster GET (and the mooncake tier's against "
-        "Mooncake's own client)"
+        "Mooncake's own client); remote client get >= 1.0x Mooncake get"
     )
     if args.json:
         doc.update(block_bytes=layout.block_bytes, total_bytes=total, threads=args.threads,
