@@ -270,6 +270,7 @@ class TierdClient(ModelsMixin):
         return LookupResult(
             cached_tokens=resp.cached_tokens,
             blocks=[CachedBlock(b.key, tier_name(b.tier_name, b.tier)) for b in resp.blocks],
+            held_by=resp.held_by, held_blocks=resp.held_blocks,
         )
 
     # ---- put ---------------------------------------------------------------------------
@@ -423,7 +424,7 @@ class TierdClient(ModelsMixin):
         resp = self._retrying(lambda: self._unary("Stats", pb.StatsRequest()))
         out: dict[str, Any] = {}
         for f in resp.DESCRIPTOR.fields:
-            if f.name not in ("tiers", "tenants", "peers"):
+            if f.name not in ("tiers", "tenants", "peers", "directory"):
                 out[f.name] = getattr(resp, f.name)
         out["tenants"] = [
             {"tenant": u.tenant, "tier": tier_name(u.tier_name, u.tier), "used_bytes": u.used_bytes}
@@ -432,6 +433,10 @@ class TierdClient(ModelsMixin):
         out["tiers"] = {tier_name(t.tier_name, t.tier): _tier_stats(t) for t in resp.tiers}
         out["peers"] = {p.address: {f.name: getattr(p, f.name) for f in p.DESCRIPTOR.fields
                                     if f.name != "address"} for p in resp.peers}  # fmt: skip
+        # The prefix directory's counters (None: the daemon keeps none).
+        out["directory"] = ({f.name: getattr(resp.directory, f.name)
+                             for f in resp.directory.DESCRIPTOR.fields}
+                            if resp.HasField("directory") else None)  # fmt: skip
         return out
 
     # ---- attend ----------------------------------------------------------------------

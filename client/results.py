@@ -69,6 +69,10 @@ class CachedBlock:
 class LookupResult:
     cached_tokens: int  # leading tokens whose blocks are all cached
     blocks: list[CachedBlock]  # one per cached block, in prefix order
+    # The peer daemon the prefix directory names as holding the next `held_blocks` blocks,
+    # when the daemon did not pull them ("": none named, or all pulled).
+    held_by: str = ""
+    held_blocks: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ reached at `engine_hostname`. Every peer call carries the shared secret in `toke
 so it is required as soon as either side is configured. `ca_file`, `cert_file` and
 `key_file` (all three or none) turn on mutual TLS between daemons.
 
+`directory` names a `redis` tier of `[[tiers]]` whose cluster keeps the prefix directory
+(`tierd.core.holders`): which daemon holds which blocks, each entry valid for
+`directory_ttl_ms`. A daemon records itself there under `advertise` (default: `listen`),
+the address the others list in their `peers`.
+
 `bulk = true` lets remote clients (on other hosts) get and put blocks through the same
 transfer engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service,
 under its tenant checks); it needs no secret, since no `Peer` call is involved. The
@@ -43,6 +48,9 @@ class PeersConfig:
     timeout_ms: int = 2_000  # deadline of one call to a peer (a slow peer is a miss)
     lease_ttl_ms: int = 10_000  # how long a source pins blocks for a pull that went quiet
     retry_ms: int = 2_000  # a peer that failed is not asked again for this long
+    directory: str = ""  # a redis tier whose cluster keeps the prefix directory; "": none
+    directory_ttl_ms: int = 30_000  # how long an entry stays without being renewed
+    advertise: str = ""  # HOST:PORT the directory names this daemon by ("": listen)
     bulk: bool = False  # remote clients move blocks through the engine too
 
     @property
@@ -85,8 +93,14 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
         where = f"peers.{key_name(key)}"
         if key not in known:
             raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known))})")
-        if key == "listen":
+        if key in ("listen", "advertise"):
             kwargs[key] = _address(value, where)
+        elif key == "directory":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(where, f"expected the name of a redis tier, got {show(value)}")
+            kwargs[key] = value
+        elif key == "directory_ttl_ms":
+            kwargs[key] = _int(value, where, 100, 3_600_000)
         elif key == "peers":
             if isinstance(value, str):
                 value = [value]
@@ -116,6 +130,9 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
     if cfg.group and cfg.token_file is None:
         raise ConfigError("peers.token_file", "required with peers.listen or peers.peers: "
                           "a file holding the secret every daemon of the group presents")  # fmt: skip
+    if cfg.directory and not (cfg.listen or cfg.peers):
+        raise ConfigError("peers.directory", "needs peers.listen (to be named in it) or "
+                          "peers.peers (to ask it)")  # fmt: skip
     tls = {"ca_file": cfg.ca_file, "cert_file": cfg.cert_file, "key_file": cfg.key_file}
     missing = [k for k, v in tls.items() if v is None]
     if missing and len(missing) < len(tls):

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from tierd.config import Config
 from tierd.core.catalog import (
@@ -47,6 +48,17 @@ from tierd.tiers.base import Copy, Found, Location
 log = logging.getLogger("tierd.core")
 
 Release = Callable[[BlockEntry, Copy], None]
+
+
+class Watcher(Protocol):
+    """Told of blocks committed to the memory tier and of copies that go (the prefix
+    directory, `tierd.core.holders`); called under `cond`, never blocks."""
+
+    def added(self, entries: Sequence[BlockEntry]) -> None: ...
+
+    def touched(self, entry: BlockEntry, now: float) -> None: ...  # a lookup hit it
+
+    def dropped(self, entry: BlockEntry, copy: Copy) -> None: ...
 
 
 def _fastest_copy(entry: BlockEntry, rank: dict[str, int]) -> Copy | None:
@@ -88,6 +100,7 @@ class Directory:
         self.pending: set[tuple[bytes, bytes]] = set()
         self._usage: dict[str, dict[str, int]] = {name: {} for name in self.chain}
         self._blocks: dict[str, int] = dict.fromkeys(self.chain, 0)
+        self.watcher: Watcher | None = None
 
     # -- which copy -------------------------------------------------------------------------
 
@@ -148,6 +161,8 @@ class Directory:
             self.add_copy(entry, copy)
             self.accessed(entry)
             entries.append(entry)
+        if self.watcher is not None:
+            self.watcher.added(entries)
         return entries
 
     def accessed(self, entry: BlockEntry) -> None:
@@ -209,6 +224,8 @@ class Directory:
         self._count(entry, copy, -1)
         self.policies[copy.tier].on_evict(entry)
         self._release(entry, copy)
+        if self.watcher is not None:
+            self.watcher.dropped(entry, copy)
 
     def _count(self, entry: BlockEntry, copy: Copy, sign: int) -> None:
         usage = self._usage.setdefault(copy.tier, {})

@@ -64,6 +64,9 @@ class BlockEntry:
     # position in its prefix as the last lookup saw it (-1: never looked up).
     policy_state: dict[str, Any] = field(default_factory=dict, repr=False)
     depth: int = -1
+    # When the prefix directory was last told this daemon holds it (0: not told, or told
+    # it is gone); tierd.core.holders.
+    advertised: float = 0.0
 
     @property
     def idle(self) -> bool:

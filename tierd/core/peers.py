@@ -1,11 +1,12 @@
 """Other tierd daemons, as the core sees them: blocks this daemon lends to a peer's pull,
 and blocks it pulls from peers when a lookup's prefix ends here.
 
-Primitives: `Peers(service, engine, links, config)`; source side `locate(tenant, ns_id,
+Primitives: `Peers(service, engine, links, config, holders=None)`; source side `locate(tenant, ns_id,
 keys, ttl_ms) -> Located` (pins a run of blocks in the memory tier and names where they
 are in this daemon's transfer engine), `release(tenant, lease_id)`; pulling side
-`pull(ns, tokens, depth, now) -> (found, missed)` (caller holds no lock); `snapshot()`
-(counters per peer), `close()`. `PeerLink` is what a peer is to the core (the server
+`pull(ns, tokens, depth, now) -> (found, missed, (held_by, held_blocks))` (caller holds
+no lock); `snapshot()` (counters per peer), `directory()` (the prefix directory's),
+`close()`. `PeerLink` is what a peer is to the core (the server
 package implements it over gRPC).
 
 A lookup asks peers after the local tiers and after the shared tiers: a shared tier's
@@ -21,6 +22,12 @@ ones as its own blocks and releases the peer's lease. Whatever goes wrong with a
 counted against that peer, never an error of the lookup; a peer that failed is skipped
 for `retry_ms`.
 
+With a prefix directory (`[peers] directory`, `tierd.core.holders`) this daemon records
+the blocks it holds there, and a pull first asks it (one batch, the first batch's keys)
+which peers hold the run: those of the configured peers it names are asked first, longest
+run first, then the others in configured order. When the named peer's blocks were not
+pulled (it failed, or memory had no room), the lookup says which peer holds how many.
+
 The tenant travels with every call and the source checks it against the namespace (whose
 id is derived from tenant, model and layout), so a puller never learns of another
 tenant's blocks. Pulled blocks carry only their whole-block checksum: per-layer sums are
@@ -32,13 +39,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from itertools import islice
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from tierd.core.holders import DirectoryCounters, Holders
 from tierd.core.index import NamespaceInfo
 from tierd.peer_config import PeersConfig
 from tierd.tiers.base import Copy, MemoryTier
@@ -97,6 +105,8 @@ class PeerCounters:
     bytes: int = 0
     errors: int = 0
     corrupt: int = 0
+    asked: int = 0  # locate calls
+    directory_hits: int = 0  # lookups the prefix directory sent to it first
 
 
 class _Peer:
@@ -109,18 +119,28 @@ class _Peer:
 class Peers:
     def __init__(
         self, service: CacheService, engine: PeerEngine, links: Sequence[PeerLink],
-        config: PeersConfig,
+        config: PeersConfig, holders: Holders | None = None,
     ) -> None:  # fmt: skip
         self.svc = service
         self.engine = engine
         self.config = config
         self._peers = [_Peer(link) for link in links]
+        self._by_address = {p.link.address: p for p in self._peers}
         self._lock = threading.Lock()  # guards the counters
         top = service.top
         assert isinstance(top, MemoryTier), "the first tier is the memory clients map"
         self._top: MemoryTier = top
+        self.holders = holders
+        if holders is not None and holders.holder:
+            with service.cond:
+                service.directory.watcher = holders
 
     def close(self) -> None:
+        if self.holders is not None:
+            with self.svc.cond:
+                if self.svc.directory.watcher is self.holders:
+                    self.svc.directory.watcher = None
+            self.holders.close()
         for peer in self._peers:
             peer.link.close()
         self.engine.close()
@@ -128,6 +148,9 @@ class Peers:
     def snapshot(self) -> list[PeerCounters]:
         with self._lock:
             return [replace(p.counters) for p in self._peers]
+
+    def directory(self) -> DirectoryCounters | None:
+        return self.holders.snapshot() if self.holders is not None else None
 
     def _segment_address(self, tenant: str) -> int:
         """The tenant's memory-tier segment, registered with the engine; its address."""
@@ -174,12 +197,38 @@ class Peers:
 
     def pull(
         self, ns: NamespaceInfo, tokens: np.ndarray, depth: int, now: float
-    ) -> tuple[list[tuple[bytes, str]], bool]:
+    ) -> tuple[list[tuple[bytes, str]], bool, tuple[str, int]]:
         """Continue a prefix of `depth` blocks from peers: (key, tier) of each block pulled,
-        in order, and whether it ended short of the tokens."""
+        in order, whether it ended short of the tokens, and (peer, blocks) the directory
+        says holds the next blocks, where they were not pulled (("", 0): none)."""
         if not any(p.retry_at <= time.monotonic() for p in self._peers):
-            return [], True
+            return [], True, ("", 0)
         keys = islice(iter_block_keys(ns.id, tokens, ns.layout.block_tokens), depth, None)
+        first = list(islice(keys, PULL_FIRST))
+        if not first:
+            return [], False, ("", 0)
+        order, runs = self._order(ns, first)
+        out, missed = self._pull_run(ns, chain(first, keys), depth, now, order)
+        held = next(((a, n - len(out)) for a, n in runs[:1] if n > len(out)), ("", 0))
+        return out, missed, held
+
+    def _order(
+        self, ns: NamespaceInfo, first: list[bytes]
+    ) -> tuple[list[_Peer], tuple[tuple[str, int], ...]]:
+        """The peers to ask, in order (those the directory names first), and its runs."""
+        if self.holders is None:
+            return self._peers, ()
+        advice = self.holders.advise(ns, first, [p.link.address for p in self._peers])
+        named = [self._by_address[address] for address, _ in advice.runs]
+        if named:
+            with self._lock:
+                named[0].counters.directory_hits += 1
+        return named + [p for p in self._peers if p not in named], advice.runs
+
+    def _pull_run(
+        self, ns: NamespaceInfo, keys: Iterator[bytes], depth: int, now: float,
+        order: list[_Peer],
+    ) -> tuple[list[tuple[bytes, str]], bool]:  # fmt: skip
         out: list[tuple[bytes, str]] = []
         size, asked = PULL_FIRST, 0
         while asked < PULL_KEYS:
@@ -187,20 +236,22 @@ class Peers:
             if not batch:
                 return out, False
             asked, size = asked + len(batch), 4 * size
-            got = self._pull_batch(ns, batch, depth + len(out), now)
+            got = self._pull_batch(ns, batch, depth + len(out), now, order)
             out += got
             if len(got) < len(batch):
                 return out, True
         return out, next(keys, None) is not None
 
     def _pull_batch(
-        self, ns: NamespaceInfo, batch: list[bytes], depth: int, now: float
+        self, ns: NamespaceInfo, batch: list[bytes], depth: int, now: float, order: list[_Peer]
     ) -> list[tuple[bytes, str]]:
-        """The batch's run, from the first peer that holds its first key."""
+        """The batch's run, from the first peer (in `order`) that holds its first key."""
         ttl = self.config.lease_ttl_ms
-        for peer in self._peers:
+        for peer in order:
             if peer.retry_at > time.monotonic():
                 continue
+            with self._lock:
+                peer.counters.asked += 1
             try:
                 located = peer.link.locate(ns.tenant, ns.id, batch, ttl)
             except Exception as e:  # noqa: BLE001 - a peer's failure is a miss, never an error

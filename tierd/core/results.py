@@ -32,6 +32,9 @@ class ClientFds:
 class LookupResult:
     cached_tokens: int
     blocks: list[tuple[bytes, str]]  # (key, tier) of each cached block, prefix order
+    # A peer the prefix directory names as holding the next blocks, which were not pulled.
+    held_by: str = ""
+    held_blocks: int = 0
 
 
 @dataclass(frozen=True)

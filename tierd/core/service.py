@@ -219,6 +219,7 @@ class CacheService:
         keys = iter_block_keys(ns.id, arr, ns.layout.block_tokens)
         found: list[tuple[bytes, str]] = []
         now, batch, missed, rest = time.time(), 1, False, []
+        watcher, hint = self.directory.watcher, ("", 0)
         while not missed and (todo := list(islice(keys, batch))):
             with self.cond:
                 for i, key in enumerate(todo):
@@ -229,17 +230,19 @@ class CacheService:
                     entry.last_access = now
                     entry.depth = len(found)
                     found.append((key, self.directory.best_name(entry)))
+                    if watcher is not None:
+                        watcher.touched(entry, now)
             batch = min(2 * batch, 1024)
         if missed and self.sharing.shared:  # the prefix may go on in a tier others share
             more, missed = self.sharing.find(ns, chain(rest, keys), len(found), now)
             found += more
         if missed and self.peers is not None:  # ...or on another daemon, then pulled here
-            more, missed = self.peers.pull(ns, arr, len(found), now)
+            more, missed, hint = self.peers.pull(ns, arr, len(found), now)
             found += more
         with self.cond:
             self.counters.lookups += 1
             self.counters.misses += missed
-        return LookupResult(len(found) * ns.layout.block_tokens, found)
+        return LookupResult(len(found) * ns.layout.block_tokens, found, *hint)
 
     # -- put ------------------------------------------------------------------------------
 

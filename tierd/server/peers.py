@@ -24,11 +24,14 @@ import grpc
 
 from tierd.config import Config
 from tierd.core.bulk import Bulk
+from tierd.core.holders import Holders
 from tierd.core.peers import Located, Peers, RemoteBlock
 from tierd.core.service import CacheService
-from tierd.errors import Unauthenticated, Unavailable
+from tierd.errors import ConfigError, Unauthenticated, Unavailable
 from tierd.peer_config import PeersConfig, read_token
 from tierd.server.status import translate_errors
+from tierd.tiers.redis_holders import RedisHolderBook
+from tierd.tiers.remote_redis import RedisTier
 from tierd.transfer.p2p import PeerEngine
 from tierd_client._proto import peer_pb2 as pb
 from tierd_client._proto import peer_pb2_grpc as pb_grpc
@@ -138,9 +141,14 @@ class PeerNode:
         if not cfg.enabled:
             return None
         token = read_token(cfg) if cfg.group else ""
+        book = _directory_book(cfg, service)
         engine = PeerEngine.open(cfg.engine_hostname, cfg.protocol)
         links = [GrpcPeerLink(address, token, cfg) for address in cfg.peers]
-        peers = Peers(service, engine, links, cfg)
+        holders = None
+        if book is not None:
+            local = [t.name for t in service.tiers if not t.shared]
+            holders = Holders(book, cfg.advertise or cfg.listen, cfg.directory_ttl_ms, local)
+        peers = Peers(service, engine, links, cfg, holders)
         server = None
         try:
             if cfg.listen:
@@ -174,6 +182,17 @@ class PeerNode:
         self.service.peers = None
         self.service.bulk = None
         self.peers.close()
+
+
+def _directory_book(cfg: PeersConfig, service: CacheService) -> RedisHolderBook | None:
+    """The prefix directory's store: the cluster of the Redis tier `directory` names."""
+    if not cfg.directory:
+        return None
+    tier = service.tiers.get(cfg.directory)
+    if not isinstance(tier, RedisTier):
+        raise ConfigError("peers.directory", f"{cfg.directory!r} is not the name of a tier "
+                          "of kind redis in [[tiers]]")  # fmt: skip
+    return RedisHolderBook(tier)
 
 
 def _server_credentials(cfg: PeersConfig) -> grpc.ServerCredentials:

@@ -196,6 +196,7 @@ class TierdServicer(ModelsServicer, BulkServicer, pb_grpc.TierdServicer):
             blocks=[
                 pb.BlockLocation(key=k, tier=self._tier(t), tier_name=t) for k, t in result.blocks
             ],
+            held_by=result.held_by, held_blocks=result.held_blocks,
         )
 
     @translate_errors
@@ -311,6 +312,7 @@ class TierdServicer(ModelsServicer, BulkServicer, pb_grpc.TierdServicer):
         principal = self.auth.identify(context)  # totals are daemon-wide; usage is per tenant
         s = self.svc.stats()
         peers = self.svc.peers.snapshot() if self.svc.peers is not None else []
+        book = self.svc.peers.directory() if self.svc.peers is not None else None
         usage = [
             pb.TenantUsage(tenant=tenant, tier=self._tier(tier), tier_name=tier, used_bytes=n)
             for (tenant, tier), n in sorted(self.svc.usage_by_tenant().items())
@@ -322,6 +324,7 @@ class TierdServicer(ModelsServicer, BulkServicer, pb_grpc.TierdServicer):
             active_leases=s.active_leases, namespaces=s.namespaces, tenants=usage,
             active_sequences=s.active_sequences,
             peers=[pb.PeerStats(**dataclasses.asdict(p)) for p in peers],
+            directory=pb.PrefixDirectoryStats(**dataclasses.asdict(book)) if book else None,
         )  # fmt: skip
 
     @translate_errors
