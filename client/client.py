@@ -202,10 +202,13 @@ class TierdClient(ModelsMixin):
 
     def open_namespace(
         self, model: str, layout: KVLayout, *, extra_keys: Iterable[str] = (),
-        lossless: bool = False,
+        lossless: bool = False, adapter: str = "",
     ) -> Namespace:  # fmt: skip
         """`lossless`: the namespace's blocks are kept exact (tiers with a lossy codec
-        store them raw); a namespace of its own, apart from the one without it."""
+        store them raw); a namespace of its own, apart from the one without it.
+        `adapter`: the LoRA adapter (held by the daemon, see `register_adapter`) the KV is
+        computed through; a namespace of its own per adapter. Once the adapter is dropped
+        or evicted, calls on the namespace fail with FailedPrecondition (its KV is gone)."""
         if isinstance(extra_keys, str):
             raise TypeError("extra_keys is a sequence of strings, not one string")
         req = pb.OpenNamespaceRequest(
@@ -215,6 +218,7 @@ class TierdClient(ModelsMixin):
                 layout=layout.to_proto(),
                 extra_keys=list(extra_keys),
                 lossless=lossless,
+                adapter=adapter,
             )
         )
         resp = self._retrying(lambda: self._unary("OpenNamespace", req))

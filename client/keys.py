@@ -29,14 +29,18 @@ def namespace_id(
     extra_keys: Iterable[str] = (),
     *,
     lossless: bool = False,
+    adapter: str = "",
 ) -> bytes:
     """A stable 16-byte id for (tenant, model fingerprint, KV layout, extra keys) and, for a
-    namespace whose blocks are kept exact, that choice (absent otherwise, so the ids of
-    other namespaces are what they always were)."""
+    namespace whose blocks are kept exact, that choice, and for KV computed through a LoRA
+    adapter, the adapter's fingerprint (each absent otherwise, so the ids of other
+    namespaces are what they always were)."""
     doc: dict[str, object] = {"tenant": tenant, "model": model, "layout": list(layout),
                               "extra": list(extra_keys)}  # fmt: skip
     if lossless:
         doc["lossless"] = True
+    if adapter:
+        doc["adapter"] = adapter
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=b"tierd-ns-v1").digest()
 

@@ -1,8 +1,15 @@
 """Models held in tierd: register them, list them, and map their weights into this process.
 
 Primitives: `ModelsMixin` (the `TierdClient` methods `register_model`, `list_models`,
-`model_info`, `drop_model`, `load_weights`), `ModelInfo`, `ModelTensor`, `Weights`,
-`receive_weights_fd(handoff, tenant, token, model, timeout)`.
+`model_info`, `drop_model`, `load_weights`, `register_adapter`, `load_adapter`),
+`ModelInfo`, `ModelTensor`, `AdapterInfo`, `Weights`, `receive_weights_fd(handoff, tenant,
+token, model, timeout)`.
+
+A LoRA adapter is held like a model (registered from a PEFT directory against a model the
+tenant sees, listed, shared, dropped); `load_adapter` maps its matrices as `load_weights`
+maps a model's, and `tierd_client.hf_lora.apply_adapter` applies them to a model built on
+the base's weights. A KV namespace opened with `adapter=` depends on it: see
+`TierdClient.open_namespace`.
 
 `load_weights` asks the daemon for the model's manifest, receives its weights area over
 the handoff socket (one read-only descriptor, the same mechanism as the KV segment), maps
@@ -47,6 +54,15 @@ class ModelTensor:
 
 
 @dataclass(frozen=True)
+class AdapterInfo:
+    base_model: str  # the fingerprint of the model it adapts
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dependent_blocks: int  # KV blocks of namespaces naming it, when listed
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     fingerprint: str  # content hash: use it as the KV namespace's model id
@@ -58,14 +74,18 @@ class ModelInfo:
     source: str
     tensor_count: int
     tensors: tuple[ModelTensor, ...] = ()  # with `model_info(..., tensors=True)`
-    config_json: str = ""
+    config_json: str = ""  # an adapter's: its adapter_config.json
+    adapter: AdapterInfo | None = None  # set for a LoRA adapter
 
     @classmethod
     def from_proto(cls, m: Any) -> ModelInfo:
         tensors = tuple(ModelTensor(t.name, tuple(t.shape), t.dtype, t.offset, t.nbytes,
                                     t.layer) for t in m.tensors)  # fmt: skip
+        a = m.adapter if m.HasField("adapter") else None
+        adapter = None if a is None else AdapterInfo(
+            a.base_model, a.rank, a.alpha, tuple(a.target_modules), a.dependent_blocks)  # fmt: skip
         return cls(m.name, m.fingerprint, m.size, m.layers, m.tenant, m.shared, m.dtype,
-                   m.source, m.tensor_count, tensors, m.config_json)  # fmt: skip
+                   m.source, m.tensor_count, tensors, m.config_json, adapter)  # fmt: skip
 
     def layer_groups(self) -> dict[int, list[str]]:
         """Tensor names per decoder layer (-1: the rest), in the area's order."""
@@ -140,10 +160,22 @@ class ModelsMixin:
         GGUF file, on the daemon's host) once and hold it; idempotent for the same content.
         `dtype`: bfloat16 | float16 | float32 ("": the file's float dtype, GGUF bfloat16).
         `shared`: every tenant may list and load it."""
+        return self._register(pb.RegisterModelRequest(
+            path=str(path), dtype=dtype, name=name, shared=shared, tenant=self.tenant), timeout)  # fmt: skip
+
+    def register_adapter(self, path: str, base_model: str, *, dtype: str = "", name: str = "",
+                         shared: bool = False, timeout: float | None = None) -> ModelInfo:  # fmt: skip
+        """Have the daemon hold the LoRA adapter in the PEFT directory `path`
+        (adapter_config.json and adapter_model.safetensors, on the daemon's host) for
+        `base_model` (a model this tenant sees, by name or fingerprint), checked against it.
+        Evicted only when room is needed and no KV of it is hot (see `open_namespace`)."""
+        return self._register(pb.RegisterModelRequest(
+            path=str(path), dtype=dtype, name=name, shared=shared, tenant=self.tenant,
+            base_model=base_model), timeout)  # fmt: skip
+
+    def _register(self, req: Any, timeout: float | None) -> ModelInfo:
         from .rpc import error_from_rpc
 
-        req = pb.RegisterModelRequest(path=str(path), dtype=dtype, name=name, shared=shared,
-                                      tenant=self.tenant)  # fmt: skip
         deadline = timeout if timeout is not None else max(self._timeout, REGISTER_TIMEOUT_S)
 
         def call() -> Any:
@@ -179,6 +211,15 @@ class ModelsMixin:
         names it (mappings already made stay valid)."""
         req = pb.DropModelRequest(model=model, tenant=self.tenant)
         self._retrying(lambda: self._unary("DropModel", req))
+
+    def load_adapter(self, adapter: str) -> Weights:
+        """The LoRA matrices of `adapter` (a name or fingerprint), mapped read-only as
+        `load_weights` maps a model's; `info.adapter` says what they adapt. Apply them with
+        `tierd_client.hf_lora.apply_adapter`."""
+        weights = self.load_weights(adapter)
+        if weights.info.adapter is None:
+            raise FailedPrecondition(f"{adapter!r} is a model, not an adapter", field="model")
+        return weights
 
     def load_weights(self, model: str) -> Weights:
         """Every tensor of `model`, as read-only views of the daemon's weights area mapped

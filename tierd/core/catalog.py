@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS namespaces (
     model TEXT NOT NULL,
     layout TEXT NOT NULL,
     extra TEXT NOT NULL,
-    lossless INTEGER NOT NULL DEFAULT 0
+    lossless INTEGER NOT NULL DEFAULT 0,
+    adapter TEXT NOT NULL DEFAULT ''
 )"""
 _BLOCKS = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -73,6 +74,7 @@ class NamespaceRow:
     layout: list[int | str]
     extra: list[str]
     lossless: bool = False  # see NamespaceInfo.lossless
+    adapter: str = ""  # see NamespaceInfo.adapter
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ class Catalog:
         self._db.executescript(_SCHEMA)
         # Catalogs from before codecs: copies were all raw, namespaces all lossy-allowed.
         for table, column in (("namespaces", "lossless INTEGER NOT NULL DEFAULT 0"),
-                              ("copies", "layer_sums BLOB")):  # fmt: skip
+                              ("copies", "layer_sums BLOB"),
+                              ("namespaces", "adapter TEXT NOT NULL DEFAULT ''")):  # fmt: skip
             if column.split()[0] not in columns(self._db, table):
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
@@ -151,18 +154,18 @@ class Catalog:
 
     def upsert_namespace(self, row: NamespaceRow) -> None:
         self.run([(
-            "INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(row.ns_id, row.tenant, row.model, json.dumps(row.layout), json.dumps(row.extra),
-              int(row.lossless))],
+              int(row.lossless), row.adapter)],
         )])  # fmt: skip
 
     def namespaces(self) -> list[NamespaceRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT ns_id, tenant, model, layout, extra, lossless FROM namespaces"
+                "SELECT ns_id, tenant, model, layout, extra, lossless, adapter FROM namespaces"
             ).fetchall()
-        return [NamespaceRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), bool(r[5]))
-                for r in rows]  # fmt: skip
+        return [NamespaceRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), bool(r[5]),
+                             r[6]) for r in rows]  # fmt: skip
 
     def blocks(self) -> Iterator[BlockRow]:
         with self._lock:

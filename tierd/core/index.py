@@ -37,6 +37,9 @@ class NamespaceInfo:
     extra_keys: tuple[str, ...]
     # Blocks kept exact: tiers with a lossy codec store them raw (part of the id).
     lossless: bool = False
+    # The fingerprint of the LoRA adapter its KV depends on ("": none; part of the id);
+    # tierd.core.adapters.
+    adapter: str = ""
 
     @property
     def block_bytes(self) -> int:

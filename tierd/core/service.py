@@ -26,6 +26,7 @@ import numpy as np
 
 from tierd.config import Config
 from tierd.core import limits, validate
+from tierd.core.adapters import AdapterBook
 from tierd.core.catalog import NamespaceRow
 from tierd.core.directory import Directory
 from tierd.core.inband import InbandPut
@@ -107,6 +108,7 @@ class CacheService:
         self.bulk: Bulk | None = None  # remote clients' transfer engine path; the server too
         self.weights = ModelRegistry(config.weights.capacity_bytes or self.top.capacity,
                                      data_dir / "weights", config.weights.roots)  # fmt: skip
+        self.adapters = AdapterBook(self.directory, self.weights)  # adapters and their KV
         self._attend: AttendService | None = None
         self.draining = False  # set on SIGTERM: no new leases, existing ones may finish
         self._attend_lock = threading.Lock()
@@ -157,24 +159,27 @@ class CacheService:
 
     def open_namespace(
         self, tenant: str, model: str, layout: KVLayout, extra_keys: Sequence[str] = (),
-        *, lossless: bool = False,
+        *, lossless: bool = False, adapter: str = "",
     ) -> tuple[NamespaceInfo, SegmentInfo]:  # fmt: skip
+        """`adapter`: a LoRA adapter of `model` the tenant sees (a name or fingerprint)."""
         if not tenant:
             raise InvalidArgument("a tenant name is required", field="namespace.tenant")
         if not model:
             raise InvalidArgument("a model fingerprint is required", field="namespace.model")
         limits.check_namespace(self, tenant, model, layout, extra_keys)
+        adapter = self.adapters.open(tenant, adapter, model)  # its fingerprint
         ns_id = namespace_id(tenant, model, layout_to_list(layout), extra_keys,
-                             lossless=lossless)  # fmt: skip
+                             lossless=lossless, adapter=adapter)  # fmt: skip
         with self.cond:
             ns = self.index.namespaces.get(ns_id)
         if ns is None:
             # On record (idempotent, and never removed) before it is known, without the
             # lock: a slow catalog holds only this call.
             row = NamespaceRow(ns_id, tenant, model, layout_to_list(layout), list(extra_keys),
-                               lossless)  # fmt: skip
+                               lossless, adapter)  # fmt: skip
             self.catalog.upsert_namespace(row)
-            info = NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys), lossless)
+            info = NamespaceInfo(ns_id, tenant, model, layout, tuple(extra_keys), lossless,
+                                 adapter)  # fmt: skip
             with self.cond:
                 ns = self.index.namespaces.setdefault(ns_id, info)
         return ns, self.segment_info(ns)
@@ -187,6 +192,10 @@ class CacheService:
         if ns is None or (principal is not None and ns.tenant != principal):
             raise InvalidArgument("unknown namespace; call OpenNamespace first",
                                   field="namespace_id")
+        if ns.adapter and not self.weights.sees(ns.tenant, ns.adapter):
+            raise FailedPrecondition(f"the adapter {ns.adapter[:16]} of this namespace is no "
+                                     "longer held (dropped or evicted), nor is its KV: register "
+                                     "it again and reopen the namespace", field="namespace_id")  # fmt: skip
         return ns
 
     def segment_info(self, ns: NamespaceInfo, area: StagingArea | None = None) -> SegmentInfo:

@@ -106,8 +106,9 @@ def recover(svc: CacheService) -> None:
     for row in svc.catalog.namespaces():
         layout = layout_from_list(row.layout)
         svc.index.namespaces[row.ns_id] = NamespaceInfo(
-            row.ns_id, row.tenant, row.model, layout, tuple(row.extra), row.lossless
-        )
+            row.ns_id, row.tenant, row.model, layout, tuple(row.extra), row.lossless,
+            row.adapter,
+        )  # fmt: skip
     dropped: list[tuple[bytes, bytes]] = []
     changed: list[BlockEntry] = []
     unknown: set[str] = set()

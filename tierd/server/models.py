@@ -2,7 +2,11 @@
 handoff: translation only; `tierd.weights.registry` decides.
 
 Primitives: `ModelsServicer` (a mixin of `TierdServicer`: it uses `self.svc`, `self.auth`
-and `self.handoff`), `model_info(view, tensors) -> pb.ModelInfo`.
+and `self.handoff`), `model_info(view, tensors, dependents=0) -> pb.ModelInfo`.
+
+LoRA adapters are models with `base_model` set (`tierd.weights.adapters`); their info
+carries the base's fingerprint, rank, alpha, target modules and the KV blocks that depend
+on them now (`tierd.core.adapters`).
 
 The caller's tenant is what its credentials prove; an open daemon takes the tenant the
 request names, as OpenNamespace does.
@@ -26,13 +30,19 @@ if TYPE_CHECKING:
     from tierd.server.handoff import HandoffServer
 
 
-def model_info(view: ModelView, tensors: bool) -> pb.ModelInfo:
+def model_info(view: ModelView, tensors: bool, dependents: int = 0) -> pb.ModelInfo:
     reg, m = view.registration, view.manifest
     info = pb.ModelInfo(
         name=reg.name, fingerprint=reg.fingerprint, size=m.size, layers=m.layers,
         tenant=reg.tenant, shared=reg.shared, dtype=m.dtype, source=reg.source,
         tensor_count=len(m.tensors),
     )  # fmt: skip
+    a = m.adapter
+    if a is not None:
+        info.adapter.CopyFrom(pb.AdapterInfo(
+            base_model=a.base, rank=a.rank, alpha=a.alpha, target_modules=a.target_modules,
+            dependent_blocks=dependents,
+        ))  # fmt: skip
     if tensors:
         info.config_json = m.config_json
         info.tensors.extend(
@@ -75,7 +85,7 @@ class ModelsServicer:
     def RegisterModel(self, request: pb.RegisterModelRequest, context: grpc.ServicerContext):
         tenant = self._model_tenant(request.tenant, context)
         view, created = self.svc.weights.register(
-            tenant, request.path, request.dtype, request.name, request.shared
+            tenant, request.path, request.dtype, request.name, request.shared, request.base_model
         )
         return pb.RegisterModelResponse(model=model_info(view, False), created=created)
 
@@ -86,8 +96,9 @@ class ModelsServicer:
         segment = pb.ShmSegment(host_id=host_id())
         if self.handoff is not None:
             segment.handoff = str(self.handoff.path)
-        return pb.ListModelsResponse(models=[model_info(v, request.tensors) for v in views],
-                                     segment=segment)  # fmt: skip
+        infos = [model_info(v, request.tensors, self.svc.adapters.count(v.registration.fingerprint)
+                            if v.manifest.adapter is not None else 0) for v in views]  # fmt: skip
+        return pb.ListModelsResponse(models=infos, segment=segment)
 
     @translate_errors
     def DropModel(self, request: pb.DropModelRequest, context: grpc.ServicerContext):

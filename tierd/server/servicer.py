@@ -181,7 +181,7 @@ class TierdServicer(ModelsServicer, BulkServicer, pb_grpc.TierdServicer):
                                        field="namespace.tenant")
             tenant = principal
         ns, seg = self.svc.open_namespace(tenant, n.model, _layout(n.layout), list(n.extra_keys),
-                                          lossless=n.lossless)  # fmt: skip
+                                          lossless=n.lossless, adapter=n.adapter)  # fmt: skip
         return pb.OpenNamespaceResponse(
             namespace_id=ns.id, block_bytes=ns.block_bytes, segment=self._segment(seg),
             bulk_engine=bulk_engine(self.svc),

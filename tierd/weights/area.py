@@ -1,8 +1,9 @@
 """One model's weights area: its tensors in one sealed memory file, and its copy on disk.
 
-Primitives: `Manifest` (`to_json()`, `from_json()`), `TensorEntry`, `layer_of(name)`,
-`build(source, weights_dir) -> (Manifest, fd)`, `materialize(manifest, weights_dir) ->
-fd`, `remove(fingerprint, weights_dir)`, `read_only_fd(fd)`, `ALIGN`.
+Primitives: `Manifest` (`to_json()`, `from_json()`), `TensorEntry`, `AdapterMeta`,
+`layer_of(name)`, `build(source, weights_dir, adapter=None) -> (Manifest, fd)`,
+`materialize(manifest, weights_dir) -> fd`, `remove(fingerprint, weights_dir)`,
+`read_only_fd(fd)`, `ALIGN`.
 
 Layout: tensors outside the decoder layers first, then layer by layer (`model.layers.N.`),
 each at a 64-byte aligned offset, so one layer is one contiguous range; tied tensors share
@@ -69,12 +70,23 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class AdapterMeta:
+    """What a LoRA adapter's manifest records besides its tensors (see `adapters`)."""
+
+    base: str  # the fingerprint of the model it adapts
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     fingerprint: str
     size: int
     dtype: str
     config_json: str
     tensors: tuple[TensorEntry, ...]
+    adapter: AdapterMeta | None = None  # set for a LoRA adapter
 
     @property
     def layers(self) -> int:
@@ -84,6 +96,8 @@ class Manifest:
         """What the fingerprint covers besides the bytes (everything but itself)."""
         doc = {"format": FORMAT, "align": ALIGN, "size": self.size, "dtype": self.dtype,
                "config": self.config_json, "tensors": [asdict(t) for t in self.tensors]}  # fmt: skip
+        if self.adapter is not None:  # absent for models: their fingerprints stay as they were
+            doc["adapter"] = asdict(self.adapter)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> str:
@@ -98,7 +112,10 @@ class Manifest:
             raise ValueError(f"format {m['format']} align {m['align']}")
         tensors = tuple(TensorEntry(t["name"], tuple(t["shape"]), t["dtype"], t["offset"],
                                     t["nbytes"], t["layer"]) for t in m["tensors"])  # fmt: skip
-        return cls(doc["fingerprint"], m["size"], m["dtype"], m["config"], tensors)
+        a = m.get("adapter")
+        adapter = None if a is None else AdapterMeta(
+            a["base"], a["rank"], a["alpha"], tuple(a["target_modules"]))  # fmt: skip
+        return cls(doc["fingerprint"], m["size"], m["dtype"], m["config"], tensors, adapter)
 
 
 def plan(source: Source) -> tuple[int, tuple[TensorEntry, ...]]:
@@ -138,8 +155,8 @@ def _digest(canonical: bytes) -> Any:
     return h
 
 
-def build(source: Source, size: int, entries: tuple[TensorEntry, ...],
-          weights_dir: Path) -> tuple[Manifest, int]:  # fmt: skip
+def build(source: Source, size: int, entries: tuple[TensorEntry, ...], weights_dir: Path,
+          adapter: AdapterMeta | None = None) -> tuple[Manifest, int]:  # fmt: skip
     """Write the source's tensors into a new sealed memfd and its copy on disk; returns
     the manifest and the descriptor (the caller owns it)."""
     import torch
@@ -159,11 +176,12 @@ def build(source: Source, size: int, entries: tuple[TensorEntry, ...],
                     del src
             finally:
                 del area  # the mapping cannot close while a tensor exports it
-            probe = Manifest("", size, source.dtype, source.config_json, entries)
+            probe = Manifest("", size, source.dtype, source.config_json, entries, adapter)
             h = _digest(probe.canonical())
             for start in range(0, size, _CHUNK):
                 h.update(mm[start : start + _CHUNK])
-            manifest = Manifest(h.hexdigest(), size, source.dtype, source.config_json, entries)
+            manifest = Manifest(h.hexdigest(), size, source.dtype, source.config_json, entries,
+                                adapter)  # fmt: skip
             _persist(manifest, mm, weights_dir)
         _seal(fd)
         return manifest, fd
@@ -204,7 +222,7 @@ def materialize(manifest: Manifest, weights_dir: Path) -> int:
     fp = manifest.fingerprint
     path = weights_dir / f"{fp}.bin"
     h = _digest(Manifest("", manifest.size, manifest.dtype, manifest.config_json,
-                         manifest.tensors).canonical())  # fmt: skip
+                         manifest.tensors, manifest.adapter).canonical())  # fmt: skip
     fd = _new_memfd(manifest.size)
     try:
         try:

@@ -1,8 +1,11 @@
 """Which models the daemon holds, who may see them, and how many bytes they take.
 
 Primitives: `ModelRegistry(capacity, weights_dir, roots=())`, `register(tenant, path,
-dtype, name, shared)`, `list(tenant, model="")`, `drop(tenant, model)`, `fd_for(tenant,
-model) -> (fd, size, fingerprint)`, `close()`; `Registration`, `Held`.
+dtype, name, shared, base_model="")`, `list(tenant, model="")`, `drop(tenant, model)`,
+`fd_for(tenant, model) -> (fd, size, fingerprint)`, `close()`; for adapters and the KV
+that depends on them (`tierd.core.adapters` decides): `adapter_for(tenant, adapter,
+model)`, `sees(tenant, fingerprint)`, `adapters()`, `evict(fingerprint)`, the hooks
+`reclaim` and `dropped`; `Registration`, `Held`, `AdapterUse`.
 
 A registration is (tenant, name) -> fingerprint; an area is held once per fingerprint
 however many registrations name it, and its bytes count against `capacity` once. The
@@ -11,6 +14,11 @@ registered with `shared` set (that tenant chose to publish it; only it can drop 
 model another tenant registered unshared is answered exactly like one that does not
 exist. A name is looked up among the caller's own registrations first, then the shared
 ones; a fingerprint names a model directly.
+
+A LoRA adapter (`base_model` set: a PEFT directory, see `adapters`) is registered,
+listed, shared and dropped like a model; it adapts a model the caller sees. When a
+registration needs room over `capacity`, `reclaim(bytes)` (set by the core) may evict
+cold adapters first; a drop calls `dropped()` once the registration is gone.
 
 Registering reads the files only when this content is not held already: the registry
 remembers, per fingerprint, the files it was read from (paths, sizes, modification times)
@@ -27,12 +35,15 @@ import json
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tierd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tierd.weights import area
+from tierd.weights.adapters import describe, open_adapter
 from tierd.weights.area import Manifest
 from tierd.weights.sources import open_source, resolve_dtype
 
@@ -68,6 +79,15 @@ class ModelView:
     manifest: Manifest
 
 
+@dataclass(frozen=True)
+class AdapterUse:
+    """One held adapter as the core's reclaim sees it."""
+
+    fingerprint: str
+    size: int
+    last_used: float  # registered, named by a namespace, or handed to a client
+
+
 def _fingerprint_like(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
@@ -82,6 +102,12 @@ class ModelRegistry:
         self._held: dict[str, Held] = {}
         self._reserved = 0  # bytes of registrations being converted
         self._load_locks: dict[str, threading.Lock] = {}
+        # fingerprint -> (tenants that registered it, whether one shared it): `sees`
+        # answers from it on every call of an adapter's namespace, so it is kept, not scanned.
+        self._sight: dict[str, tuple[frozenset[str], bool]] = {}
+        self._last_used: dict[str, float] = {}
+        self.reclaim: Callable[[int], None] | None = None
+        self.dropped: Callable[[], None] | None = None
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._recover()
 
@@ -112,12 +138,22 @@ class ModelRegistry:
             if p.suffix in (".bin", ".json", ".tmp") and _fingerprint_like(fp) \
                     and fp not in self._held:  # fmt: skip
                 p.unlink(missing_ok=True)
+        self._see()
         if self._regs:
             log.info("%d model registrations, %d areas (%d bytes) on record", len(self._regs),
                      len(self._held), self.used_bytes())  # fmt: skip
 
+    def _see(self) -> None:
+        sight: dict[str, tuple[set[str], bool]] = {}
+        for r in self._regs.values():
+            tenants, shared = sight.setdefault(r.fingerprint, (set(), False))
+            tenants.add(r.tenant)
+            sight[r.fingerprint] = (tenants, shared or r.shared)
+        self._sight = {fp: (frozenset(t), sh) for fp, (t, sh) in sight.items()}
+
     def _save(self) -> None:
         """Write the registrations; the caller holds the lock."""
+        self._see()
         doc = {"registrations": [asdict(r) for r in self._regs.values()]}
         tmp = self.dir / "models.json.tmp"
         with open(tmp, "w") as f:
@@ -145,9 +181,10 @@ class ModelRegistry:
                                          "names", field="path")  # fmt: skip
         return p
 
-    def register(self, tenant: str, path: str, dtype: str, name: str,
-                 shared: bool) -> tuple[ModelView, bool]:  # fmt: skip
-        """Hold the model at `path` for `tenant`; returns it and whether it is new to them."""
+    def register(self, tenant: str, path: str, dtype: str, name: str, shared: bool,
+                 base_model: str = "") -> tuple[ModelView, bool]:  # fmt: skip
+        """Hold the model (with `base_model`: the LoRA adapter of that model) at `path` for
+        `tenant`; returns it and whether it is new to them."""
         if not tenant:
             raise InvalidArgument("a tenant name is required", field="tenant")
         asked = resolve_dtype(dtype)
@@ -157,19 +194,36 @@ class ModelRegistry:
             raise InvalidArgument(f"a model name is at most {MAX_NAME_BYTES} bytes", field="name")
         if _fingerprint_like(name):
             raise InvalidArgument("a model name must not look like a fingerprint", field="name")
-        source = open_source(p, asked)
+        meta = None
+        if base_model:
+            with self._lock:
+                try:
+                    base = self._held[self._find(tenant, base_model).fingerprint].manifest
+                except NotFound:
+                    raise NotFound(f"no model {base_model!r} to adapt (register it first)",
+                                   field="base_model") from None  # fmt: skip
+            source = open_adapter(p, asked)
+        else:
+            source = open_source(p, asked)
         try:
+            if base_model:
+                meta = describe(source, base)
+            size, entries = area.plan(source)
             with self._lock:
                 fp = next((r.fingerprint for r in self._regs.values()
                            if r.stamp == source.stamp and r.dtype_asked == asked
-                           and r.fingerprint in self._held), None)  # fmt: skip
+                           and r.fingerprint in self._held
+                           and self._held[r.fingerprint].manifest.adapter == meta), None)  # fmt: skip
                 if fp is not None:
                     return self._add(tenant, name, fp, shared, source.stamp, asked, str(p))
-                size, entries = area.plan(source)
+                short = self._shortfall(size)
+            if short > 0 and self.reclaim is not None:
+                self.reclaim(short)  # evicts cold adapters (and their KV first), or refuses
+            with self._lock:
                 self._check_room(size)
                 self._reserved += size
             try:
-                manifest, fd = area.build(source, size, entries, self.dir)
+                manifest, fd = area.build(source, size, entries, self.dir, meta)
             finally:
                 with self._lock:
                     self._reserved -= size
@@ -189,6 +243,10 @@ class ModelRegistry:
                     raise
         finally:
             source.close()
+
+    def _shortfall(self, size: int) -> int:
+        """Bytes over `capacity` were `size` more held; the caller holds the lock."""
+        return self.used_bytes() + self._reserved + size - self.capacity
 
     def _check_room(self, size: int) -> None:
         used = self.used_bytes() + self._reserved
@@ -223,7 +281,9 @@ class ModelRegistry:
                 del self._regs[(tenant, name)]
             else:
                 self._regs[(tenant, name)] = cur
+            self._see()
             raise
+        self._last_used[fp] = time.time()
         return ModelView(reg, self._held[fp].manifest), cur is None
 
     def _forget_unused(self, fp: str) -> None:
@@ -233,6 +293,7 @@ class ModelRegistry:
         held = self._held.pop(fp, None)
         if held is not None and held.fd is not None:
             os.close(held.fd)  # workers' mappings keep their pages until they unmap
+        self._last_used.pop(fp, None)
         area.remove(fp, self.dir)
 
     def _visible(self, tenant: str) -> list[Registration]:
@@ -268,8 +329,64 @@ class ModelRegistry:
                 self._save()
             except BaseException:
                 self._regs[(reg.tenant, reg.name)] = reg
+                self._see()
                 raise
             self._forget_unused(reg.fingerprint)
+        if self.dropped is not None:
+            self.dropped()  # KV that depended on what this tenant no longer sees goes now
+
+    # -- adapters and the KV that depends on them (tierd.core.adapters decides) -----------
+
+    def adapter_for(self, tenant: str, adapter: str, model: str) -> str:
+        """The fingerprint of the adapter `adapter` (a name or fingerprint `tenant` sees)
+        of the model whose fingerprint is `model`; a namespace names it, so it is used."""
+        with self._lock:
+            try:
+                reg = self._find(tenant, adapter)
+            except NotFound:
+                raise NotFound(f"no adapter {adapter!r} (register it first)",
+                               field="namespace.adapter") from None  # fmt: skip
+            meta = self._held[reg.fingerprint].manifest.adapter
+            if meta is None:
+                raise InvalidArgument(f"{adapter!r} is a model, not an adapter",
+                                      field="namespace.adapter")  # fmt: skip
+            if meta.base != model:
+                raise InvalidArgument(f"adapter {adapter!r} adapts model {meta.base[:16]}, not "
+                                      f"{model[:16]}", field="namespace.adapter")  # fmt: skip
+            self._last_used[reg.fingerprint] = time.time()
+            return reg.fingerprint
+
+    def sees(self, tenant: str, fingerprint: str) -> bool:
+        """Whether `tenant` sees the content `fingerprint` (its own or a shared one). No
+        lock: one read of a map replaced whole on every change."""
+        tenants, shared = self._sight.get(fingerprint, (frozenset(), False))
+        return shared or tenant in tenants
+
+    def adapters(self) -> list[AdapterUse]:
+        """The adapters held, with their sizes and when each was last used."""
+        with self._lock:
+            return [AdapterUse(fp, h.manifest.size, self._last_used.get(fp, 0.0))
+                    for fp, h in self._held.items() if h.manifest.adapter is not None]  # fmt: skip
+
+    def evict(self, fingerprint: str) -> None:
+        """Forget every registration of an adapter and its area (the core's reclaim, once
+        the KV that depends on it is gone)."""
+        with self._lock:
+            held = self._held.get(fingerprint)
+            if held is None or held.manifest.adapter is None:
+                return
+            gone = {k: r for k, r in self._regs.items() if r.fingerprint == fingerprint}
+            for key in gone:
+                del self._regs[key]
+            try:
+                self._save()
+            except BaseException:
+                self._regs.update(gone)
+                self._see()
+                raise
+            self._forget_unused(fingerprint)
+        log.info("adapter %s evicted to make room (%d bytes)", fingerprint[:16],
+                 held.manifest.size)  # fmt: skip
 
     def fd_for(self, tenant: str, model: str) -> tuple[int, int, str]:
         """A new read-only descriptor of the model's area (the caller closes it), its size
@@ -277,6 +394,7 @@ class ModelRegistry:
         with self._lock:
             fp = self._find(tenant, model).fingerprint
             load_lock = self._load_locks.setdefault(fp, threading.Lock())
+            self._last_used[fp] = time.time()
         with load_lock:  # one reader of the file per area; others wait for it
             with self._lock:
                 held = self._held.get(fp)

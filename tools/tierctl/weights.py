@@ -4,8 +4,10 @@ Primitives: `COMMAND`, `render_models(models) -> str`.
 
 One row per model the tenant may load (its own, then those other tenants shared): name,
 fingerprint (the id KV namespaces use), bytes of its weights area, decoder layers, dtype,
-and the tenant that registered it. Registering and dropping are the client's calls
-(`TierdClient.register_model`, `drop_model`); this view only reads.
+the tenant that registered it, and what it is: a model, or a LoRA adapter of the model
+whose fingerprint it names (rank, alpha, and the KV blocks that depend on it now).
+Registering and dropping are the client's calls (`TierdClient.register_model`,
+`register_adapter`, `drop_model`); this view only reads.
 """
 
 from __future__ import annotations
@@ -21,14 +23,23 @@ from tierctl.status import _token, add_connection_arguments, default_address
 from tierctl.tables import count, printable, render
 
 
+def _kind(m: Any) -> str:
+    a = m.adapter
+    if a is None:
+        return "model"
+    return (f"adapter of {a.base_model[:12]} r={a.rank} alpha={a.alpha:g}, "
+            f"{count(a.dependent_blocks)} KV blocks")  # fmt: skip
+
+
 def render_models(models: list[Any]) -> str:
     if not models:
         return "no models"
     from tierd.config import format_size
 
     rows = [[printable(m.name), m.fingerprint, format_size(m.size), count(m.layers), m.dtype,
-             printable(m.tenant) + (" (shared)" if m.shared else "")] for m in models]  # fmt: skip
-    return render(["name", "fingerprint", "bytes", "layers", "dtype", "tenant"], rows,
+             printable(m.tenant) + (" (shared)" if m.shared else ""), _kind(m)]
+            for m in models]  # fmt: skip
+    return render(["name", "fingerprint", "bytes", "layers", "dtype", "tenant", "kind"], rows,
                   right={2, 3})  # fmt: skip
 
 
