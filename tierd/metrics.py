@@ -69,6 +69,7 @@ class _CoreCollector(Collector):
         ):
             yield CounterMetricFamily(f"tierd_{name}", doc, value=value)
         yield GaugeMetricFamily("tierd_active_leases", "Open leases", value=s.active_leases)
+        yield from self._directory()
         if not self.tenant_labels:
             return
         tenant = GaugeMetricFamily("tierd_tenant_used_bytes", "Bytes held per tenant and tier "
@@ -77,6 +78,23 @@ class _CoreCollector(Collector):
         for (name, tier), nbytes in sorted(self.svc.usage_by_tenant().items()):
             tenant.add_metric([name, tier], nbytes)
         yield tenant
+
+    def _directory(self) -> Iterator[Any]:
+        """The prefix directory's counters ([peers] directory), if it keeps one."""
+        peers = self.svc.peers
+        d = peers.directory() if peers is not None else None
+        if d is None:
+            return
+        yield GaugeMetricFamily("tierd_prefix_directory_available", "1 while the prefix "
+                                "directory's cluster answers", value=int(d.available))  # fmt: skip
+        for name, value, doc in (
+            ("hits", d.hits, "Lookups the prefix directory named a configured peer for"),
+            ("misses", d.misses, "Lookups the prefix directory was asked and named none"),
+            ("writes", d.writes, "Prefix directory entries written"),
+            ("writes_dropped", d.writes_dropped, "Entries dropped (cluster slow or down)"),
+            ("errors", d.errors, "Prefix directory calls that failed"),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"tierd_prefix_directory_{name}", doc, value=value)
 
 
 class _Timing(grpc.ServerInterceptor):

@@ -17,6 +17,7 @@ from tests.integration.test_remote_redis import LAY, T, chain, poll
 from tests.integration.test_tier_stats import configured
 from tests.mooncake_master import free_port, needs_mooncake
 from tests.redis_cluster import Cluster, needs_redis, started
+from tests.server.test_metrics import scrape
 from tierd_client import TierdClient
 
 pytestmark = [*needs_redis, needs_mooncake]
@@ -29,7 +30,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def daemon(spawn: Spawn, cluster: Cluster, *, listen: str = "", peers: tuple[str, ...] = (),
-           ttl_ms: int = 30_000) -> DaemonProcess:  # fmt: skip
+           ttl_ms: int = 30_000, metrics: int = 0) -> DaemonProcess:  # fmt: skip
     """A daemon whose redis tier takes no demotions (`spill = false`): the cluster keeps
     only the directory, so whatever C finds, it finds through a peer."""
     d = spawn(start=False)
@@ -42,6 +43,8 @@ def daemon(spawn: Spawn, cluster: Cluster, *, listen: str = "", peers: tuple[str
     if peers:
         lines.append("peers = [" + ", ".join(f'"{p}"' for p in peers) + "]")
     body = chain(cluster.nodes).replace('kind = "redis"', 'kind = "redis"\nspill = false')
+    if metrics:
+        body += f'\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
     d = configured(d, body + "\n[peers]\n" + "\n".join(lines) + "\n")
     d.start()
     return d
@@ -73,7 +76,7 @@ def test_c_pulls_from_the_peer_the_directory_names_not_the_first_configured(
     at_a, at_b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     a = daemon(spawn_daemon, cluster, listen=at_a)
     daemon(spawn_daemon, cluster, listen=at_b)
-    c = daemon(spawn_daemon, cluster, peers=(at_b, at_a))
+    c = daemon(spawn_daemon, cluster, peers=(at_b, at_a), metrics=(port := free_port()))
     tokens, keys, data = put_prefix(a.address, "dir", 4)
     ns_id = ns_id_of(a, "dir")
     poll(lambda: all(at_a in holders(cluster, ns_id, k) for k in keys), "A's entries")
@@ -92,6 +95,9 @@ def test_c_pulls_from_the_peer_the_directory_names_not_the_first_configured(
         assert d["available"] and d["hits"] == 1 and d["misses"] == 0
         assert d["tier_name"] == "remote"
         assert cc.get(ns, keys).blocks.tobytes() == data.tobytes()
+    m = scrape(port)
+    assert m["tierd_prefix_directory_hits_total"] == 1
+    assert m["tierd_prefix_directory_available"] == 1
 
     # Another tenant's lookup of the same prompt names nothing of "it": its keys differ.
     with TierdClient(c.address, tenant="other") as co:
