@@ -1,7 +1,7 @@
 """LoRA adapters and the KV that depends on them: which adapter is kept, which KV goes first.
 
 Primitives: `AdapterBook(directory, weights)` (`open(tenant, adapter, model)`,
-`count(fingerprint)`, `reclaim(need)`, `sweep()`), `dependents(directory, fingerprint=None)
+`count(fingerprint=None) -> {fingerprint: blocks}`, `reclaim(need)`, `sweep()`), `dependents(directory, fingerprint=None)
 -> {fingerprint: blocks}`, `reclaim_order(adapters, dependents, need, top) ->
 [(fingerprint, blocks)]`, `is_hot(entry, top)`.
 
@@ -65,6 +65,9 @@ def dependents(directory: Directory, fingerprint: str | None = None,
     """Blocks that depend on each adapter (or on `fingerprint` only); the caller holds
     the directory's lock."""
     out: dict[str, list[BlockEntry]] = {}
+    if not any(ns.adapter and fingerprint in (None, ns.adapter)
+               for ns in directory.index.namespaces.values()):  # fmt: skip
+        return out  # the usual case: no block to look at
     for entry in directory.index.entries():
         fp = entry.ns.adapter
         if fp and (fingerprint is None or fp == fingerprint) and not entry.deleted:
@@ -112,15 +115,17 @@ class AdapterBook:
         self.weights = weights
         weights.reclaim = self.reclaim
         weights.dropped = self.sweep
+        self.sweep()  # KV recovered whose adapter was lost (its registrations unreadable)
 
     def open(self, tenant: str, adapter: str, model: str) -> str:
         """The fingerprint a new namespace of `model` names for `adapter` ("": none)."""
         return self.weights.adapter_for(tenant, adapter, model) if adapter else ""
 
-    def count(self, fingerprint: str) -> int:
-        """Blocks that depend on the adapter now. Takes the directory's lock."""
+    def count(self, fingerprint: str | None = None) -> dict[str, int]:
+        """Blocks that depend on each adapter (or on `fingerprint`) now. Takes the
+        directory's lock."""
         with self.directory.cond:
-            return len(dependents(self.directory, fingerprint).get(fingerprint, ()))
+            return {fp: len(v) for fp, v in dependents(self.directory, fingerprint).items()}
 
     def reclaim(self, need: int) -> None:
         """Free `need` bytes of `[weights] capacity` by rule 3 (the registry calls it, without

@@ -362,11 +362,11 @@ class ModelRegistry:
         tenants, shared = self._sight.get(fingerprint, (frozenset(), False))
         return shared or tenant in tenants
 
-    def adapters(self) -> list[AdapterUse]:
+    def adapters(self) -> tuple[AdapterUse, ...]:
         """The adapters held, with their sizes and when each was last used."""
         with self._lock:
-            return [AdapterUse(fp, h.manifest.size, self._last_used.get(fp, 0.0))
-                    for fp, h in self._held.items() if h.manifest.adapter is not None]  # fmt: skip
+            return tuple(AdapterUse(fp, h.manifest.size, self._last_used.get(fp, 0.0))
+                         for fp, h in self._held.items() if h.manifest.adapter is not None)  # fmt: skip
 
     def evict(self, fingerprint: str) -> None:
         """Forget every registration of an adapter and its area (the core's reclaim, once
