@@ -138,6 +138,11 @@ class Sharing:
                 or not tier.adopt(ns.tenant, what.location, what.length)):  # fmt: skip
             return None
         copy = Copy(tier.name, what.location, what.length, what.checksum)
+        if what.encoding != "raw":
+            # Codes vouch for themselves; the entry is the block they decode to, whose
+            # per-layer sums nobody has yet.
+            copy.encoding, copy.layer_sums = what.encoding, what.layer_sums
+            what = Found(what.location, what.length, what.block_checksum)
         added = svc.directory.add_found(ns, [(key, what, copy)], now)
         if not added:
             tier.release(ns.tenant, what.location, what.length)
@@ -214,23 +219,26 @@ class Sharing:
     def _copy(self, tier: Tier, batch: list[BlockEntry]) -> None:
         """Write each block's memory copy to `tier`, keeping the memory copy."""
         svc, top = self.svc, self.svc.top.name
-        writes: list[tuple[BlockEntry, Location]] = []
+        writes: list[tuple[BlockEntry, Location, int]] = []
         with svc.cond:
             for entry in batch:
                 if (entry.deleted or entry.moving or tier.name in entry.copies
                         or top not in entry.copies or not svc.index.holds(entry)):  # fmt: skip
                     continue  # gone, demoted, or being written out by someone else
-                loc = svc.placer.allocate_in(tier, entry.ns.tenant, entry.nbytes)
+                # Room for the copy as the tier stores it (its codec's size).
+                need = svc.transfer.stored_bytes(tier, entry)
+                loc = svc.placer.allocate_in(tier, entry.ns.tenant, need)
                 if loc is None:
                     continue  # no room (or the tier is down with its queue full)
                 svc.directory.claim(entry)
-                writes.append((entry, loc))
-            moves = [Move(e, e.copies[top], tier, loc) for e, loc in writes]
-        stamped = [e.layer_sums is None for e, _ in writes]
+                writes.append((entry, loc, need))
+            moves = [Move(e, e.copies[top], tier, loc) for e, loc, _ in writes]
+        stamped = [e.layer_sums is None for e, _, _ in writes]
         outcomes = [f.result() for f in svc.transfer.copy_many(moves)]
         bad: list[tuple[BlockEntry, Copy]] = []
         with svc.cond:
-            for (entry, loc), outcome, move, fresh in zip(writes, outcomes, moves, stamped):
+            for (entry, loc, need), outcome, move, fresh in zip(writes, outcomes, moves,
+                                                                stamped):  # fmt: skip
                 if outcome is Outcome.OK and not entry.deleted and svc.index.holds(entry):
                     assert move.result is not None  # what was written (checksum of its bytes)
                     svc.directory.add_copy(entry, move.result)
@@ -242,7 +250,7 @@ class Sharing:
                             )
                         )
                 else:
-                    tier.release(entry.ns.tenant, loc, entry.nbytes)
+                    tier.release(entry.ns.tenant, loc, need)
                     if outcome is Outcome.CORRUPT:
                         bad.append((entry, move.src))
                 svc.directory.unclaim(entry)

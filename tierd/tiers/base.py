@@ -83,8 +83,10 @@ class Found:
 
     location: Location
     length: int
-    checksum: int  # of the block's bytes
-    layer_sums: tuple[int, ...] | None = None
+    checksum: int  # of the stored bytes (the block's own when raw)
+    layer_sums: tuple[int, ...] | None = None  # of the stored bytes
+    encoding: str = "raw"  # an encoded copy's codec (tierd.transfer.encoding)
+    block_checksum: int = 0  # of the block the stored bytes decode to (encoded copies)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ that finds other bytes than it recorded is a lost copy), and one that deletes it
 deletes it for the others, whose next read is then a miss.
 
 Values are self-describing (`tierd.tiers.remote_value`): a header naming the namespace,
-key, length, checksum and per-layer checksums, then the bytes. Every read checks the
-header and the checksum; a value missing (evicted by the store, dropped by another
+key, length, checksum and per-layer checksums (and, for a copy encoded by the tier's
+codec, its encoding and the block it decodes to), then the bytes. Every read checks the
+header, that it names the copy's encoding, and the checksum; a value missing (evicted by the store, dropped by another
 daemon) or failing a check raises CopyLost: the copy is dropped and the read is a miss,
 never served.
 
@@ -43,7 +44,14 @@ from tierd.config import TierSpec
 from tierd.errors import Unavailable
 from tierd.tiers.base import BlockRef, Copy, CopyLost, Found, Location, NamespaceRef, Tier
 from tierd.tiers.remote_link import Link
-from tierd.tiers.remote_value import decode, encode, header_bytes
+from tierd.tiers.remote_value import (
+    RAW,
+    RemoteHeader,
+    decode,
+    encode,
+    header_bytes,
+    max_header_bytes,
+)
 
 log = logging.getLogger("tierd.tiers")
 
@@ -192,8 +200,11 @@ class StoreTier(Tier):
         lay = block.ns.layout
         # One buffer of header and bytes, copied now: the caller's memory may be reused
         # once its future is settled, even if the store answers later.
+        # An encoded copy's ref (tierd.transfer.engine) names its encoding and the block.
         value = encode(block.ns.id, block.key, data, block.checksum, block.layer_sums,
-                       lay.num_layers)  # fmt: skip
+                       lay.num_layers, getattr(block, "encoding", RAW),
+                       getattr(block, "block_nbytes", 0),
+                       getattr(block, "block_checksum", 0))  # fmt: skip
         rkey = self.key_of(block.ns, block.key)
         with self._lock:
             self._drops.pop(rkey, None)  # a deletion of an older copy must not follow it
@@ -242,10 +253,9 @@ class StoreTier(Tier):
 
     def _deliver(self, block: BlockRef, copy: Copy, value: bytes | None, out: memoryview) -> None:
         """Check a whole value and copy its bytes into `out`."""
-        hlen = header_bytes(block.ns.layout.num_layers)
         head = self._header(block, copy, value)
         assert value is not None
-        data = memoryview(value)[hlen:]
+        data = memoryview(value)[head.size :]
         if len(data) != head.nbytes or len(out) != head.nbytes:
             raise CopyLost(f"{self.key_of(block.ns, block.key)}: {len(data)} bytes, expected "
                            f"{len(out)}")  # fmt: skip
@@ -262,7 +272,8 @@ class StoreTier(Tier):
         head = decode(value, block.ns.id, block.key, block.ns.layout.num_layers)
         if head is None:
             raise CopyLost(f"{rkey}: not an intact value of this block")
-        if head.checksum != copy.checksum or head.nbytes != copy.length:
+        if (head.checksum != copy.checksum or head.nbytes != copy.length
+                or head.encoding != copy.encoding):  # fmt: skip
             raise CopyLost(f"{rkey} holds other bytes than this copy (written again since)")
         return head
 
@@ -274,7 +285,7 @@ class StoreTier(Tier):
         rkey = self.key_of(block.ns, block.key)
         with self._lock:
             held = self._queued.get(rkey)
-        hlen = header_bytes(block.ns.layout.num_layers)
+        hlen = header_bytes(block.ns.layout.num_layers, copy.encoding)
         lo, hi = hlen + start, hlen + start + len(out) - 1
 
         def deliver(got: tuple[bytes | None, bytes]) -> None:
@@ -301,16 +312,14 @@ class StoreTier(Tier):
         if not keys or not self.link.up:
             return nothing
         layers = ns.layout.num_layers
-        hlen = header_bytes(layers)
+        hlen = max_header_bytes(layers)  # a raw value's header is shorter: decode cuts it
         rkeys = [self.key_of(ns, k) for k in keys]
 
         def deliver(heads: list[bytes | None]) -> list[Found | None]:
             found: list[Found | None] = []
             for key, head in zip(keys, heads):
                 h = decode(head, ns.id, key, layers) if head else None
-                ok = h is not None and h.nbytes == ns.layout.block_bytes
-                found.append(Found(FOUND, h.nbytes, h.checksum, h.layer_sums)
-                             if ok and h is not None else None)  # fmt: skip
+                found.append(_found(ns, h) if h is not None else None)
             return found
 
         try:
@@ -357,3 +366,23 @@ class StoreTier(Tier):
 
     def close(self) -> None:
         self.link.close()
+
+
+def _found(ns: NamespaceRef, h: RemoteHeader) -> Found | None:
+    """A found value as a copy of `ns`'s block, if it can be one: the block's size, codes
+    of the size its encoding makes of the layout, and never lossy codes for a namespace
+    that asked for lossless blocks."""
+    from tierd.transfer.encoding import lossy, stored_bytes
+
+    layout = ns.layout
+    if h.block_nbytes != layout.block_bytes:
+        return None
+    if h.encoding != RAW:
+        try:
+            if h.nbytes != stored_bytes(h.encoding, layout) or (
+                getattr(ns, "lossless", False) and lossy(h.encoding)
+            ):
+                return None
+        except ValueError:  # groups that do not divide this layout
+            return None
+    return Found(FOUND, h.nbytes, h.checksum, h.layer_sums, h.encoding, h.block_checksum)
