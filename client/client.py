@@ -245,7 +245,7 @@ class TierdClient(ModelsMixin):
                                              if resp.HasField("bulk_engine") else None),
         )  # fmt: skip
 
-    def _choose_transport(self, segment: SegmentInfo | None, engine: Any) -> Transport:
+    def _choose_transport(self, segment: SegmentInfo | None, engine: Any = None) -> Transport:
         reason: str | None = "transport='inband'"
         if self.transport != "inband":
             reason = self._segments.unusable(segment)  # maps the segment when it can
