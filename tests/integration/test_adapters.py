@@ -159,7 +159,7 @@ def test_a_namespace_names_its_adapter_and_loses_its_kv_with_it(daemon: DaemonPr
         assert c.lookup(ns, TOKENS).cached_tokens == 0
 
 
-def test_a_shared_adapter_unshared_takes_the_kv_of_other_tenants(daemon: DaemonProcess,
+def test_a_shared_adapter_unshared_or_dropped_takes_the_kv_of_other_tenants(daemon: DaemonProcess,
                                                                  tmp_path: Path) -> None:  # fmt: skip
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q, seed=5)
@@ -168,9 +168,22 @@ def test_a_shared_adapter_unshared_takes_the_kv_of_other_tenants(daemon: DaemonP
         owner.register_adapter(str(tmp_path / "lora"), "base", name="pub", shared=True)
         ns = user.open_namespace(base.fingerprint, LAYOUT, adapter="pub")
         _fill(user, ns)
+        mine = owner.open_namespace(base.fingerprint, LAYOUT, adapter="pub")
+        _fill(owner, mine)
+        assert owner.model_info("pub").adapter.dependent_blocks == 8  # type: ignore[union-attr]
+        # Registered again unshared: the other tenant's KV goes, the owner's stays.
+        owner.register_adapter(str(tmp_path / "lora"), "base", name="pub")
+        with pytest.raises(FailedPrecondition):
+            user.lookup(ns, TOKENS)
+        assert owner.model_info("pub").adapter.dependent_blocks == 4  # type: ignore[union-attr]
+        assert owner.lookup(mine, TOKENS).cached_tokens == len(TOKENS)
+        owner.register_adapter(str(tmp_path / "lora"), "base", name="pub", shared=True)
+        assert user.lookup(ns, TOKENS).cached_tokens == 0  # usable again, its KV gone
         owner.drop_model("pub")
         with pytest.raises(FailedPrecondition):
             user.lookup(ns, TOKENS)
+        with pytest.raises(FailedPrecondition):
+            owner.lookup(mine, TOKENS)
 
 
 def _size(source) -> int:  # type: ignore[no-untyped-def]

@@ -29,8 +29,9 @@ node without children in the cache may leave):
    any more — dropped by that tenant, unshared or dropped by the tenant that shared it, or
    evicted — is refused (FailedPrecondition: register the adapter again and reopen), so no
    call ever answers with a hit that would need an adapter the client was not told is
-   gone. The blocks of such namespaces are deleted right after the drop or eviction
-   (`sweep`, which also catches a put that raced with the eviction). Registering the same
+   gone. The blocks of such namespaces are deleted right after the drop, the eviction
+   or the registration that unshared the adapter (`sweep`, which also catches a put that
+   raced with the eviction), and at start for adapters whose registrations were lost. Registering the same
    content again gives the same fingerprint, hence the same namespace id, and the
    namespace is usable again (with whatever of its KV survived, which is KV of this very
    adapter).

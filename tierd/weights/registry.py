@@ -185,6 +185,13 @@ class ModelRegistry:
                  base_model: str = "") -> tuple[ModelView, bool]:  # fmt: skip
         """Hold the model (with `base_model`: the LoRA adapter of that model) at `path` for
         `tenant`; returns it and whether it is new to them."""
+        view, created = self._register(tenant, path, dtype, name, shared, base_model)
+        if not created and not shared and self.dropped is not None:
+            self.dropped()  # registered again unshared: other tenants may no longer see it
+        return view, created
+
+    def _register(self, tenant: str, path: str, dtype: str, name: str, shared: bool,
+                  base_model: str) -> tuple[ModelView, bool]:  # fmt: skip
         if not tenant:
             raise InvalidArgument("a tenant name is required", field="tenant")
         asked = resolve_dtype(dtype)
