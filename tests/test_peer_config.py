@@ -24,6 +24,11 @@ def test_a_full_section_parses() -> None:
     assert cfg.peers == ("10.0.0.3:7001", "[fd00::4]:7001") and cfg.timeout_ms == 500
 
 
+def test_bulk_alone_opens_the_engine_for_clients_and_needs_no_secret() -> None:
+    cfg = config_from_dict({"peers": {"bulk": True, "engine_hostname": "10.0.0.2"}}).peers
+    assert cfg.enabled and cfg.bulk and not cfg.group and cfg.token_file is None
+
+
 @pytest.mark.parametrize(
     ("section", "key"),
     [
@@ -36,6 +41,8 @@ def test_a_full_section_parses() -> None:
         ({"timeout_ms": 0}, "peers.timeout_ms"),
         ({"listen": "h:1", "token_file": "t", "ca_file": "ca.pem"}, "peers.cert_file"),
         ({"listne": "h:1"}, "peers.listne"),
+        ({"bulk": "yes"}, "peers.bulk"),
+        ({"bulk": True, "listen": "h:1"}, "peers.token_file"),
     ],
 )
 def test_bad_values_name_their_key(section: dict[str, object], key: str) -> None:
