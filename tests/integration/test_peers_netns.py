@@ -1,0 +1,106 @@
+"""Two daemons in separate network namespaces, joined by a veth pair (10.213.x.1 and .2):
+B pulls the prefix A's client put over that link (the `Peer` call and the transfer
+engine's reads both cross it), byte-exact, and its own client gets it with A gone.
+Clients reach the daemons through their unix sockets, which network namespaces do not
+separate. Skipped where `ip netns` is not permitted (it needs CAP_NET_ADMIN)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from tests.integration.conftest import DaemonProcess
+from tests.integration.test_peers import TOKEN, put_prefix
+from tests.integration.test_remote_redis import LAY, T
+from tests.integration.test_tier_stats import configured
+from tests.mooncake_master import needs_mooncake
+from tierd_client import TierdClient
+
+pytestmark = needs_mooncake
+PEER_PORT = 7001
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], check=False, capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+
+
+@pytest.fixture
+def namespaces() -> Iterator[dict[str, str]]:
+    """Two namespaces, name -> the address of its end of the veth pair."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2 (ip)")
+    tag = f"{os.getpid() % 100_000}"
+    subnet = 1 + os.getpid() % 250
+    spaces = {f"tierd-{tag}-a": f"10.213.{subnet}.1", f"tierd-{tag}-b": f"10.213.{subnet}.2"}
+    made: list[str] = []
+    try:
+        for ns in spaces:
+            got = _ip("netns", "add", ns)
+            if got.returncode != 0:
+                pytest.skip(f"ip netns is not permitted here: {got.stderr.strip()}")
+            made.append(ns)
+        (a, addr_a), (b, addr_b) = spaces.items()
+        ends = (f"tda{tag}", f"tdb{tag}")
+        steps = [
+            ("link", "add", ends[0], "netns", a, "type", "veth", "peer", "name", ends[1],
+             "netns", b),
+            ("-n", a, "addr", "add", f"{addr_a}/24", "dev", ends[0]),
+            ("-n", b, "addr", "add", f"{addr_b}/24", "dev", ends[1]),
+            ("-n", a, "link", "set", ends[0], "up"), ("-n", b, "link", "set", ends[1], "up"),
+            ("-n", a, "link", "set", "lo", "up"), ("-n", b, "link", "set", "lo", "up"),
+        ]  # fmt: skip
+        for step in steps:
+            got = _ip(*step)
+            if got.returncode != 0:
+                pytest.skip(f"cannot set up the veth pair ({' '.join(step)}): "
+                            f"{got.stderr.strip()}")  # fmt: skip
+        yield spaces
+    finally:
+        for ns in made:  # the veth pair goes with its namespaces
+            _ip("netns", "del", ns)
+
+
+def netns_daemon(spawn: Callable[..., DaemonProcess], ns: str, address: str,
+                 peers: tuple[str, ...] = ()) -> DaemonProcess:  # fmt: skip
+    daemon = spawn(start=False)
+    token_file = daemon.base / "peer.token"
+    token_file.write_text(TOKEN + "\n")
+    lines = [f'token_file = "{token_file}"', f'engine_hostname = "{address}"',
+             f'listen = "{address}:{PEER_PORT}"', "timeout_ms = 2000",
+             "retry_ms = 200"]  # fmt: skip
+    if peers:
+        lines.append("peers = [" + ", ".join(f'"{p}"' for p in peers) + "]")
+    body = ('[host]\ncapacity = "64MiB"\n\n[nvme]\ncapacity = "256MiB"\n\n[peers]\n'
+            + "\n".join(lines) + "\n")  # fmt: skip
+    daemon = configured(daemon, body)
+    daemon.cmd[:0] = ["ip", "netns", "exec", ns]
+    daemon.start()
+    return daemon
+
+
+def test_b_pulls_from_a_across_network_namespaces(
+    spawn_daemon: Callable[..., DaemonProcess], namespaces: dict[str, str]
+) -> None:
+    (ns_a, addr_a), (ns_b, addr_b) = namespaces.items()
+    # B reaches A's address over the veth pair (its namespace has no other way out).
+    route = _ip("netns", "exec", ns_b, "ip", "route", "get", addr_a)
+    assert route.returncode == 0 and " dev tdb" in route.stdout
+    a = netns_daemon(spawn_daemon, ns_a, addr_a)
+    b = netns_daemon(spawn_daemon, ns_b, addr_b, peers=(f"{addr_a}:{PEER_PORT}",))
+    tokens, keys, data = put_prefix(a.address, "netns", 4)
+    with TierdClient(b.address, tenant="it") as c:
+        ns = c.open_namespace("netns", LAY)
+        assert c.lookup(ns, tokens).cached_tokens == 4 * T
+        peer = c.stats()["peers"][f"{addr_a}:{PEER_PORT}"]
+        assert peer["blocks"] == 4 and peer["bytes"] == data.nbytes and peer["errors"] == 0
+        a.stop()
+        got = c.get(ns, keys)
+        assert got.found == [True] * 4 and got.blocks.tobytes() == data.tobytes()
+        more = np.concatenate([tokens, np.arange(T) + 50_000])  # A is gone: a miss, no error
+        assert c.lookup(ns, more).cached_tokens == 4 * T
