@@ -13,24 +13,15 @@ trip through tierd is exact and only attention's summation order differs.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tierd.tiers.host import segments_of
-from tierd_client import TierdClient, TierdError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import smollm2
+from tests.e2e.conftest import Daemon, Loaded, chat_ids, reference
+from tierd_client import TierdClient
 
 pytestmark = pytest.mark.e2e
 
@@ -38,75 +29,12 @@ MODEL_ID = "SmolLM2-135M-Instruct.Q4_1@float32"
 NEW_TOKENS = 64
 PREFIX_NEW_TOKENS = 16
 BLOCK_TOKENS = 16
-START_DEADLINE_S = 60.0
 CSD_WORKERS = 2
 PROMPTS = (
     "Write a short poem about the sea.",
     "Explain in simple words why the sky is blue.",
     "Give me three tips for learning to cook at home.",
 )
-
-
-# The model's lookup is tools/smollm2.py's (the benchmarks load it the same way).
-_missing_requirement = smollm2.missing_requirement
-_gguf_path = smollm2.gguf_path
-
-
-# -- a daemon of our own --------------------------------------------------------------------
-
-
-class Daemon:
-    """`python -m tierd serve` in a temporary directory (stderr kept in a file)."""
-
-    def __init__(self, *extra: str) -> None:
-        # Not pytest's tmp_path: unix socket paths are limited to 107 bytes.
-        self.base = Path(tempfile.mkdtemp(prefix="tierd-e2e-"))
-        self.address = f"unix:{self.base}/tierd.sock"
-        self.log = self.base / "tierd.stderr"
-        cmd = [sys.executable, "-m", "tierd", "serve", "--listen", self.address,
-               "--data-dir", str(self.base / "data"),
-               "--host-capacity", "512MiB", "--nvme-capacity", "2GiB", *extra]  # fmt: skip
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        self._wait_serving()
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-10_000:]
-        except OSError:
-            return "<no daemon log>"
-
-    def _wait_serving(self) -> None:
-        deadline = time.monotonic() + START_DEADLINE_S
-        with TierdClient(self.address, timeout=1.0, max_retries=0) as probe:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    self.stop()
-                    pytest.fail(f"tierd exited while starting:\n{self._log_tail()}", pytrace=False)
-                try:
-                    probe.stats()
-                    return
-                except TierdError:
-                    time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"tierd did not start in {START_DEADLINE_S}s:\n{self._log_tail()}",
-                    pytrace=False)  # fmt: skip
-
-    def client(self) -> TierdClient:
-        return TierdClient(self.address, timeout=120.0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # The daemon keeps its segments on purpose (a restart adopts them).
-        for path in segments_of(self.base / "data"):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def _csd_flag_supported() -> bool:
@@ -116,33 +44,6 @@ def _csd_flag_supported() -> bool:
 
 
 # -- fixtures --------------------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Iterator[Loaded]:
-    reason = _missing_requirement()
-    if reason is not None:
-        pytest.skip(reason)
-    gguf = _gguf_path()
-    assert gguf is not None
-    with pytest.MonkeyPatch.context() as mp:
-        # Before transformers is imported: huggingface_hub reads it once.
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        model.eval()
-        yield Loaded(model, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -160,34 +61,13 @@ def client(daemon: Daemon) -> Iterator[TierdClient]:
         yield c
 
 
-def _chat_ids(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-    )
-    if not isinstance(ids, list):  # a BatchEncoding in some versions
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
-
-
-def _reference(loaded: Loaded, ids: list[int], max_new_tokens: int) -> list[int]:
-    import torch
-
-    prompt = torch.tensor([ids])
-    with torch.no_grad():
-        out = loaded.model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-            max_new_tokens=max_new_tokens,
-        )  # fmt: skip
-    return [int(t) for t in out[0, len(ids) :].tolist()]
-
-
 @pytest.fixture(scope="module")
 def references(smollm2: Loaded) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, transformers' greedy tokens) per prompt, computed once."""
     cases = []
     for text in PROMPTS:
-        ids = _chat_ids(smollm2.tokenizer, text)
-        cases.append((ids, _reference(smollm2, ids, NEW_TOKENS)))
+        ids = chat_ids(smollm2.tokenizer, text)
+        cases.append((ids, reference(smollm2, ids, NEW_TOKENS)))
     return cases
 
 
@@ -285,8 +165,8 @@ def test_prefix_reuse_matches_cold_run(smollm2: Loaded, client: TierdClient) -> 
     from tierd_client.hf import generate_with_tierd
 
     doc = _long_document()
-    first = _chat_ids(smollm2.tokenizer, doc + "\nQuestion: what did the owl bring?")
-    second = _chat_ids(smollm2.tokenizer, doc + "\nQuestion: which city sent violins?")
+    first = chat_ids(smollm2.tokenizer, doc + "\nQuestion: what did the owl bring?")
+    second = chat_ids(smollm2.tokenizer, doc + "\nQuestion: which city sent violins?")
     shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     assert shared >= 1000 and len(second) >= 1050, (shared, len(second))
 
@@ -298,7 +178,7 @@ def test_prefix_reuse_matches_cold_run(smollm2: Loaded, client: TierdClient) -> 
     assert cold.reused_tokens == 0
     assert warm.reused_tokens == shared // BLOCK_TOKENS * BLOCK_TOKENS
     assert warm.new_tokens == cold.new_tokens
-    assert cold.new_tokens == _reference(smollm2, second, PREFIX_NEW_TOKENS)
+    assert cold.new_tokens == reference(smollm2, second, PREFIX_NEW_TOKENS)
     print(f"\nprefix reuse: prompt {len(second)} tokens, {warm.reused_tokens} reused; "
           f"TTFT cold {cold.ttft_s * 1e3:.0f} ms, warm {warm.ttft_s * 1e3:.0f} ms "
           f"({cold.ttft_s / warm.ttft_s:.1f}x)")  # fmt: skip
@@ -309,6 +189,6 @@ def test_generate_restores_attention_implementation(smollm2: Loaded, client: Tie
     from tierd_client.hf import generate_with_tierd
 
     before = smollm2.model.config._attn_implementation
-    ids = _chat_ids(smollm2.tokenizer, "Hi")
+    ids = chat_ids(smollm2.tokenizer, "Hi")
     generate_with_tierd(smollm2.model, ids, client, _params("restore"), 2)
     assert smollm2.model.config._attn_implementation == before

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_smollm2 import Daemon, _gguf_path, _missing_requirement
+from tests.e2e.conftest import Daemon, gguf_path, missing_requirement
 
 pytestmark = pytest.mark.e2e
 
 
 def test_smollm2_from_tierd_weights_matches_usual_load() -> None:
-    reason = _missing_requirement()
+    reason = missing_requirement()
     if reason is not None:
         pytest.skip(reason)
-    gguf = _gguf_path()
+    gguf = gguf_path()
     assert gguf is not None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
