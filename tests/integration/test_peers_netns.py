@@ -1,6 +1,8 @@
 """Two daemons in separate network namespaces, joined by a veth pair (10.213.x.1 and .2):
 B pulls the prefix A's client put over that link (the `Peer` call and the transfer
-engine's reads both cross it), byte-exact, and its own client gets it with A gone.
+engine's reads both cross it), byte-exact, and its own client gets it with A gone; a
+client in B's namespace (another host, as far as A can tell) gets and puts through A's
+transfer engine over the link.
 Clients reach the daemons through their unix sockets, which network namespaces do not
 separate. Skipped where `ip netns` is not permitted (it needs CAP_NET_ADMIN)."""
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -67,7 +70,7 @@ def namespaces() -> Iterator[dict[str, str]]:
 
 
 def netns_daemon(spawn: Callable[..., DaemonProcess], ns: str, address: str,
-                 peers: tuple[str, ...] = ()) -> DaemonProcess:  # fmt: skip
+                 peers: tuple[str, ...] = (), bulk: bool = False) -> DaemonProcess:  # fmt: skip
     daemon = spawn(start=False)
     token_file = daemon.base / "peer.token"
     token_file.write_text(TOKEN + "\n")
@@ -76,6 +79,8 @@ def netns_daemon(spawn: Callable[..., DaemonProcess], ns: str, address: str,
              "retry_ms = 200"]  # fmt: skip
     if peers:
         lines.append("peers = [" + ", ".join(f'"{p}"' for p in peers) + "]")
+    if bulk:
+        lines.append("bulk = true")
     body = ('[host]\ncapacity = "64MiB"\n\n[nvme]\ncapacity = "256MiB"\n\n[peers]\n'
             + "\n".join(lines) + "\n")  # fmt: skip
     daemon = configured(daemon, body)
@@ -104,3 +109,44 @@ def test_b_pulls_from_a_across_network_namespaces(
         assert got.found == [True] * 4 and got.blocks.tobytes() == data.tobytes()
         more = np.concatenate([tokens, np.arange(T) + 50_000])  # A is gone: a miss, no error
         assert c.lookup(ns, more).cached_tokens == 4 * T
+
+
+REMOTE_CLIENT = """
+import sys
+import numpy as np
+from tierd_client import KVLayout, TierdClient
+address, host, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lay = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32", block_tokens=16)
+with TierdClient(address, tenant="it", transport="inband", bulk="engine",
+                 bulk_hostname=host) as c:
+    ns = c.open_namespace("netns-bulk", lay)
+    assert ns.transport == "engine", ns.transport
+    keys = c.block_keys(ns, np.arange(2 * n * 16) + 7)
+    got = c.get(ns, keys[:n])
+    assert all(got.found), got.found
+    sys.stdout.buffer.write(got.blocks.tobytes())
+    more = np.random.default_rng(9).standard_normal((n, *lay.block_shape), dtype=np.float32)
+    assert c.put(ns, keys[n:], more) == ["stored"] * n
+"""
+
+
+def test_a_client_in_another_namespace_gets_and_puts_through_the_engine(
+    spawn_daemon: Callable[..., DaemonProcess], namespaces: dict[str, str]
+) -> None:
+    (ns_a, addr_a), (ns_b, addr_b) = namespaces.items()
+    a = netns_daemon(spawn_daemon, ns_a, addr_a, bulk=True)
+    _, keys, data = put_prefix(a.address, "netns-bulk", 3)
+    got = subprocess.run(
+        ["ip", "netns", "exec", ns_b, sys.executable, "-c", REMOTE_CLIENT, a.address, addr_b,
+         "3"], check=False, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr.decode(errors="replace")[-3000:]
+    assert got.stdout == data.tobytes()
+    more = np.random.default_rng(9).standard_normal((3, *LAY.block_shape), dtype=np.float32)
+    with TierdClient(a.address, tenant="it") as c:
+        ns = c.open_namespace("netns-bulk", LAY)
+        all_keys = c.block_keys(ns, np.arange(6 * T) + 7)
+        assert all_keys[:3] == keys
+        res = c.get(ns, all_keys[3:])
+        assert res.found == [True] * 3 and res.blocks.tobytes() == more.tobytes()
+        assert c.stats()["active_leases"] == 0
