@@ -14,7 +14,7 @@ import pytest
 from tierd.core import holders as holders_mod
 from tierd.core.holders import Holders
 from tierd.core.index import BlockEntry, NamespaceInfo
-from tierd.tiers.base import Copy, NamespaceRef
+from tierd.tiers.base import Copy
 from tierd_client.layout import KVLayout
 
 LAY = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", block_tokens=4)
@@ -39,8 +39,8 @@ class Book:
     def available(self) -> bool:
         return self.up
 
-    def record(self, holder: str, held: Sequence[tuple[NamespaceRef, bytes]],
-               gone: Sequence[tuple[NamespaceRef, bytes]], ttl_ms: int) -> None:  # fmt: skip
+    def record(self, holder: str, held: Sequence[tuple[NamespaceInfo, bytes]],
+               gone: Sequence[tuple[NamespaceInfo, bytes]], ttl_ms: int) -> None:  # fmt: skip
         self.entered.set()
         self.gate.wait()
         if self.fail:
@@ -51,7 +51,7 @@ class Book:
         for _, key in gone:
             self.entries.get(key, {}).pop(holder, None)
 
-    def holders(self, ns: NamespaceRef, keys: Sequence[bytes]) -> list[dict[str, int]]:
+    def holders(self, ns: NamespaceInfo, keys: Sequence[bytes]) -> list[dict[str, int]]:
         return [dict(self.entries.get(k, {})) for k in keys]
 
 

@@ -37,8 +37,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from tierd.core.index import BlockEntry
-from tierd.tiers.base import Copy, NamespaceRef
+from tierd.core.index import BlockEntry, NamespaceInfo
+from tierd.tiers.base import Copy
 
 log = logging.getLogger("tierd.peers")
 
@@ -54,10 +54,10 @@ class HolderBook(Protocol):
 
     def available(self) -> bool: ...
 
-    def record(self, holder: str, held: Sequence[tuple[NamespaceRef, bytes]],
-               gone: Sequence[tuple[NamespaceRef, bytes]], ttl_ms: int) -> None: ...  # fmt: skip
+    def record(self, holder: str, held: Sequence[tuple[NamespaceInfo, bytes]],
+               gone: Sequence[tuple[NamespaceInfo, bytes]], ttl_ms: int) -> None: ...  # fmt: skip
 
-    def holders(self, ns: NamespaceRef, keys: Sequence[bytes]) -> list[dict[str, int]]: ...
+    def holders(self, ns: NamespaceInfo, keys: Sequence[bytes]) -> list[dict[str, int]]: ...
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Holders:
         self._refresh_s = ttl_ms / 1000 / REFRESH_SHARE
         self._local = frozenset(local)  # its own tiers (not shared ones)
         self._cond = threading.Condition()
-        self._queue: deque[tuple[bool, NamespaceRef, bytes]] = deque()  # (held?, ns, key)
+        self._queue: deque[tuple[bool, NamespaceInfo, bytes]] = deque()  # (held?, ns, key)
         self._closed = False
         self.counters = DirectoryCounters(book.name)
         self._thread = threading.Thread(target=self._run, name="tierd-holders", daemon=True)
@@ -119,7 +119,7 @@ class Holders:
         entry.advertised = 0.0
         self._put([(False, entry.ns, entry.key)])
 
-    def _put(self, items: list[tuple[bool, NamespaceRef, bytes]]) -> None:
+    def _put(self, items: list[tuple[bool, NamespaceInfo, bytes]]) -> None:
         with self._cond:
             room = QUEUE - len(self._queue)
             if len(items) > room:
@@ -159,7 +159,7 @@ class Holders:
 
     # -- lookups -------------------------------------------------------------------------
 
-    def advise(self, ns: NamespaceRef, keys: Sequence[bytes], peers: Sequence[str]) -> Advice:
+    def advise(self, ns: NamespaceInfo, keys: Sequence[bytes], peers: Sequence[str]) -> Advice:
         """Which of `peers` hold a run of `keys` from the first, by the directory (one
         batch; nothing when the cluster is down or the call fails)."""
         if not keys or not peers or not self.book.available():

@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
-from tierd.tiers.base import NamespaceRef
 from tierd.tiers.remote_redis import RedisTier
+
+
+class NamespaceRef(Protocol):
+    """What naming an entry takes of a namespace."""
+
+    @property
+    def id(self) -> bytes: ...
+
+    @property
+    def tenant(self) -> str: ...
 
 
 class RedisHolderBook:
