@@ -159,3 +159,16 @@ def test_a_full_queue_or_a_failing_store_drops_and_counts(
     book.fail, book.up = False, False
     h.added([entry(b"k9", "host")])  # down: dropped without a call
     poll(lambda: h.snapshot().writes_dropped == 12, "dropped while down")
+
+
+def test_a_copy_replaced_in_place_keeps_the_entry(book: Book, made: Callable[..., Holders]) -> None:
+    book.gate.clear()
+    h = made()
+    e = entry(b"k0", "host")
+    h.added([e])
+    assert book.entered.wait(10)
+    h.dropped(e, e.copies.pop("host"))  # as the directory replaces a copy: drop, then add
+    e.copies["host"] = Copy("host", 64, 128, 0)
+    book.gate.set()
+    poll(lambda: h.snapshot().writes == 2, "written")
+    assert book.calls == [([b"k0"], [])] and A in book.entries[b"k0"]

@@ -87,7 +87,7 @@ class Holders:
         self._refresh_s = ttl_ms / 1000 / REFRESH_SHARE
         self._local = frozenset(local)  # its own tiers (not shared ones)
         self._cond = threading.Condition()
-        self._queue: deque[tuple[bool, NamespaceInfo, bytes]] = deque()  # (held?, ns, key)
+        self._queue: deque[tuple[bool, BlockEntry]] = deque()  # (held?, block)
         self._closed = False
         self.counters = DirectoryCounters(book.name)
         self._thread = threading.Thread(target=self._run, name="tierd-holders", daemon=True)
@@ -102,13 +102,13 @@ class Holders:
             now = time.time()
             for entry in entries:
                 entry.advertised = now
-            self._put([(True, e.ns, e.key) for e in entries])
+            self._put([(True, e) for e in entries])
 
     def touched(self, entry: BlockEntry, now: float) -> None:
         """A lookup hit `entry`: renew its entry if it is getting old."""
         if self.holder and now - entry.advertised >= self._refresh_s:
             entry.advertised = now
-            self._put([(True, entry.ns, entry.key)])
+            self._put([(True, entry)])
 
     def dropped(self, entry: BlockEntry, copy: Copy) -> None:
         """`copy` is gone; once no copy is left in the daemon's own tiers, neither is its
@@ -117,9 +117,9 @@ class Holders:
                 or any(t in self._local for t in entry.copies)):  # fmt: skip
             return
         entry.advertised = 0.0
-        self._put([(False, entry.ns, entry.key)])
+        self._put([(False, entry)])
 
-    def _put(self, items: list[tuple[bool, NamespaceInfo, bytes]]) -> None:
+    def _put(self, items: list[tuple[bool, BlockEntry]]) -> None:
         with self._cond:
             room = QUEUE - len(self._queue)
             if len(items) > room:
@@ -139,11 +139,13 @@ class Holders:
                 if self._closed:
                     return
                 batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-            last = {(ns.id, key): (is_held, ns, key) for is_held, ns, key in batch}
-            held = [(ns, key) for is_held, ns, key in last.values() if is_held]
-            gone = [(ns, key) for is_held, ns, key in last.values() if not is_held]
+            last = {(e.ns.id, e.key): (is_held, e) for is_held, e in batch}
+            held = [(e.ns, e.key) for is_held, e in last.values() if is_held]
+            # A copy replaced in place (dropped, then added) left the block here after all.
+            gone = [(e.ns, e.key) for is_held, e in last.values()
+                    if not is_held and not self._holds(e)]  # fmt: skip
             ok = self.book.available()
-            if ok:
+            if ok and (held or gone):
                 try:
                     self.book.record(self.holder, held, gone, self.ttl_ms)
                 except Exception as e:  # noqa: BLE001 - dropped and counted, never an error
@@ -156,6 +158,11 @@ class Holders:
                     self.counters.writes += len(batch)
                 else:
                     self.counters.writes_dropped += len(batch)
+
+    def _holds(self, entry: BlockEntry) -> bool:
+        """Whether the block still has a copy in this daemon's own tiers (read without the
+        core lock: a snapshot of its copies, as attend reads them)."""
+        return not entry.deleted and any(t in self._local for t in tuple(entry.copies))
 
     # -- lookups -------------------------------------------------------------------------
 
