@@ -132,9 +132,10 @@ def decode(head: bytes | memoryview, ns_id: bytes, key: bytes,
     if version == VERSION_ENCODED:
         name, block_nbytes, block_checksum = _ENCODED.unpack_from(head, at)
         at += _ENCODED.size
-        encoding = _readable(name.rstrip(b"\0"))
-        if encoding is None:
+        readable = _readable(name.rstrip(b"\0"))
+        if readable is None:
             return None
+        encoding = readable
     sums = struct.unpack_from(f"<{num_layers}Q", head, at)
     return RemoteHeader(nbytes, checksum, sums, encoding, block_nbytes, block_checksum, size)
 
