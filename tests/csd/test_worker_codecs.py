@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +103,19 @@ def test_a_block_of_the_wrong_encoded_size_or_an_unknown_encoding_is_refused(
             _store(worker, layout, [(_key(0), data, encoding)])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert worker.stub.Stats(cpb.WorkerStatsRequest(), timeout=5).blocks == 0
+
+
+def test_a_shard_written_before_encodings_reads_its_blocks_as_raw(tmp_path: Path) -> None:
+    from tierd.csd.shard import CATALOG_FILE, CsdShard, StoreItem
+    from tierd.tiers.io_backend import PosixBackend
+
+    layout = _layout("float32")
+    (block,) = _make_blocks(layout, 1, seed=3)
+    data = _raw(block)
+    with CsdShard(tmp_path, 1 << 20, backend=PosixBackend()) as s:
+        s.store(layout, [StoreItem(NS, _key(0), checksum(data), data)])
+    with sqlite3.connect(tmp_path / CATALOG_FILE) as db:
+        db.execute("ALTER TABLE blocks DROP COLUMN encoding")  # the schema before codecs
+    with CsdShard(tmp_path, 1 << 20, backend=PosixBackend()) as s:
+        assert list(s.read_blocks(NS, [_key(0)])) == [(_key(0), checksum(data), data, "raw")]
+        assert s.read_layers(NS, layout, [_key(0)], 1).encoding == "raw"
