@@ -2,7 +2,8 @@
 whose peers are [B, A], finds through the directory that A holds a prefix and pulls it
 from A without asking B; entries are renewed by lookups, expire without them and go
 with a delete; another tenant finds nothing; a cluster that is down costs lookups
-nothing but the advice, and the writes it missed are counted as dropped."""
+nothing but the advice, and the writes it missed are counted as dropped; a peer the
+directory names whose blocks could not be pulled is named in the lookup's answer."""
 
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def daemon(spawn: Spawn, cluster: Cluster, *, listen: str = "", peers: tuple[str, ...] = (),
-           ttl_ms: int = 30_000, metrics: int = 0) -> DaemonProcess:  # fmt: skip
+           ttl_ms: int = 30_000, metrics: int = 0, token: str = TOKEN) -> DaemonProcess:  # fmt: skip
     """A daemon whose redis tier takes no demotions (`spill = false`): the cluster keeps
     only the directory, so whatever C finds, it finds through a peer."""
     d = spawn(start=False)
     token_file = d.base / "peer.token"
-    token_file.write_text(TOKEN + "\n")
+    token_file.write_text(token + "\n")
     lines = [f'token_file = "{token_file}"', "timeout_ms = 1000", "retry_ms = 200",
              'directory = "remote"', f"directory_ttl_ms = {ttl_ms}"]  # fmt: skip
     if listen:
@@ -140,6 +141,23 @@ def test_entries_are_renewed_by_lookups_and_expire_without(
         assert s["peers"][at_b]["asked"] == 1 and s["peers"][at_b]["blocks"] == 0
         assert s["peers"][at_a]["blocks"] == 2 and s["peers"][at_a]["directory_hits"] == 0
         assert s["directory"]["misses"] == 1 and s["directory"]["hits"] == 0
+
+
+def test_a_peer_named_but_not_pulled_from_is_named_in_the_lookup(
+    spawn_daemon: Spawn, cluster: Cluster
+) -> None:
+    at_a = f"127.0.0.1:{free_port()}"
+    a = daemon(spawn_daemon, cluster, listen=at_a)
+    c = daemon(spawn_daemon, cluster, peers=(at_a,), token="not-the-group-secret-000")
+    tokens, keys, _ = put_prefix(a.address, "named", 3)
+    ns_id = ns_id_of(a, "named")
+    poll(lambda: all(at_a in holders(cluster, ns_id, k) for k in keys), "A's entries")
+    with TierdClient(c.address, tenant="it") as cc:
+        found = cc.lookup(cc.open_namespace("named", LAY), tokens)  # A refuses C's secret
+        assert found.cached_tokens == 0
+        assert (found.held_by, found.held_blocks) == (at_a, 3)
+        peer = cc.stats()["peers"][at_a]
+        assert peer["errors"] == 1 and peer["directory_hits"] == 1 and peer["blocks"] == 0
 
 
 def test_cluster_down_lookups_answer_and_missed_writes_are_counted(
