@@ -19,6 +19,7 @@ from tests.integration.test_tier_stats import configured
 from tests.mooncake_master import free_port, needs_mooncake
 from tests.redis_cluster import Cluster, needs_redis, started
 from tests.server.test_metrics import scrape
+from tierctl.status import render_status
 from tierd_client import TierdClient
 
 pytestmark = [*needs_redis, needs_mooncake]
@@ -95,6 +96,9 @@ def test_c_pulls_from_the_peer_the_directory_names_not_the_first_configured(
         d = s["directory"]
         assert d["available"] and d["hits"] == 1 and d["misses"] == 0
         assert d["tier_name"] == "remote"
+        shown = render_status(s).splitlines()
+        row = shown[shown.index(next(x for x in shown if x.startswith("directory"))) + 2]
+        assert row.split()[:3] == ["remote", "up", "1"]
         assert cc.get(ns, keys).blocks.tobytes() == data.tobytes()
     m = scrape(port)
     assert m["tierd_prefix_directory_hits_total"] == 1

@@ -111,6 +111,13 @@ def render_status(
                             count(p["blocks"]), _size(p["bytes"]), count(p["errors"]),
                             count(p["corrupt"])] for addr, p in stats["peers"].items()],
                           right=set(range(2, 7))))  # fmt: skip
+    d = stats.get("directory")
+    if d:  # the prefix directory ([peers] directory)
+        out.append("")
+        out.append(render(["directory", "state", "hits", "misses", "writes", "dropped"],
+                          [[d["tier_name"], "up" if d["available"] else "DOWN", count(d["hits"]),
+                            count(d["misses"]), count(d["writes"]),
+                            count(d["writes_dropped"])]], right=set(range(2, 6))))  # fmt: skip
     return "\n".join(out)
 
 
