@@ -29,6 +29,16 @@ def test_bulk_alone_opens_the_engine_for_clients_and_needs_no_secret() -> None:
     assert cfg.enabled and cfg.bulk and not cfg.group and cfg.token_file is None
 
 
+def test_a_directory_section_parses() -> None:
+    cfg = config_from_dict({"peers": {
+        "listen": "0.0.0.0:7001", "advertise": "10.0.0.2:7001", "token_file": "t",
+        "directory": "remote", "directory_ttl_ms": 5000,
+    }}).peers  # fmt: skip
+    assert (cfg.directory, cfg.directory_ttl_ms, cfg.advertise) == ("remote", 5000,
+                                                                     "10.0.0.2:7001")  # fmt: skip
+    assert PeersConfig().directory == "" and PeersConfig().directory_ttl_ms == 30_000
+
+
 @pytest.mark.parametrize(
     ("section", "key"),
     [
@@ -43,6 +53,11 @@ def test_bulk_alone_opens_the_engine_for_clients_and_needs_no_secret() -> None:
         ({"listne": "h:1"}, "peers.listne"),
         ({"bulk": "yes"}, "peers.bulk"),
         ({"bulk": True, "listen": "h:1"}, "peers.token_file"),
+        ({"directory": "", "listen": "h:1", "token_file": "t"}, "peers.directory"),
+        ({"directory": "remote"}, "peers.directory"),
+        ({"directory": "remote", "bulk": True}, "peers.directory"),
+        ({"peers": ["h:1"], "token_file": "t", "directory_ttl_ms": 0}, "peers.directory_ttl_ms"),
+        ({"listen": "h:1", "token_file": "t", "advertise": "0.0.0.0"}, "peers.advertise"),
     ],
 )
 def test_bad_values_name_their_key(section: dict[str, object], key: str) -> None:
