@@ -32,14 +32,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def daemon(spawn: Spawn, cluster: Cluster, *, listen: str = "", peers: tuple[str, ...] = (),
-           ttl_ms: int = 30_000, metrics: int = 0, token: str = TOKEN) -> DaemonProcess:  # fmt: skip
+           ttl_ms: int = 30_000, metrics: int = 0, token: str = TOKEN,
+           directory: str = "remote") -> DaemonProcess:  # fmt: skip
     """A daemon whose redis tier takes no demotions (`spill = false`): the cluster keeps
     only the directory, so whatever C finds, it finds through a peer."""
     d = spawn(start=False)
     token_file = d.base / "peer.token"
     token_file.write_text(token + "\n")
     lines = [f'token_file = "{token_file}"', "timeout_ms = 1000", "retry_ms = 200",
-             'directory = "remote"', f"directory_ttl_ms = {ttl_ms}"]  # fmt: skip
+             f'directory = "{directory}"', f"directory_ttl_ms = {ttl_ms}"]  # fmt: skip
     if listen:
         lines.append(f'listen = "{listen}"')
     if peers:
@@ -48,7 +49,7 @@ def daemon(spawn: Spawn, cluster: Cluster, *, listen: str = "", peers: tuple[str
     if metrics:
         body += f'\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
     d = configured(d, body + "\n[peers]\n" + "\n".join(lines) + "\n")
-    d.start()
+    d.start(wait=directory == "remote")
     return d
 
 
@@ -162,6 +163,15 @@ def test_a_peer_named_but_not_pulled_from_is_named_in_the_lookup(
         assert (found.held_by, found.held_blocks) == (at_a, 3)
         peer = cc.stats()["peers"][at_a]
         assert peer["errors"] == 1 and peer["directory_hits"] == 1 and peer["blocks"] == 0
+
+
+def test_a_directory_that_is_not_a_redis_tier_stops_the_daemon(
+    spawn_daemon: Spawn, cluster: Cluster
+) -> None:
+    bad = daemon(spawn_daemon, cluster, listen=f"127.0.0.1:{free_port()}", directory="mem")
+    assert bad.proc is not None and bad.proc.wait(60) == 2
+    log = bad.log.read_text()
+    assert "configuration error" in log and "peers.directory" in log
 
 
 def test_cluster_down_lookups_answer_and_missed_writes_are_counted(
