@@ -97,7 +97,7 @@ def main() -> int:
     p.add_argument(
         "--nvme-codecs",
         default="",
-        help="also attend over NVMe tiers storing these codecs (e.g. kivi4,int8)",
+        help="also attend over NVMe tiers storing these codecs (e.g. kivi4,int8,\"kivi4;v_group=32\")",
     )
     p.add_argument("--json", type=Path)
     bench_trees.add_arguments(p)
@@ -126,7 +126,8 @@ def main() -> int:
         finally:
             d.stop()
         for codec in [c for c in args.nvme_codecs.split(",") if c]:
-            d = Daemon(work, 2 * most + (256 << 20), 2 * most + (256 << 20), f"attend-{codec}",
+            tag = codec.replace(";", "-").replace("=", "")  # "kivi4;v_group=32" -> a dir name
+            d = Daemon(work, 2 * most + (256 << 20), 2 * most + (256 << 20), f"attend-{tag}",
                        nvme_codec=codec)  # fmt: skip
             try:
                 with d.client("shm") as client:

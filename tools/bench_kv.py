@@ -169,10 +169,12 @@ class Daemon:
         else:  # the same two tiers, as a chain whose NVMe tier encodes
             self.dir.mkdir(parents=True, exist_ok=True)
             config = self.dir / "tierd.toml"
+            codec, *opts = nvme_codec.split(";")  # an encoding's options: "kivi4;v_group=32"
+            params = f"codec_params = {{{', '.join(opts).replace('=', ' = ')}}}\n" if opts else ""
             config.write_text(
                 f'[[tiers]]\nname = "host"\nkind = "host"\ncapacity = {host}\n\n'
                 f'[[tiers]]\nname = "nvme"\nkind = "nvme"\ncapacity = {nvme}\n'
-                f'codec = "{nvme_codec}"\n'
+                f'codec = "{codec}"\n{params}'
             )
             cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd)
