@@ -1,9 +1,10 @@
 """LoRA adapters and the KV that depends on them: which adapter is kept, which KV goes first.
 
 Primitives: `AdapterBook(directory, weights)` (`open(tenant, adapter, model)`,
-`count(fingerprint=None) -> {fingerprint: blocks}`, `reclaim(need)`, `sweep()`), `dependents(directory, fingerprint=None)
--> {fingerprint: blocks}`, `reclaim_order(adapters, dependents, need, top) ->
-[(fingerprint, blocks)]`, `is_hot(entry, top)`.
+`count(fingerprint=None) -> {fingerprint: blocks}`, `reclaim(need)`, `sweep()`),
+`dependents(directory, fingerprint=None) -> {fingerprint: blocks}`,
+`reclaim_order(adapters, dependents, need, top) -> [(fingerprint, blocks)]`,
+`is_hot(entry, top)`.
 
 A namespace that names an adapter (`NamespaceInfo.adapter`, its fingerprint, part of the
 namespace id) holds KV computed through that adapter: each of its blocks *depends* on the
@@ -21,8 +22,9 @@ node without children in the cache may leave):
    taken least recently used first: an adapter's last use is the latest of its
    registration, a namespace naming it, its weights handed to a client and the last access
    of any block that depends on it; ties go by fingerprint. For each adapter taken, every
-   block that depends on it is deleted first (on record before its space is freed), then
-   the adapter goes (every registration of it). Adapters are taken until `need` bytes are
+   block that depends on it, in whichever tier, is deleted first (least recently accessed
+   first; on record before its space is freed), then the adapter goes (every
+   registration of it, whichever tenant made it). Adapters are taken until `need` bytes are
    free; if all the cold adapters together cannot free it, nothing is evicted and the
    registration is refused (ResourceExhausted).
 4. A lookup (and every other call on a namespace) whose adapter its tenant does not see
@@ -31,10 +33,10 @@ node without children in the cache may leave):
    call ever answers with a hit that would need an adapter the client was not told is
    gone. The blocks of such namespaces are deleted right after the drop, the eviction
    or the registration that unshared the adapter (`sweep`, which also catches a put that
-   raced with the eviction), and at start for adapters whose registrations were lost. Registering the same
-   content again gives the same fingerprint, hence the same namespace id, and the
-   namespace is usable again (with whatever of its KV survived, which is KV of this very
-   adapter).
+   raced with the eviction), and at start for adapters whose registrations were lost.
+   Registering the same content again gives the same fingerprint, hence the same
+   namespace id, and the namespace is usable again (with whatever of its KV survived,
+   which is KV of this very adapter).
 
 Blocks of namespaces without an adapter are never looked at here. Victim order inside a
 tier (`Directory.victims`) is unchanged: an adapter is never in a KV tier, so within a
