@@ -295,3 +295,29 @@ def test_an_adapter_from_tierd_computes_what_peft_computes(daemon: DaemonProcess
     assert not torch.allclose(got, plain, atol=1e-3)  # the adapter does change the outputs
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.equal(again, plain)
+
+
+@pytest.mark.parametrize("config", [
+    '{"peft_type": "LORA", "r": 1e400, "lora_alpha": 4}',
+    '{"peft_type": "LORA", "r": 2, "lora_alpha": NaN}',
+    '{"peft_type": "LORA", "r": 2, "lora_alpha": Infinity}',
+])  # fmt: skip
+def test_an_adapter_config_with_a_rank_or_alpha_out_of_range_is_refused(daemon: DaemonProcess,
+                                                        tmp_path: Path, config: str) -> None:  # fmt: skip
+    small_model(tmp_path / "base")
+    write_adapter(tmp_path / "lora", SMALL_Q)
+    (tmp_path / "lora" / "adapter_config.json").write_text(config)
+    with _client(daemon, "bad-config") as c:
+        c.register_model(str(tmp_path / "base"), name="base")
+        with pytest.raises(InvalidArgument, match="r or lora_alpha"):
+            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
+
+
+def test_lora_matrices_that_are_not_floating_point_are_refused(daemon: DaemonProcess,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    small_model(tmp_path / "base")
+    write_adapter(tmp_path / "lora", SMALL_Q, dtype=torch.int64)
+    with _client(daemon, "int-lora") as c:
+        c.register_model(str(tmp_path / "base"), name="base")
+        with pytest.raises(InvalidArgument, match="not floating point"):
+            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")

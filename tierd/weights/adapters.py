@@ -22,11 +22,12 @@ biases, modules_to_save and embedding adapters.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tierd.errors import InvalidArgument, NotFound
 from tierd.weights.area import AdapterMeta, Manifest
-from tierd.weights.sources import Source, _read_config, _safetensors, _stat, resolve_dtype
+from tierd.weights.sources import DTYPES, Source, _read_config, _safetensors, _stat, resolve_dtype
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
@@ -85,8 +86,10 @@ def describe(source: Source, base: Manifest) -> AdapterMeta:
             raise _bad(path, f"{key} = {cfg[key]!r} is not supported")
     try:
         rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # JSON allows 1e400 and NaN
         raise _bad(path, "its config lacks r or lora_alpha") from None
+    if not math.isfinite(alpha):
+        raise _bad(path, f"its config's r or lora_alpha is out of range (lora_alpha = {alpha})")
     if rank <= 0:
         raise _bad(path, f"r = {rank}")
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -94,6 +97,8 @@ def describe(source: Source, base: Manifest) -> AdapterMeta:
         found = module_of(t.name)
         if found is None or len(t.shape) != 2:
             raise _bad(path, f"tensor {t.name!r} is not a LoRA A or B matrix")
+        if t.dtype not in DTYPES:  # integers keep their dtype; no LoRA layer computes in one
+            raise _bad(path, f"tensor {t.name!r} is {t.dtype}, not floating point")
         pairs.setdefault(found[0], {})[found[1]] = t.shape
     if not pairs:
         raise _bad(path, "it holds no LoRA matrices")
