@@ -3,9 +3,10 @@
 Primitives: `apply_adapter(model, adapter) -> AppliedAdapter` (`remove()`), `scaling(info)`.
 
 `adapter` is what `TierdClient.load_adapter` returns: the PEFT matrices as read-only views
-of the daemon's mapped area (no copy). Each target linear layer gets a forward hook that
-adds `B(A(x)) * scaling` to its output, computed as PEFT's LoRA layer computes it: the
-input cast to the adapter's dtype, the sum cast back to the layer's output dtype, so the
+of the daemon's mapped area (no copy; half-precision ones are used as float32 copies, as
+PEFT loads them). Each target linear layer gets a forward hook that adds `B(A(x)) *
+scaling` to its output, computed as PEFT's LoRA layer computes it: the input cast to the
+adapter's dtype, the sum cast back to the layer's output dtype, so the
 outputs equal those of `PeftModel.from_pretrained` on the same directory. The base weights
 are never written (they may be the read-only mapping of `hf_weights.model_on_weights`),
 and removing the hooks gives the base model back, so one base can serve several adapters
@@ -69,13 +70,20 @@ def apply_adapter(model: torch.nn.Module, adapter: Mapping[str, torch.Tensor],
             layer = model.get_submodule(module_name)
             if not isinstance(layer, torch.nn.Linear) or set(ab) != {"A", "B"}:
                 raise ValueError(f"{module_name} is not a linear layer with both LoRA matrices")
-            handles.append(layer.register_forward_hook(_hook(ab["A"], ab["B"], scale)))
+            a, b = (_compute_dtype(ab[m]) for m in "AB")
+            handles.append(layer.register_forward_hook(_hook(a, b, scale)))
             names.append(module_name)
     except BaseException:
         for h in handles:
             h.remove()
         raise
     return AppliedAdapter(handles, names)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """What PEFT computes with: it loads half-precision LoRA matrices as float32
+    (`autocast_adapter_dtype`, on by default); the copy is the matrices' size, small."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _hook(a: torch.Tensor, b: torch.Tensor, scale: float) -> Any:

@@ -321,3 +321,33 @@ def test_lora_matrices_that_are_not_floating_point_are_refused(daemon: DaemonPro
         c.register_model(str(tmp_path / "base"), name="base")
         with pytest.raises(InvalidArgument, match="not floating point"):
             c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
+
+
+def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(daemon: DaemonProcess,
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    # PEFT loads half-precision LoRA matrices into float32 (autocast_adapter_dtype) and
+    # computes the LoRA term there; the area keeps the file's bfloat16.
+    peft = pytest.importorskip("peft")
+    _tiny_llama(tmp_path / "llama")
+    from transformers import LlamaForCausalLM
+
+    from tierd_client.hf_lora import apply_adapter
+    from tierd_client.hf_weights import model_on_weights
+
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(2)
+    peft.get_peft_model(ref, config).to(torch.bfloat16).save_pretrained(tmp_path / "lora")
+    ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 8]])
+    with _client(daemon, "hf-bf16") as c:
+        c.register_model(str(tmp_path / "llama"), name="llama", dtype="float32")
+        info = c.register_adapter(str(tmp_path / "lora"), "llama", name="lora")
+        assert info.dtype == "bfloat16"
+        net = model_on_weights(c.load_weights("llama"))
+        adapter = c.load_adapter("lora")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    local = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    with torch.no_grad():
+        apply_adapter(net, adapter)
+        torch.testing.assert_close(net(ids).logits, local(ids).logits, rtol=0, atol=0)
