@@ -359,6 +359,13 @@ class CacheService:
         with self.cond:
             self.sharing.write_through(self.directory.publish(ns, staged))
             self.placer.kick()
+        if ns.adapter and not self.weights.sees(ns.tenant, ns.adapter):
+            # The adapter went while this put was under way; the sweep after it may have
+            # looked before these blocks were visible (a drop after this check sweeps them).
+            self.directory.delete(ns, [key for key, _ in staged])
+            raise FailedPrecondition(f"the adapter {ns.adapter[:16]} of this namespace was "
+                                     "dropped or evicted during the put; its KV is gone",
+                                     field="namespace_id")  # fmt: skip
         return len(staged)
 
     def _live_put_lease(self, lease_id: int, *, inband: bool) -> PutLease:

@@ -1,0 +1,51 @@
+"""An adapter dropped or evicted while calls on the namespaces that name it are under
+way, each interleaving forced step by step on a real CacheService: no KV that depends on
+an adapter the daemon no longer holds outlives the drop, and an adapter whose KV became
+hot meanwhile is kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.core.conftest import LAYOUT, Harness, block_bytes_for, keys_for, slot_view
+from tests.integration.test_models import small_model
+from tests.lora_files import SMALL_Q, write_adapter
+from tierd.core.index import NamespaceInfo
+from tierd.core.service import CacheService
+from tierd.errors import FailedPrecondition
+
+TENANT = "t"
+
+
+def _held(svc: CacheService, tmp_path: Path, *names: str) -> str:
+    """Register the small base model and one adapter of it per name; the base's fingerprint."""
+    small_model(tmp_path / "base")
+    view, _ = svc.weights.register(TENANT, str(tmp_path / "base"), "", "base", False)
+    for i, name in enumerate(names):
+        write_adapter(tmp_path / name, SMALL_Q, seed=i)
+        svc.weights.register(TENANT, str(tmp_path / name), "", name, False, "base")
+    return view.registration.fingerprint
+
+
+def _leased(svc: CacheService, ns: NamespaceInfo, keys: list[bytes]) -> int:
+    """A put prepared and written, not yet committed: its lease id."""
+    prepared = svc.prepare_put(ns.id, keys, LAYOUT.block_shape, LAYOUT.dtype)
+    for key, slot in zip(keys, prepared.slots):
+        slot_view(svc, prepared.lease_id, slot.offset)[:] = block_bytes_for(key)
+    return prepared.lease_id
+
+
+def test_a_put_committed_after_its_adapter_was_dropped_leaves_no_kv(harness: Harness,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    svc = harness.open()
+    base = _held(svc, tmp_path, "lora")
+    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora")
+    keys = keys_for(ns.id, 3)
+    lease = _leased(svc, ns, keys)
+    svc.weights.drop(TENANT, "lora")  # its sweep finds nothing: the put is not visible yet
+    with pytest.raises(FailedPrecondition, match="dropped or evicted"):
+        svc.commit_put(lease)
+    assert svc.adapters.count() == {}
+    assert all(svc.index.get(ns.id, k) is None for k in keys)
