@@ -5,16 +5,29 @@ hot meanwhile is kept."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import LAYOUT, Harness, block_bytes_for, keys_for, slot_view
+from tests.core.conftest import (
+    LAYOUT,
+    Harness,
+    block_bytes_for,
+    keys_for,
+    make_config,
+    put_blocks,
+    slot_view,
+)
 from tests.integration.test_models import small_model
 from tests.lora_files import SMALL_Q, write_adapter
+from tierd.config import WeightsConfig
 from tierd.core.index import NamespaceInfo
 from tierd.core.service import CacheService
-from tierd.errors import FailedPrecondition
+from tierd.errors import FailedPrecondition, ResourceExhausted
+from tierd.weights import area
+from tierd.weights.adapters import open_adapter
+from tierd.weights.sources import open_source
 
 TENANT = "t"
 
@@ -49,3 +62,41 @@ def test_a_put_committed_after_its_adapter_was_dropped_leaves_no_kv(harness: Har
         svc.commit_put(lease)
     assert svc.adapters.count() == {}
     assert all(svc.index.get(ns.id, k) is None for k in keys)
+
+
+def _size(source) -> int:  # type: ignore[no-untyped-def]
+    try:
+        return area.plan(source)[0]
+    finally:
+        source.close()
+
+
+def test_an_adapter_whose_kv_turns_hot_during_its_eviction_is_kept(harness: Harness,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    small_model(tmp_path / "sizes")
+    write_adapter(tmp_path / "size-lora", SMALL_Q)
+    # Room for the base and one adapter.
+    capacity = _size(open_source(tmp_path / "sizes", ""))
+    capacity += _size(open_adapter(tmp_path / "size-lora", ""))
+    config = dataclasses.replace(make_config(harness.data_dir),
+                                 weights=WeightsConfig(capacity_bytes=capacity))  # fmt: skip
+    svc = CacheService(config)
+    svc.start()
+    harness.services.append(svc)
+    base = _held(svc, tmp_path, "lora0")  # cold: no KV depends on it
+    write_adapter(tmp_path / "lora1", SMALL_Q, seed=1)
+    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora0")
+    keys = keys_for(ns.id, 2)
+    delete = svc.adapters._delete
+
+    def put_first(blocks):  # type: ignore[no-untyped-def]
+        # lora0 was found cold; its KV is put (in memory: hot) before it is let go.
+        svc.adapters._delete = delete  # type: ignore[method-assign]
+        assert put_blocks(svc, ns.id, keys) == len(keys)
+        delete(blocks)
+
+    svc.adapters._delete = put_first  # type: ignore[method-assign]
+    with pytest.raises(ResourceExhausted):
+        svc.weights.register(TENANT, str(tmp_path / "lora1"), "", "lora1", False, "base")
+    assert [v.registration.name for v in svc.weights.list(TENANT)] == ["base", "lora0"]
+    assert all(svc.index.get(ns.id, k) is not None for k in keys)

@@ -26,7 +26,8 @@ node without children in the cache may leave):
    first; on record before its space is freed), then the adapter goes (every
    registration of it, whichever tenant made it). Adapters are taken until `need` bytes are
    free; if all the cold adapters together cannot free it, nothing is evicted and the
-   registration is refused (ResourceExhausted).
+   registration is refused (ResourceExhausted). An adapter whose KV turned hot while its
+   cold KV was deleted (a put or read meanwhile) is kept after all.
 4. A lookup (and every other call on a namespace) whose adapter its tenant does not see
    any more — dropped by that tenant, unshared or dropped by the tenant that shared it, or
    evicted — is refused (FailedPrecondition: register the adapter again and reopen), so no
@@ -138,6 +139,12 @@ class AdapterBook:
             order = reclaim_order(uses, dependents(self.directory), need, self.directory.top)
         for fp, blocks in order:
             self._delete(blocks)
+            with self.directory.cond:  # KV put or read since the order was made: hot now
+                hot = any(is_hot(e, self.directory.top)
+                          for e in dependents(self.directory, fp).get(fp, ()))  # fmt: skip
+            if hot:
+                log.info("adapter %s: kept, its KV turned hot while room was made", fp[:16])
+                continue
             self.weights.evict(fp)
             log.info("adapter %s: %d blocks of KV depending on it deleted, then it was "
                      "evicted", fp[:16], len(blocks))  # fmt: skip
