@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.core.conftest import (
     LAYOUT,
@@ -21,6 +22,7 @@ from tests.core.conftest import (
 )
 from tests.integration.test_models import small_model
 from tests.lora_files import SMALL_Q, write_adapter
+from tierd.attention.attend import AttendCall
 from tierd.config import WeightsConfig
 from tierd.core.index import NamespaceInfo
 from tierd.core.service import CacheService
@@ -100,3 +102,20 @@ def test_an_adapter_whose_kv_turns_hot_during_its_eviction_is_kept(harness: Harn
         svc.weights.register(TENANT, str(tmp_path / "lora1"), "", "lora1", False, "base")
     assert [v.registration.name for v in svc.weights.list(TENANT)] == ["base", "lora0"]
     assert all(svc.index.get(ns.id, k) is not None for k in keys)
+
+
+def test_a_sequence_attends_no_more_once_its_adapter_is_dropped(harness: Harness,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    svc = harness.open()
+    base = _held(svc, tmp_path, "lora")
+    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora")
+    keys = keys_for(ns.id, 2)
+    assert put_blocks(svc, ns.id, keys) == len(keys)
+    seq, cached = svc.attend.open_sequence(ns.id, keys)
+    assert cached == 2 * LAYOUT.block_tokens
+    q = torch.randn(1, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    (out, _), = svc.attend.attend([AttendCall(seq, 0, q)])  # fmt: skip
+    assert torch.isfinite(out).all()
+    svc.weights.drop(TENANT, "lora")
+    with pytest.raises(FailedPrecondition, match="no longer held"):
+        svc.attend.attend([AttendCall(seq, 0, q)])

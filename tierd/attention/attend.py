@@ -128,6 +128,7 @@ class AttendService:
             if seq is None:
                 raise NotFound("no such sequence (closed or expired)",
                                field=f"items[{i}].sequence_id")
+            self.svc.namespace(seq.ns.id)  # refused once its adapter (if any) is gone
             with seq.lock:
                 seq.touch()
                 self._check(seq, call, i)
