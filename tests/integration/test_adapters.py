@@ -10,6 +10,7 @@ weights and compares its logits with PEFT's on the same directories.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -351,3 +352,19 @@ def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(daemon: Daemon
     with torch.no_grad():
         apply_adapter(net, adapter)
         torch.testing.assert_close(net(ids).logits, local(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", [
+    {"alora_invocation_tokens": [5, 6]}, {"layer_replication": [[0, 2]]},
+    {"arrow_config": {"top_k": 2}}, {"use_bdlora": {"lora_a_is_blockdiagonal": True}},
+])  # fmt: skip
+def test_lora_variants_whose_forward_is_not_plain_lora_are_refused(daemon: DaemonProcess,
+                                                    tmp_path: Path, option: dict) -> None:  # fmt: skip
+    small_model(tmp_path / "base")
+    write_adapter(tmp_path / "lora", SMALL_Q)
+    (tmp_path / "lora" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **option}))  # fmt: skip
+    with _client(daemon, "variants") as c:
+        c.register_model(str(tmp_path / "base"), name="base")
+        with pytest.raises(InvalidArgument, match="is not supported"):
+            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")

@@ -16,7 +16,7 @@ at the config's rank, and the base has that module's weight with matching sides;
 client can apply it to a model built on the base without another check. Options that
 change the computation beyond `W x + (alpha / r) B A x` (or `alpha / sqrt(r)` with
 use_rslora) are refused: DoRA, fan_in_fan_out, per-module rank or alpha patterns, LoRA
-biases, modules_to_save and embedding adapters.
+biases, modules_to_save, embedding adapters and the variants named in `_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ _PREFIX = "base_model.model."
 _SUFFIX = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 # Options the plain LoRA computation ignores only at their default.
 _DEFAULTS = {"use_dora": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
-             "lora_bias": False, "modules_to_save": None, "bias": "none"}  # fmt: skip
+             "lora_bias": False, "modules_to_save": None, "bias": "none",
+             # Variants whose forward is not the plain one (activated only after invocation
+             # tokens, layers repeated, routed, block-diagonal factors, SVD-truncated base).
+             "alora_invocation_tokens": None, "layer_replication": None, "arrow_config": None,
+             "use_bdlora": None, "kasa_config": None, "monteclora_config": None}  # fmt: skip
 
 
 def module_of(name: str) -> tuple[str, str] | None:
