@@ -172,3 +172,20 @@ def test_a_copy_replaced_in_place_keeps_the_entry(book: Book, made: Callable[...
     book.gate.set()
     poll(lambda: h.snapshot().writes == 2, "written")
     assert book.calls == [([b"k0"], [])] and A in book.entries[b"k0"]
+
+
+def test_a_hit_on_a_block_held_only_in_a_shared_tier_is_not_advertised(
+    book: Book, made: Callable[..., Holders]
+) -> None:
+    h = made()
+    e = entry(b"k0", "host", "remote")
+    h.added([e])
+    poll(lambda: A in book.entries.get(b"k0", {}), "recorded")
+    h.dropped(e, e.copies.pop("host"))  # only the shared tier's copy is left: gone
+    poll(lambda: not book.entries[b"k0"], "removed")
+    h.touched(e, time.time())  # a lookup hits the shared copy: still not held here
+    found = entry(b"k1", "remote")  # found in the shared tier by a lookup, never local
+    h.touched(found, time.time())
+    h.added([entry(b"k2", "host")])  # a marker: written after anything queued before it
+    poll(lambda: A in book.entries.get(b"k2", {}), "marker recorded")
+    assert not book.entries[b"k0"] and b"k1" not in book.entries

@@ -105,8 +105,10 @@ class Holders:
             self._put([(True, e) for e in entries])
 
     def touched(self, entry: BlockEntry, now: float) -> None:
-        """A lookup hit `entry`: renew its entry if it is getting old."""
-        if self.holder and now - entry.advertised >= self._refresh_s:
+        """A lookup hit `entry`: renew its entry if it is getting old (only while a copy is
+        in the daemon's own tiers: one left only in a shared tier is not held here)."""
+        if (self.holder and now - entry.advertised >= self._refresh_s
+                and any(t in self._local for t in entry.copies)):  # fmt: skip
             entry.advertised = now
             self._put([(True, entry)])
 
