@@ -21,8 +21,9 @@ from tests.integration.test_remote_redis import block_for, chain, poll
 from tests.integration.test_tier_codecs import GROUP, reference
 from tests.integration.test_tier_stats import configured
 from tests.redis_cluster import Cluster, needs_redis, started
-from tierd.tiers.remote_value import header_bytes
+from tierd.tiers.remote_value import encode, header_bytes
 from tierd_client import AttendItem, KVLayout, TierdClient
+from tierd_client.errors import DataLoss
 from tierd_kernels.codecs import make_codec
 
 pytestmark = needs_redis
@@ -152,4 +153,29 @@ def test_a_value_naming_an_unknown_encoding_is_a_miss(
             rc.set(name, bytes(value))
         res = cl.get(ns, keys)
         assert res.found == [False, True]
+        assert cl.stats()["corrupt_reads"] == 1
+
+
+def test_attend_over_a_value_rewritten_in_another_encoding_drops_the_copy(
+    cluster: Cluster, spawn_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Another daemon wrote the block again, raw: an attend over this daemon's int8 copy
+    finds a header naming another encoding. The copy is lost (DATA_LOSS, dropped, counted
+    corrupt), never an internal error that every later attend repeats."""
+    daemon = daemon_with(spawn_daemon, cluster, "int8")
+    with TierdClient(daemon.address, tenant="it") as cl:
+        ns = cl.open_namespace("rewritten", LAY)
+        keys = cl.block_keys(ns, np.arange(2 * T))
+        cl.put(ns, keys, np.stack([block_for(k) for k in keys]))
+        assert cl.move(ns, keys, "remote") == 2
+        with cluster.client() as rc:
+            name = rkey(ns.id, keys[0])
+            data = block_for(keys[0]).tobytes()
+            rc.set(name, encode(ns.id, keys[0], data, xxhash.xxh3_64_intdigest(data), None,
+                                LAY.num_layers))  # fmt: skip
+        seq = cl.open_sequence(ns, keys)
+        q = np.ones((1, GROUP * 2, 64), dtype=np.float32)
+        with pytest.raises(DataLoss, match=keys[0].hex()):
+            cl.attend([AttendItem(seq, 0, q)], as_torch=False)
+        assert cl.locate(ns, keys) == [None, "remote"]
         assert cl.stats()["corrupt_reads"] == 1

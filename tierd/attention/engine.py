@@ -29,7 +29,7 @@ from tierd.attention.sequences import Sequence
 from tierd.core.catalog import plan_set_layer_sums
 from tierd.core.index import BlockEntry
 from tierd.errors import DataLoss, FailedPrecondition, Unavailable
-from tierd.tiers.base import Copy, Location
+from tierd.tiers.base import Copy, CopyLost, Location
 from tierd.tiers.checksum import checksum, layer_checksums
 from tierd.tiers.extents import align_up
 from tierd.transfer.encoding import RAW, codec_of, layer_shape
@@ -194,8 +194,13 @@ class AttentionEngine:
                 futures, views = inflight
                 inflight = ([], [])
                 _settle(futures)
-                for f in futures:
-                    f.result()  # a failed read raises here, once none is in flight
+                for (entry, copy), f in zip(step, futures):
+                    # A failed read raises here, once none is in flight; a copy its tier
+                    # lost (gone, or rewritten as other bytes or another encoding) is
+                    # dropped like a damaged one, or every later attend would hit it.
+                    if isinstance(f.exception(), CopyLost):
+                        self._corrupt(entry, copy)
+                    f.result()
                 if i + 1 < len(steps):
                     inflight = self._start_layer_reads(steps[i + 1], layer, (i + 1) % 2)
                 tensors = self._checked_layer(step, layer, views, encoding)
