@@ -119,3 +119,27 @@ def test_a_sequence_attends_no_more_once_its_adapter_is_dropped(harness: Harness
     svc.weights.drop(TENANT, "lora")
     with pytest.raises(FailedPrecondition, match="no longer held"):
         svc.attend.attend([AttendCall(seq, 0, q)])
+
+
+def test_a_tail_sealed_after_its_adapter_was_dropped_is_not_cached(harness: Harness,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    svc = harness.open()
+    base = _held(svc, tmp_path, "lora")
+    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora")
+    seq, _ = svc.attend.open_sequence(ns.id, [])
+    store = svc.store_block
+
+    def dropped_first(*args):  # type: ignore[no-untyped-def]
+        # The drop lands after this attend call was let in, before its full tail is cached.
+        svc.weights.drop(TENANT, "lora")
+        return store(*args)
+
+    svc.store_block = dropped_first  # type: ignore[method-assign]
+    t = LAYOUT.block_tokens
+    kv = torch.randn(LAYOUT.num_kv_heads, t, LAYOUT.head_dim)
+    q = torch.randn(1, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    for layer in range(LAYOUT.num_layers):
+        svc.attend.attend([AttendCall(seq, layer, q, kv, kv, tuple(range(t)) if layer == 0
+                                      else ())])  # fmt: skip
+    assert svc.adapters.count() == {}
+    assert len(svc.index) == 0

@@ -394,10 +394,14 @@ class CacheService:
     def store_block(self, ns: NamespaceInfo, key: bytes, data: memoryview) -> BlockEntry | None:
         """Cache one block made inside the daemon (a sealed tail), held for the caller.
 
-        Returns the entry with a reader reference taken, or None when host has no room.
+        Returns the entry with a reader reference taken, or None when host has no room
+        (or the namespace's adapter is gone).
         """
         with self.cond:
             entry = self.index.get(ns.id, key)
+            if entry is None and ns.adapter and not self.weights.sees(ns.tenant, ns.adapter):
+                # Its adapter went during this attend; a drop after this check sweeps the block.
+                return None
             if entry is None:
                 offset = self.placer.allocate_top(ns.tenant, ns.block_bytes)
                 if offset is None:
