@@ -12,7 +12,8 @@ named like the tier's block values (the tenant percent-encoded, the same hash ta
 namespace's entries share one slot, so a lookup's batch is one round trip to one node),
 and distinct from them ("held" is neither a hash tag nor a block key). Field: a daemon's
 address; value: when its entry expires (unix ms), so each daemon's entry ages on its own
-while the hash as a whole expires `ttl_ms` after its last write.
+while the hash as a whole expires with its longest-lived entry (PEXPIRE NX and GT: Redis
+7 or Valkey 7.2 and later).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class RedisHolderBook:
             pipe = client.pipeline(transaction=False)
             for rkey in sets:
                 pipe.hset(rkey, holder, expiry)
-                pipe.pexpire(rkey, ttl_ms)
+                # Set on a new hash, only lengthened on one another daemon renews: a daemon
+                # with a shorter TTL must not cut the others' entries short.
+                pipe.pexpire(rkey, ttl_ms, nx=True)
+                pipe.pexpire(rkey, ttl_ms, gt=True)
             for rkey in drops:
                 pipe.hdel(rkey, holder)
             pipe.execute()
