@@ -58,6 +58,12 @@ def test_a_directory_section_parses() -> None:
         ({"directory": "remote", "bulk": True}, "peers.directory"),
         ({"peers": ["h:1"], "token_file": "t", "directory_ttl_ms": 0}, "peers.directory_ttl_ms"),
         ({"listen": "h:1", "token_file": "t", "advertise": "0.0.0.0"}, "peers.advertise"),
+        ({"listen": "0.0.0.0:7001", "token_file": "t", "directory": "r"}, "peers.advertise"),
+        ({"listen": "[::]:7001", "token_file": "t", "directory": "r"}, "peers.advertise"),
+        (
+            {"listen": "h:1", "token_file": "t", "directory": "r", "advertise": "0.0.0.0:1"},
+            "peers.advertise",
+        ),
     ],
 )
 def test_bad_values_name_their_key(section: dict[str, object], key: str) -> None:

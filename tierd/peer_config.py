@@ -133,6 +133,11 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
     if cfg.directory and not (cfg.listen or cfg.peers):
         raise ConfigError("peers.directory", "needs peers.listen (to be named in it) or "
                           "peers.peers (to ask it)")  # fmt: skip
+    named = cfg.advertise or cfg.listen
+    if cfg.directory and named and host_port(named, "peers.advertise")[0] in ("0.0.0.0", "::"):
+        # Every interface is no address a peer can list: the entries would match no one.
+        raise ConfigError("peers.advertise", f"{named} binds every interface; name the "
+                          "HOST:PORT the other daemons list in their peers")  # fmt: skip
     tls = {"ca_file": cfg.ca_file, "cert_file": cfg.cert_file, "key_file": cfg.key_file}
     missing = [k for k, v in tls.items() if v is None]
     if missing and len(missing) < len(tls):
