@@ -189,3 +189,13 @@ def test_a_hit_on_a_block_held_only_in_a_shared_tier_is_not_advertised(
     h.added([entry(b"k2", "host")])  # a marker: written after anything queued before it
     poll(lambda: A in book.entries.get(b"k2", {}), "marker recorded")
     assert not book.entries[b"k0"] and b"k1" not in book.entries
+
+
+def test_a_block_from_before_a_restart_leaving_removes_its_entry(
+    book: Book, made: Callable[..., Holders]
+) -> None:
+    book.entries = {b"k0": {A: int(time.time() * 1000) + 60_000}}  # written before a restart
+    h = made()
+    e = entry(b"k0", "host")  # adopted at start: this run never advertised it
+    h.dropped(e, e.copies.pop("host"))  # evicted before any lookup hit it
+    poll(lambda: not book.entries[b"k0"], "its entry removed")

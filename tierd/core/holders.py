@@ -114,8 +114,8 @@ class Holders:
 
     def dropped(self, entry: BlockEntry, copy: Copy) -> None:
         """`copy` is gone; once no copy is left in the daemon's own tiers, neither is its
-        entry."""
-        if (not self.holder or not entry.advertised or copy.tier not in self._local
+        entry (even one this run never advertised: it may have been before a restart)."""
+        if (not self.holder or copy.tier not in self._local
                 or any(t in self._local for t in entry.copies)):  # fmt: skip
             return
         entry.advertised = 0.0
