@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.redis_cluster import Cluster, needs_redis, started
+from tests.redis_cluster import SERVERS, Cluster, needs_redis, started
 from tests.tiers.test_remote_redis import ns_of, open_tier
 from tierd.tiers.redis_holders import RedisHolderBook
 
@@ -18,9 +18,11 @@ pytestmark = needs_redis
 A, B = "10.0.0.1:7001", "10.0.0.2:7001"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    yield from started(Cluster, tmp_path_factory.mktemp("cluster"))
+@pytest.fixture(scope="module", params=SERVERS)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    yield from started(Cluster, tmp_path_factory.mktemp("cluster"), server=request.param)
 
 
 @pytest.fixture
