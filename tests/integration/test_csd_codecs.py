@@ -45,6 +45,11 @@ def worker_rows(daemon: DaemonProcess) -> dict[bytes, tuple[int, str]]:
         return {k: (n, e) for k, n, e in db.execute("SELECT key, nbytes, encoding FROM blocks")}
 
 
+def extent(nbytes: int) -> int:
+    """What a block of `nbytes` takes in a worker's shard (whole 4 KiB extents)."""
+    return -(-nbytes // 4096) * 4096
+
+
 def available(c: TierdClient) -> None:
     deadline = time.monotonic() + START_DEADLINE_S
     while not c.stats()["tiers"]["shards"]["available"]:
@@ -73,7 +78,7 @@ def test_csd_tier_stores_decodes_and_attends_on_codes(
 
         # Stored encoded: the tenant, the tier and the worker's rows all count codes.
         assert usage(c, "shards") == n * encoded
-        assert c.stats()["tiers"]["shards"]["used_bytes"] == n * encoded
+        assert c.stats()["tiers"]["shards"]["used_bytes"] == n * extent(encoded)
         rows = worker_rows(daemon)
         assert {rows[k] for k in keys} == {(encoded, codec)}
 
@@ -119,3 +124,24 @@ def test_csd_tier_stores_decodes_and_attends_on_codes(
         res = c.get(ns, keys[1:])
         assert all(res.found)
         assert [b.tobytes() for b in res.blocks] == [s.tobytes() for s in seen[1:]]
+
+
+def test_a_full_csd_tier_with_a_codec_evicts_to_make_room(
+    spawn_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """int8 codes of these blocks are 8704 bytes, which the worker keeps in 12 KiB extents:
+    the tier counts what the worker holds, so once that is full the daemon evicts from the
+    tier to demote more, and puts keep succeeding as they do on a raw CSD tier."""
+    body = ('[[tiers]]\nname = "mem"\nkind = "host"\ncapacity = "512KiB"\n\n'
+            '[[tiers]]\nname = "shards"\nkind = "csd"\ncapacity = "256KiB"\nworkers = 1\n'
+            'codec = "int8"\n')  # fmt: skip
+    daemon = configured(spawn_daemon(start=False), body)
+    daemon.start()
+    with TierdClient(daemon.address, tenant="it") as c:
+        available(c)
+        ns = c.open_namespace("csd-full", LAY)
+        keys = c.block_keys(ns, np.arange(64 * LAY.block_tokens))
+        for i in range(0, len(keys), 8):
+            c.put(ns, keys[i : i + 8], np.stack([block_for(k) for k in keys[i : i + 8]]))
+        tier = c.stats()["tiers"]["shards"]
+        assert 0 < tier["used_bytes"] <= tier["capacity_bytes"] and tier["evictions"] > 0

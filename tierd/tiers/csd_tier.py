@@ -4,7 +4,8 @@ A copy's location is the name of the worker holding it. Workers verify what they
 serve, and attend next to their blocks (`partial_attend`), so only a query and one partial
 result cross the wire. A tier with a codec gets its copies encoded (the transfer engine
 encodes; the worker stores, serves and attends over the codes, and records each block's
-encoding in its own catalog); space is counted in stored, encoded bytes. Space is accounted here per worker (each has `capacity` bytes);
+encoding in its own catalog); space is counted as the worker's extents of the stored,
+encoded bytes. Space is accounted here per worker (each has `capacity` bytes);
 drops are queued, never waited on, so the core may free copies under its lock.
 """
 
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tierd.config import TierSpec
 from tierd.tiers.base import BlockRef, Copy, CopyLost, Location, Tier
+from tierd.tiers.extents import align_up
+from tierd.tiers.io_backend import ALIGNMENT
 from tierd.tiers.registry import TierContext
 
 if TYPE_CHECKING:
@@ -83,10 +86,10 @@ class CsdTier(Tier):
 
     def _take(self, name: str, nbytes: int) -> None:
         with self._lock:
-            self._used[name] = self._used.get(name, 0) + nbytes
+            self._used[name] = self._used.get(name, 0) + _extent(nbytes)
 
     def reserve(self, tenant: str, nbytes: int) -> Location | None:
-        if self.used_bytes + nbytes > self._capacity:
+        if self.used_bytes + _extent(nbytes) > self._capacity:
             return None
         name = self.pool.pick(1)[0]
         self._take(name, nbytes)
@@ -157,3 +160,12 @@ class CsdTier(Tier):
             str(location), ns.id, ns.layout, [b.key for b in blocks], layer, q, scale or 0.0
         )
         return out, lse, missing
+
+
+def _extent(nbytes: int) -> int:
+    """Space a copy of `nbytes` (negative: given back) takes on its worker: the shard
+    allocates whole aligned extents (tierd.csd.shard). Codes are rarely a multiple of one,
+    and space counted by length would place blocks the worker then refuses, so the tier
+    would look free and never evict while demotions into it fail."""
+    size = align_up(max(abs(nbytes), 1), ALIGNMENT)
+    return size if nbytes >= 0 else -size
