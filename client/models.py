@@ -59,7 +59,7 @@ class AdapterInfo:
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
-    dependent_blocks: int  # KV blocks of namespaces naming it, when listed
+    dependent_blocks: int  # KV blocks of the caller's namespaces naming it, when listed
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def test_a_put_committed_after_its_adapter_was_dropped_leaves_no_kv(harness: Har
     svc.weights.drop(TENANT, "lora")  # its sweep finds nothing: the put is not visible yet
     with pytest.raises(FailedPrecondition, match="dropped or evicted"):
         svc.commit_put(lease)
-    assert svc.adapters.count() == {}
+    assert svc.adapters.count(TENANT) == {}
     assert all(svc.index.get(ns.id, k) is None for k in keys)
 
 
@@ -141,5 +141,5 @@ def test_a_tail_sealed_after_its_adapter_was_dropped_is_not_cached(harness: Harn
     for layer in range(LAYOUT.num_layers):
         svc.attend.attend([AttendCall(seq, layer, q, kv, kv, tuple(range(t)) if layer == 0
                                       else ())])  # fmt: skip
-    assert svc.adapters.count() == {}
+    assert svc.adapters.count(TENANT) == {}
     assert len(svc.index) == 0

@@ -150,15 +150,15 @@ def test_reclaim_deletes_the_cold_adapters_kv_before_the_adapter(books: Books,
         book.reclaim(1)
         assert books.events == [("free", b"k1"), ("free", b"k2"), ("evict", cold[0:4])]
         assert [v.registration.name for v in reg.list("t")] == ["base", "lora1"]
-        assert book.count() == {hot: 1}
+        assert book.count("t") == {hot: 1}
         assert not reg.sees("t", cold) and reg.sees("t", hot)
         with pytest.raises(ResourceExhausted):  # the one left is hot
             book.reclaim(1)
-        assert book.count(hot) == {hot: 1}
+        assert book.count("t") == {hot: 1}
         # A drop is no eviction: the adapter goes at once, and its KV with it.
         books.events.clear()
         reg.drop("t", "lora1")
-        assert books.events == [("free", b"h1")] and book.count() == {}
+        assert books.events == [("free", b"h1")] and book.count("t") == {}
     finally:
         reg.close()
 

@@ -171,7 +171,9 @@ def test_a_shared_adapter_unshared_or_dropped_takes_the_kv_of_other_tenants(daem
         _fill(user, ns)
         mine = owner.open_namespace(base.fingerprint, LAYOUT, adapter="pub")
         _fill(owner, mine)
-        assert owner.model_info("pub").adapter.dependent_blocks == 8  # type: ignore[union-attr]
+        # Each tenant counts its own KV only: the user's 4 blocks are not the owner's to see.
+        assert owner.model_info("pub").adapter.dependent_blocks == 4  # type: ignore[union-attr]
+        assert user.model_info("pub").adapter.dependent_blocks == 4  # type: ignore[union-attr]
         # Registered again unshared: the other tenant's KV goes, the owner's stays.
         owner.register_adapter(str(tmp_path / "lora"), "base", name="pub")
         with pytest.raises(FailedPrecondition):

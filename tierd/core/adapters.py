@@ -1,7 +1,7 @@
 """LoRA adapters and the KV that depends on them: which adapter is kept, which KV goes first.
 
 Primitives: `AdapterBook(directory, weights)` (`open(tenant, adapter, model)`,
-`count(fingerprint=None) -> {fingerprint: blocks}`, `reclaim(need)`, `sweep()`),
+`count(tenant) -> {fingerprint: blocks}`, `reclaim(need)`, `sweep()`),
 `dependents(directory, fingerprint=None) -> {fingerprint: blocks}`,
 `reclaim_order(adapters, dependents, need, top) -> [(fingerprint, blocks)]`,
 `is_hot(entry, top)`.
@@ -64,18 +64,21 @@ def is_hot(entry: BlockEntry, top: str) -> bool:
     return top in entry.copies or entry.pinned or not entry.idle
 
 
-def dependents(directory: Directory, fingerprint: str | None = None,
+def dependents(directory: Directory, fingerprint: str | None = None, tenant: str | None = None,
                ) -> dict[str, list[BlockEntry]]:  # fmt: skip
-    """Blocks that depend on each adapter (or on `fingerprint` only); the caller holds
-    the directory's lock."""
+    """Blocks that depend on each adapter (or on `fingerprint` only; of `tenant`'s
+    namespaces only, when given); the caller holds the directory's lock."""
     out: dict[str, list[BlockEntry]] = {}
-    if not any(ns.adapter and fingerprint in (None, ns.adapter)
-               for ns in directory.index.namespaces.values()):  # fmt: skip
+
+    def wanted(ns: NamespaceInfo) -> bool:
+        return bool(ns.adapter) and fingerprint in (None, ns.adapter) and tenant in (
+            None, ns.tenant)
+
+    if not any(wanted(ns) for ns in directory.index.namespaces.values()):
         return out  # the usual case: no block to look at
     for entry in directory.index.entries():
-        fp = entry.ns.adapter
-        if fp and (fingerprint is None or fp == fingerprint) and not entry.deleted:
-            out.setdefault(fp, []).append(entry)
+        if wanted(entry.ns) and not entry.deleted:
+            out.setdefault(entry.ns.adapter, []).append(entry)
     return out
 
 
@@ -125,11 +128,12 @@ class AdapterBook:
         """The fingerprint a new namespace of `model` names for `adapter` ("": none)."""
         return self.weights.adapter_for(tenant, adapter, model) if adapter else ""
 
-    def count(self, fingerprint: str | None = None) -> dict[str, int]:
-        """Blocks that depend on each adapter (or on `fingerprint`) now. Takes the
-        directory's lock."""
+    def count(self, tenant: str) -> dict[str, int]:
+        """Blocks of `tenant`'s namespaces that depend on each adapter now: a shared
+        adapter's users never learn how much KV the others hold. Takes the directory's
+        lock."""
         with self.directory.cond:
-            return {fp: len(v) for fp, v in dependents(self.directory, fingerprint).items()}
+            return {fp: len(v) for fp, v in dependents(self.directory, tenant=tenant).items()}
 
     def reclaim(self, need: int) -> None:
         """Free `need` bytes of `[weights] capacity` by rule 3 (the registry calls it, without

@@ -96,7 +96,7 @@ class ModelsServicer:
         segment = pb.ShmSegment(host_id=host_id())
         if self.handoff is not None:
             segment.handoff = str(self.handoff.path)
-        counts = self.svc.adapters.count() if any(v.manifest.adapter for v in views) else {}
+        counts = self.svc.adapters.count(tenant) if any(v.manifest.adapter for v in views) else {}
         infos = [model_info(v, request.tensors, counts.get(v.registration.fingerprint, 0))
                  for v in views]  # fmt: skip
         return pb.ListModelsResponse(models=infos, segment=segment)
