@@ -27,7 +27,15 @@ from pathlib import Path
 
 from tierd.errors import InvalidArgument, NotFound
 from tierd.weights.area import AdapterMeta, Manifest
-from tierd.weights.sources import DTYPES, Source, _read_config, _safetensors, _stat, resolve_dtype
+from tierd.weights.sources import (
+    DTYPES,
+    Source,
+    _read_config,
+    _safetensors,
+    _stat,
+    resolve_dtype,
+    within,
+)
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
@@ -56,8 +64,9 @@ def _bad(path: Path, why: str) -> InvalidArgument:
     return InvalidArgument(f"{path} is not a LoRA adapter tierd can hold: {why}", field="path")
 
 
-def open_adapter(path: Path, dtype: str) -> Source:
-    """The adapter in the PEFT directory `path` (absolute); its config is the adapter's."""
+def open_adapter(path: Path, dtype: str, roots: tuple[Path, ...] = ()) -> Source:
+    """The adapter in the PEFT directory `path` (absolute), read only from files inside
+    `roots` (`sources.within`); its config is the adapter's."""
     dtype = resolve_dtype(dtype)
     if not path.is_absolute():
         raise InvalidArgument(f"{path} is not an absolute path", field="path")
@@ -67,10 +76,11 @@ def open_adapter(path: Path, dtype: str) -> Source:
     for name in (CONFIG, TENSORS):
         if not (root / name).is_file():
             raise _bad(path, f"it has no {name}")
-    source = _safetensors(root, [root / TENSORS], None, dtype)
+    config, tensors = within(roots, [root / CONFIG, root / TENSORS])
+    source = _safetensors(root, [tensors], None, dtype)
     try:
-        source.config_json = _read_config(root / CONFIG)
-        source.stamp.append(_stat(root / CONFIG))
+        source.config_json = _read_config(config)
+        source.stamp.append(_stat(config))
     except BaseException:
         source.close()
         raise

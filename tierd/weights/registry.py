@@ -45,7 +45,7 @@ from tierd.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 from tierd.weights import area
 from tierd.weights.adapters import describe, open_adapter
 from tierd.weights.area import Manifest
-from tierd.weights.sources import open_source, resolve_dtype
+from tierd.weights.sources import open_source, resolve_dtype, within
 
 log = logging.getLogger("tierd.weights")
 
@@ -174,11 +174,7 @@ class ModelRegistry:
         if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or "\0" in path:
             raise InvalidArgument("path too long or not a path", field="path")
         p = Path(path)
-        if self.roots:
-            real = p.resolve()
-            if not any(real == r or r in real.parents for r in self.roots):
-                raise FailedPrecondition(f"{path} lies outside the directories weights.roots "
-                                         "names", field="path")  # fmt: skip
+        within(self.roots, [p])
         return p
 
     def register(self, tenant: str, path: str, dtype: str, name: str, shared: bool,
@@ -209,9 +205,9 @@ class ModelRegistry:
                 except NotFound:
                     raise NotFound(f"no model {base_model!r} to adapt (register it first)",
                                    field="base_model") from None  # fmt: skip
-            source = open_adapter(p, asked)
+            source = open_adapter(p, asked, self.roots)
         else:
-            source = open_source(p, asked)
+            source = open_source(p, asked, self.roots)
         try:
             if base_model:
                 meta = describe(source, base)

@@ -101,9 +101,24 @@ def _stat(path: Path) -> list[Any]:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-def open_source(path: Path, dtype: str) -> Source:
+def within(roots: tuple[Path, ...], paths: list[Path]) -> list[Path]:
+    """`paths` resolved, each inside one of `roots` (no roots: anywhere). Every file a
+    model is read from passes here, so a symlink placed in an allowed directory cannot
+    make the daemon read (and map to a client) a file outside them."""
+    out = []
+    for p in paths:
+        real = p.resolve()
+        if roots and not any(real == r or r in real.parents for r in roots):
+            raise FailedPrecondition(f"{p} lies outside the directories weights.roots names",
+                                     field="path")  # fmt: skip
+        out.append(real)
+    return out
+
+
+def open_source(path: Path, dtype: str, roots: tuple[Path, ...] = ()) -> Source:
     """The model at `path` (absolute), with its float tensors to become `dtype` ("":
-    the default above). Errors say what is wrong with the path."""
+    the default above), read only from files inside `roots` (see `within`). Errors say
+    what is wrong with the path."""
     dtype = resolve_dtype(dtype)
     if not path.is_absolute():
         raise InvalidArgument(f"{path} is not an absolute path", field="path")
@@ -123,12 +138,18 @@ def open_source(path: Path, dtype: str) -> Source:
         if len(files) > MAX_FILES:
             raise InvalidArgument(f"{path} holds more than {MAX_FILES} files", field="path")
         config = resolved / "config.json"
-        return _safetensors(resolved, files, config if config.is_file() else None, dtype)
+        has_config = config.is_file()
+        files = within(roots, files + [config] if has_config else files)
+        return _safetensors(resolved, files[:-1] if has_config else files,
+                            files[-1] if has_config else None, dtype)  # fmt: skip
+    (resolved,) = within(roots, [resolved])
     head = _read_head(resolved, 8)
     if head[:4] == b"GGUF":
         return _gguf(resolved, dtype or "bfloat16")
     config = resolved.parent / "config.json"
-    return _safetensors(resolved, [resolved], config if config.is_file() else None, dtype)
+    if not config.is_file():
+        return _safetensors(resolved, [resolved], None, dtype)
+    return _safetensors(resolved, [resolved], within(roots, [config])[0], dtype)
 
 
 def _read_head(path: Path, n: int) -> bytes:
