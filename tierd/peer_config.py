@@ -13,7 +13,8 @@ so it is required as soon as either side is configured. `ca_file`, `cert_file` a
 `directory` names a `redis` tier of `[[tiers]]` whose cluster keeps the prefix directory
 (`tierd.core.holders`): which daemon holds which blocks, each entry valid for
 `directory_ttl_ms`. A daemon records itself there under `advertise` (default: `listen`),
-the address the others list in their `peers`.
+the address the others list in their `peers` (so not 0.0.0.0 or [::], which name
+no one).
 
 `bulk = true` lets remote clients (on other hosts) get and put blocks through the same
 transfer engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service,
