@@ -170,8 +170,9 @@ class BulkPath:
                     found = self._read(engine, resp, keys, base, bb)
                     for i, b in enumerate(resp.blocks):
                         if b.found and _checksum(flat[i * bb : (i + 1) * bb]) != b.checksum:
-                            raise DataLoss(f"block {i} read through the transfer engine does "
-                                           "not match its checksum", field=f"blocks[{i}]")  # fmt: skip
+                            raise DataLoss(f"block {i} read through the transfer engine "
+                                           "does not match its checksum",
+                                           field=f"blocks[{i}]")  # fmt: skip
                 except BaseException:
                     if resp.lease_id:
                         self.client._release_quietly(resp.lease_id)

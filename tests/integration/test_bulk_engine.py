@@ -44,7 +44,8 @@ def _config(base: Path, *, bulk: bool) -> str:
     )
     peers = '[peers]\nbulk = true\nengine_hostname = "127.0.0.1"\n' if bulk else ""
     return (f'data_dir = "{base}/data"\n[server]\nlisten = ["unix:{base}/s.sock"]\n'
-            f'[host]\ncapacity = "256MiB"\n[nvme]\ncapacity = "256MiB"\n{peers}{tenants}')  # fmt: skip
+            '[host]\ncapacity = "256MiB"\n[nvme]\ncapacity = "256MiB"\n'
+            f"{peers}{tenants}")  # fmt: skip
 
 
 def _serve(base: Path, *, bulk: bool) -> tuple[subprocess.Popen[bytes], str]:

@@ -97,7 +97,8 @@ class Bulk:
             # Gone already: a TTL shorter than the promotion took.
             if not isinstance(lease, GetLease):
                 raise FailedPrecondition("the get lease expired before it was handed out; "
-                                         "ask for a longer lease_ttl_ms", field="lease_ttl_ms")  # fmt: skip
+                                         "ask for a longer lease_ttl_ms",
+                                         field="lease_ttl_ms")  # fmt: skip
             entries = iter(lease.entries)
             for i, slot in enumerate(got.slots):
                 if not slot.found:
@@ -161,12 +162,14 @@ class Bulk:
             reads = [(base + off, source.address + i * bb, bb) for i, off in offsets.items()]
             if not self.engine.read(source.engine_address, reads):
                 raise Unavailable(f"reading {len(reads)} blocks from the client's engine at "
-                                  f"{source.engine_address} failed", field="engine.address")  # fmt: skip
+                                  f"{source.engine_address} failed",
+                                  field="engine.address")  # fmt: skip
             for i, off in offsets.items():
                 digest = checksum(top.view(ns.tenant, off, bb))
                 if digest != checksums[i]:
                     raise DataLoss(f"block {i} read from the client's buffer does not match "
-                                   "its checksum; nothing stored", field=f"checksums[{i}]")  # fmt: skip
+                                   "its checksum; nothing stored",
+                                   field=f"checksums[{i}]")  # fmt: skip
                 placed.append((keys[i], Copy(top.name, off, bb, digest)))
         except BaseException:
             with svc.cond:

@@ -2,7 +2,8 @@
 only (`tierd.core.bulk` decides).
 
 Primitives: `BulkServicer` (a mixin of `TierdServicer`: it uses `self.svc`, `_ns`,
-`_tier` and `shape_of`), `bulk_engine(service) -> pb.BulkEngine | None` (what OpenNamespace announces).
+`_tier` and `shape_of`), `bulk_engine(service) -> pb.BulkEngine | None` (what
+OpenNamespace announces).
 
 Tenant checks are the in-band calls': the namespace must be the caller's, and the lease a
 BulkGet opens is ended by the ordinary Release, which checks its owner.
