@@ -13,13 +13,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.integration.conftest import DaemonProcess
 from tests.integration.test_peers import TOKEN, put_prefix
-from tests.integration.test_remote_redis import LAY, T
+from tests.integration.test_remote_redis import LAY, T, chain, poll
 from tests.integration.test_tier_stats import configured
 from tests.mooncake_master import needs_mooncake
 from tierd_client import TierdClient
@@ -150,3 +151,66 @@ def test_a_client_in_another_namespace_gets_and_puts_through_the_engine(
         res = c.get(ns, all_keys[3:])
         assert res.found == [True] * 3 and res.blocks.tobytes() == more.tobytes()
         assert c.stats()["active_leases"] == 0
+
+
+REDIS_PORT = 7002
+
+
+def _in(ns: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=False, capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+
+
+@pytest.fixture
+def cluster_in_a(namespaces: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A one-master Redis cluster (every slot) in A's namespace, bound to A's address only:
+    B reaches it over the veth pair, as another host reaches a cluster node."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.skip("needs redis-server and redis-cli")
+    (ns_a, addr_a), _ = namespaces.items()
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns_a, server, "--port", str(REDIS_PORT), "--bind", addr_a,
+         "--dir", str(tmp_path), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+         "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+         "--cluster-announce-ip", addr_a, "--logfile", str(tmp_path / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ask = (ns_a, cli, "-h", addr_a, "-p", str(REDIS_PORT))
+        poll(lambda: _in(*ask, "PING").stdout.strip() == "PONG", "redis-server in A's namespace")
+        assert _in(*ask, "CLUSTER", "ADDSLOTSRANGE", "0", "16383").stdout.strip() == "OK"
+        poll(lambda: "cluster_state:ok" in _in(*ask, "CLUSTER", "INFO").stdout, "cluster ok")
+        yield f"{addr_a}:{REDIS_PORT}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_two_hosts_share_a_prefix_through_a_redis_cluster(
+    spawn_daemon: Callable[..., DaemonProcess], namespaces: dict[str, str], cluster_in_a: str
+) -> None:
+    """No peers: A writes its blocks through to the cluster; B, on the other side of the
+    link, finds the prefix there and reads it byte-exact."""
+    (ns_a, _), (ns_b, _) = namespaces.items()
+    daemons = []
+    for ns, write in ((ns_a, "through"), (ns_b, "")):
+        remote = {"write": write} if write else {}
+        d = configured(spawn_daemon(start=False), chain([cluster_in_a], **remote))
+        d.cmd[:0] = ["ip", "netns", "exec", ns]
+        d.start()
+        daemons.append(d)
+    a, b = daemons
+    tokens = np.arange(6 * T + 5) + 900
+    with TierdClient(a.address, tenant="it") as ca, TierdClient(b.address, tenant="it") as cb:
+        ns = ca.open_namespace("netns-shared", LAY)
+        keys = ca.block_keys(ns, tokens)
+        blocks = np.random.default_rng(3).standard_normal((6, *LAY.block_shape),
+                                                          dtype=np.float32)  # fmt: skip
+        assert ca.put(ns, keys, blocks) == ["stored"] * 6
+        poll(lambda: ca.stats()["tiers"]["remote"]["blocks"] == 6, "write-through copies")
+        nsb = cb.open_namespace("netns-shared", LAY)
+        assert cb.lookup(nsb, tokens).cached_tokens == 6 * T
+        got = cb.get(nsb, keys)
+        assert got.found == [True] * 6 and got.blocks.tobytes() == blocks.tobytes()
+        assert cb.stats()["corrupt_reads"] == 0
