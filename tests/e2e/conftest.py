@@ -39,7 +39,8 @@ class Daemon:
     """`python -m tierd serve` in a temporary directory (stderr kept in a file). `sizes`:
     pass the host and NVMe sizes on the command line (off for a config with [[tiers]])."""
 
-    def __init__(self, *extra: str, sizes: bool = True) -> None:
+    def __init__(self, *extra: str, sizes: bool = True, netns: str = "") -> None:
+        """`netns`: run it in that network namespace (its unix socket stays reachable)."""
         # Not pytest's tmp_path: unix socket paths are limited to 107 bytes.
         self.base = Path(tempfile.mkdtemp(prefix="tierd-e2e-"))
         self.address = f"unix:{self.base}/tierd.sock"
@@ -48,6 +49,8 @@ class Daemon:
                "--data-dir", str(self.base / "data"), *extra]  # fmt: skip
         if sizes:
             cmd += ["--host-capacity", "512MiB", "--nvme-capacity", "2GiB"]
+        if netns:
+            cmd[:0] = ["ip", "netns", "exec", netns]
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         self._wait_serving()

@@ -6,7 +6,8 @@ blocks on B must be byte-exact with A's.
 
 A short prompt and 16 new tokens keep it to a few seconds past the model's load. Needs
 the model's requirements (tests/e2e/conftest.py), the transfer engine (mooncake extra),
-and for the shared tier redis-server and redis-py; skips without them.
+and for the shared tier redis-server and redis-py; skips without them. The network
+namespace case needs `ip netns` (CAP_NET_ADMIN) and skips without it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Daemon, Loaded, chat_ids, reference
+from tests.integration.test_peers_netns import namespaces  # noqa: F401  (a fixture)
 from tests.mooncake_master import free_port, needs_mooncake
 from tests.redis_cluster import HAVE_REDIS, Cluster, started
 from tierd_client import TierdClient
@@ -106,6 +108,30 @@ def test_b_decodes_from_a_prefill_pulled_peer_to_peer(
         b = Daemon("--config", _config(config_dir, "b", _peers(config_dir, peers=[where])))
         try:
             with _carry(smollm2, a, b, ids, want, "p2p") as cb:
+                peer = cb.stats()["peers"][where]
+                assert peer["blocks"] >= (len(ids) - 1) // BLOCK_TOKENS and peer["errors"] == 0
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+def test_b_in_another_network_namespace_decodes_from_a_prefill_pulled_over_the_link(
+    smollm2: Loaded, case: tuple[list[int], list[int]], config_dir: Path,
+    namespaces: dict[str, str],  # noqa: F811  (the imported fixture)
+) -> None:
+    """As above, with A and B in two network namespaces joined by a veth pair: the Peer
+    call and the transfer engine's reads cross the link, as between two hosts."""
+    ids, want = case
+    (ns_a, addr_a), (ns_b, addr_b) = namespaces.items()
+    where = f"{addr_a}:{free_port()}"
+    a = Daemon("--config", _config(config_dir, "a", _peers(
+        config_dir, listen=where, engine_hostname=addr_a)), netns=ns_a)  # fmt: skip
+    try:
+        b = Daemon("--config", _config(config_dir, "b", _peers(
+            config_dir, peers=[where], engine_hostname=addr_b)), netns=ns_b)  # fmt: skip
+        try:
+            with _carry(smollm2, a, b, ids, want, "p2p-netns") as cb:
                 peer = cb.stats()["peers"][where]
                 assert peer["blocks"] >= (len(ids) - 1) // BLOCK_TOKENS and peer["errors"] == 0
         finally:
