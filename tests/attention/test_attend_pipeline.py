@@ -92,3 +92,37 @@ def test_damage_in_a_later_step_fails_and_leaves_no_read_running(core, events):
     assert events == [("read", 1), ("read", 1), ("reduce", 1), ("read", 1), ("reduce", 1),
                       ("read", 1)]  # fmt: skip
     svc.attend.close_sequence(seq_id)
+
+
+def test_an_io_error_reading_a_layer_drops_that_copy_as_damaged(core, monkeypatch):
+    """A disk that fails a layer's read (EIO) is treated as a get treats it: the copy is
+    dropped and the call fails with DATA_LOSS naming the block, never INTERNAL, and the
+    next attend no longer reads that copy."""
+    import errno
+    from concurrent.futures import Future
+
+    svc = core
+    lay = layout("float32")
+    ns, keys, _, _ = put_blocks(svc, lay, 3, seed=14)
+    assert svc.move(ns.id, keys, "nvme") == len(keys)
+    seq_id, _ = svc.attend.open_sequence(ns.id, keys)
+    nvme = svc.tiers.get("nvme")
+    victim = svc.index.get(ns.id, keys[1])
+    bad = victim.copies["nvme"].location
+    read_range = nvme.read_range
+
+    def failing(block, copy, start, out):
+        if copy.location == bad:
+            f: Future[None] = Future()
+            f.set_exception(OSError(errno.EIO, "Input/output error"))
+            return f
+        return read_range(block, copy, start, out)
+
+    monkeypatch.setattr(nvme, "read_range", failing)
+    before = svc.counters.corrupt_reads
+    with pytest.raises(DataLoss) as e:
+        attend(svc, seq_id, 0)
+    assert keys[1].hex() in e.value.message
+    assert "nvme" not in victim.copies
+    assert svc.counters.corrupt_reads == before + 1
+    svc.attend.close_sequence(seq_id)

@@ -196,9 +196,10 @@ class AttentionEngine:
                 _settle(futures)
                 for (entry, copy), f in zip(step, futures):
                     # A failed read raises here, once none is in flight; a copy its tier
-                    # lost (gone, or rewritten as other bytes or another encoding) is
-                    # dropped like a damaged one, or every later attend would hit it.
-                    if isinstance(f.exception(), CopyLost):
+                    # lost (gone, or rewritten as other bytes or another encoding) or could
+                    # not read (an I/O error of local storage) is dropped like a damaged
+                    # one, as a whole read's failure is, or every later attend would hit it.
+                    if isinstance(f.exception(), (OSError, CopyLost)):
                         self._corrupt(entry, copy)
                     f.result()
                 if i + 1 < len(steps):
