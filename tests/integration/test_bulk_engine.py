@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from tierd_client import (
     FailedPrecondition,
     InvalidArgument,
     KVLayout,
+    ResourceExhausted,
     TierdClient,
+    Unavailable,
 )
 from tierd_client._proto import tierd_pb2 as pb
 
@@ -36,7 +40,7 @@ LAY = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16", blo
 BB = LAY.block_bytes  # 2 MiB
 
 
-def _config(base: Path, *, bulk: bool) -> str:
+def _config(base: Path, *, bulk: bool, extra: str = "") -> str:
     tenants = "".join(
         f'[[tenants]]\nname = "{name}"\n'
         f'token_sha256 = "{hashlib.sha256(tok.encode()).hexdigest()}"\n'
@@ -45,12 +49,12 @@ def _config(base: Path, *, bulk: bool) -> str:
     peers = '[peers]\nbulk = true\nengine_hostname = "127.0.0.1"\n' if bulk else ""
     return (f'data_dir = "{base}/data"\n[server]\nlisten = ["unix:{base}/s.sock"]\n'
             '[host]\ncapacity = "256MiB"\n[nvme]\ncapacity = "256MiB"\n'
-            f"{peers}{tenants}")  # fmt: skip
+            f"{extra}{peers}{tenants}")  # fmt: skip
 
 
-def _serve(base: Path, *, bulk: bool) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(base: Path, *, bulk: bool, extra: str = "") -> tuple[subprocess.Popen[bytes], str]:
     cfg = base / "tierd.toml"
-    cfg.write_text(_config(base, bulk=bulk))
+    cfg.write_text(_config(base, bulk=bulk, extra=extra))
     with (base / "log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", str(cfg)],
                                 stderr=log)  # fmt: skip
@@ -224,6 +228,58 @@ def test_a_daemon_without_an_engine_is_served_in_band() -> None:
                 c.open_namespace("bulk/none", LAY)
             assert err2.value.field == "bulk"
         finally:
+            proc.terminate()
+            proc.wait(30)
+            for seg in segments_of(Path(d) / "data"):
+                seg.unlink(missing_ok=True)
+
+
+def test_a_put_held_in_its_engine_read_counts_as_a_lease() -> None:
+    """A BulkPut whose client engine does not answer holds memory-tier room until the read
+    gives up; it counts against the tenant's lease limits meanwhile, and leaves nothing
+    once it failed."""
+    with tempfile.TemporaryDirectory(prefix="bulk-") as d:
+        extra = "[limits]\nmax_leases_per_tenant = 1\n"
+        proc, address = _serve(Path(d), bulk=True, extra=extra)
+        # An "engine" that accepts the daemon's connection and never answers.
+        hung = socket.create_server(("127.0.0.1", 0))
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.append(hung.accept()[0]), daemon=True).start()
+        failed: list[BaseException] = []
+        try:
+            data, keys = blocks(2, 6), keys_of("held", 2)
+            with remote(address, bulk="inband") as c:
+                ns = c.open_namespace("bulk/held", LAY)
+                used = c.stats()["tiers"]["host"]["used_bytes"]
+                put = pb.BulkPutRequest(
+                    namespace_id=ns.id, keys=keys[:1], shape=pb.BlockShape(
+                        dims=list(LAY.block_shape), dtype=pb.DTYPE_FLOAT16),
+                    engine=pb.BulkEngine(address=f"127.0.0.1:{hung.getsockname()[1]}",
+                                         protocol="tcp"),
+                    buffer_address=1 << 20, buffer_length=BB, checksums=[0])  # fmt: skip
+
+                def held_put() -> None:
+                    try:
+                        c._unary("BulkPut", put)
+                    except BaseException as e:  # noqa: BLE001 - examined below
+                        failed.append(e)
+
+                t = threading.Thread(target=held_put)
+                t.start()
+                poll(lambda: bool(accepted), "the daemon connects to the client's engine")
+                with pytest.raises(ResourceExhausted) as err:
+                    c.put(ns, keys[1:], data[1:])
+                assert err.value.field == "limits.max_leases_per_tenant"
+                accepted[0].close()
+                t.join(60)
+                assert len(failed) == 1 and isinstance(failed[0], Unavailable)
+                assert c.locate(ns, keys) == [None, None]
+                assert c.stats()["tiers"]["host"]["used_bytes"] == used
+                assert c.put(ns, keys[1:], data[1:]) == ["stored"]
+        finally:
+            for conn in accepted:
+                conn.close()
+            hung.close()
             proc.terminate()
             proc.wait(30)
             for seg in segments_of(Path(d) / "data"):

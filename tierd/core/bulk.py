@@ -40,6 +40,7 @@ from tierd.tiers.checksum import checksum
 from tierd.transfer.p2p import PeerEngine
 
 if TYPE_CHECKING:
+    from tierd.core.index import NamespaceInfo
     from tierd.core.service import CacheService
 
 _ADDRESS_END = 1 << 64
@@ -79,6 +80,10 @@ class Bulk:
         top = service.top
         assert isinstance(top, MemoryTier), "the first tier is the memory clients map"
         self._top: MemoryTier = top
+        # Puts between their reservation and their commit, as the tenant's lease limits
+        # count them (they hold room as a put lease does): id -> (tenant, bytes). Under cond.
+        self.held: dict[int, tuple[str, int]] = {}
+        self._next_hold = 0
 
     def _segment_address(self, tenant: str) -> int:
         """The tenant's memory-tier segment, registered with the engine; its address."""
@@ -156,6 +161,23 @@ class Bulk:
                 for offset in offsets.values():
                     top.release(ns.tenant, offset, bb)
                 raise
+            self._next_hold += 1
+            hold = self._next_hold
+            if offsets:
+                self.held[hold] = (ns.tenant, len(offsets) * bb)
+        try:
+            return self._fill(ns, keys, source, checksums, offsets)
+        finally:
+            with svc.cond:
+                self.held.pop(hold, None)
+                svc.cond.notify_all()
+
+    def _fill(
+        self, ns: NamespaceInfo, keys: Sequence[bytes], source: Source,
+        checksums: Sequence[int], offsets: dict[int, int],
+    ) -> list[str]:  # fmt: skip
+        """Read the reserved blocks from the client, check and commit them."""
+        svc, bb, top = self.svc, ns.block_bytes, self._top
         placed: list[tuple[bytes, Copy]] = []
         try:
             base = self._segment_address(ns.tenant)

@@ -135,6 +135,11 @@ def _held_by(svc: CacheService, tenant: str) -> tuple[int, int]:
             held += len(lease.slots) * lease.ns.block_bytes
         else:
             held += sum(e.nbytes for e in lease.entries)
+    if svc.bulk is not None:  # transfer-engine puts under way hold room as put leases do
+        for owner, nbytes in svc.bulk.held.values():
+            if owner == tenant:
+                count += 1
+                held += nbytes
     return count, held
 
 
