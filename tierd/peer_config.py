@@ -20,6 +20,8 @@ no one).
 transfer engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service,
 under its tenant checks); it needs no secret, since no `Peer` call is involved. The
 engine's port then exposes the memory tier to whoever reaches it: trusted hosts only.
+A tenant naming an engine address that never answers stalls the engine's reads for every
+tenant and peer about a minute per put (`tierd.core.bulk`): trusted tenants only, too.
 """
 
 from __future__ import annotations

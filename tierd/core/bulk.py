@@ -16,6 +16,15 @@ and named (block i at `address + i * block_bytes`), into room it reserved in its
 memory tier, and nothing is visible before every block matched its checksum. An engine's
 port exposes its registered memory to whoever can reach it, so it must be reachable by
 trusted hosts only (the README says so).
+
+A put's read has no deadline of its own: Mooncake gives up on a transfer that makes no
+progress for 30 s, and on a first contact (the handshake with an engine address it has
+not reached before) that gets no answer for 60 s. While such a handshake waits, every
+other read of this daemon's engine waits behind it (other tenants' puts, pulls from peer
+daemons), so one tenant naming an address that accepts and never answers stalls them for
+a minute per call; a client engine that keeps trickling bytes holds its own call's
+thread longer. `bulk = true` therefore suits tenants trusted not to do that. Until the
+read ends, the reserved room counts against the tenant's lease limits.
 """
 
 from __future__ import annotations
