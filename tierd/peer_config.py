@@ -19,7 +19,9 @@ no one).
 `bulk = true` lets remote clients (on other hosts) get and put blocks through the same
 transfer engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service,
 under its tenant checks); it needs no secret, since no `Peer` call is involved. The
-engine's port then exposes the memory tier to whoever reaches it: trusted hosts only.
+engine's port then exposes the memory tier to whoever reaches it, for reading and for
+writing, every tenant's segment (the engine checks no identity): trusted hosts only, and
+tenants on them are not isolated from each other.
 A tenant naming an engine address that never answers stalls the engine's reads for every
 tenant and peer about a minute per put (`tierd.core.bulk`): trusted tenants only, too.
 """

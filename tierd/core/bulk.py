@@ -15,7 +15,11 @@ daemon reads, from `[address, address + length)` only, the range the client regi
 and named (block i at `address + i * block_bytes`), into room it reserved in its own
 memory tier, and nothing is visible before every block matched its checksum. An engine's
 port exposes its registered memory to whoever can reach it, so it must be reachable by
-trusted hosts only (the README says so).
+trusted hosts only (the README says so): Mooncake checks no identity, and whoever reaches
+it can read and also write (`batch_transfer_sync_write`) every registered byte, every
+tenant's memory-tier segment alike. With `bulk` the client hosts reach it, so the tenant
+checks of BulkGet/BulkPut bound honest clients only; tenants that do not trust each other
+are not isolated from one another on a daemon with `bulk = true`.
 
 A put's read has no deadline of its own: Mooncake gives up on a transfer that makes no
 progress for 30 s, and on a first contact (the handshake with an engine address it has
