@@ -2,6 +2,7 @@
 and a checker compares every answer with what was committed.
 
     python tools/chaos.py --seconds 60 --seed 1 --json out.json [--clients 3] [--host-durable]
+                          [--base DIR] [--keep]
 
 Needs root: the daemon's data dir (catalog, NVMe file, two local CSD workers' shards) lives
 on a small tmpfs mounted for the run, so they can meet a full disk. The host tier is small,
@@ -25,7 +26,8 @@ required at the end when, besides, a move to "nvme" or "csd" acknowledged it (ev
 committed block with --host-durable) and no flip hit its extent: flips are mapped to blocks
 through the catalogs (read only) as they are just before, just after and for a few seconds
 after each flip. After the faults stop the daemon is restarted cleanly (SIGTERM); a
-required block missing then is lost.
+required block missing then is lost; the figures give what each lost key went through
+(puts, moves and flips, with times), and --keep leaves the data dir beside the log.
 
 Exit status: 0 with no wrong answer and nothing lost, 1 otherwise, 2 when the rig failed.
 """
@@ -71,6 +73,7 @@ from chaos_faults import (
 )
 
 from tierd.config import parse_size
+from tierd.tiers.host import segments_of
 from tierd_client import Namespace, TierdClient, TierdError
 
 # Errors the rules accept as answers; others (INTERNAL, a call past its deadline) are
@@ -133,6 +136,7 @@ class Chaos:
             offsets = flip(target, self.rng)
             self.flips.append((time.monotonic(), target.file, offsets))
             self.ledger.mark_flipped({target.key})
+            self.ledger.note([target.key], f"{kind} at {offsets} in {target.file}")
             self.remap()
             return f"flipped {len(offsets)} bytes of {target.key.hex()[:12]} in {target.file.name}"
         if kind == "disk_full":
@@ -151,7 +155,9 @@ class Chaos:
             return
         extents: list[Extent] = nvme_extents(self.data_dir) + csd_extents(self.data_dir)
         for file, offsets in recent:
-            self.ledger.mark_flipped(keys_over(extents, file, offsets))
+            keys = keys_over(extents, file, offsets) - self.ledger.flipped
+            self.ledger.mark_flipped(keys)
+            self.ledger.note(list(keys), f"mapped to an earlier flip at {offsets} in {file}")
 
     def warm(self) -> bool:
         with self.ledger.lock:
@@ -220,6 +226,7 @@ class Chaos:
             if "aborted" not in figures:
                 # Faults over: a clean restart, then every committed block is asked for.
                 self.daemon.terminate()
+                self.keep("data-at-stop")
                 self.daemon.start()
                 if not self.daemon.wait_workers(30.0):
                     figures["final_workers_unhealthy"] = True
@@ -230,8 +237,23 @@ class Chaos:
             self.stop.set()
             self.mount.clear()
             self.daemon.cleanup()
+            self.keep("data-at-end")
             self.mount.unmount()
         return self.figures(figures)
+
+    def keep(self, name: str) -> None:
+        """With --keep, a copy of the data dir (catalogs and tier files) beside the log, for
+        tracing a verdict afterwards; the mount it lives on goes with the run."""
+        if not self.args.keep or not self.data_dir.is_dir():
+            return
+
+        def special(d: str, names: list[str]) -> list[str]:  # sockets cannot be copied
+            return [n for n in names if not (Path(d, n).is_file() or Path(d, n).is_dir())]
+
+        shutil.copytree(self.data_dir, self.daemon.base / name, ignore=special,
+                        dirs_exist_ok=True)  # fmt: skip
+        for seg in segments_of(self.data_dir):  # the host tier's memory, outside the mount
+            shutil.copy(seg, self.daemon.base / name / seg.name)
 
     def final_check(self) -> dict[str, Any]:
         led = self.ledger
@@ -276,6 +298,7 @@ class Chaos:
                 f"catalog: {rows[k]})"
                 for k in lost[:EXAMPLES]
             ],
+            "lost_history": {k.hex(): led.history.get(k, []) for k in lost[:EXAMPLES]},
             # Blocks the rules let go (never moved, no flip), missing all the same.
             "missing_not_required": sum(
                 1 for k in keys if k not in required and k not in flipped and not found.get(k)
@@ -387,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csd-capacity", default="8MiB", help="per CSD worker")
     p.add_argument("--mount-size", default="64MiB")
     p.add_argument("--base", type=Path, help="work directory (default: a fresh one, removed)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory, with copies of the data dir as the daemon stopped "
+        "cleanly (data-at-stop) and at the end (data-at-end)",
+    )
     args = p.parse_args(argv)
     unknown = set(args.faults.split(",")) - set(KINDS) - {""}
     if unknown:
@@ -399,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fig = Chaos(args, base).run()
     finally:
-        if own_base:
+        if own_base and not args.keep:
             shutil.rmtree(base, ignore_errors=True)
+        elif own_base:
+            print(f"chaos: kept {base}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")
     print(table(fig), flush=True)

@@ -69,6 +69,14 @@ class Ledger:
         self.checked: Counter[str] = Counter()
         self.wrong = 0
         self.wrong_examples: list[str] = []
+        # What each key went through, with times from the start: traces a lost block.
+        self.history: dict[bytes, list[str]] = {}
+
+    def note(self, keys: list[bytes], what: str) -> None:
+        at = f"{time.monotonic() - self.t0:.2f}s {what}"
+        with self.lock:
+            for k in keys:
+                self.history.setdefault(k, []).append(at)
 
     def content(self, key: bytes) -> np.ndarray:
         return block_content(self.seed, key)
@@ -183,10 +191,12 @@ class Client(threading.Thread):
         self.ledger.count(self.ledger.calls, "put")
         try:
             c.put(ns, keys, np.stack([self.ledger.content(k) for k in keys]))
-        except BaseException:
+        except BaseException as e:
             self.ledger.attempt(keys)
+            self.ledger.note(keys, f"put failed ({error_code(e)}) by client {self.idx}")
             raise
         self.ledger.commit(keys)
+        self.ledger.note(keys, f"put by client {self.idx}")
 
     def get(self, c: TierdClient, ns: Namespace) -> None:
         # Now and then a key whose put failed: if it is served, its bytes must be right too.
@@ -255,13 +265,17 @@ class Client(threading.Thread):
         if not keys:
             return
         self.ledger.count(self.ledger.calls, "move")
+        self.ledger.note(keys, f"move to {tier} sent by client {self.idx}")
         moved = c.move(ns, keys, tier)
         if tier == "host":
+            self.ledger.note(keys, f"move to host answered {moved}/{len(keys)}")
             return
         if moved == len(keys):
             self.ledger.make_durable(keys, tier)
+            self.ledger.note(keys, f"move to {tier} acknowledged")
             return
         for key in keys:  # the count does not say which: ask one by one
             self.ledger.count(self.ledger.calls, "move")
             if c.move(ns, [key], tier) == 1:
                 self.ledger.make_durable([key], tier)
+                self.ledger.note([key], f"move to {tier} acknowledged (alone)")
