@@ -159,3 +159,60 @@ def test_full_catalog_disk_refuses_puts_and_leaves_no_trace(small_fs: Path) -> N
         proc.communicate(timeout=60)
         for seg in segments_of(data):
             seg.unlink()
+
+
+def test_move_answered_while_the_catalog_disk_is_full_is_on_record(small_fs: Path) -> None:
+    """A move answers only once it is on record: with the catalog's disk full it is
+    refused and the blocks stay where they were; with room again it succeeds, and a clean
+    restart finds every block in the tier each answered move put it in."""
+    base = small_fs.parent
+    data = small_fs / "data"
+    cmd = [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
+           "--data-dir", str(data), "--nvme-path", str(base / "nvme-elsewhere"),
+           "--host-capacity", "64MiB", "--nvme-capacity", "16MiB"]  # fmt: skip
+    small = KVLayout(1, 1, 64, "float16", 16)
+    rng = np.random.default_rng(2)
+    keys = [hashlib.blake2b(b"m" + bytes([i]), digest_size=16).digest() for i in range(8)]
+    blocks = rng.standard_normal((len(keys), *small.block_shape)).astype(np.float16)
+    moved: list[bytes] = []
+    refused: list[bytes] = []
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        with TierdClient(f"unix:{base}/s.sock", timeout=60, max_retries=0) as c:
+            ns = c.open_namespace("m", small)
+            c.put(ns, keys, blocks)
+            ballast = small_fs / "ballast"
+            with open(ballast, "wb", buffering=0) as f:  # fill the catalog's disk to the brim
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass  # ENOSPC: the disk is full, which is the point
+            for key in keys[:4]:
+                try:
+                    if c.move(ns, [key], "nvme") == 1:
+                        moved.append(key)
+                except ResourceExhausted:
+                    refused.append(key)
+            assert refused, f"moves answered with nothing on record: {len(moved)}"
+            assert c.locate(ns, refused) == ["host"] * len(refused)  # left where they were
+            ballast.unlink()
+            assert c.move(ns, keys[4:], "nvme") == 4
+            moved += keys[4:]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        with TierdClient(f"unix:{base}/s.sock", timeout=60) as c:
+            ns = c.open_namespace("m", small)
+            assert c.locate(ns, moved) == ["nvme"] * len(moved)
+            got = c.get(ns, keys)
+            assert all(got.found)
+            for row, want in zip(got.blocks, blocks):
+                assert np.array_equal(row, want)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+        for seg in segments_of(data):
+            seg.unlink()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tierd.core import validate
-from tierd.core.catalog import plan_set_layer_sums
+from tierd.core.catalog import copy_rows, plan_set_copies, plan_set_layer_sums
 from tierd.core.index import BlockEntry
 from tierd.errors import (
     DataLoss,
@@ -109,7 +109,9 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
     outcomes = [f.result() for f in svc.transfer.copy_many(moves)]
     corrupt: list[tuple[BlockEntry, Copy]] = []
     failed = False
+    made: dict[int, Copy] = {}  # id(entry) -> the copy this move wrote for it
     with svc.cond:
+        sums = []
         for (entry, src, loc), outcome, fresh, done in zip(writes, outcomes, stamped, moves):
             if outcome is not Outcome.OK or entry.deleted:
                 target.release(entry.ns.tenant, loc, svc.transfer.stored_bytes(target, entry))
@@ -118,28 +120,45 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
                 failed |= outcome is Outcome.UNREACHABLE
                 continue
             assert done.result is not None  # the copy made: in the target's encoding
-            svc.directory.add_copy(entry, done.result)
+            made[id(entry)] = done.result
             if fresh and entry.layer_sums is not None:
-                svc.directory.log.add(
-                    plan_set_layer_sums([(entry.ns.id, entry.key, entry.checksum, entry.layer_sums)])
-                )
+                sums.append((entry.ns.id, entry.key, entry.checksum, entry.layer_sums))
+        planned = {id(e): _kept(svc, e, target, made.get(id(e))) for e in todo}
+        rows = [(e.ns.id, e.key, copy_rows(planned[id(e)])) for e in todo if planned[id(e)]]
+        ticket = svc.directory.log.add(plan_set_copies(rows) + plan_set_layer_sums(sums))
+    # On record before memory changes (an answered move is durable), committed without the
+    # lock: a catalog that cannot take the rows (its disk is full) leaves every block where
+    # it was, on record as in memory, and the move fails.
+    try:
+        svc.directory.log.commit(ticket)
+    except BaseException:
+        with svc.cond:
+            for entry, _, loc in writes:
+                if id(entry) in made:
+                    target.release(entry.ns.tenant, loc, svc.transfer.stored_bytes(target, entry))
+            _release_claims(svc, claimed)
+        raise
+    with svc.cond:
         moved = 0
         for entry in todo:
-            if target.name not in entry.copies or entry.deleted:
+            copy = made.get(id(entry))
+            if entry.deleted:
+                if copy is not None:
+                    target.release(entry.ns.tenant, copy.location, copy.length)
+                continue
+            if copy is not None:
+                svc.directory.add_copy(entry, copy)
+            if target.name not in entry.copies:
                 continue
             moved += 1
-            # The target serves it from now on: other copies go, except the one others
-            # may be reading while they hold the block (ours is the one reference the
-            # caller took): the fastest besides the target, which a get maps, a sequence
-            # attends over or a promotion copies from.
-            others = [c for c in entry.copies.values() if c.tier != target.name]
-            if entry.readers > 1 and others:
-                others.remove(min(others, key=lambda c: svc.directory.rank(c.tier)))
-            for copy in others:
-                svc.directory.drop_copy(entry, copy)
-            svc.directory.record_copies(entry)
+            keep = {id(c) for c in _kept(svc, entry, target, None)}
+            for other in [c for c in entry.copies.values() if id(c) not in keep]:
+                svc.directory.drop_copy(entry, other)
+            # Readers came or went, or other changes to the block were queued meanwhile:
+            # the record follows memory again (behind, as any change nobody waits for).
+            if keep != {id(c) for c in planned[id(entry)]} or svc.directory.log.last() != ticket:
+                svc.directory.record_copies(entry)
         _release_claims(svc, claimed)
-    svc.directory.log.commit_all()  # an explicit move is on record when it answers
     for entry, src in corrupt:
         svc.drop_corrupt_copy(entry, src.tier, src.location, own_readers=1)
     if corrupt:
@@ -151,3 +170,17 @@ def _to_tier(svc: CacheService, target: Tier, held: list[BlockEntry]) -> int:
     if any(not e.copies for e in todo):
         raise FailedPrecondition("block has no copy left to move", field="keys")
     return moved
+
+
+def _kept(svc: CacheService, entry: BlockEntry, target: Tier, made: Copy | None) -> list[Copy]:
+    """The copies a block keeps once moved: the target's, and while others hold the block
+    (ours is the one reference the caller took), the copy they may be reading: the fastest
+    besides the target, which a get maps, a sequence attends over or a promotion copies
+    from. None when the block has no copy in the target."""
+    new = made or entry.copies.get(target.name)
+    if new is None:
+        return []
+    others = [c for c in entry.copies.values() if c.tier != target.name]
+    if entry.readers > 1 and others:
+        return [new, min(others, key=lambda c: svc.directory.rank(c.tier))]
+    return [new]
