@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -263,3 +264,26 @@ def test_truncated_inband_put_leaves_no_trace(harness: Harness) -> None:
         writer.write(b"\x01" * (3 * BB + 1))
     writer.abort()
     assert svc.top.used_bytes == 0
+
+
+def test_a_get_meeting_a_corrupt_host_copy_reads_the_intact_slower_one(harness: Harness) -> None:
+    """A memory copy adopted after a restart that fails its check is dropped, and the same
+    get then reads the block from its next copy: a miss only when no intact copy is left."""
+    svc = harness.open()
+    ns = open_ns(svc)
+    keys = keys_for(ns, 3)
+    put_blocks(svc, ns, keys)
+    assert svc.placer.flush(time.monotonic() + 30) == 3  # written out to NVMe
+    assert get_blocks(svc, ns, keys) == [block_bytes_for(k) for k in keys]  # and promoted
+    entry = svc.index.get(ns, keys[1])
+    assert set(entry.copies) == {"host", "nvme"}
+    seg = svc.top.arena.segment("t1")
+    harness.close_all()
+    with open(seg.path, "r+b") as f:
+        f.seek(entry.copies["host"].location + 5)
+        f.write(b"\x00\x01\x02")
+    svc2 = harness.open()
+    assert get_blocks(svc2, ns, keys) == [block_bytes_for(k) for k in keys]
+    assert svc2.stats().corrupt_reads == 1
+    again = svc2.index.get(ns, keys[1])
+    assert again is not None and "host" in again.copies  # promoted from NVMe, checked

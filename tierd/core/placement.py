@@ -164,7 +164,8 @@ class Placer:
 
         With promote=False only the verification happens (attend reads slower tiers in
         place). A copy whose bytes fail their checksum is dropped (a counted corrupt
-        read); the caller then sees the block without a memory copy and reports a miss.
+        read) and the block is loaded from its next copy; the caller sees a block with no
+        memory copy left (a miss) only when none was intact.
         """
         svc, top = self.svc, self.top
         mine: list[tuple[BlockEntry, Copy | None, int | None]] = []  # (entry, source, staging)
@@ -215,8 +216,15 @@ class Placer:
         with self.cond:
             for (entry, src, staging), (outcome, copy) in zip(mine, outcomes):
                 self._finish_load(entry, src, staging, outcome, copy)
+            # A copy that failed its check is gone now; a block with another copy is read
+            # from that one in this same call (each round drops a copy, so this ends).
+            again = [e for (e, _, _), (outcome, _) in zip(mine, outcomes)
+                     if outcome is Outcome.CORRUPT and promote and not e.deleted
+                     and e.copies and top.name not in e.copies]  # fmt: skip
         for fut in theirs:
             fut.result()
+        if again:
+            self.make_resident(again, promote=promote)
 
     def _finish_load(
         self, entry: BlockEntry, src: Copy | None, staging: int | None, outcome: Outcome,
