@@ -221,7 +221,12 @@ class TierdClient(ModelsMixin):
                 adapter=adapter,
             )
         )
-        resp = self._retrying(lambda: self._unary("OpenNamespace", req))
+        # The handoff is retried with the call: a daemon that replaced its staging area (or
+        # restarted) between its answer and the handoff answers again with the new one.
+        return self._retrying(lambda: self._opened(model, layout,
+                                                   self._unary("OpenNamespace", req)))  # fmt: skip
+
+    def _opened(self, model: str, layout: KVLayout, resp: Any) -> Namespace:
         if len(resp.namespace_id) != _keys.KEY_BYTES:
             raise Internal("daemon sent a malformed namespace id", field="namespace_id")
         if resp.block_bytes != layout.block_bytes:

@@ -125,6 +125,9 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
+STALE_FIELD = "segment.instance"  # the field of the error that says "ask again"
+
+
 class SegmentMaps:
     def __init__(self, tenant: str = "", token: str | None = None) -> None:
         self._tenant = tenant
@@ -147,7 +150,7 @@ class SegmentMaps:
                     # It restarted, or replaced its staging area, since it answered: the
                     # caller's retry asks again.
                     raise errors.Unavailable("the daemon's shared memory changed during the "
-                                             "handoff; retry", field="segment.instance")  # fmt: skip
+                                             "handoff; retry", field=STALE_FIELD)  # fmt: skip
                 if (fds.size, fds.staging_size) != (int(segment.size), int(segment.staging_size)):
                     raise Internal(
                         f"daemon announced {segment.size}/{segment.staging_size} bytes and "
@@ -170,6 +173,10 @@ class SegmentMaps:
             return f"the daemon runs on another host ({segment.host_id!r})"
         try:
             self.map(segment)
+        except errors.Unavailable as e:
+            if e.field == STALE_FIELD:  # the answer named an area since replaced: ask again
+                raise
+            return f"cannot map the shared memory of {segment.handoff}: {e}"
         except (OSError, ValueError, errors.TierdError) as e:
             return f"cannot map the shared memory of {segment.handoff}: {e}"
         return None

@@ -73,6 +73,32 @@ def test_auto_transport_uses_shared_memory_on_this_host(daemon_address: str) -> 
         assert ns.segment is not None and ns.transport == "shm"
 
 
+def test_open_namespace_asks_again_when_the_shared_memory_changed_before_the_handoff(
+    daemon_address: str,
+) -> None:
+    """The daemon's answer names its staging area's generation; when the area was replaced
+    before the client's handoff (the handoff hands over another one), the client asks
+    OpenNamespace again and maps the new area, instead of failing the call."""
+    with TierdClient(daemon_address, transport="shm", tenant="it") as c:
+        real, answers = c._unary, []
+
+        def first_answer_stale(name: str, request: Any) -> Any:
+            resp = real(name, request)
+            if name == "OpenNamespace":
+                answers.append(bytes(resp.segment.instance))
+                if len(answers) == 1:  # as if the area were replaced right after answering
+                    resp.segment.instance = bytes(len(resp.segment.instance))
+            return resp
+
+        c._unary = first_answer_stale  # type: ignore[method-assign]
+        ns = c.open_namespace("model/replaced-area", LAY)
+        assert ns.transport == "shm" and len(answers) == 2
+        keys = c.block_keys(ns, tokens(2 * LAY.block_tokens, seed=5))
+        blocks = blocks_for(keys, LAY)
+        assert c.put(ns, keys, blocks) == ["stored"] * 2
+        assert same_bits(c.get(ns, keys).blocks, blocks)
+
+
 def test_round_trip_byte_exact(client: TierdClient, ns: Namespace) -> None:
     keys = client.block_keys(ns, tokens(8 * LAY.block_tokens, seed=1))
     blocks = blocks_for(keys, LAY)
