@@ -61,19 +61,34 @@ def local_hostname(host: str, port: int) -> str:
         return str(s.getsockname()[0])
 
 
+def start_engine(hostname: str, protocol: str) -> tuple[Any, str]:
+    """A Mooncake transfer engine on `hostname` (the mooncake extra; no metadata server:
+    engines name each other as HOST:PORT) and that address. ImportError without the
+    extra, OSError if it does not start. The daemon's engine starts here too."""
+    from mooncake.engine import TransferEngine
+
+    engine = TransferEngine()
+    rc = engine.initialize(hostname, "P2PHANDSHAKE", protocol, "")
+    if rc != 0:
+        raise OSError(f"the transfer engine did not start on {hostname} ({protocol}): {rc}")
+    return engine, f"{hostname}:{engine.get_rpc_port()}"
+
+
+def engine_read(engine: Any, target: str, reads: list[tuple[int, int, int]]) -> bool:
+    """Copy each (local address, remote address, length) from `target`'s registered
+    memory into this engine's; True if every read completed."""
+    if not reads:
+        return True
+    local, remote, lengths = (list(x) for x in zip(*reads))
+    return bool(engine.batch_transfer_sync_read(target, local, remote, lengths) == 0)
+
+
 class _Engine:
     """This client's transfer engine; every use is serialised (registrations are per call)."""
 
     def __init__(self, hostname: str, protocol: str) -> None:
-        from mooncake.engine import TransferEngine  # the mooncake extra
-
-        engine = TransferEngine()
-        rc = engine.initialize(hostname, "P2PHANDSHAKE", protocol, "")
-        if rc != 0:
-            raise OSError(f"the transfer engine did not start on {hostname} ({protocol}): {rc}")
-        self._engine = engine
+        self._engine, self.address = start_engine(hostname, protocol)
         self.protocol = protocol
-        self.address = f"{hostname}:{engine.get_rpc_port()}"
         self.lock = threading.Lock()
 
     def register(self, view: np.ndarray) -> int:
@@ -86,10 +101,7 @@ class _Engine:
         self._engine.unregister_memory(addr)
 
     def read(self, target: str, reads: list[tuple[int, int, int]]) -> bool:
-        if not reads:
-            return True
-        local, remote, lengths = (list(x) for x in zip(*reads))
-        return bool(self._engine.batch_transfer_sync_read(target, local, remote, lengths) == 0)
+        return engine_read(self._engine, target, reads)
 
 
 class BulkPath:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tierd.errors import ConfigError
+from tierd_client.bulk import engine_read, start_engine
 
 log = logging.getLogger("tierd.p2p")
 
@@ -32,26 +33,22 @@ def address_of(view: memoryview) -> int:
 
 
 class PeerEngine:
-    def __init__(self, engine: Any, hostname: str, protocol: str) -> None:
+    def __init__(self, engine: Any, address: str, protocol: str) -> None:
         self._engine = engine
         self.protocol = protocol
-        self.address = f"{hostname}:{engine.get_rpc_port()}"
+        self.address = address
         self._lock = threading.Lock()
         self._exposed: dict[int, int] = {}  # registered buffers: address -> length
 
     @classmethod
     def open(cls, hostname: str, protocol: str) -> PeerEngine:
         try:
-            from mooncake.engine import TransferEngine
+            engine, address = start_engine(hostname, protocol)
         except ImportError as e:  # the extra, or the system's libibverbs1, is missing
             raise ConfigError("peers", f"needs the mooncake extra (and libibverbs1): {e}") from e
-        engine = TransferEngine()
-        rc = engine.initialize(hostname, "P2PHANDSHAKE", protocol, "")
-        if rc != 0:
-            raise ConfigError("peers.engine_hostname",
-                              f"the transfer engine did not start on {hostname} ({protocol}): "
-                              f"status {rc}")  # fmt: skip
-        return cls(engine, hostname, protocol)
+        except OSError as e:
+            raise ConfigError("peers.engine_hostname", str(e)) from None
+        return cls(engine, address, protocol)
 
     def expose(self, view: memoryview) -> int:
         """Register `view` with the engine (idempotent); returns its address."""
@@ -70,11 +67,7 @@ class PeerEngine:
     def read(self, target: str, reads: list[tuple[int, int, int]]) -> bool:
         """Copy each (local address, remote address, length) from `target`'s registered
         memory into ours; True if every read completed."""
-        if not reads:
-            return True
-        local, remote, lengths = (list(x) for x in zip(*reads))
-        rc = self._engine.batch_transfer_sync_read(target, local, remote, lengths)
-        return bool(rc == 0)
+        return engine_read(self._engine, target, reads)
 
     def close(self) -> None:
         """Unregister everything (before the memory is unmapped); the engine goes with the
