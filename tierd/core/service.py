@@ -192,11 +192,16 @@ class CacheService:
         if ns is None or (principal is not None and ns.tenant != principal):
             raise InvalidArgument("unknown namespace; call OpenNamespace first",
                                   field="namespace_id")
-        if ns.adapter and not self.weights.sees(ns.tenant, ns.adapter):
+        if self.adapter_gone(ns):
             raise FailedPrecondition(f"the adapter {ns.adapter[:16]} of this namespace is no "
                                      "longer held (dropped or evicted), nor is its KV: register "
                                      "it again and reopen the namespace", field="namespace_id")  # fmt: skip
         return ns
+
+    def adapter_gone(self, ns: NamespaceInfo) -> bool:
+        """The namespace names an adapter its tenant no longer sees (dropped, unshared or
+        evicted): its KV is being swept and nothing may be added to it."""
+        return bool(ns.adapter) and not self.weights.sees(ns.tenant, ns.adapter)
 
     def segment_info(self, ns: NamespaceInfo, area: StagingArea | None = None) -> SegmentInfo:
         size = self.top.segment_size(ns.tenant)
@@ -359,7 +364,7 @@ class CacheService:
         with self.cond:
             self.sharing.write_through(self.directory.publish(ns, staged))
             self.placer.kick()
-        if ns.adapter and not self.weights.sees(ns.tenant, ns.adapter):
+        if self.adapter_gone(ns):
             # The adapter went while this put was under way; the sweep after it may have
             # looked before these blocks were visible (a drop after this check sweeps them).
             self.directory.delete(ns, [key for key, _ in staged])
@@ -399,7 +404,7 @@ class CacheService:
         """
         with self.cond:
             entry = self.index.get(ns.id, key)
-            if entry is None and ns.adapter and not self.weights.sees(ns.tenant, ns.adapter):
+            if entry is None and self.adapter_gone(ns):
                 # Its adapter went during this attend; a drop after this check sweeps the block.
                 return None
             if entry is None:
