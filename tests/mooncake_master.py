@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.ports import free_port
+
 try:
     from mooncake.store import MooncakeDistributedStore
 except ImportError:  # the mooncake extra, and libibverbs1, bring it; without: skipped
@@ -35,12 +37,6 @@ needs_mooncake = pytest.mark.skipif(
 )
 READY_DEADLINE_S = 20.0
 LEASE_MS = 300  # short, so a deletion after a read is not refused for long
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Master:

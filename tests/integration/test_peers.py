@@ -18,7 +18,8 @@ from tests.integration.conftest import DaemonProcess
 from tests.integration.test_remote_redis import LAY, T, block_for, poll
 from tests.integration.test_tier_stats import configured
 from tests.integration.test_tls import make_pki
-from tests.mooncake_master import free_port, needs_mooncake
+from tests.mooncake_master import needs_mooncake
+from tests.ports import free_port
 from tierctl.status import render_status
 from tierd.tiers.host import segments_of
 from tierd_client import TierdClient

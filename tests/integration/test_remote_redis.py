@@ -18,8 +18,9 @@ import pytest
 
 from tests.integration.conftest import DaemonProcess
 from tests.integration.test_tier_stats import configured, wait_available
+from tests.ports import free_port
 from tests.redis_cluster import HAVE_REDIS, SERVERS, Cluster, SingleServer, started
-from tests.server.test_metrics import free_port, scrape
+from tests.server.test_metrics import scrape
 from tierd.tiers.remote_value import header_bytes
 from tierd_client import AttendItem, KVLayout, TierdClient, TierdError
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.ports import free_port
 from tierd.tiers.host import segments_of
 from tierd_client import AttendItem, InvalidArgument, KVLayout, TierdClient
 from tierd_client._proto import tierd_pb2 as pb
@@ -39,12 +40,6 @@ HAS_OPENSSL = shutil.which("openssl") is not None
 
 def bearer(tenant: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {TOKENS[tenant]}")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

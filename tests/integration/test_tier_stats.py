@@ -19,7 +19,8 @@ import pytest
 
 from tests.integration.conftest import START_DEADLINE_S, DaemonProcess
 from tests.integration.test_operations import Worker
-from tests.server.test_metrics import free_port, scrape
+from tests.ports import free_port
+from tests.server.test_metrics import scrape
 from tierctl.cli import main as tierctl
 from tierd_client import AttendItem, InvalidArgument, KVLayout, TierdClient
 from tierd_client._proto import tierd_pb2 as pb

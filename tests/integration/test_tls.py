@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
+from tests.ports import free_port
 from tierd.tiers.host import segments_of
 from tierd_client import KVLayout, TierdClient, TierdError, Unavailable
 
@@ -40,12 +40,6 @@ def make_pki(d: Path) -> None:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                 "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
                 cwd=d)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

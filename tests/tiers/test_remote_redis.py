@@ -334,7 +334,7 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
 
 
 def test_a_store_unreachable_at_start_is_unavailable_not_an_error() -> None:
-    from tests.redis_cluster import free_port
+    from tests.ports import free_port
 
     tier = open_tier([f"127.0.0.1:{free_port()}"], "single")
     try:
