@@ -99,22 +99,34 @@ def _carry(loaded: Loaded, a: Daemon, b: Daemon, ids: list[int], want: list[int]
     return cb
 
 
-def test_b_decodes_from_a_prefill_pulled_peer_to_peer(
-    smollm2: Loaded, case: tuple[list[int], list[int]], config_dir: Path
-) -> None:
+def _pulled(loaded: Loaded, case: tuple[list[int], list[int]], config_dir: Path, tag: str,
+            where: str, engines: tuple[str, str] = ("", ""),
+            netns: tuple[str, str] = ("", "")) -> None:  # fmt: skip
+    """A listens for peers at `where`, B has A as its peer; B decodes from A's prefill,
+    pulled. `engines`, `netns`: A's and B's transfer-engine hostnames and namespaces."""
     ids, want = case
-    where = f"127.0.0.1:{free_port()}"
-    a = Daemon("--config", _config(config_dir, "a", _peers(config_dir, listen=where)))
+    sides = []
+    for keys, engine in (({"listen": where}, engines[0]), ({"peers": [where]}, engines[1])):
+        sides.append(keys | ({"engine_hostname": engine} if engine else {}))
+    a = Daemon("--config", _config(config_dir, "a", _peers(config_dir, **sides[0])),
+               netns=netns[0])  # fmt: skip
     try:
-        b = Daemon("--config", _config(config_dir, "b", _peers(config_dir, peers=[where])))
+        b = Daemon("--config", _config(config_dir, "b", _peers(config_dir, **sides[1])),
+                   netns=netns[1])  # fmt: skip
         try:
-            with _carry(smollm2, a, b, ids, want, "p2p") as cb:
+            with _carry(loaded, a, b, ids, want, tag) as cb:
                 peer = cb.stats()["peers"][where]
                 assert peer["blocks"] >= (len(ids) - 1) // BLOCK_TOKENS and peer["errors"] == 0
         finally:
             b.stop()
     finally:
         a.stop()
+
+
+def test_b_decodes_from_a_prefill_pulled_peer_to_peer(
+    smollm2: Loaded, case: tuple[list[int], list[int]], config_dir: Path
+) -> None:
+    _pulled(smollm2, case, config_dir, "p2p", f"127.0.0.1:{free_port()}")
 
 
 def test_b_in_another_network_namespace_decodes_from_a_prefill_pulled_over_the_link(
@@ -123,22 +135,9 @@ def test_b_in_another_network_namespace_decodes_from_a_prefill_pulled_over_the_l
 ) -> None:
     """As above, with A and B in two network namespaces joined by a veth pair: the Peer
     call and the transfer engine's reads cross the link, as between two hosts."""
-    ids, want = case
     (ns_a, addr_a), (ns_b, addr_b) = namespaces.items()
-    where = f"{addr_a}:{free_port()}"
-    a = Daemon("--config", _config(config_dir, "a", _peers(
-        config_dir, listen=where, engine_hostname=addr_a)), netns=ns_a)  # fmt: skip
-    try:
-        b = Daemon("--config", _config(config_dir, "b", _peers(
-            config_dir, peers=[where], engine_hostname=addr_b)), netns=ns_b)  # fmt: skip
-        try:
-            with _carry(smollm2, a, b, ids, want, "p2p-netns") as cb:
-                peer = cb.stats()["peers"][where]
-                assert peer["blocks"] >= (len(ids) - 1) // BLOCK_TOKENS and peer["errors"] == 0
-        finally:
-            b.stop()
-    finally:
-        a.stop()
+    _pulled(smollm2, case, config_dir, "p2p-netns", f"{addr_a}:{free_port()}",
+            engines=(addr_a, addr_b), netns=(ns_a, ns_b))  # fmt: skip
 
 
 def _written_through(client: TierdClient, blocks: int, deadline_s: float = 30.0) -> None:

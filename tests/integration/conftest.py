@@ -110,6 +110,12 @@ class DaemonProcess:
         for path in segments_of(self.base / "data"):
             path.unlink(missing_ok=True)
 
+    def discard(self) -> None:
+        """Stop it and remove what it leaves: its memory segments and its directory."""
+        self.stop()
+        self.remove_segments()
+        shutil.rmtree(self.base, ignore_errors=True)
+
 
 def _short_tmpdir() -> Path:
     # Not pytest's tmp_path: unix socket paths are limited to 107 bytes.
@@ -118,15 +124,12 @@ def _short_tmpdir() -> Path:
 
 @pytest.fixture(scope="session")
 def daemon_address() -> Iterator[str]:
-    base = _short_tmpdir()
-    daemon = DaemonProcess(base)
+    daemon = DaemonProcess(_short_tmpdir())
     try:
         daemon.start()
         yield daemon.address
     finally:
-        daemon.stop()
-        daemon.remove_segments()
-        shutil.rmtree(base, ignore_errors=True)
+        daemon.discard()
 
 
 @pytest.fixture
@@ -143,9 +146,28 @@ def spawn_daemon() -> Iterator[Callable[..., DaemonProcess]]:
 
     yield spawn
     for daemon in started:
-        daemon.stop()
-        daemon.remove_segments()
-        shutil.rmtree(daemon.base, ignore_errors=True)
+        daemon.discard()
+
+
+def weights_daemon(capacity: int | str) -> DaemonProcess:
+    """A daemon (not started) whose `[weights] capacity` is `capacity`."""
+    d = DaemonProcess(_short_tmpdir())
+    path = d.base / "tierd.toml"
+    cap = f'"{capacity}"' if isinstance(capacity, str) else str(capacity)
+    path.write_text(f"[weights]\ncapacity = {cap}\n")
+    d.cmd += ["--config", str(path)]
+    return d
+
+
+@pytest.fixture(scope="module")
+def models_daemon() -> Iterator[DaemonProcess]:
+    """A module's daemon for registered models and adapters (64 MiB of weights)."""
+    d = weights_daemon("64MiB")
+    try:
+        d.start()
+        yield d
+    finally:
+        d.discard()
 
 
 @pytest.hookimpl(hookwrapper=True)

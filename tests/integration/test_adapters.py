@@ -11,15 +11,13 @@ weights and compares its logits with PEFT's on the same directories.
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.integration.conftest import DaemonProcess, _short_tmpdir
+from tests.integration.conftest import DaemonProcess, weights_daemon
 from tests.integration.test_models import _tiny_llama, small_model
 from tests.lora_files import SMALL_Q, write_adapter
 from tierctl.cli import main as tierctl
@@ -39,27 +37,6 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", blo
 TOKENS = list(range(16))  # four blocks
 
 
-def _daemon(capacity: int | str) -> DaemonProcess:
-    d = DaemonProcess(_short_tmpdir())
-    path = d.base / "tierd.toml"
-    cap = f'"{capacity}"' if isinstance(capacity, str) else str(capacity)
-    path.write_text(f"[weights]\ncapacity = {cap}\n")
-    d.cmd += ["--config", str(path)]
-    return d
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[DaemonProcess]:
-    d = _daemon("64MiB")
-    try:
-        d.start()
-        yield d
-    finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
-
-
 def _client(d: DaemonProcess, tenant: str) -> TierdClient:
     return TierdClient(d.address, tenant=tenant, timeout=60)
 
@@ -76,11 +53,12 @@ def _fill(c: TierdClient, ns, seed: int = 0) -> list[bytes]:  # type: ignore[no-
     return keys
 
 
-def test_adapters_are_registered_against_their_base_and_listed(daemon: DaemonProcess,
-                                                               tmp_path: Path, capsys) -> None:  # fmt: skip
+def test_adapters_are_registered_against_their_base_and_listed(
+    models_daemon: DaemonProcess, tmp_path: Path, capsys
+) -> None:
     small_model(tmp_path / "base")
     want = write_adapter(tmp_path / "lora", SMALL_Q, rank=2, alpha=8.0)
-    with _client(daemon, "reg") as c:
+    with _client(models_daemon, "reg") as c:
         base = c.register_model(str(tmp_path / "base"))
         info = c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
         assert info.adapter is not None and base.adapter is None
@@ -117,21 +95,22 @@ def test_adapters_are_registered_against_their_base_and_listed(daemon: DaemonPro
         )
         with pytest.raises(InvalidArgument, match="use_dora"):
             c.register_adapter(str(tmp_path / "lora"), "base", name="dora")
-    with _client(daemon, "other") as o:
+    with _client(models_daemon, "other") as o:
         with pytest.raises(NotFound):
             o.model_info("lora")  # another tenant's, unshared
         with pytest.raises(NotFound):
             o.register_adapter(str(tmp_path / "lora"), base.fingerprint)  # nor its base
-    assert tierctl(["models", "--address", daemon.address, "--tenant", "reg"]) == 0
+    assert tierctl(["models", "--address", models_daemon.address, "--tenant", "reg"]) == 0
     out = capsys.readouterr().out
     assert "lora" in out and f"adapter of {base.fingerprint[:12]}" in out
 
 
-def test_a_namespace_names_its_adapter_and_loses_its_kv_with_it(daemon: DaemonProcess,
-                                                                tmp_path: Path) -> None:  # fmt: skip
+def test_a_namespace_names_its_adapter_and_loses_its_kv_with_it(
+    models_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q)
-    with _client(daemon, "ns") as c:
+    with _client(models_daemon, "ns") as c:
         base = c.register_model(str(tmp_path / "base"), name="base")
         lora = c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
         plain = c.open_namespace(base.fingerprint, LAYOUT)
@@ -160,11 +139,12 @@ def test_a_namespace_names_its_adapter_and_loses_its_kv_with_it(daemon: DaemonPr
         assert c.lookup(ns, TOKENS).cached_tokens == 0
 
 
-def test_a_shared_adapter_unshared_or_dropped_takes_the_kv_of_other_tenants(daemon: DaemonProcess,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_a_shared_adapter_unshared_or_dropped_takes_the_kv_of_other_tenants(
+    models_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q, seed=5)
-    with _client(daemon, "owner") as owner, _client(daemon, "user") as user:
+    with _client(models_daemon, "owner") as owner, _client(models_daemon, "user") as user:
         base = owner.register_model(str(tmp_path / "base"), name="base", shared=True)
         owner.register_adapter(str(tmp_path / "lora"), "base", name="pub", shared=True)
         ns = user.open_namespace(base.fingerprint, LAYOUT, adapter="pub")
@@ -202,7 +182,7 @@ def test_room_is_made_from_cold_adapters_kv_first_never_from_hot_ones(tmp_path: 
         write_adapter(tmp_path / f"lora{i}", SMALL_Q, seed=i)
     base_size = _size(open_source(tmp_path / "base", ""))
     lora_size = _size(open_adapter(tmp_path / "lora0", ""))
-    d = _daemon(base_size + 2 * lora_size)  # the base and two adapters; a third needs room
+    d = weights_daemon(base_size + 2 * lora_size)  # the base and two adapters; a third needs room
     try:
         d.start()
         with _client(d, "cap") as c:
@@ -232,15 +212,13 @@ def test_room_is_made_from_cold_adapters_kv_first_never_from_hot_ones(tmp_path: 
                             TOKENS).cached_tokens == 0  # fmt: skip
             assert [m.name for m in c.list_models()] == ["base", "lora0", "lora1"]
     finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
+        d.discard()
 
 
 def test_namespaces_keep_their_adapter_across_a_restart(tmp_path: Path) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q)
-    d = _daemon("64MiB")
+    d = weights_daemon("64MiB")
     try:
         d.start()
         with _client(d, "r") as c:
@@ -256,13 +234,12 @@ def test_namespaces_keep_their_adapter_across_a_restart(tmp_path: Path) -> None:
             with pytest.raises(FailedPrecondition):
                 c.lookup(ns, TOKENS)
     finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
+        d.discard()
 
 
-def test_an_adapter_from_tierd_computes_what_peft_computes(daemon: DaemonProcess,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_an_adapter_from_tierd_computes_what_peft_computes(
+    models_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     peft = pytest.importorskip("peft")
     _tiny_llama(tmp_path / "llama")
     from transformers import LlamaForCausalLM
@@ -280,7 +257,7 @@ def test_an_adapter_from_tierd_computes_what_peft_computes(daemon: DaemonProcess
     torch.manual_seed(1)
     peft.get_peft_model(ref, config).save_pretrained(tmp_path / "lora")
     ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 8]])
-    with _client(daemon, "hf") as c:
+    with _client(models_daemon, "hf") as c:
         c.register_model(str(tmp_path / "llama"), name="llama", dtype="float32")
         c.register_adapter(str(tmp_path / "lora"), "llama", name="llama-lora")
         net = model_on_weights(c.load_weights("llama"))
@@ -305,29 +282,32 @@ def test_an_adapter_from_tierd_computes_what_peft_computes(daemon: DaemonProcess
     '{"peft_type": "LORA", "r": 2, "lora_alpha": NaN}',
     '{"peft_type": "LORA", "r": 2, "lora_alpha": Infinity}',
 ])  # fmt: skip
-def test_an_adapter_config_with_a_rank_or_alpha_out_of_range_is_refused(daemon: DaemonProcess,
-                                                        tmp_path: Path, config: str) -> None:  # fmt: skip
+def test_an_adapter_config_with_a_rank_or_alpha_out_of_range_is_refused(
+    models_daemon: DaemonProcess, tmp_path: Path, config: str
+) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q)
     (tmp_path / "lora" / "adapter_config.json").write_text(config)
-    with _client(daemon, "bad-config") as c:
+    with _client(models_daemon, "bad-config") as c:
         c.register_model(str(tmp_path / "base"), name="base")
         with pytest.raises(InvalidArgument, match="r or lora_alpha"):
             c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
 
 
-def test_lora_matrices_that_are_not_floating_point_are_refused(daemon: DaemonProcess,
-                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_lora_matrices_that_are_not_floating_point_are_refused(
+    models_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q, dtype=torch.int64)
-    with _client(daemon, "int-lora") as c:
+    with _client(models_daemon, "int-lora") as c:
         c.register_model(str(tmp_path / "base"), name="base")
         with pytest.raises(InvalidArgument, match="not floating point"):
             c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
 
 
-def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(daemon: DaemonProcess,
-                                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(
+    models_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     # PEFT loads half-precision LoRA matrices into float32 (autocast_adapter_dtype) and
     # computes the LoRA term there; the area keeps the file's bfloat16.
     peft = pytest.importorskip("peft")
@@ -343,7 +323,7 @@ def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(daemon: Daemon
     torch.manual_seed(2)
     peft.get_peft_model(ref, config).to(torch.bfloat16).save_pretrained(tmp_path / "lora")
     ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 8]])
-    with _client(daemon, "hf-bf16") as c:
+    with _client(models_daemon, "hf-bf16") as c:
         c.register_model(str(tmp_path / "llama"), name="llama", dtype="float32")
         info = c.register_adapter(str(tmp_path / "lora"), "llama", name="lora")
         assert info.dtype == "bfloat16"
@@ -360,13 +340,14 @@ def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(daemon: Daemon
     {"alora_invocation_tokens": [5, 6]}, {"layer_replication": [[0, 2]]},
     {"arrow_config": {"top_k": 2}}, {"use_bdlora": {"lora_a_is_blockdiagonal": True}},
 ])  # fmt: skip
-def test_lora_variants_whose_forward_is_not_plain_lora_are_refused(daemon: DaemonProcess,
-                                                    tmp_path: Path, option: dict) -> None:  # fmt: skip
+def test_lora_variants_whose_forward_is_not_plain_lora_are_refused(
+    models_daemon: DaemonProcess, tmp_path: Path, option: dict
+) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q)
     (tmp_path / "lora" / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **option}))  # fmt: skip
-    with _client(daemon, "variants") as c:
+    with _client(models_daemon, "variants") as c:
         c.register_model(str(tmp_path / "base"), name="base")
         with pytest.raises(InvalidArgument, match="is not supported"):
             c.register_adapter(str(tmp_path / "lora"), "base", name="lora")

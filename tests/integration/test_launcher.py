@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.integration.conftest import DaemonProcess
-from tests.integration.test_models import _tiny_llama, daemon  # noqa: F401  (fixture)
+from tests.integration.test_models import _tiny_llama
 from tierd_client.launcher import DEFAULT_PRELOAD, WorkerLauncher
 
 PROMPT = [[1, 17, 42, 99, 3, 250, 7, 8]]
@@ -74,7 +74,7 @@ def test_workers_start_with_the_imports_done_and_the_launcher_frozen(
 
 def test_forked_workers_run_a_model_from_tierd_with_the_local_logits(
     launcher: WorkerLauncher,
-    daemon: DaemonProcess,  # noqa: F811
+    models_daemon: DaemonProcess,
     tmp_path: Path,
 ) -> None:
     from transformers import LlamaForCausalLM
@@ -82,13 +82,13 @@ def test_forked_workers_run_a_model_from_tierd_with_the_local_logits(
     from tierd_client import TierdClient
 
     _tiny_llama(tmp_path / "llama")
-    with TierdClient(daemon.address, timeout=60) as c:
+    with TierdClient(models_daemon.address, timeout=60) as c:
         c.register_model(str(tmp_path / "llama"), name="forked-llama", dtype="float32")
     ref = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
     with torch.no_grad():
         want = ref(torch.tensor(PROMPT)).logits
     for _ in range(2):
-        got = _answer(launcher, run_model, daemon.address, "forked-llama")
+        got = _answer(launcher, run_model, models_daemon.address, "forked-llama")
         assert torch.equal(torch.from_numpy(got), want)
 
 

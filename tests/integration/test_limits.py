@@ -3,7 +3,6 @@ in the message, nothing kept, and the daemon still serving."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +46,7 @@ def address() -> Iterator[str]:
                 c.open_namespace("m", SMALL)
         yield daemon.address
     finally:
-        daemon.stop()
-        daemon.remove_segments()
-        shutil.rmtree(base, ignore_errors=True)
+        daemon.discard()
 
 
 @pytest.fixture

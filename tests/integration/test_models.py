@@ -8,17 +8,15 @@ without it) and runs it in three processes on the one mapped area.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.conftest import DaemonProcess, _short_tmpdir
+from tests.integration.conftest import DaemonProcess, weights_daemon
 from tierctl.cli import main as tierctl
 from tierd_client import (
     DataLoss,
@@ -65,25 +63,6 @@ def small_model(directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _config(daemon: DaemonProcess, capacity: str) -> DaemonProcess:
-    path = daemon.base / "tierd.toml"
-    path.write_text(f'[weights]\ncapacity = "{capacity}"\n')
-    daemon.cmd += ["--config", str(path)]
-    return daemon
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[DaemonProcess]:
-    d = _config(DaemonProcess(_short_tmpdir()), "64MiB")
-    try:
-        d.start()
-        yield d
-    finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
-
-
 def _client(d: DaemonProcess, tenant: str) -> TierdClient:
     return TierdClient(d.address, tenant=tenant, timeout=60)
 
@@ -108,9 +87,9 @@ def _smaps(pid: str | int, address: int) -> tuple[str, dict[str, int]]:
     raise AssertionError(f"no mapping at {address:#x} in process {pid}")
 
 
-def test_register_and_load_maps_views_without_copy(daemon: DaemonProcess, tmp_path: Path):
+def test_register_and_load_maps_views_without_copy(models_daemon: DaemonProcess, tmp_path: Path):
     src = small_model(tmp_path / "m")
-    with _client(daemon, "views") as c:
+    with _client(models_daemon, "views") as c:
         info = c.register_model(str(tmp_path / "m"), dtype="bfloat16")
         assert (info.name, info.dtype, info.layers, info.tensor_count) == ("m", "bfloat16", 2, 7)
         assert len(info.fingerprint) == 64
@@ -130,16 +109,16 @@ def test_register_and_load_maps_views_without_copy(daemon: DaemonProcess, tmp_pa
     assert sorted(groups) == [-1, 0, 1]
 
 
-def test_default_dtype_is_the_files(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_default_dtype_is_the_files(models_daemon: DaemonProcess, tmp_path: Path) -> None:
     small_model(tmp_path / "f32")
-    with _client(daemon, "dtype") as c:
+    with _client(models_daemon, "dtype") as c:
         info = c.register_model(str(tmp_path / "f32"))
         assert info.dtype == "float32"
         assert c.load_weights("f32")["model.embed_tokens.weight"].dtype == torch.float32
 
 
 def test_same_content_twice_is_one_area(tmp_path: Path) -> None:
-    d = _config(DaemonProcess(_short_tmpdir()), "8KiB")  # room for one area, not two
+    d = weights_daemon("8KiB")  # room for one area, not two
     try:
         d.start()
         small_model(tmp_path / "m")
@@ -161,16 +140,14 @@ def test_same_content_twice_is_one_area(tmp_path: Path) -> None:
             assert c.register_model(str(tmp_path / "n"), dtype="float32").name == "n"
             assert [m.name for m in c.list_models()] == ["n"]
     finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
+        d.discard()
 
 
-def test_bad_input_gets_clear_errors(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_bad_input_gets_clear_errors(models_daemon: DaemonProcess, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a model at all, just some text\n")
     (tmp_path / "empty").mkdir()
     small_model(tmp_path / "ok")
-    with _client(daemon, "bad") as c:
+    with _client(models_daemon, "bad") as c:
         with pytest.raises(NotFound) as e:
             c.register_model(str(tmp_path / "missing"))
         assert e.value.field == "path"
@@ -189,10 +166,10 @@ def test_bad_input_gets_clear_errors(daemon: DaemonProcess, tmp_path: Path) -> N
         assert c.list_models() == []
 
 
-def test_tenants_see_only_their_own_and_shared_models(daemon: DaemonProcess, tmp_path: Path):
+def test_tenants_see_only_their_own_and_shared_models(models_daemon: DaemonProcess, tmp_path: Path):
     small_model(tmp_path / "private")
     small_model(tmp_path / "public", seed=2)
-    with _client(daemon, "alice") as a, _client(daemon, "bob") as b:
+    with _client(models_daemon, "alice") as a, _client(models_daemon, "bob") as b:
         mine = a.register_model(str(tmp_path / "private"))
         shared = a.register_model(str(tmp_path / "public"), shared=True)
         assert [m.name for m in b.list_models()] == ["public"]
@@ -210,22 +187,22 @@ def test_tenants_see_only_their_own_and_shared_models(daemon: DaemonProcess, tmp
         assert [m.name for m in a.list_models()] == ["private"]
 
 
-def test_tierctl_models_lists_them(daemon: DaemonProcess, tmp_path: Path, capsys) -> None:
+def test_tierctl_models_lists_them(models_daemon: DaemonProcess, tmp_path: Path, capsys) -> None:
     small_model(tmp_path / "listed")
-    with _client(daemon, "ctl") as c:
+    with _client(models_daemon, "ctl") as c:
         info = c.register_model(str(tmp_path / "listed"), dtype="float16")
     capsys.readouterr()
-    assert tierctl(["models", "--address", daemon.address, "--tenant", "ctl"]) == 0
+    assert tierctl(["models", "--address", models_daemon.address, "--tenant", "ctl"]) == 0
     out = capsys.readouterr().out
     for word in ("name", "fingerprint", "layers", "listed", info.fingerprint, "float16", "ctl"):
         assert word in out
-    assert tierctl(["models", "--address", daemon.address, "--tenant", "ctl", "--json"]) == 0
+    assert tierctl(["models", "--address", models_daemon.address, "--tenant", "ctl", "--json"]) == 0
     (doc,) = json.loads(capsys.readouterr().out)
     assert (doc["fingerprint"], doc["layers"], doc["size"]) == (info.fingerprint, 2, info.size)
 
 
 def test_restart_keeps_models_and_refuses_damaged_ones(tmp_path: Path) -> None:
-    d = _config(DaemonProcess(_short_tmpdir()), "1MiB")
+    d = weights_daemon("1MiB")
     try:
         d.start()
         src = small_model(tmp_path / "kept")
@@ -252,9 +229,7 @@ def test_restart_keeps_models_and_refuses_damaged_ones(tmp_path: Path) -> None:
             assert again.fingerprint == hurt.fingerprint
             assert c.load_weights("hurt")["model.norm.weight"].shape == (3,)
     finally:
-        d.stop()
-        d.remove_segments()
-        shutil.rmtree(d.base, ignore_errors=True)
+        d.discard()
 
 
 def _tiny_llama(directory: Path) -> None:
@@ -267,15 +242,16 @@ def _tiny_llama(directory: Path) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
 
 
-def test_workers_share_one_mapped_model_with_identical_logits(daemon: DaemonProcess,
-                                                              tmp_path: Path) -> None:  # fmt: skip
+def test_workers_share_one_mapped_model_with_identical_logits(
+    models_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     _tiny_llama(tmp_path / "llama")
     from transformers import LlamaForCausalLM
 
-    with _client(daemon, "default") as c:
+    with _client(models_daemon, "default") as c:
         info = c.register_model(str(tmp_path / "llama"), dtype="bfloat16")
     assert info.layers == 3 and info.size > 2 << 20
-    procs = [subprocess.Popen([sys.executable, str(WORKER), daemon.address, "llama",
+    procs = [subprocess.Popen([sys.executable, str(WORKER), models_daemon.address, "llama",
                                str(tmp_path / f"logits{i}.pt")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for i in range(WORKERS)]  # fmt: skip
