@@ -16,6 +16,10 @@ what a model worker needs around it:
   nor write to, and so copy, the objects they inherited;
 - nothing in the launcher starts a thread or opens a channel: torch's thread pool and gRPC
   channels are made in each worker, after the fork (neither survives one);
+- `start` (in the constructor by default) waits for the imports and checks them: a preload
+  the launcher could not import (the fork server skips it in silence, and imports with a
+  fresh interpreter's sys.path, not this process's), or a fork server that other code
+  started before, without the preload, is a RuntimeError, not workers that import it all;
 - `spawn(target, *args)` starts one worker and returns its `multiprocessing.Process`.
   `target` and its arguments travel pickled, so `target` is a module-level function.
 
@@ -23,7 +27,8 @@ what a model worker needs around it:
     worker = launcher.spawn(serve, address, fingerprint)   # each worker: milliseconds
     worker.join()
 
-The launcher process lives until the process that made it exits. The fork server is one per
+The launcher process lives until the process that made it and its workers exit; one that
+dies is started again at the next `spawn` (`pid` then names the new one). The fork server is one per
 process (the standard library keeps it so): every `WorkerLauncher` of a process shares it,
 and they must agree on `preload`.
 """
@@ -31,8 +36,11 @@ and they must agree on `preload`.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
+from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext
 from typing import Any
 
@@ -59,7 +67,8 @@ class WorkerLauncher:
         first `spawn`."""
         global _preload
         self._pid = 0
-        wanted = (*preload, _FREEZE)
+        self._asked = list(preload)
+        self._wanted = wanted = (*preload, _FREEZE)
         with _lock:
             if _preload is not None and _preload != wanted:
                 raise ValueError(
@@ -75,24 +84,43 @@ class WorkerLauncher:
     def start(self) -> None:
         """Start the launcher if it is not running, and wait until it has imported
         `preload`: the standard library starts it at once but imports in the background, so
-        one worker that does nothing goes through it first."""
+        one worker that does nothing goes through it first, and says what the launcher
+        lacks. The fork server skips a module that raises ImportError without a word, and
+        ignores a preload set after it started: either is a RuntimeError here, rather than
+        workers that import everything again."""
         ours, theirs = self._ctx.Pipe(duplex=False)
-        ready = self._ctx.Process(target=_ready, args=(theirs,), name="tierd-launcher-ready")
-        ready.start()
-        theirs.close()
         try:
-            self._pid = int(ours.recv())
-        except EOFError:
-            self._pid = 0
-        ours.close()
+            ready = self._ctx.Process(target=_ready, args=(theirs, self._wanted),
+                                      name="tierd-launcher-ready")  # fmt: skip
+            try:
+                ready.start()
+            except (EOFError, OSError) as e:  # it died importing: its traceback is on stderr
+                raise RuntimeError(f"the launcher exited while importing {self._asked}") from e
+            finally:
+                theirs.close()
+            try:
+                pid, missing = ours.recv()
+            except EOFError:
+                pid, missing = 0, {}
+        finally:
+            ours.close()
         ready.join()
-        if ready.exitcode != 0 or not self._pid:
+        if ready.exitcode != 0 or not pid:
             raise RuntimeError(f"the launcher's first worker exited with {ready.exitcode}")
+        if missing:
+            raise RuntimeError(
+                f"the launcher lacks {missing}: it could not import them (its sys.path is a "
+                "fresh interpreter's), or this process's fork server was started by other "
+                "code before this launcher, without its preload"
+            )
+        self._pid = int(pid)
 
     @property
     def pid(self) -> int:
-        """The launcher process's pid (its memory is the workers' shared part)."""
-        if not self._pid:
+        """The launcher process's pid (its memory is the workers' shared part). One that
+        died is replaced at the next use, this one included."""
+        forkserver.ensure_running()  # reaps a dead launcher, so its pid is gone below
+        if not self._pid or not _alive(self._pid):
             self.start()
         return self._pid
 
@@ -109,10 +137,27 @@ class WorkerLauncher:
         return self._ctx
 
 
-def _ready(conn: Any) -> None:
-    """The worker `start` waits for (the launcher has imported everything by then): it
-    names its parent, the launcher."""
-    import os
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
-    conn.send(os.getppid())
+
+def _ready(conn: Any, wanted: Sequence[str]) -> None:
+    """The worker `start` waits for (the launcher has imported everything by then): it
+    names its parent, the launcher, and what of `wanted` the launcher did not import, with
+    the error of importing it here (none: only the launcher's sys.path lacks it)."""
+    import importlib
+
+    missing: dict[str, str] = {}
+    for name in wanted:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+                missing[name] = "imports in a worker, not in the launcher"
+            except Exception as e:  # noqa: BLE001  (whatever its import raises, to report)
+                missing[name] = f"{type(e).__name__}: {e}"
+    conn.send((os.getppid(), missing))
     conn.close()

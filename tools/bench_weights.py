@@ -211,6 +211,9 @@ def workers_memory(source: str, where: str, n: int, launcher: Any) -> dict[str, 
         if not all(docs):
             raise SystemExit(f"{source} workers failed")
         rollups = [_smaps_rollup(d["pid"]) for d in docs if d]
+        # The launcher's with them, while they share its pages: once they exit, its PSS
+        # holds those pages whole, and the sum would count them twice.
+        server = _smaps_rollup(launcher.pid) if source.endswith(FORKED) else None
     finally:
         for w in workers:
             w.release()
@@ -218,8 +221,7 @@ def workers_memory(source: str, where: str, n: int, launcher: Any) -> dict[str, 
            "pss_mib": sum(r["Pss"] for r in rollups) / 1024,
            "pss_each_mib": [r["Pss"] / 1024 for r in rollups],
            "tokens": sorted({d["token"] for d in docs if d})}  # fmt: skip
-    if source.endswith(FORKED):
-        server = _smaps_rollup(launcher.pid)
+    if server is not None:
         doc["launcher_pss_mib"] = server["Pss"] / 1024
         doc["launcher_rss_mib"] = server["Rss"] / 1024
     return doc
