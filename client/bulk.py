@@ -6,8 +6,8 @@ this client's engine, once, with the daemon's protocol), `get(ns, keys, view) ->
 `put(ns, keys, rows) -> outcomes`, `close()`; `BULK_MODES`.
 
 Get: the caller's destination buffer is registered with this client's engine; BulkGet
-pins the blocks in the daemon's memory under a lease and names where they are; this
-client reads them one-sided, checks each block's xxh3-64 checksum, and ends the lease
+copies the blocks into the daemon's exchange area under a lease and names where they are;
+this client reads them one-sided, checks each block's xxh3-64 checksum, and ends the lease
 with Release. Put: the blocks (the caller's array when it is one contiguous buffer, else a
 contiguous copy) are registered and named with their checksums; the daemon reads them
 from that range only, checks them and commits. The registration lasts one call.
@@ -15,8 +15,9 @@ from that range only, checks them and commits. The registration lasts one call.
 The engine needs the `mooncake` extra (and the system's libibverbs1). With "auto", a
 client that cannot open one, a daemon that announces none, or a transfer that fails
 (the engine's port unreachable, the daemon restarted without its engine) goes on over
-gRPC in-band, for good, after one logged warning; "engine" raises instead. Checksums that
-do not match are `DataLoss` either way: bytes arrived damaged.
+gRPC in-band, for good, after one logged warning; "engine" raises instead. A call whose
+blocks do not fit the daemon's exchange area right now goes in-band alone ("engine":
+Unavailable). Checksums that do not match are `DataLoss` either way: bytes arrived damaged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from ._proto import tierd_pb2 as pb
 from .arrays import BlockRows
-from .errors import DataLoss, FailedPrecondition, Internal, Unavailable
+from .errors import DataLoss, FailedPrecondition, Internal, ResourceExhausted, Unavailable
 from .results import Namespace, PutOutcome
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ _PUT_RESULT = {pb.PUT_RESULT_STORED: "stored", pb.PUT_RESULT_ALREADY_PRESENT: "a
 
 class _EngineFailed(Exception):
     """The transfer engine path cannot serve this call (in-band still can)."""
+
+
+class _ExchangeFull(Exception):
+    """The daemon's exchange area has no room for this call now (in-band can serve it)."""
 
 
 def _checksum(buf: Any) -> int:
@@ -150,6 +155,8 @@ class BulkPath:
                 return self._get(ns, keys, view)
             except _EngineFailed as e:
                 self._fall_back(str(e))
+            except _ExchangeFull as e:
+                self._one_call_inband(e)
         return self.client._get_inband(ns, keys, view)
 
     def put(self, ns: Namespace, keys: list[bytes], rows: BlockRows) -> list[PutOutcome]:
@@ -158,7 +165,16 @@ class BulkPath:
                 return self._put(ns, keys, rows)
             except _EngineFailed as e:
                 self._fall_back(str(e))
+            except _ExchangeFull as e:
+                self._one_call_inband(e)
         return self.client._put_inband(ns, keys, rows)
+
+    def _one_call_inband(self, why: _ExchangeFull) -> None:
+        """The daemon's exchange area had no room for this call's blocks now: this one
+        call goes in-band, the next tries the engine again."""
+        if self.mode == "engine":
+            raise Unavailable(f"transfer engine path: {why}", field="bulk")
+        log.debug("one call in-band: %s", why)
 
     def _call(self, method: str, request: Any) -> Any:
         try:
@@ -166,6 +182,10 @@ class BulkPath:
         except FailedPrecondition as e:
             if e.field == "engine":  # a daemon that restarted without its engine
                 raise _EngineFailed(e.message) from None
+            raise
+        except ResourceExhausted as e:
+            if e.field == "exchange":  # too many blocks in transit at the daemon right now
+                raise _ExchangeFull(e.message) from None
             raise
 
     def _get(self, ns: Namespace, keys: list[bytes], view: np.ndarray) -> list[bool]:

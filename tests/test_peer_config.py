@@ -27,6 +27,9 @@ def test_a_full_section_parses() -> None:
 def test_bulk_alone_opens_the_engine_for_clients_and_needs_no_secret() -> None:
     cfg = config_from_dict({"peers": {"bulk": True, "engine_hostname": "10.0.0.2"}}).peers
     assert cfg.enabled and cfg.bulk and not cfg.group and cfg.token_file is None
+    assert cfg.bulk_exchange == 256 << 20
+    sized = config_from_dict({"peers": {"bulk": True, "bulk_exchange": "1GiB"}}).peers
+    assert sized.bulk_exchange == 1 << 30
 
 
 def test_a_directory_section_parses() -> None:
@@ -52,6 +55,10 @@ def test_a_directory_section_parses() -> None:
         ({"listen": "h:1", "token_file": "t", "ca_file": "ca.pem"}, "peers.cert_file"),
         ({"listne": "h:1"}, "peers.listne"),
         ({"bulk": "yes"}, "peers.bulk"),
+        ({"bulk": True, "bulk_exchange": "512KiB"}, "peers.bulk_exchange"),
+        ({"bulk": True, "bulk_exchange": "65GiB"}, "peers.bulk_exchange"),
+        ({"bulk": True, "bulk_exchange": True}, "peers.bulk_exchange"),
+        ({"bulk": True, "bulk_exchange": "lots"}, "peers.bulk_exchange"),
         ({"bulk": True, "listen": "h:1"}, "peers.token_file"),
         ({"directory": "", "listen": "h:1", "token_file": "t"}, "peers.directory"),
         ({"directory": "remote"}, "peers.directory"),

@@ -16,14 +16,17 @@ so it is required as soon as either side is configured. `ca_file`, `cert_file` a
 the address the others list in their `peers` (so not 0.0.0.0 or [::], which name
 no one).
 
-`bulk = true` lets remote clients (on other hosts) get and put blocks through the same
-transfer engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service,
-under its tenant checks); it needs no secret, since no `Peer` call is involved. The
-engine's port then exposes the memory tier to whoever reaches it, for reading and for
-writing, every tenant's segment (the engine checks no identity): trusted hosts only, and
-tenants on them are not isolated from each other.
-A tenant naming an engine address that never answers stalls the engine's reads for every
-tenant and peer about a minute per put (`tierd.core.bulk`): trusted tenants only, too.
+`bulk = true` lets remote clients (on other hosts) get and put blocks through a transfer
+engine instead of gRPC payloads (`BulkGet`/`BulkPut` on the client service, under its
+tenant checks); it needs no secret, since no `Peer` call is involved. That engine is a
+second one, on its own port at the same `engine_hostname`, and exposes only the exchange
+area (`bulk_exchange` bytes, default 256 MiB): blocks in transit are copied through it,
+the memory tier is never registered with it (`tierd.transfer.exchange`). Whoever reaches
+its port can still read the blocks in transit and write into their slots (a write is
+caught by the reader's checksum), so tenants that must not see each other's blocks in
+transit need a network where only their own hosts reach it. A tenant naming an engine
+address that never answers stalls the other tenants' bulk puts about a minute per put
+(`tierd.core.bulk`): trusted tenants only.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tierd.errors import ConfigError
 
 PROTOCOLS = ("tcp", "rdma")
 MAX_PEERS = 64
+MIN_EXCHANGE, MAX_EXCHANGE = 1 << 20, 64 << 30
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class PeersConfig:
     directory: str = ""  # a redis tier whose cluster keeps the prefix directory; "": none
     directory_ttl_ms: int = 30_000  # how long an entry stays without being renewed
     advertise: str = ""  # HOST:PORT the directory names this daemon by ("": listen)
-    bulk: bool = False  # remote clients move blocks through the engine too
+    bulk: bool = False  # remote clients move blocks through an engine of their own
+    bulk_exchange: int = 256 << 20  # bytes of blocks in transit through it at once
 
     @property
     def group(self) -> bool:
@@ -76,6 +81,16 @@ class PeersConfig:
 def _address(value: object, where: str) -> str:
     host_port(value, where, "HOST:PORT (TCP)")
     return str(value)
+
+
+def _size(value: object, where: str) -> int:
+    from tierd.config import parse_size  # here: tierd.config imports this module
+
+    size = parse_size(value, key=where)
+    if not MIN_EXCHANGE <= size <= MAX_EXCHANGE:
+        raise ConfigError(where, f"expected a size between {MIN_EXCHANGE >> 20} MiB and "
+                          f"{MAX_EXCHANGE >> 30} GiB (as \"256MiB\"), got {show(value)}")  # fmt: skip
+    return size
 
 
 def _path(value: object, where: str) -> Path:
@@ -125,6 +140,8 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
             if not isinstance(value, bool):
                 raise ConfigError(where, f"expected true or false, got {show(value)}")
             kwargs[key] = value
+        elif key == "bulk_exchange":
+            kwargs[key] = _size(value, where)
         elif key in ("timeout_ms", "retry_ms"):
             kwargs[key] = _int(value, where, 1, 3_600_000)
         elif key == "lease_ttl_ms":

@@ -40,21 +40,23 @@ LAY = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16", blo
 BB = LAY.block_bytes  # 2 MiB
 
 
-def _config(base: Path, *, bulk: bool, extra: str = "") -> str:
+def _config(base: Path, *, bulk: bool, extra: str = "", peers_extra: str = "") -> str:
     tenants = "".join(
         f'[[tenants]]\nname = "{name}"\n'
         f'token_sha256 = "{hashlib.sha256(tok.encode()).hexdigest()}"\n'
         for name, tok in TOKENS.items()
     )
-    peers = '[peers]\nbulk = true\nengine_hostname = "127.0.0.1"\n' if bulk else ""
+    peers = ('[peers]\nbulk = true\nengine_hostname = "127.0.0.1"\n' + peers_extra
+             if bulk else "")  # fmt: skip
     return (f'data_dir = "{base}/data"\n[server]\nlisten = ["unix:{base}/s.sock"]\n'
             '[host]\ncapacity = "256MiB"\n[nvme]\ncapacity = "256MiB"\n'
             f"{extra}{peers}{tenants}")  # fmt: skip
 
 
-def _serve(base: Path, *, bulk: bool, extra: str = "") -> tuple[subprocess.Popen[bytes], str]:
+def _serve(base: Path, *, bulk: bool, extra: str = "",
+           peers_extra: str = "") -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
     cfg = base / "tierd.toml"
-    cfg.write_text(_config(base, bulk=bulk, extra=extra))
+    cfg.write_text(_config(base, bulk=bulk, extra=extra, peers_extra=peers_extra))
     with (base / "log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tierd", "serve", "--config", str(cfg)],
                                 stderr=log)  # fmt: skip
@@ -280,6 +282,86 @@ def test_a_put_held_in_its_engine_read_counts_as_a_lease() -> None:
             for conn in accepted:
                 conn.close()
             hung.close()
+            proc.terminate()
+            proc.wait(30)
+            for seg in segments_of(Path(d) / "data"):
+                seg.unlink(missing_ok=True)
+
+
+class _Reader:
+    """A transfer engine of the test's own, reading what it is told from another engine: a
+    stranger who reached the port."""
+
+    def __init__(self, nbytes: int) -> None:
+        from mooncake.engine import TransferEngine
+
+        self.engine = TransferEngine()
+        assert self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        self.buf = np.zeros(nbytes, dtype=np.uint8)
+        assert self.engine.register_memory(self.buf.ctypes.data, nbytes) == 0
+
+    def read(self, target: str, address: int, nbytes: int) -> bytes | None:
+        self.buf[:nbytes] = 0xEE
+        done = self.engine.batch_transfer_sync_read(target, [self.buf.ctypes.data],
+                                                     [address], [nbytes])  # fmt: skip
+        return self.buf[:nbytes].tobytes() if done == 0 else None
+
+    def close(self) -> None:
+        self.engine.unregister_memory(self.buf.ctypes.data)
+
+
+def test_the_clients_engine_exposes_blocks_in_transit_only(address: str) -> None:
+    """What a BulkGet names is a copy in the exchange area: readable through the clients'
+    engine until Release, zeroes after it; the cached block itself never was exposed."""
+    data, keys = blocks(2, 7), keys_of("transit", 2)
+    reader = _Reader(BB)
+    try:
+        with remote(address) as c:
+            ns = c.open_namespace("bulk/transit", LAY)
+            c.put(ns, keys, data)
+            lent = c._unary("BulkGet", pb.BulkGetRequest(namespace_id=ns.id, keys=keys))
+            target = lent.engine.address
+            where = [blk.remote_address for blk in lent.blocks]
+            assert reader.read(target, where[1], BB) == data[1].tobytes()
+            c._unary("Release", pb.ReleaseRequest(lease_id=lent.lease_id))
+            for w in where:
+                assert reader.read(target, w, BB) in (bytes(BB), None)
+            assert c.get(ns, keys).blocks.tobytes() == data.tobytes()  # still cached
+    finally:
+        reader.close()
+
+
+def test_calls_beyond_the_exchange_area_go_in_band_and_slots_come_back() -> None:
+    """A 4 MiB exchange area holds two 2 MiB blocks in transit: a BulkGet of three is
+    RESOURCE_EXHAUSTED on `exchange` (the client makes that call in-band, the next one
+    through the engine again); slots held by a lease come back when it is released or
+    expires."""
+    with tempfile.TemporaryDirectory(prefix="bulk-") as d:
+        proc, address = _serve(Path(d), bulk=True, peers_extra='bulk_exchange = "4MiB"\n')
+        try:
+            data, keys = blocks(3, 8), keys_of("small", 3)
+            with remote(address, bulk="auto") as c, remote(address, bulk="engine") as e:
+                ns = c.open_namespace("bulk/small", LAY)
+                assert c.put(ns, keys, data) == ["stored"] * 3  # one call in-band
+                with pytest.raises(ResourceExhausted) as err:
+                    c._unary("BulkGet", pb.BulkGetRequest(namespace_id=ns.id, keys=keys))
+                assert err.value.field == "exchange"
+                assert c.get(ns, keys).blocks.tobytes() == data.tobytes()
+                assert c.get(ns, keys[:2]).blocks.tobytes() == data[:2].tobytes()
+                assert ns.transport == "engine" and c._bulk._broken is None
+                nse = e.open_namespace("bulk/small", LAY)
+                with pytest.raises(Unavailable):
+                    e.get(nse, keys)
+                # Two slots held by a lease: nothing else fits until it ends.
+                two = pb.BulkGetRequest(namespace_id=ns.id, keys=keys[:2], lease_ttl_ms=300)
+                c._unary("BulkGet", two)
+                with pytest.raises(ResourceExhausted):
+                    c._unary("BulkGet", pb.BulkGetRequest(namespace_id=ns.id, keys=keys[2:]))
+                poll(lambda: c.stats()["active_leases"] == 0, "the lease expires")
+                lent = c._unary("BulkGet", two)
+                c._unary("Release", pb.ReleaseRequest(lease_id=lent.lease_id))
+                assert e.get(nse, keys[:2]).blocks.tobytes() == data[:2].tobytes()
+        finally:
             proc.terminate()
             proc.wait(30)
             for seg in segments_of(Path(d) / "data"):

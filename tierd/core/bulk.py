@@ -1,34 +1,39 @@
 """Remote clients moving blocks through the transfer engine instead of gRPC payloads.
 
-Primitives: `Bulk(service, engine)`; `lend(ns_id, keys, ttl_ms) -> Lent` (a get: pins the
-found blocks in the memory tier under a normal get lease and names their addresses in
-this daemon's engine; the client reads them and ends the lease with `release`),
-`put(ns_id, keys, dims, dtype, source, checksums) -> [result]` (reads the blocks out of
-the client's registered buffer into the memory tier, checks each against the checksum
-the client sent, and commits them as a put).
+Primitives: `Bulk(service, area)`; `lend(ns_id, keys, ttl_ms) -> Lent` (a get: copies the
+found blocks into the exchange area under a get lease and names their addresses in the
+clients' engine; the client reads them and ends the lease with `release`, which frees and
+zeroes the slots), `put(ns_id, keys, dims, dtype, source, checksums) -> [result]` (reads
+the blocks out of the client's registered buffer into exchange slots, copies them into
+room in the memory tier, checks each against the checksum the client sent, and commits
+them as a put), `close()`.
 
 The caller (the servicer) has checked the tenant against the namespace; the bounds are
-the in-band calls': keys per call, shape, the tenant's lease bytes, the lease's TTL.
+the in-band calls': keys per call, shape, the tenant's lease bytes, the lease's TTL, and
+the exchange area's room (a call that does not fit is RESOURCE_EXHAUSTED on field
+`exchange`, which the client answers by making that one call in-band).
 
-The daemon never writes into a client's memory: on a get the client reads; on a put the
-daemon reads, from `[address, address + length)` only, the range the client registered
-and named (block i at `address + i * block_bytes`), into room it reserved in its own
-memory tier, and nothing is visible before every block matched its checksum. An engine's
-port exposes its registered memory to whoever can reach it, so it must be reachable by
-trusted hosts only (the README says so): Mooncake checks no identity, and whoever reaches
-it can read and also write (`batch_transfer_sync_write`) every registered byte, every
-tenant's memory-tier segment alike. With `bulk` the client hosts reach it, so the tenant
-checks of BulkGet/BulkPut bound honest clients only; tenants that do not trust each other
-are not isolated from one another on a daemon with `bulk = true`.
+The clients' engine is its own, apart from the peer daemons', and exposes only the
+exchange area (`tierd.transfer.exchange`): Mooncake checks no identity, so whoever
+reaches its port can read and write every byte registered with it, which is then the
+blocks in transit and nothing else. Tenants' cached KV is never registered with it; a
+stranger writing into a slot is caught by the checksum its reader compares (the client's
+on a get; on a put the daemon's, computed on the memory tier's copy after the slot was
+copied out); a stranger reading a slot sees that transfer's block, so tenants that do
+not trust each other must still not share a network that reaches the port (the README
+says so). The daemon never writes into a client's memory: on a get the client reads; on
+a put the daemon reads, from `[address, address + length)` only, the range the client
+registered and named (block i at `address + i * block_bytes`).
 
 A put's read has no deadline of its own: Mooncake gives up on a transfer that makes no
 progress for 30 s, and on a first contact (the handshake with an engine address it has
 not reached before) that gets no answer for 60 s. While such a handshake waits, every
-other read of this daemon's engine waits behind it (other tenants' puts, pulls from peer
-daemons), so one tenant naming an address that accepts and never answers stalls them for
-a minute per call; a client engine that keeps trickling bytes holds its own call's
-thread longer. `bulk = true` therefore suits tenants trusted not to do that. Until the
-read ends, the reserved room counts against the tenant's lease limits.
+other read of the clients' engine waits behind it (other tenants' puts; peer daemons'
+pulls use their own engine), so one tenant naming an address that accepts and never
+answers stalls the others' puts for a minute per call; a client engine that keeps
+trickling bytes holds its own call's thread longer. `bulk = true` therefore suits tenants
+trusted not to do that. Until the read ends, the reserved room counts against the
+tenant's lease limits.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from tierd.config_checks import host_port
 from tierd.core import limits, validate
+from tierd.core.index import BlockEntry
 from tierd.core.leases import GetLease
 from tierd.errors import (
     ConfigError,
@@ -50,7 +56,7 @@ from tierd.errors import (
 )
 from tierd.tiers.base import Copy, MemoryTier
 from tierd.tiers.checksum import checksum
-from tierd.transfer.p2p import PeerEngine
+from tierd.transfer.exchange import ExchangeArea
 
 if TYPE_CHECKING:
     from tierd.core.index import NamespaceInfo
@@ -87,9 +93,10 @@ class Source:
 
 
 class Bulk:
-    def __init__(self, service: CacheService, engine: PeerEngine) -> None:
+    def __init__(self, service: CacheService, area: ExchangeArea) -> None:
         self.svc = service
-        self.engine = engine
+        self.area = area
+        self.engine = area.engine
         top = service.top
         assert isinstance(top, MemoryTier), "the first tier is the memory clients map"
         self._top: MemoryTier = top
@@ -98,9 +105,29 @@ class Bulk:
         self.held: dict[int, tuple[str, int]] = {}
         self._next_hold = 0
 
-    def _segment_address(self, tenant: str) -> int:
-        """The tenant's memory-tier segment, registered with the engine; its address."""
-        return self.engine.expose(self._top.view(tenant, 0, self._top.segment_size(tenant)))
+    def close(self) -> None:
+        self.area.close()
+
+    def _slots(self, n: int, nbytes: int) -> list[int]:
+        """`n` exchange slots of `nbytes`, all or none; under cond."""
+        taken: list[int] = []
+        for _ in range(n):
+            offset = self.area.take(nbytes)
+            if offset is None:
+                for t in taken:
+                    self.area.give(t, nbytes)
+                raise ResourceExhausted(
+                    f"the exchange area ({self.area.capacity} bytes, {self.area.used_bytes} "
+                    f"in use) has no room for {n} blocks of {nbytes} bytes now; make the "
+                    "call in-band, or smaller", field="exchange",
+                )  # fmt: skip
+            taken.append(offset)
+        return taken
+
+    def _give(self, slots: list[int], nbytes: int) -> None:
+        """Free exchange slots; under cond."""
+        for offset in slots:
+            self.area.give(offset, nbytes)
 
     def lend(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int) -> Lent:
         svc = self.svc
@@ -109,7 +136,7 @@ class Bulk:
         if not got.lease_id:
             return Lent(0, self.engine.address, self.engine.protocol, blocks)
         ns = svc.namespace(ns_id)
-        base = self._segment_address(ns.tenant)
+        bb = ns.block_bytes
         with svc.cond:
             lease = svc.leases.get(got.lease_id)
             # Gone already: a TTL shorter than the promotion took.
@@ -117,13 +144,40 @@ class Bulk:
                 raise FailedPrecondition("the get lease expired before it was handed out; "
                                          "ask for a longer lease_ttl_ms",
                                          field="lease_ttl_ms")  # fmt: skip
-            entries = iter(lease.entries)
-            for i, slot in enumerate(got.slots):
-                if not slot.found:
-                    continue
-                copy = next(entries).copies[self._top.name]  # raw: the memory tier's is
-                blocks[i] = LentBlock(True, base + slot.offset, copy.length, copy.checksum,
-                                      slot.tier)  # fmt: skip
+            entries = list(lease.entries)
+            try:
+                slots = self._slots(len(entries), bb)
+            except ResourceExhausted:
+                svc.leases.pop(lease.id)
+                svc.end_lease(lease)
+                raise
+            lease.on_end = lambda: self._give(slots, bb)
+            lease.copying = True  # neither expires nor is released under the copy
+        # The lease pins the memory copies while they are copied out (outside the lock).
+        copied: list[tuple[BlockEntry, int, Copy]] = []
+        try:
+            for entry, offset in zip(entries, slots):
+                copy = entry.copies[self._top.name]  # raw: the memory tier's is
+                self.area.view(offset, bb)[:] = self._top.view(ns.tenant, copy.location, bb)
+                copied.append((entry, offset, copy))
+        finally:
+            with svc.cond:
+                lease.copying = False
+                # The slots hold the bytes now (or the call failed): the memory copies
+                # need no pin while the client reads.
+                for entry in lease.entries:
+                    svc.drop_reader(entry)
+                lease.entries = []
+                if len(copied) < len(entries):
+                    svc.leases.pop(lease.id)
+                    svc.end_lease(lease)
+                svc.cond.notify_all()
+        it = iter(copied)
+        for i, slot in enumerate(got.slots):
+            if slot.found:
+                _, offset, copy = next(it)
+                blocks[i] = LentBlock(True, self.area.address(offset), copy.length,
+                                      copy.checksum, slot.tier)  # fmt: skip
         return Lent(got.lease_id, self.engine.address, self.engine.protocol, blocks)
 
     def _check_source(self, source: Source, n: int, bb: int) -> None:
@@ -189,18 +243,26 @@ class Bulk:
         self, ns: NamespaceInfo, keys: Sequence[bytes], source: Source,
         checksums: Sequence[int], offsets: dict[int, int],
     ) -> list[str]:  # fmt: skip
-        """Read the reserved blocks from the client, check and commit them."""
+        """Read the reserved blocks from the client into exchange slots, copy them into
+        their room in the memory tier, check and commit them."""
         svc, bb, top = self.svc, ns.block_bytes, self._top
         placed: list[tuple[bytes, Copy]] = []
+        slots: list[int] = []
         try:
-            base = self._segment_address(ns.tenant)
-            reads = [(base + off, source.address + i * bb, bb) for i, off in offsets.items()]
+            with svc.cond:
+                slots = self._slots(len(offsets), bb)
+            reads = [(self.area.address(slot), source.address + i * bb, bb)
+                     for i, slot in zip(offsets, slots)]  # fmt: skip
             if not self.engine.read(source.engine_address, reads):
                 raise Unavailable(f"reading {len(reads)} blocks from the client's engine at "
                                   f"{source.engine_address} failed",
                                   field="engine.address")  # fmt: skip
-            for i, off in offsets.items():
-                digest = checksum(top.view(ns.tenant, off, bb))
+            for (i, off), slot in zip(offsets.items(), slots):
+                room = top.view(ns.tenant, off, bb)
+                room[:] = self.area.view(slot, bb)
+                # Checked on the memory tier's copy, after the slot: whatever is written
+                # into the slot from now on is not what is stored.
+                digest = checksum(room)
                 if digest != checksums[i]:
                     raise DataLoss(f"block {i} read from the client's buffer does not match "
                                    "its checksum; nothing stored",
@@ -210,6 +272,9 @@ class Bulk:
             with svc.cond:
                 for offset in offsets.values():
                     top.release(ns.tenant, offset, bb)
+                self._give(slots, bb)
             raise
+        with svc.cond:
+            self._give(slots, bb)
         svc.record_put(ns, placed)
         return ["stored" if i in offsets else "already_present" for i in range(len(keys))]

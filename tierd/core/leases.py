@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tierd.core.index import BlockEntry, NamespaceInfo
@@ -45,6 +46,10 @@ class GetLease:
     entries: list[BlockEntry] = field(default_factory=list)
     deadline: float = 0.0
     inband: bool = False  # held by the daemon for an in-band Get stream
+    # The daemon is copying its blocks out (into the exchange area): it does not expire
+    # until that is done.
+    copying: bool = False
+    on_end: Callable[[], None] | None = None  # what else it holds, freed when it ends
 
 
 Lease = PutLease | GetLease
@@ -78,6 +83,7 @@ class LeaseTable:
             for lease in self._leases.values()
             if lease.deadline <= now
             and not (isinstance(lease, PutLease) and (lease.committing or lease.writers))
+            and not (isinstance(lease, GetLease) and lease.copying)
         ]
         for lease in gone:
             del self._leases[lease.id]

@@ -530,7 +530,8 @@ class CacheService:
         with self.cond:
             lease = self.leases.get(lease_id)
             if (lease is None or lease.inband != inband
-                    or (isinstance(lease, PutLease) and (lease.committing or lease.writers))):
+                    or (isinstance(lease, PutLease) and (lease.committing or lease.writers))
+                    or (isinstance(lease, GetLease) and lease.copying)):
                 return False  # fmt: skip
             self.leases.pop(lease_id)
             self.end_lease(lease)
@@ -544,6 +545,8 @@ class CacheService:
         else:
             for entry in lease.entries:
                 self.drop_reader(entry)
+            if lease.on_end is not None:
+                lease.on_end()
         self.cond.notify_all()
 
     def drop_reader(self, entry: BlockEntry) -> None:

@@ -9,8 +9,9 @@ must carry the group's secret (`authorization: Bearer <token>`, compared in cons
 and, with TLS files configured, a certificate the group's CA signed (mutual TLS). A call
 without the secret is refused (UNAUTHENTICATED) and logged with its caller's address.
 Only control goes through it; the bytes move through the transfer engine (`PeerEngine`).
-With `bulk = true` the same engine serves remote clients too (`tierd.core.bulk`, through
-the client service's `BulkGet`/`BulkPut`); a daemon with only that opens no listener.
+With `bulk = true` a second engine serves remote clients (`tierd.core.bulk`, through the
+client service's `BulkGet`/`BulkPut`), exposing only the exchange area; a daemon with only
+that opens no listener.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tierd.peer_config import PeersConfig, read_token
 from tierd.server.status import translate_errors
 from tierd.tiers.redis_holders import RedisHolderBook
 from tierd.tiers.remote_redis import RedisTier
+from tierd.transfer.exchange import ExchangeArea
 from tierd.transfer.p2p import PeerEngine
 from tierd_client._proto import peer_pb2 as pb
 from tierd_client._proto import peer_pb2_grpc as pb_grpc
@@ -162,26 +164,38 @@ class PeerNode:
         except BaseException:
             peers.close()
             raise
+        bulk = None
+        try:
+            if cfg.bulk:
+                clients = PeerEngine.open(cfg.engine_hostname, cfg.protocol)
+                bulk = Bulk(service, ExchangeArea(clients, cfg.bulk_exchange))
+        except BaseException:
+            peers.close()
+            raise
         service.peers = peers
-        service.bulk = Bulk(service, engine) if cfg.bulk else None
+        service.bulk = bulk
         return cls(service, peers, server)
 
     def start(self) -> None:
         if self.server is not None:
             self.server.start()
         cfg = self.peers.config
+        bulk = self.service.bulk
         log.info("peers: engine at %s (%s)%s%s%s", self.peers.engine.address, cfg.protocol,
                  f"; serving peers on {cfg.listen}" if cfg.listen else "",
                  f"; pulling from {', '.join(cfg.peers)}" if cfg.peers else "",
-                 "; remote clients' gets and puts through it" if cfg.bulk else "")  # fmt: skip
+                 f"; remote clients' engine at {bulk.engine.address}, exchange area "
+                 f"{bulk.area.capacity >> 20} MiB" if bulk is not None else "")  # fmt: skip
 
     def stop(self, grace: float = 1.0) -> None:
         """After the client listener stopped: no lookup pulls any more."""
         if self.server is not None:
             self.server.stop(grace).wait()
         self.service.peers = None
-        self.service.bulk = None
+        bulk, self.service.bulk = self.service.bulk, None
         self.peers.close()
+        if bulk is not None:
+            bulk.close()
 
 
 def _directory_book(cfg: PeersConfig, service: CacheService) -> RedisHolderBook | None:
