@@ -183,3 +183,25 @@ def test_a_registration_over_capacity_evicts_a_cold_adapter(books: Books,
         assert [v.registration.name for v in reg.list("t")] == ["base", "lora1", "lora2"]
     finally:
         reg.close()
+
+
+def test_the_index_keeps_each_adapters_blocks_apart_through_replacement_and_removal() -> None:
+    from tierd.core.index import Index
+
+    index = Index()
+    a = NamespaceInfo(b"a" * 16, "t", "base", LAYOUT, (), False, _fp("a"))
+    plain = NamespaceInfo(b"p" * 16, "t", "base", LAYOUT, (), False, "")
+    old, new = BlockEntry(a, b"k", BB, 1), BlockEntry(a, b"k", BB, 2)
+    other, unadapted = BlockEntry(a, b"j", BB, 3), BlockEntry(plain, b"k", BB, 4)
+    for e in (old, other, unadapted):
+        index.add(e)
+    index.add(new)  # the same key again: it replaces the old block
+    assert {fp: sorted(e.checksum for e in v) for fp, v in index.adapted().items()} == {
+        _fp("a"): [2, 3]
+    }
+    index.remove(old)  # no longer indexed: nothing changes
+    assert sorted(e.checksum for e in index.adapted_by(_fp("a"))) == [2, 3]
+    index.remove(new)
+    index.remove(other)
+    assert index.adapted() == {} and index.adapted_by(_fp("a")) == []
+    assert len(index) == 1 and index.get(plain.id, b"k") is unadapted

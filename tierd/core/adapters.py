@@ -67,18 +67,15 @@ def is_hot(entry: BlockEntry, top: str) -> bool:
 def dependents(directory: Directory, fingerprint: str | None = None, tenant: str | None = None,
                ) -> dict[str, list[BlockEntry]]:  # fmt: skip
     """Blocks that depend on each adapter (or on `fingerprint` only; of `tenant`'s
-    namespaces only, when given); the caller holds the directory's lock."""
+    namespaces only, when given); the caller holds the directory's lock. The index keeps
+    them apart, so this looks at adapters' blocks only, never the whole cache."""
+    index = directory.index
+    found = index.adapted() if fingerprint is None else {fingerprint: index.adapted_by(fingerprint)}
     out: dict[str, list[BlockEntry]] = {}
-
-    def wanted(ns: NamespaceInfo) -> bool:
-        return bool(ns.adapter) and fingerprint in (None, ns.adapter) and tenant in (
-            None, ns.tenant)
-
-    if not any(wanted(ns) for ns in directory.index.namespaces.values()):
-        return out  # the usual case: no block to look at
-    for entry in directory.index.entries():
-        if wanted(entry.ns) and not entry.deleted:
-            out.setdefault(entry.ns.adapter, []).append(entry)
+    for fp, blocks in found.items():
+        kept = [e for e in blocks if not e.deleted and tenant in (None, e.ns.tenant)]
+        if kept:
+            out[fp] = kept
     return out
 
 

@@ -85,6 +85,9 @@ class Index:
     def __init__(self) -> None:
         self.namespaces: dict[bytes, NamespaceInfo] = {}
         self._blocks: dict[tuple[bytes, bytes], BlockEntry] = {}
+        # The blocks of namespaces that name an adapter, by its fingerprint: what depends
+        # on an adapter is found without walking every block (tierd.core.adapters).
+        self._adapted: dict[str, dict[tuple[bytes, bytes], BlockEntry]] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -93,12 +96,27 @@ class Index:
         return self._blocks.get((ns_id, key))
 
     def add(self, entry: BlockEntry) -> None:
-        self._blocks[(entry.ns.id, entry.key)] = entry
+        k = (entry.ns.id, entry.key)
+        self._blocks[k] = entry
+        if entry.ns.adapter:
+            self._adapted.setdefault(entry.ns.adapter, {})[k] = entry
 
     def remove(self, entry: BlockEntry) -> None:
         """Unindex `entry` (not another block that took its key since)."""
         if self._blocks.get(k := (entry.ns.id, entry.key)) is entry:
             del self._blocks[k]
+            if entry.ns.adapter:
+                deps = self._adapted[entry.ns.adapter]
+                del deps[k]
+                if not deps:
+                    del self._adapted[entry.ns.adapter]
+
+    def adapted(self) -> dict[str, list[BlockEntry]]:
+        """The indexed blocks of namespaces naming an adapter, by its fingerprint."""
+        return {fp: list(deps.values()) for fp, deps in self._adapted.items()}
+
+    def adapted_by(self, fingerprint: str) -> list[BlockEntry]:
+        return list(self._adapted.get(fingerprint, {}).values())
 
     def holds(self, entry: BlockEntry) -> bool:
         """Whether `entry` is the block its key names (False once a delete took it out)."""
