@@ -171,14 +171,15 @@ def test_pid_names_the_running_launcher_after_one_died() -> None:
 
 
 def test_bench_counts_the_launcher_while_its_workers_share_its_pages(
-    launcher: WorkerLauncher, tmp_path: Path
+    launcher: WorkerLauncher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bench_weights' forked total is the workers' PSS plus the launcher's: read after the
     workers exit, the launcher's PSS holds the pages it shared with them whole, and the
     total counts them twice."""
     import transformers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    # Workers get this process's sys.path: they import the bench's worker from tools/.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "tools"))
     import bench_weights
 
     # The bench's prompt has ids up to 4093.
