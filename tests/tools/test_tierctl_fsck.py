@@ -560,3 +560,25 @@ def test_a_chain_of_other_names_is_checked_repaired_and_rebuilt(
             s.close()
         for seg in SHM_DIR.glob(f"tierd.{shm_tag(data)}.*"):
             seg.unlink(missing_ok=True)
+
+
+def test_rebuild_keeps_the_namespace_of_kv_computed_through_an_adapter(tmp_path: Path) -> None:
+    """A namespace that names a LoRA adapter has the adapter in its id: its blocks' headers
+    carry it, so a rebuilt catalog has the namespace (and the adapter) back."""
+    layout = layout_to_list(LAYOUT)
+    adapter = "ab" * 32
+    ns_id = namespace_id(TENANT, "model", layout, [], adapter=adapter)
+    meta = NamespaceMeta(TENANT, "model", layout, [], adapter)
+    key = keys_for(ns_id, 1)[0]
+    payload = block_bytes_for(key)
+    data = tmp_path / "data"
+    with NvmeStore(data / "nvme", 64 * BB, backend=PosixBackend(), headers=True) as store:
+        off = store.allocate(BB)
+        assert off is not None
+        store.write(off, payload, BlockHeader(ns_id, key, BB, checksum(payload), meta, 1))
+    out = rebuild_catalog(data, tier_chain(data))
+    assert (out.namespaces, out.nvme_blocks, out.unknown_namespace) == (1, 1, 0)
+    with closing(Catalog(data / "index.sqlite3")) as cat:
+        (row,) = cat.namespaces()
+        assert (row.ns_id, row.adapter) == (ns_id, adapter)
+        assert [r.key for r in cat.blocks()] == [key]

@@ -42,6 +42,7 @@ class NamespaceMeta:
     model: str
     layout: list[int | str]
     extra: list[str]
+    adapter: str = ""  # the LoRA adapter's fingerprint its KV was computed through
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def encode(header: BlockHeader, mac_key: bytes) -> bytes:
         m = header.namespace
         doc["nsmeta"] = {"tenant": m.tenant, "model": m.model, "layout": m.layout,
                          "extra": m.extra}  # fmt: skip
+        if m.adapter:  # absent otherwise: headers without adapters read as they always did
+            doc["nsmeta"]["adapter"] = m.adapter
     body = json.dumps(doc, separators=(",", ":")).encode()
     if len(body) > _MAX_BODY:
         doc.pop("nsmeta")
@@ -110,7 +113,8 @@ def decode(page: bytes | memoryview, mac_key: bytes) -> BlockHeader | None:
             bytes.fromhex(doc["ns"]), bytes.fromhex(doc["key"]), int(doc["n"]),
             int(doc["sum"]),
             NamespaceMeta(str(meta["tenant"]), str(meta["model"]), list(meta["layout"]),
-                          [str(x) for x in meta["extra"]]) if meta else None,
+                          [str(x) for x in meta["extra"]], str(meta.get("adapter", "")))
+            if meta else None,
             int(doc["gen"]),
             str(doc.get("enc", "raw")), int(doc.get("bn", 0)), int(doc.get("bsum", 0)),
         )  # fmt: skip

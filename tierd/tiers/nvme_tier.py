@@ -28,7 +28,7 @@ def block_header(block: BlockRef) -> BlockHeader:
     ns = block.ns
     lay = ns.layout
     layout = [lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype, lay.block_tokens]
-    meta = NamespaceMeta(ns.tenant, ns.model, layout, list(ns.extra_keys))
+    meta = NamespaceMeta(ns.tenant, ns.model, layout, list(ns.extra_keys), ns.adapter)
     # A copy stored encoded is described by the transfer engine's stand-in for the block
     # (its stored bytes, their encoding, the block's own size and checksum).
     encoding = getattr(block, "encoding", "raw")

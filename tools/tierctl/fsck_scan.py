@@ -161,14 +161,16 @@ def read_catalog(path: Path) -> tuple[dict[bytes, NamespaceFacts], list[BlockRow
     try:
         integrity = str(db.execute("PRAGMA quick_check").fetchone()[0])
         namespaces: dict[bytes, NamespaceFacts] = {}
-        for ns_id, tenant, model, layout, extra in db.execute(
-            "SELECT ns_id, tenant, model, layout, extra FROM namespaces"
+        adapter_col = "adapter" if "adapter" in _columns(db, "namespaces") else "''"
+        for ns_id, tenant, model, layout, extra, adapter in db.execute(
+            f"SELECT ns_id, tenant, model, layout, extra, {adapter_col} FROM namespaces"
         ):
             try:
                 lay, ext = json.loads(layout), json.loads(extra)
                 size = layout_from_list(lay).block_bytes
                 meta: NamespaceMeta | None = NamespaceMeta(tenant, model, list(lay),
-                                                           [str(x) for x in ext])  # fmt: skip
+                                                           [str(x) for x in ext],
+                                                           str(adapter))  # fmt: skip
             except (ValueError, TypeError):
                 size, meta = -1, None  # unreadable layout: sizes unchecked
             namespaces[bytes(ns_id)] = NamespaceFacts(tenant, size, meta)

@@ -77,8 +77,12 @@ def _old_namespaces(path: Path | None) -> dict[bytes, NamespaceRow]:
     try:
         db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
         try:
-            for r in db.execute("SELECT ns_id, tenant, model, layout, extra FROM namespaces"):
-                meta = NamespaceMeta(str(r[1]), str(r[2]), json.loads(r[3]), json.loads(r[4]))
+            columns = {str(c[1]) for c in db.execute("PRAGMA table_info(namespaces)")}
+            adapter = "adapter" if "adapter" in columns else "''"  # older catalogs: none
+            for r in db.execute(f"SELECT ns_id, tenant, model, layout, extra, {adapter} "
+                                "FROM namespaces"):  # fmt: skip
+                meta = NamespaceMeta(str(r[1]), str(r[2]), json.loads(r[3]), json.loads(r[4]),
+                                     str(r[5]))  # fmt: skip
                 if (row := _from_meta(bytes(r[0]), meta)) is not None:
                     out[row.ns_id] = row
         finally:
@@ -95,9 +99,9 @@ def _from_meta(ns_id: bytes, meta: NamespaceMeta | None) -> NamespaceRow | None:
         return None
     for lossless in (False, True):
         if namespace_id(meta.tenant, meta.model, meta.layout, meta.extra,
-                        lossless=lossless) == ns_id:  # fmt: skip
+                        lossless=lossless, adapter=meta.adapter) == ns_id:  # fmt: skip
             return NamespaceRow(ns_id, meta.tenant, meta.model, list(meta.layout),
-                                list(meta.extra), lossless)  # fmt: skip
+                                list(meta.extra), lossless, meta.adapter)  # fmt: skip
     return None
 
 
