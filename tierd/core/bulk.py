@@ -38,7 +38,8 @@ tenant's lease limits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,9 +105,33 @@ class Bulk:
         # count them (they hold room as a put lease does): id -> (tenant, bytes). Under cond.
         self.held: dict[int, tuple[str, int]] = {}
         self._next_hold = 0
+        # Calls copying into or out of the area, or with the engine reading into it: the
+        # area is unmapped only once none is (the last one out does it). Under cond.
+        self._calls = 0
+        self._closing = False
 
     def close(self) -> None:
-        self.area.close()
+        """Refuse new calls; unmap the area now, or when the last call in it ends (a
+        call's engine read may go on for a minute, and would write into unmapped memory).
+        Leases ending later find nothing left to free."""
+        with self.svc.cond:  # as `give` is: a lease ending now sees the area open or closed
+            self._closing = True
+            if not self._calls:
+                self.area.close()
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        with self.svc.cond:
+            if self._closing:
+                raise Unavailable("the daemon is shutting down; retry on its successor")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self.svc.cond:
+                self._calls -= 1
+                if self._closing and not self._calls:
+                    self.area.close()
 
     def _slots(self, n: int, nbytes: int) -> list[int]:
         """`n` exchange slots of `nbytes`, all or none; under cond."""
@@ -130,6 +155,10 @@ class Bulk:
             self.area.give(offset, nbytes)
 
     def lend(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int) -> Lent:
+        with self._call():
+            return self._lend(ns_id, keys, ttl_ms)
+
+    def _lend(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int) -> Lent:
         svc = self.svc
         got = svc.prepare_get(ns_id, keys, ttl_ms)
         blocks = [LentBlock(False)] * len(keys)
@@ -152,6 +181,7 @@ class Bulk:
                 svc.end_lease(lease)
                 raise
             lease.on_end = lambda: self._give(slots, bb)
+            lease.other_bytes = len(slots) * bb
             lease.copying = True  # neither expires nor is released under the copy
         # The lease pins the memory copies while they are copied out (outside the lock).
         copied: list[tuple[BlockEntry, int, Copy]] = []
@@ -200,6 +230,13 @@ class Bulk:
         source: Source, checksums: Sequence[int],
     ) -> list[str]:  # fmt: skip
         """Per key "stored" or "already_present", as an in-band put answers."""
+        with self._call():
+            return self._put(ns_id, keys, dims, dtype, source, checksums)
+
+    def _put(
+        self, ns_id: bytes, keys: Sequence[bytes], dims: Sequence[int], dtype: str,
+        source: Source, checksums: Sequence[int],
+    ) -> list[str]:  # fmt: skip
         svc = self.svc
         svc._check_open()
         ns = svc.namespace(ns_id)

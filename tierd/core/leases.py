@@ -50,6 +50,8 @@ class GetLease:
     # until that is done.
     copying: bool = False
     on_end: Callable[[], None] | None = None  # what else it holds, freed when it ends
+    # Bytes of what else it holds (exchange slots): the tenant's, as its entries are.
+    other_bytes: int = 0
 
 
 Lease = PutLease | GetLease

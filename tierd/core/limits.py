@@ -134,7 +134,7 @@ def _held_by(svc: CacheService, tenant: str) -> tuple[int, int]:
         if isinstance(lease, PutLease):
             held += len(lease.slots) * lease.ns.block_bytes
         else:
-            held += sum(e.nbytes for e in lease.entries)
+            held += sum(e.nbytes for e in lease.entries) + lease.other_bytes
     if svc.bulk is not None:  # transfer-engine puts under way hold room as put leases do
         for owner, nbytes in svc.bulk.held.values():
             if owner == tenant:

@@ -2,7 +2,8 @@
 
 Primitives: `ExchangeArea(engine, capacity)`; `take(nbytes) -> offset | None`,
 `give(offset, nbytes)` (zeroes it), `view(offset, nbytes)`, `address(offset)`,
-`capacity`, `used_bytes`, `close()`.
+`capacity`, `used_bytes`, `close()` (a slot given after it is forgotten: nothing is
+mapped to zero).
 
 A Mooncake engine checks no identity: whoever reaches its port can read, and write,
 every byte registered with it. So the engine remote clients use (`[peers] bulk`) is not
@@ -35,6 +36,7 @@ class ExchangeArea:
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self.engine = engine
         self._base = engine.expose(memoryview(self._map))
+        self._closed = False
 
     @property
     def capacity(self) -> int:
@@ -50,6 +52,8 @@ class ExchangeArea:
 
     def give(self, offset: int, nbytes: int) -> None:
         """Zero the slot (nothing of a finished transfer stays readable) and free it."""
+        if self._closed:  # a lease that outlived the area: its bytes went with the mapping
+            return
         self._bytes[offset : offset + nbytes] = 0
         self._alloc.free(offset, nbytes)
 
@@ -61,7 +65,11 @@ class ExchangeArea:
         return self._base + offset
 
     def close(self) -> None:
-        """Unregister (with the engine's other buffers) before the mapping goes."""
+        """Unregister (with the engine's other buffers) before the mapping goes. The
+        caller makes sure no copy or engine read is using the area any more."""
+        if self._closed:
+            return
+        self._closed = True
         self.engine.close()
         del self._bytes
         try:
