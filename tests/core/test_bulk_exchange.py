@@ -102,6 +102,24 @@ def test_a_lease_that_ends_after_the_area_closed_ends_cleanly(
     assert entry is not None and entry.readers == 0
 
 
+def test_closing_keeps_slots_lent_to_a_client_mapped(
+    open_bulk: Callable[..., tuple[CacheService, Bulk]],
+) -> None:
+    """A client may be reading a lent slot through the engine when the daemon closes the
+    area: the engine refuses new reads from then on, but the one under way still reads
+    that memory, so it stays mapped; an area with nothing lent is unmapped."""
+    svc, bulk = open_bulk()
+    ns_id, keys = stored(svc, 2)
+    lent = bulk.lend(ns_id, keys, 0)
+    bulk.close()
+    assert not bulk.area._map.closed
+    assert svc.release(lent.lease_id)
+    idle = ExchangeArea(PeerEngine.open("127.0.0.1", "tcp"), 4 * BB)
+    idle.give(idle.take(BB) or 0, BB)
+    idle.close()
+    assert idle._map.closed
+
+
 def test_closing_waits_for_a_put_reading_into_its_slots(
     open_bulk: Callable[..., tuple[CacheService, Bulk]],
 ) -> None:

@@ -71,6 +71,10 @@ class ExchangeArea:
             return
         self._closed = True
         self.engine.close()
+        if self._alloc.used_bytes:
+            # Slots lent to clients: one may be reading through the engine right now (the
+            # engine refuses new reads only); the mapping goes with the last reference.
+            return
         del self._bytes
         try:
             self._map.close()
