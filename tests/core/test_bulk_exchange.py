@@ -162,3 +162,20 @@ def test_closing_waits_for_a_put_reading_into_its_slots(
         for conn in accepted:
             conn.close()
         hung.close()
+
+
+def test_a_get_the_area_cannot_hold_is_refused_before_it_reads_anything(
+    open_bulk: Callable[..., tuple[CacheService, Bulk]],
+) -> None:
+    """More blocks than the free part of the area: RESOURCE_EXHAUSTED on `exchange`
+    before any block is promoted or counted, since the client makes the same call in-band
+    next and that one counts its hits (a lent slot holds the rest of the area here)."""
+    svc, bulk = open_bulk()
+    ns_id, keys = stored(svc, 31)
+    lent = bulk.lend(ns_id, keys[:30], 0)
+    hits, misses = svc.counters.tier("host").hits, svc.counters.misses
+    with pytest.raises(ResourceExhausted) as err:
+        bulk.lend(ns_id, keys[:3] + [b"\0" * 16], 0)
+    assert err.value.field == "exchange"
+    assert (svc.counters.tier("host").hits, svc.counters.misses) == (hits, misses)
+    assert svc.release(lent.lease_id) and bulk.area.used_bytes == 0

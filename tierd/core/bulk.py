@@ -133,6 +133,13 @@ class Bulk:
                 if self._closing and not self._calls:
                     self.area.close()
 
+    def _full(self, n: int, nbytes: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the exchange area ({self.area.capacity} bytes, {self.area.used_bytes} in use) "
+            f"has no room for {n} blocks of {nbytes} bytes now; make the call in-band, or "
+            "smaller", field="exchange",
+        )  # fmt: skip
+
     def _slots(self, n: int, nbytes: int) -> list[int]:
         """`n` exchange slots of `nbytes`, all or none; under cond."""
         taken: list[int] = []
@@ -141,11 +148,7 @@ class Bulk:
             if offset is None:
                 for t in taken:
                     self.area.give(t, nbytes)
-                raise ResourceExhausted(
-                    f"the exchange area ({self.area.capacity} bytes, {self.area.used_bytes} "
-                    f"in use) has no room for {n} blocks of {nbytes} bytes now; make the "
-                    "call in-band, or smaller", field="exchange",
-                )  # fmt: skip
+                raise self._full(n, nbytes)
             taken.append(offset)
         return taken
 
@@ -160,11 +163,19 @@ class Bulk:
 
     def _lend(self, ns_id: bytes, keys: Sequence[bytes], ttl_ms: int) -> Lent:
         svc = self.svc
+        svc._check_open()
+        ns = svc.namespace(ns_id)
+        validate.check_keys(keys, svc.config.leases.max_keys_per_call)
+        with svc.cond:
+            # Refused before the get promotes or counts anything: the client makes this
+            # call in-band next, and that one does both.
+            cached = sum(1 for k in keys if svc.index.get(ns.id, k) is not None)
+            if cached * ns.block_bytes > self.area.capacity - self.area.used_bytes:
+                raise self._full(cached, ns.block_bytes)
         got = svc.prepare_get(ns_id, keys, ttl_ms)
         blocks = [LentBlock(False)] * len(keys)
         if not got.lease_id:
             return Lent(0, self.engine.address, self.engine.protocol, blocks)
-        ns = svc.namespace(ns_id)
         bb = ns.block_bytes
         with svc.cond:
             lease = svc.leases.get(got.lease_id)
