@@ -59,6 +59,7 @@ def test_a_directory_section_parses() -> None:
         ({"bulk": True, "bulk_exchange": "65GiB"}, "peers.bulk_exchange"),
         ({"bulk": True, "bulk_exchange": True}, "peers.bulk_exchange"),
         ({"bulk": True, "bulk_exchange": "lots"}, "peers.bulk_exchange"),
+        ({"bulk_exchange": "1GiB", "listen": "h:1", "token_file": "t"}, "peers.bulk_exchange"),
         ({"bulk": True, "listen": "h:1"}, "peers.token_file"),
         ({"directory": "", "listen": "h:1", "token_file": "t"}, "peers.directory"),
         ({"directory": "remote"}, "peers.directory"),

@@ -152,6 +152,8 @@ def peers_config(raw: dict[str, Any]) -> PeersConfig:
     if cfg.group and cfg.token_file is None:
         raise ConfigError("peers.token_file", "required with peers.listen or peers.peers: "
                           "a file holding the secret every daemon of the group presents")  # fmt: skip
+    if "bulk_exchange" in kwargs and not cfg.bulk:  # it sizes nothing then
+        raise ConfigError("peers.bulk_exchange", "sizes the clients' engine: needs peers.bulk")
     if cfg.directory and not (cfg.listen or cfg.peers):
         raise ConfigError("peers.directory", "needs peers.listen (to be named in it) or "
                           "peers.peers (to ask it)")  # fmt: skip
