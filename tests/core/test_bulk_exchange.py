@@ -179,3 +179,28 @@ def test_a_get_the_area_cannot_hold_is_refused_before_it_reads_anything(
     assert err.value.field == "exchange"
     assert (svc.counters.tier("host").hits, svc.counters.misses) == (hits, misses)
     assert svc.release(lent.lease_id) and bulk.area.used_bytes == 0
+
+
+def test_the_clients_time_to_read_starts_after_the_copy(
+    open_bulk: Callable[..., tuple[CacheService, Bulk]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy into the exchange area that takes most of the lease's TTL (here a clock that
+    jumps 9 s while the blocks are copied, of a 10 s TTL) still leaves the client the whole
+    TTL to read them, rather than slots zeroed by an expiry right after."""
+    import tierd.core.bulk as bulk_module
+
+    svc, bulk = open_bulk()
+    ns_id, keys = stored(svc, 2)
+    clock = [time.monotonic()]
+    monkeypatch.setattr(bulk_module.time, "monotonic", lambda: clock[0])
+    view = bulk.area.view
+
+    def slow_view(offset: int, nbytes: int) -> memoryview:
+        clock[0] += 4.5  # each block's copy takes 4.5 s of the clock
+        return view(offset, nbytes)
+
+    monkeypatch.setattr(bulk.area, "view", slow_view)
+    lent = bulk.lend(ns_id, keys, 10_000)
+    with svc.cond:
+        lease = svc.leases.get(lent.lease_id)
+        assert lease is not None and lease.deadline >= clock[0] + 10.0 - 1.0

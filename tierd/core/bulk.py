@@ -38,6 +38,7 @@ tenant's lease limits.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,6 +195,7 @@ class Bulk:
             lease.on_end = lambda: self._give(slots, bb)
             lease.other_bytes = len(slots) * bb
             lease.copying = True  # neither expires nor is released under the copy
+            granted = lease.deadline - time.monotonic()  # the TTL left for the client
         # The lease pins the memory copies while they are copied out (outside the lock).
         copied: list[tuple[BlockEntry, int, Copy]] = []
         try:
@@ -204,6 +206,9 @@ class Bulk:
         finally:
             with svc.cond:
                 lease.copying = False
+                # The client's time to read starts when it is handed the slots, not before
+                # the copy: a TTL spent copying would leave it zeroed slots.
+                lease.deadline = max(lease.deadline, time.monotonic() + granted)
                 # The slots hold the bytes now (or the call failed): the memory copies
                 # need no pin while the client reads.
                 for entry in lease.entries:

@@ -168,7 +168,14 @@ class PeerNode:
         try:
             if cfg.bulk:
                 clients = PeerEngine.open(cfg.engine_hostname, cfg.protocol)
-                bulk = Bulk(service, ExchangeArea(clients, cfg.bulk_exchange))
+                try:
+                    bulk = Bulk(service, ExchangeArea(clients, cfg.bulk_exchange))
+                except OSError as e:  # no memory for the area, or the engine refused it
+                    clients.close()
+                    raise ConfigError(
+                        "peers.bulk_exchange",
+                        f"cannot set up {cfg.bulk_exchange} bytes of exchange area: {e}",
+                    ) from e
         except BaseException:
             peers.close()
             raise
