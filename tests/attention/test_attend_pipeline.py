@@ -46,7 +46,7 @@ def events(core: CacheService, monkeypatch):
 
 
 @pytest.mark.usefixtures("one_block_steps")
-def test_reads_of_the_next_step_start_before_this_step_is_reduced(core, events):
+def test_reads_of_the_next_two_steps_start_before_this_step_is_reduced(core, events):
     svc = core
     ns, keys, _, kv = put_blocks(svc, layout("float32"), 5, seed=11)
     assert svc.move(ns.id, keys, "nvme") == len(keys)
@@ -54,10 +54,11 @@ def test_reads_of_the_next_step_start_before_this_step_is_reduced(core, events):
     for layer in range(LAYERS):
         events.clear()
         check_exact(svc, seq_id, kv, layer)
-        # read 0, read 1, reduce 0, read 2, reduce 1, ... reduce 4
+        # read 0, read 1, read 2, reduce 0, read 3, reduce 1, read 4, reduce 2 ... reduce 4:
+        # while a step is reduced, the next two are being read.
         want = [("read", 1), ("read", 1)]
         for _ in range(3):
-            want += [("reduce", 1), ("read", 1)]
+            want += [("read", 1), ("reduce", 1)]
         want += [("reduce", 1), ("reduce", 1)]
         assert events == want
     svc.attend.close_sequence(seq_id)
@@ -88,9 +89,10 @@ def test_damage_in_a_later_step_fails_and_leaves_no_read_running(core, events):
     with pytest.raises(DataLoss) as e:
         attend(svc, seq_id, 1)
     assert keys[2].hex() in e.value.message
-    # Steps 0 and 1 reduced; step 2 failed its check while step 3's read was in flight.
-    assert events == [("read", 1), ("read", 1), ("reduce", 1), ("read", 1), ("reduce", 1),
-                      ("read", 1)]  # fmt: skip
+    # Steps 0 and 1 reduced; step 2 failed its check while steps 3's and 4's reads were
+    # in flight.
+    assert events == [("read", 1), ("read", 1), ("read", 1), ("reduce", 1), ("read", 1),
+                      ("reduce", 1), ("read", 1)]  # fmt: skip
     svc.attend.close_sequence(seq_id)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NoReturn
 
@@ -41,20 +42,24 @@ if TYPE_CHECKING:
 _ALIGN = 4096
 
 
-# Layer bytes read per pipeline step: the reads of step i+1 run while step i is reduced.
-# Large enough that a step's reads keep the device's queue busy (several blocks in
-# parallel), small enough that a long sequence has several steps to overlap.
+# Layer bytes read per pipeline step: the reads of steps i+1 and i+2 are queued while step
+# i is reduced, so the I/O threads always have the next step's reads waiting when one step's
+# last reads finish (with only i+1 queued, the queue drained at every step's end: codes'
+# small layer ranges lost about a fifth of the disk's rate to that). Large enough that a
+# step's reads keep the device's queue busy, small enough that a long sequence has several
+# steps to overlap.
 PIPELINE_BYTES = 8 << 20
+PIPELINE_DEPTH = 3  # steps with a buffer: one reduced, two being read
 
 
 class _Scratch(threading.local):
-    """Two page-aligned buffers per thread for storage layer reads (one being read into
-    while the other is reduced), grown on demand."""
+    """Page-aligned buffers per thread for storage layer reads (one being reduced while the
+    others are read into), grown on demand."""
 
     bufs: list[mmap.mmap | None]
 
     def __init__(self) -> None:
-        self.bufs = [None, None]
+        self.bufs = [None] * PIPELINE_DEPTH
 
     def get(self, nbytes: int, slot: int = 0) -> mmap.mmap:
         buf = self.bufs[slot]
@@ -179,8 +184,8 @@ class AttentionEngine:
         q: torch.Tensor, scale: float | None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
         """Partials over blocks of one encoding, a pipeline step at a time: the layer
-        ranges of step i+1 are read (I/O threads) while step i is reduced (the kernel
-        gives the GIL up), into the other of two scratch buffers."""
+        ranges of steps i+1 and i+2 are read (I/O threads) while step i is reduced (the
+        kernel gives the GIL up), each step into its own of three scratch buffers."""
         from tierd_kernels import attend_blocks
         from tierd_kernels.codes_attention import attend_codes
 
@@ -188,11 +193,12 @@ class AttentionEngine:
         per_step = max(1, PIPELINE_BYTES // (blocks[0][1].length // lay.num_layers))
         steps = [blocks[i : i + per_step] for i in range(0, len(blocks), per_step)]
         partials = []
-        inflight = self._start_layer_reads(steps[0], layer, 0)
+        inflight: deque[tuple[list[Future[None]], list[memoryview]]] = deque()
         try:
+            for i in range(min(PIPELINE_DEPTH - 1, len(steps))):
+                inflight.append(self._start_layer_reads(steps[i], layer, i))
             for i, step in enumerate(steps):
-                futures, views = inflight
-                inflight = ([], [])
+                futures, views = inflight.popleft()
                 _settle(futures)
                 for (entry, copy), f in zip(step, futures):
                     # A failed read raises here, once none is in flight; a copy its tier
@@ -202,8 +208,10 @@ class AttentionEngine:
                     if isinstance(f.exception(), (OSError, CopyLost)):
                         self._corrupt(entry, copy)
                     f.result()
-                if i + 1 < len(steps):
-                    inflight = self._start_layer_reads(steps[i + 1], layer, (i + 1) % 2)
+                ahead = i + PIPELINE_DEPTH - 1
+                if ahead < len(steps):  # into the buffer step i - 1 was reduced from
+                    inflight.append(self._start_layer_reads(steps[ahead], layer,
+                                                            ahead % PIPELINE_DEPTH))  # fmt: skip
                 tensors = self._checked_layer(step, layer, views, encoding)
                 if encoding == RAW:
                     partials.append(attend_blocks(tensors, 0, q, scale=scale))
@@ -211,7 +219,8 @@ class AttentionEngine:
                     partials.append(attend_codes(tensors, codec_of(encoding), layer_shape(lay),
                                                  q, scale=scale))  # fmt: skip
         finally:
-            _settle(inflight[0])  # never leave a read writing into a buffer reused later
+            for futures, _ in inflight:  # never leave a read writing into a buffer reused later
+                _settle(futures)
         return partials
 
     def _start_layer_reads(
