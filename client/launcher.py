@@ -28,9 +28,9 @@ what a model worker needs around it:
     worker.join()
 
 The launcher process lives until the process that made it and its workers exit; one that
-dies is started again at the next `spawn` (`pid` then names the new one). The fork server is one per
-process (the standard library keeps it so): every `WorkerLauncher` of a process shares it,
-and they must agree on `preload`.
+dies is started again at the next `spawn` (`pid` then names the new one). The fork server
+is one per process (the standard library keeps it so): every `WorkerLauncher` of a process
+shares it, and they must agree on `preload`.
 """
 
 from __future__ import annotations
