@@ -44,6 +44,7 @@ class NamespaceRef(Protocol):
     model: str
     layout: KVLayout
     extra_keys: tuple[str, ...]
+    adapter: str  # "": none; NVMe block headers record it, so a rebuild finds the namespace
 
 
 class BlockRef(Protocol):

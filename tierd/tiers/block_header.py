@@ -83,10 +83,11 @@ def encode(header: BlockHeader, mac_key: bytes) -> bytes:
         doc.update(enc=header.encoding, bn=header.block_nbytes, bsum=header.block_checksum)
     if header.namespace is not None:
         m = header.namespace
-        doc["nsmeta"] = {"tenant": m.tenant, "model": m.model, "layout": m.layout,
-                         "extra": m.extra}  # fmt: skip
+        nsmeta: dict[str, object] = {"tenant": m.tenant, "model": m.model, "layout": m.layout,
+                                     "extra": m.extra}  # fmt: skip
         if m.adapter:  # absent otherwise: headers without adapters read as they always did
-            doc["nsmeta"]["adapter"] = m.adapter
+            nsmeta["adapter"] = m.adapter
+        doc["nsmeta"] = nsmeta
     body = json.dumps(doc, separators=(",", ":")).encode()
     if len(body) > _MAX_BODY:
         doc.pop("nsmeta")
