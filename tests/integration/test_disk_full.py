@@ -3,6 +3,7 @@ with the key to change; a full tier answers RESOURCE_EXHAUSTED while host keeps 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -43,6 +44,26 @@ def serve_cmd(base: Path, nvme: Path, nvme_capacity: str) -> list[str]:
     return [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
             "--data-dir", str(base / "data"), "--nvme-path", str(nvme),
             "--host-capacity", "2MiB", "--nvme-capacity", nvme_capacity]  # fmt: skip
+
+
+def catalog_on_small_fs_cmd(base: Path, data: Path) -> list[str]:
+    """A daemon whose data dir (its catalog) is on the small filesystem, NVMe elsewhere."""
+    return [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
+            "--data-dir", str(data), "--nvme-path", str(base / "nvme-elsewhere"),
+            "--host-capacity", "64MiB", "--nvme-capacity", "16MiB"]  # fmt: skip
+
+
+def fill(small_fs: Path) -> Path:
+    """Fill the small filesystem to the brim with a ballast file; returns it."""
+    ballast = small_fs / "ballast"
+    with open(ballast, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+    return ballast
 
 
 def test_start_refused_when_the_disk_cannot_hold_the_tier(small_fs: Path) -> None:
@@ -100,16 +121,13 @@ def test_full_nvme_tier_is_resource_exhausted_and_host_keeps_serving(small_fs: P
     assert proc.returncode == 0, err[-2000:]
 
 
-
 def test_full_catalog_disk_refuses_puts_and_leaves_no_trace(small_fs: Path) -> None:
     """The catalog's disk fills up: puts answer RESOURCE_EXHAUSTED and none of their blocks
     becomes visible; with room again, puts succeed, and a restart finds every block that
     was acknowledged."""
     base = small_fs.parent
     data = small_fs / "data"
-    cmd = [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
-           "--data-dir", str(data), "--nvme-path", str(base / "nvme-elsewhere"),
-           "--host-capacity", "64MiB", "--nvme-capacity", "16MiB"]  # fmt: skip
+    cmd = catalog_on_small_fs_cmd(base, data)
     small = KVLayout(1, 1, 64, "float16", 16)  # 2 KiB blocks: many rows, little memory
     rng = np.random.default_rng(1)
     acked: dict[bytes, np.ndarray] = {}
@@ -117,13 +135,7 @@ def test_full_catalog_disk_refuses_puts_and_leaves_no_trace(small_fs: Path) -> N
     try:
         with TierdClient(f"unix:{base}/s.sock", timeout=60, max_retries=0) as c:
             ns = c.open_namespace("m", small)
-            ballast = small_fs / "ballast"
-            with open(ballast, "wb", buffering=0) as f:  # fill the catalog's disk to the brim
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass  # ENOSPC: the disk is full, which is the point
+            ballast = fill(small_fs)
             refused = []
             for i in range(2000):
                 key = hashlib.blake2b(b"c" + i.to_bytes(4, "little"), digest_size=16).digest()
@@ -167,9 +179,7 @@ def test_move_answered_while_the_catalog_disk_is_full_is_on_record(small_fs: Pat
     restart finds every block in the tier each answered move put it in."""
     base = small_fs.parent
     data = small_fs / "data"
-    cmd = [sys.executable, "-m", "tierd", "serve", "--listen", f"unix:{base}/s.sock",
-           "--data-dir", str(data), "--nvme-path", str(base / "nvme-elsewhere"),
-           "--host-capacity", "64MiB", "--nvme-capacity", "16MiB"]  # fmt: skip
+    cmd = catalog_on_small_fs_cmd(base, data)
     small = KVLayout(1, 1, 64, "float16", 16)
     rng = np.random.default_rng(2)
     keys = [hashlib.blake2b(b"m" + bytes([i]), digest_size=16).digest() for i in range(8)]
@@ -181,13 +191,7 @@ def test_move_answered_while_the_catalog_disk_is_full_is_on_record(small_fs: Pat
         with TierdClient(f"unix:{base}/s.sock", timeout=60, max_retries=0) as c:
             ns = c.open_namespace("m", small)
             c.put(ns, keys, blocks)
-            ballast = small_fs / "ballast"
-            with open(ballast, "wb", buffering=0) as f:  # fill the catalog's disk to the brim
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass  # ENOSPC: the disk is full, which is the point
+            ballast = fill(small_fs)
             for key in keys[:4]:
                 try:
                     if c.move(ns, [key], "nvme") == 1:
