@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,6 +59,16 @@ def rkey(ns_id: bytes, key: bytes) -> str:
 
 def used(c: TierdClient) -> int:
     return sum(u["used_bytes"] for u in c.stats()["tenants"] if u["tier"] == "remote")
+
+
+def two_blocks_in_remote(cl: TierdClient, name: str) -> tuple[Any, list[bytes]]:
+    """A namespace `name` with two blocks put and moved to the remote tier (their only
+    copy)."""
+    ns = cl.open_namespace(name, LAY)
+    keys = cl.block_keys(ns, np.arange(2 * T))
+    cl.put(ns, keys, np.stack([block_for(k) for k in keys]))
+    assert cl.move(ns, keys, "remote") == 2
+    return ns, keys
 
 
 @pytest.mark.parametrize("codec", ["int8", "kivi4"])
@@ -138,10 +149,7 @@ def test_a_value_naming_an_unknown_encoding_is_a_miss(
 ) -> None:
     daemon = daemon_with(spawn_daemon, cluster, "int8")
     with TierdClient(daemon.address, tenant="it") as cl:
-        ns = cl.open_namespace("unknown-codec", LAY)
-        keys = cl.block_keys(ns, np.arange(2 * T))
-        cl.put(ns, keys, np.stack([block_for(k) for k in keys]))
-        assert cl.move(ns, keys, "remote") == 2
+        ns, keys = two_blocks_in_remote(cl, "unknown-codec")
         with cluster.client() as rc:
             name = rkey(ns.id, keys[0])
             value = bytearray(rc.get(name))
@@ -164,10 +172,7 @@ def test_attend_over_a_value_rewritten_in_another_encoding_drops_the_copy(
     corrupt), never an internal error that every later attend repeats."""
     daemon = daemon_with(spawn_daemon, cluster, "int8")
     with TierdClient(daemon.address, tenant="it") as cl:
-        ns = cl.open_namespace("rewritten", LAY)
-        keys = cl.block_keys(ns, np.arange(2 * T))
-        cl.put(ns, keys, np.stack([block_for(k) for k in keys]))
-        assert cl.move(ns, keys, "remote") == 2
+        ns, keys = two_blocks_in_remote(cl, "rewritten")
         with cluster.client() as rc:
             name = rkey(ns.id, keys[0])
             data = block_for(keys[0]).tobytes()
