@@ -5,6 +5,7 @@ inside an allowed directory (whose bytes would otherwise be held and mapped to a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,28 +24,30 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return allowed, outside
 
 
-def _registry(tmp_path: Path, allowed: Path) -> ModelRegistry:
-    return ModelRegistry(1 << 30, tmp_path / "weights", roots=(allowed,))
+@pytest.fixture
+def reg(tmp_path: Path, dirs: tuple[Path, Path]) -> Iterator[ModelRegistry]:
+    """A registry reading from the allowed directory only."""
+    registry = ModelRegistry(1 << 30, tmp_path / "weights", roots=(dirs[0],))
+    try:
+        yield registry
+    finally:
+        registry.close()
 
 
 def test_a_model_inside_the_roots_registers_and_one_outside_is_refused(
-    tmp_path: Path, dirs: tuple[Path, Path]
+    dirs: tuple[Path, Path], reg: ModelRegistry
 ) -> None:
     allowed, outside = dirs
     small_model(allowed / "m")
     small_model(outside / "m")
-    reg = _registry(tmp_path, allowed)
-    try:
-        assert reg.register("t", str(allowed / "m"), "", "m", False)[1]
-        with pytest.raises(FailedPrecondition, match="weights.roots"):
-            reg.register("t", str(outside / "m"), "", "o", False)
-    finally:
-        reg.close()
+    assert reg.register("t", str(allowed / "m"), "", "m", False)[1]
+    with pytest.raises(FailedPrecondition, match="weights.roots"):
+        reg.register("t", str(outside / "m"), "", "o", False)
 
 
 @pytest.mark.parametrize("linked", ["model.safetensors", "config.json"])
 def test_a_symlink_in_an_allowed_model_dir_to_a_file_outside_is_refused(
-    tmp_path: Path, dirs: tuple[Path, Path], linked: str
+    dirs: tuple[Path, Path], reg: ModelRegistry, linked: str
 ) -> None:
     allowed, outside = dirs
     small_model(outside / "m")
@@ -53,17 +56,13 @@ def test_a_symlink_in_an_allowed_model_dir_to_a_file_outside_is_refused(
     small_model(target)
     (target / linked).unlink(missing_ok=True)
     (target / linked).symlink_to(outside / "m" / linked)
-    reg = _registry(tmp_path, allowed)
-    try:
-        with pytest.raises(FailedPrecondition, match="weights.roots"):
-            reg.register("t", str(target), "", "m", False)
-        assert reg.list("t") == []
-    finally:
-        reg.close()
+    with pytest.raises(FailedPrecondition, match="weights.roots"):
+        reg.register("t", str(target), "", "m", False)
+    assert reg.list("t") == []
 
 
 def test_a_symlink_between_files_inside_the_roots_is_followed(
-    tmp_path: Path, dirs: tuple[Path, Path]
+    dirs: tuple[Path, Path], reg: ModelRegistry
 ) -> None:
     """A hub cache's layout: the snapshot's file links to a blob in the same root."""
     allowed, _ = dirs
@@ -71,17 +70,13 @@ def test_a_symlink_between_files_inside_the_roots_is_followed(
     snap = allowed / "snapshot"
     snap.mkdir()
     (snap / "model.safetensors").symlink_to(allowed / "blobs" / "model.safetensors")
-    reg = _registry(tmp_path, allowed)
-    try:
-        view, created = reg.register("t", str(snap), "", "m", False)
-        assert created and view.manifest.size > 0
-    finally:
-        reg.close()
+    view, created = reg.register("t", str(snap), "", "m", False)
+    assert created and view.manifest.size > 0
 
 
 @pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_config.json"])
 def test_a_symlinked_adapter_file_outside_the_roots_is_refused(
-    tmp_path: Path, dirs: tuple[Path, Path], linked: str
+    dirs: tuple[Path, Path], reg: ModelRegistry, linked: str
 ) -> None:
     allowed, outside = dirs
     small_model(allowed / "base")
@@ -89,10 +84,6 @@ def test_a_symlinked_adapter_file_outside_the_roots_is_refused(
     write_adapter(allowed / "lora", SMALL_Q, seed=1)
     (allowed / "lora" / linked).unlink()
     (allowed / "lora" / linked).symlink_to(outside / "lora" / linked)
-    reg = _registry(tmp_path, allowed)
-    try:
-        reg.register("t", str(allowed / "base"), "", "base", False)
-        with pytest.raises(FailedPrecondition, match="weights.roots"):
-            reg.register("t", str(allowed / "lora"), "", "lora", False, base_model="base")
-    finally:
-        reg.close()
+    reg.register("t", str(allowed / "base"), "", "base", False)
+    with pytest.raises(FailedPrecondition, match="weights.roots"):
+        reg.register("t", str(allowed / "lora"), "", "lora", False, base_model="base")
