@@ -33,3 +33,16 @@ def write_adapter(directory: Path, modules: dict[str, tuple[int, int]], *, rank:
 
 # The q_proj layers of tests.integration.test_models.small_model.
 SMALL_Q = {f"model.layers.{i}.self_attn.q_proj": (16, 16) for i in (0, 1)}
+
+
+def area_bytes(path: Path, *, adapter: bool = False) -> int:
+    """Bytes of `[weights] capacity` the model (or adapter) at `path` takes once held."""
+    from tierd.weights import area
+    from tierd.weights.adapters import open_adapter
+    from tierd.weights.sources import open_source
+
+    source = open_adapter(path, "") if adapter else open_source(path, "")
+    try:
+        return area.plan(source)[0]
+    finally:
+        source.close()

@@ -21,15 +21,12 @@ from tests.core.conftest import (
     slot_view,
 )
 from tests.integration.test_models import small_model
-from tests.lora_files import SMALL_Q, write_adapter
+from tests.lora_files import SMALL_Q, area_bytes, write_adapter
 from tierd.attention.attend import AttendCall
 from tierd.config import WeightsConfig
 from tierd.core.index import NamespaceInfo
 from tierd.core.service import CacheService
 from tierd.errors import FailedPrecondition, ResourceExhausted
-from tierd.weights import area
-from tierd.weights.adapters import open_adapter
-from tierd.weights.sources import open_source
 
 TENANT = "t"
 
@@ -44,6 +41,13 @@ def _held(svc: CacheService, tmp_path: Path, *names: str) -> str:
     return view.registration.fingerprint
 
 
+def _adapted(svc: CacheService, tmp_path: Path, name: str) -> NamespaceInfo:
+    """A namespace of the base model that names adapter `name` (both registered here)."""
+    base = _held(svc, tmp_path, name)
+    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter=name)
+    return ns
+
+
 def _leased(svc: CacheService, ns: NamespaceInfo, keys: list[bytes]) -> int:
     """A put prepared and written, not yet committed: its lease id."""
     prepared = svc.prepare_put(ns.id, keys, LAYOUT.block_shape, LAYOUT.dtype)
@@ -55,8 +59,7 @@ def _leased(svc: CacheService, ns: NamespaceInfo, keys: list[bytes]) -> int:
 def test_a_put_committed_after_its_adapter_was_dropped_leaves_no_kv(harness: Harness,
                                                                     tmp_path: Path) -> None:  # fmt: skip
     svc = harness.open()
-    base = _held(svc, tmp_path, "lora")
-    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora")
+    ns = _adapted(svc, tmp_path, "lora")
     keys = keys_for(ns.id, 3)
     lease = _leased(svc, ns, keys)
     svc.weights.drop(TENANT, "lora")  # its sweep finds nothing: the put is not visible yet
@@ -66,20 +69,13 @@ def test_a_put_committed_after_its_adapter_was_dropped_leaves_no_kv(harness: Har
     assert all(svc.index.get(ns.id, k) is None for k in keys)
 
 
-def _size(source) -> int:  # type: ignore[no-untyped-def]
-    try:
-        return area.plan(source)[0]
-    finally:
-        source.close()
-
-
 def test_an_adapter_whose_kv_turns_hot_during_its_eviction_is_kept(harness: Harness,
                                                                    tmp_path: Path) -> None:  # fmt: skip
     small_model(tmp_path / "sizes")
     write_adapter(tmp_path / "size-lora", SMALL_Q)
     # Room for the base and one adapter.
-    capacity = _size(open_source(tmp_path / "sizes", ""))
-    capacity += _size(open_adapter(tmp_path / "size-lora", ""))
+    capacity = area_bytes(tmp_path / "sizes")
+    capacity += area_bytes(tmp_path / "size-lora", adapter=True)
     config = dataclasses.replace(make_config(harness.data_dir),
                                  weights=WeightsConfig(capacity_bytes=capacity))  # fmt: skip
     svc = CacheService(config)
@@ -107,8 +103,7 @@ def test_an_adapter_whose_kv_turns_hot_during_its_eviction_is_kept(harness: Harn
 def test_a_sequence_attends_no_more_once_its_adapter_is_dropped(harness: Harness,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     svc = harness.open()
-    base = _held(svc, tmp_path, "lora")
-    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora")
+    ns = _adapted(svc, tmp_path, "lora")
     keys = keys_for(ns.id, 2)
     assert put_blocks(svc, ns.id, keys) == len(keys)
     seq, cached = svc.attend.open_sequence(ns.id, keys)
@@ -124,8 +119,7 @@ def test_a_sequence_attends_no_more_once_its_adapter_is_dropped(harness: Harness
 def test_a_tail_sealed_after_its_adapter_was_dropped_is_not_cached(harness: Harness,
                                                                    tmp_path: Path) -> None:  # fmt: skip
     svc = harness.open()
-    base = _held(svc, tmp_path, "lora")
-    ns, _ = svc.open_namespace(TENANT, base, LAYOUT, adapter="lora")
+    ns = _adapted(svc, tmp_path, "lora")
     seq, _ = svc.attend.open_sequence(ns.id, [])
     store = svc.store_block
 

@@ -19,11 +19,8 @@ import torch
 
 from tests.integration.conftest import DaemonProcess, weights_daemon
 from tests.integration.test_models import _tiny_llama, small_model
-from tests.lora_files import SMALL_Q, write_adapter
+from tests.lora_files import SMALL_Q, area_bytes, write_adapter
 from tierctl.cli import main as tierctl
-from tierd.weights import area
-from tierd.weights.adapters import open_adapter
-from tierd.weights.sources import open_source
 from tierd_client import (
     FailedPrecondition,
     InvalidArgument,
@@ -169,19 +166,12 @@ def test_a_shared_adapter_unshared_or_dropped_takes_the_kv_of_other_tenants(
             owner.lookup(mine, TOKENS)
 
 
-def _size(source) -> int:  # type: ignore[no-untyped-def]
-    try:
-        return area.plan(source)[0]
-    finally:
-        source.close()
-
-
 def test_room_is_made_from_cold_adapters_kv_first_never_from_hot_ones(tmp_path: Path) -> None:
     small_model(tmp_path / "base")
     for i in range(3):
         write_adapter(tmp_path / f"lora{i}", SMALL_Q, seed=i)
-    base_size = _size(open_source(tmp_path / "base", ""))
-    lora_size = _size(open_adapter(tmp_path / "lora0", ""))
+    base_size = area_bytes(tmp_path / "base")
+    lora_size = area_bytes(tmp_path / "lora0", adapter=True)
     d = weights_daemon(base_size + 2 * lora_size)  # the base and two adapters; a third needs room
     try:
         d.start()
