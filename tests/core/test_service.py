@@ -18,6 +18,7 @@ from tests.core.conftest import (
     put_blocks,
     slot_view,
 )
+from tierd.core.service import CacheService
 from tierd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 
@@ -150,18 +151,26 @@ def test_corrupt_nvme_block_is_a_counted_miss(harness: Harness) -> None:
     assert svc.index.get(ns, keys[0]) is None
 
 
-def test_corrupt_host_copy_after_restart_is_not_returned(harness: Harness) -> None:
-    svc = harness.open()
-    ns = open_ns(svc)
-    keys = keys_for(ns, 3)
-    put_blocks(svc, ns, keys)
-    entry = svc.index.get(ns, keys[1])
+def _reopened_with_host_copy_damaged(
+    harness: Harness, svc: CacheService, ns: bytes, key: bytes
+) -> CacheService:
+    """Close the services, flip bytes of `key`'s host copy in its shared-memory segment,
+    and open the service again (which adopts the damaged copy)."""
+    entry = svc.index.get(ns, key)
     seg = svc.top.arena.segment("t1")
     harness.close_all()
     with open(seg.path, "r+b") as f:
         f.seek(entry.copies["host"].location + 5)
         f.write(b"\x00\x01\x02")
-    svc2 = harness.open()
+    return harness.open()
+
+
+def test_corrupt_host_copy_after_restart_is_not_returned(harness: Harness) -> None:
+    svc = harness.open()
+    ns = open_ns(svc)
+    keys = keys_for(ns, 3)
+    put_blocks(svc, ns, keys)
+    svc2 = _reopened_with_host_copy_damaged(harness, svc, ns, keys[1])
     got = get_blocks(svc2, ns, keys)
     assert got == [block_bytes_for(keys[0]), None, block_bytes_for(keys[2])]
     assert svc2.stats().corrupt_reads == 1
@@ -275,14 +284,8 @@ def test_a_get_meeting_a_corrupt_host_copy_reads_the_intact_slower_one(harness: 
     put_blocks(svc, ns, keys)
     assert svc.placer.flush(time.monotonic() + 30) == 3  # written out to NVMe
     assert get_blocks(svc, ns, keys) == [block_bytes_for(k) for k in keys]  # and promoted
-    entry = svc.index.get(ns, keys[1])
-    assert set(entry.copies) == {"host", "nvme"}
-    seg = svc.top.arena.segment("t1")
-    harness.close_all()
-    with open(seg.path, "r+b") as f:
-        f.seek(entry.copies["host"].location + 5)
-        f.write(b"\x00\x01\x02")
-    svc2 = harness.open()
+    assert set(svc.index.get(ns, keys[1]).copies) == {"host", "nvme"}
+    svc2 = _reopened_with_host_copy_damaged(harness, svc, ns, keys[1])
     assert get_blocks(svc2, ns, keys) == [block_bytes_for(k) for k in keys]
     assert svc2.stats().corrupt_reads == 1
     again = svc2.index.get(ns, keys[1])
