@@ -267,6 +267,14 @@ def test_an_adapter_from_tierd_computes_what_peft_computes(
     assert torch.equal(again, plain)
 
 
+def _adapter_refused(daemon: DaemonProcess, tenant: str, tmp_path: Path, match: str) -> None:
+    """The base at tmp_path/base registers; the adapter at tmp_path/lora is refused."""
+    with _client(daemon, tenant) as c:
+        c.register_model(str(tmp_path / "base"), name="base")
+        with pytest.raises(InvalidArgument, match=match):
+            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
+
+
 @pytest.mark.parametrize("config", [
     '{"peft_type": "LORA", "r": 1e400, "lora_alpha": 4}',
     '{"peft_type": "LORA", "r": 2, "lora_alpha": NaN}',
@@ -278,10 +286,7 @@ def test_an_adapter_config_with_a_rank_or_alpha_out_of_range_is_refused(
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q)
     (tmp_path / "lora" / "adapter_config.json").write_text(config)
-    with _client(models_daemon, "bad-config") as c:
-        c.register_model(str(tmp_path / "base"), name="base")
-        with pytest.raises(InvalidArgument, match="r or lora_alpha"):
-            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
+    _adapter_refused(models_daemon, "bad-config", tmp_path, "r or lora_alpha")
 
 
 def test_lora_matrices_that_are_not_floating_point_are_refused(
@@ -289,10 +294,7 @@ def test_lora_matrices_that_are_not_floating_point_are_refused(
 ) -> None:
     small_model(tmp_path / "base")
     write_adapter(tmp_path / "lora", SMALL_Q, dtype=torch.int64)
-    with _client(models_daemon, "int-lora") as c:
-        c.register_model(str(tmp_path / "base"), name="base")
-        with pytest.raises(InvalidArgument, match="not floating point"):
-            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
+    _adapter_refused(models_daemon, "int-lora", tmp_path, "not floating point")
 
 
 def test_an_adapter_saved_in_bfloat16_computes_what_peft_computes(
@@ -337,7 +339,4 @@ def test_lora_variants_whose_forward_is_not_plain_lora_are_refused(
     write_adapter(tmp_path / "lora", SMALL_Q)
     (tmp_path / "lora" / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **option}))  # fmt: skip
-    with _client(models_daemon, "variants") as c:
-        c.register_model(str(tmp_path / "base"), name="base")
-        with pytest.raises(InvalidArgument, match="is not supported"):
-            c.register_adapter(str(tmp_path / "lora"), "base", name="lora")
+    _adapter_refused(models_daemon, "variants", tmp_path, "is not supported")
