@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING
 
 from tierd.config_checks import host_port
 from tierd.core import limits, validate
-from tierd.core.index import BlockEntry
 from tierd.core.leases import GetLease
 from tierd.errors import (
     ConfigError,
@@ -197,12 +196,12 @@ class Bulk:
             lease.copying = True  # neither expires nor is released under the copy
             granted = lease.deadline - time.monotonic()  # the TTL left for the client
         # The lease pins the memory copies while they are copied out (outside the lock).
-        copied: list[tuple[BlockEntry, int, Copy]] = []
+        copied: list[tuple[int, Copy]] = []  # (slot, the memory copy it holds), in order
         try:
             for entry, offset in zip(entries, slots):
                 copy = entry.copies[self._top.name]  # raw: the memory tier's is
                 self.area.view(offset, bb)[:] = self._top.view(ns.tenant, copy.location, bb)
-                copied.append((entry, offset, copy))
+                copied.append((offset, copy))
         finally:
             with svc.cond:
                 lease.copying = False
@@ -221,7 +220,7 @@ class Bulk:
         it = iter(copied)
         for i, slot in enumerate(got.slots):
             if slot.found:
-                _, offset, copy = next(it)
+                offset, copy = next(it)
                 blocks[i] = LentBlock(True, self.area.address(offset), copy.length,
                                       copy.checksum, slot.tier)  # fmt: skip
         return Lent(got.lease_id, self.engine.address, self.engine.protocol, blocks)
